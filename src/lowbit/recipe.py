@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RECIPE_VERSION = 1
 
@@ -32,6 +32,9 @@ class WeightScheme(_Strict):
     """
 
     bits: int = Field(4, ge=2, le=8)
+    format: Literal["int", "fp8"] = Field(
+        "int", description='"fp8": float8 e4m3 values with one scale per output channel (bits must be 8)'
+    )
     symmetric: bool = True
     group_size: int = 128
     clip: Literal["minmax", "mse"] = "mse"
@@ -45,13 +48,105 @@ class WeightScheme(_Strict):
             raise ValueError("group_size must be a positive number of input channels or -1 (per-channel)")
         return value
 
+    @model_validator(mode="after")
+    def _fp8(self) -> WeightScheme:
+        if self.format == "fp8" and (self.bits != 8 or not self.symmetric or self.group_size != -1):
+            raise ValueError("fp8 weights are float8 e4m3 with one scale per output channel: use bits 8, "
+                             "symmetric true, group_size -1")
+        return self
+
     @property
     def per_channel(self) -> bool:
         return self.group_size == -1
 
     def describe(self) -> str:
+        if self.format == "fp8":
+            return "W8 fp8 e4m3 per-channel"
         group = "per-channel" if self.per_channel else f"g{self.group_size}"
         return f"W{self.bits} {'sym' if self.symmetric else 'asym'} {group}"
+
+
+class ActivationScheme(_Strict):
+    """Quantization of the inputs of every target Linear (simulated: quantize-dequantize in the forward pass).
+
+    bits: 4..8 for integers; 8 for fp8.
+    format: "int" or "fp8" (float8 e4m3, scale = amax / 448).
+    dynamic: one scale per token computed at run time (True), or one per-tensor scale calibrated on the
+        calibration data (False; needs calibration even with RTN weights).
+    symmetric: integer grids centred on zero, or affine with a zero point (int only).
+    clip_ratio: fraction of each token's (or the tensor's) absolute maximum kept; QuaRot uses 0.9 at 4 bits.
+    """
+
+    bits: int = Field(8, ge=4, le=8)
+    format: Literal["int", "fp8"] = "int"
+    dynamic: bool = True
+    symmetric: bool = True
+    clip_ratio: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fp8(self) -> ActivationScheme:
+        if self.format == "fp8" and (self.bits != 8 or not self.symmetric):
+            raise ValueError("fp8 activations are float8 e4m3: use bits 8 and symmetric true")
+        return self
+
+    def describe(self) -> str:
+        kind = "fp8" if self.format == "fp8" else ("sym" if self.symmetric else "asym")
+        return f"A{self.bits} {kind} {'per-token dynamic' if self.dynamic else 'per-tensor static'}"
+
+
+class SmoothQuantOptions(_Strict):
+    """SmoothQuant (Xiao et al., ICML 2023, https://arxiv.org/abs/2211.10438): per-input-channel scales
+    ``s = max|X|^alpha / max|W|^(1 - alpha)`` folded into the preceding norm (and up_proj -> down_proj).
+
+    alpha: the migration strength; a list searches each layer's best value on the calibration data
+        (smallest output error of the quantized linears).
+    """
+
+    alpha: float | tuple[float, ...] = 0.5
+    min_scale: float = Field(1e-5, gt=0.0, description="scales are clamped to [min_scale, 1/min_scale]")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or any(not 0.0 <= a <= 1.0 for a in values):
+            raise ValueError("smoothquant alpha must be in [0, 1] (or a non-empty list of such values)")
+        return value
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        return self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)
+
+
+class RotationOptions(_Strict):
+    """Hadamard rotations (QuaRot, Ashkboos et al. 2024; SpinQuant with fixed random Hadamards, Liu et al. 2024).
+
+    kind: "hadamard" (randomized Hadamard on the residual stream, per-head between V and O).
+    online_down_proj: also rotate the down-projection input with an online fast Hadamard transform.
+    seed: seed of the random signs.
+    """
+
+    kind: Literal["hadamard"] = "hadamard"
+    online_down_proj: bool = True
+    seed: int = 0
+
+
+class KVCacheOptions(_Strict):
+    """KV-cache quantization at inference (KIVI, Liu et al. 2024: keys per-channel, values per-token; IntactKV,
+    Liu et al. 2024: the first tokens kept in full precision). Recorded in the checkpoint's manifest and applied
+    by ``lowbit eval`` / ``lowbit generate``.
+
+    bits: 8, 4 or 2 (int) or 8 with format "fp8".
+    residual: most recent tokens kept in full precision (KIVI's residual window; 0 = none).
+    intact_tokens: first tokens kept in full precision (IntactKV; 0 = none).
+    group_size: channels per value group and tokens per key group.
+    """
+
+    bits: Literal[2, 4, 8] = 8
+    format: Literal["int", "fp8"] = "int"
+    residual: int = Field(0, ge=0)
+    intact_tokens: int = Field(0, ge=0)
+    group_size: int = Field(64, ge=1)
 
 
 class GPTQOptions(_Strict):
@@ -103,14 +198,26 @@ class Recipe(_Strict):
     weights: WeightScheme = WeightScheme()
     gptq: GPTQOptions = GPTQOptions()
     calibration: CalibrationOptions = CalibrationOptions()
+    activations: ActivationScheme | None = None
+    smoothquant: SmoothQuantOptions | None = None
+    rotation: RotationOptions | None = None
+    kv_cache: KVCacheOptions | None = None
     ignore: tuple[str, ...] = Field(
         ("lm_head",),
         description="regular expressions (re.fullmatch) of Linear names left in full precision",
     )
 
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        if self.weights.format == "fp8" and self.method != "rtn":
+            raise ValueError("fp8 weights are rounded to nearest (method: rtn); GPTQ on an fp8 grid is not implemented "
+                             "(per-channel e4m3 weights are already within ~0.1% of full precision)")
+        return self
+
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        static_activations = self.activations is not None and not self.activations.dynamic
+        return self.method != "rtn" or self.smoothquant is not None or static_activations
 
     def updated(self, **changes: object) -> Recipe:
         """A copy with dotted-path overrides, e.g. ``updated(**{"weights.bits": 3})``; None values are ignored."""
@@ -121,6 +228,8 @@ class Recipe(_Strict):
             node = data
             *parents, leaf = dotted.split(".")
             for key in parents:
+                if node.get(key) is None and key in _OPTIONAL_SECTIONS:
+                    node[key] = _OPTIONAL_SECTIONS[key]().model_dump()  # "activations.bits" switches the section on
                 node = node[key]
             if leaf not in node:
                 raise KeyError(f"unknown recipe field {dotted!r}")
@@ -139,3 +248,11 @@ class Recipe(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_OPTIONAL_SECTIONS: dict[str, type[BaseModel]] = {
+    "activations": ActivationScheme,
+    "smoothquant": SmoothQuantOptions,
+    "rotation": RotationOptions,
+    "kv_cache": KVCacheOptions,
+}

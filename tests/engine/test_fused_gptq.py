@@ -25,7 +25,7 @@ def test_stacked_gptq_equals_separate_calls():
         layer = find_decoder_layers(copy_model).layers[0]
         targets = plan_model(copy_model, recipe).targets[0]
         with torch.no_grad():
-            hessians, tokens = collect_hessians(layer, targets, Activations(list(hidden), kwargs, cpu), cpu,
+            hessians, tokens, _ = collect_hessians(layer, targets, Activations(list(hidden), kwargs, cpu), cpu,
                                                 QuantizationReport("gptq", ""), 0)
             results[fuse] = quantize_layer(targets, recipe, hessians, tokens, cpu, fuse_shared=fuse)
     (separate, separate_records), (fused, fused_records) = results[False], results[True]

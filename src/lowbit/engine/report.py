@@ -51,6 +51,7 @@ class QuantizationReport:
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (lowbit.engine.profile)
     memory: dict = field(default_factory=dict)  # the pre-flight estimate and the measured peaks, in bytes
+    transforms: list[dict] = field(default_factory=list)  # rotations and SmoothQuant foldings, in order
 
     def counts(self) -> dict[str, int]:
         result = {"quantized": 0, "skipped": 0, "uncalibrated": 0}
@@ -67,6 +68,7 @@ class QuantizationReport:
             "calibration": self.calibration,
             "phases": {phase: round(seconds, 3) for phase, seconds in self.phases.items()},
             "memory": self.memory,
+            "transforms": self.transforms,
             "layers": [asdict(layer) for layer in self.layers],
             "linears": [asdict(record) for record in self.linears],
         }
@@ -102,6 +104,14 @@ class QuantizationReport:
                 console.print(f"  [yellow]{record.status}[/yellow] {record.name}: {record.reason}")
             elif record.stored == "dense":
                 console.print(f"  [cyan]stored dense[/cyan] {record.name}: {record.reason}")
+        smoothed = [t for t in self.transforms if t.get("kind") == "smoothquant"]
+        if smoothed:
+            alphas = sorted({t["alpha"] for t in smoothed})
+            console.print(f"SmoothQuant: {len(smoothed)} inputs smoothed, alpha {', '.join(f'{a:g}' for a in alphas)}; "
+                          f"scales {min(t['min_scale'] for t in smoothed):.3g}..{max(t['max_scale'] for t in smoothed):.3g}")
+        for transform in self.transforms:
+            if transform.get("kind") == "rotation":
+                console.print(f"rotation: {transform.get('description', transform)}")
         if phases and self.phases:
             self.render_phases(console)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from rich.console import Console
@@ -30,7 +30,9 @@ from torch import Tensor, nn
 from lowbit.algorithms.gptq import gptq
 from lowbit.algorithms.hessian import HessianAccumulator, relative_output_error
 from lowbit.algorithms.rtn import rtn
+from lowbit.engine.activations import InputQuantizer, InputStatistics, RangeObserver, attach_input_quantizer
 from lowbit.engine.profile import PhaseTimer
+from lowbit.engine.smoothing import smooth_layer, smoothing_pairs
 from lowbit.engine.report import LayerRecord, LinearRecord, QuantizationReport
 from lowbit.formats.integer import QuantizedWeight, validate_group_size
 from lowbit.models.arch import (
@@ -142,8 +144,11 @@ def _layer_output(output) -> Tensor:
 class _HessianHooks:
     """Forward hooks accumulating each target's input statistics; identical inputs share an accumulator."""
 
-    def __init__(self, targets: list[Target], device: torch.device) -> None:
+    def __init__(self, targets: list[Target], device: torch.device, observe: bool = False, sample_rows: int = 0) -> None:
         self.accumulators: dict[str, HessianAccumulator] = {}
+        self.observers: dict[str, RangeObserver] = {}  # per-channel input ranges (activation scales, SmoothQuant)
+        self.samples: dict[str, list[Tensor]] = {}  # strided input rows per batch (SmoothQuant's alpha search)
+        self.sample_rows = sample_rows
         self.shared_with: dict[str, str] = {}
         # key -> (owner, the tensor itself): holding the tensor keeps its memory from being reused by a later,
         # different tensor of the same shape within the batch, which would otherwise look identical by address
@@ -152,6 +157,10 @@ class _HessianHooks:
         for target in targets:
             in_features = linear_weight(target.module).shape[1]
             self.accumulators[target.name] = HessianAccumulator(in_features, device)
+            if observe:
+                self.observers[target.name] = RangeObserver(in_features, device)
+            if sample_rows:
+                self.samples[target.name] = []
             self._handles.append(target.module.register_forward_hook(self._hook(target.name)))
 
     def _hook(self, name: str) -> Callable:
@@ -164,6 +173,12 @@ class _HessianHooks:
                 return
             self._seen[key] = (name, x)
             self.accumulators[name].add(x)
+            if name in self.observers:
+                self.observers[name].add(x)
+            if name in self.samples:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                stride = max(1, flat.shape[0] // self.sample_rows)
+                self.samples[name].append(flat[::stride][: self.sample_rows].float().cpu())
 
         return hook
 
@@ -172,6 +187,11 @@ class _HessianHooks:
 
     def accumulator(self, name: str) -> HessianAccumulator:
         return self.accumulators[self.shared_with.get(name, name)]
+
+    def statistics(self, name: str) -> InputStatistics:
+        owner = self.shared_with.get(name, name)
+        sample = self.samples.get(owner)
+        return InputStatistics(self.observers.get(owner), torch.cat(sample) if sample else None)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -253,9 +273,12 @@ class Activations:
 
 
 def collect_hessians(layer: nn.Module, targets: list[Target], activations: Activations, device: torch.device,
-                     report: QuantizationReport, index: int) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Run ``layer`` on the captured inputs and return every target's Hessian ``E[x x^T]`` and token count."""
-    hooks = _HessianHooks(targets, device)
+                     report: QuantizationReport, index: int, observe: bool = False, sample_rows: int = 0,
+                     ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, InputStatistics]]:
+    """Run ``layer`` on the captured inputs and return every target's Hessian ``E[x x^T]``, token count and input
+    statistics (per-channel ranges when ``observe``, ``sample_rows`` rows per batch; linears reading the same
+    input share one statistics object)."""
+    hooks = _HessianHooks(targets, device, observe, sample_rows)
     try:
         for states, extra in zip(activations.hidden, activations.kwargs, strict=True):
             hooks.new_batch()
@@ -276,7 +299,13 @@ def collect_hessians(layer: nn.Module, targets: list[Target], activations: Activ
         if id(accumulator) not in by_accumulator:
             by_accumulator[id(accumulator)] = accumulator.hessian()
         hessians[target.name] = by_accumulator[id(accumulator)]  # linears sharing inputs share the tensor
-    return hessians, tokens
+    statistics: dict[str, InputStatistics] = {}
+    for target in targets:
+        owner = hooks.shared_with.get(target.name, target.name)
+        if owner not in statistics:
+            statistics[owner] = hooks.statistics(owner)
+        statistics[target.name] = statistics[owner]
+    return hessians, tokens, statistics
 
 
 def quantize_layer(
@@ -318,6 +347,26 @@ def quantize_layer(
             for target in group:
                 hessians.pop(target.name, None)
     return weights, records
+
+
+def attach_activation_quantizers(targets: list[Target], recipe: Recipe, statistics: dict[str, InputStatistics],
+                                 records: list[LinearRecord]) -> None:
+    """Quantize each target's input from now on (the next layers' calibration sees it); static grids come from
+    the ranges observed while collecting this layer's Hessians (for o_proj/down_proj: inputs computed with this
+    layer's full-precision weights)."""
+    scheme = recipe.activations
+    assert scheme is not None
+    by_name = {record.name: record for record in records}
+    for target in targets:
+        stats = statistics.get(target.name)
+        if not scheme.dynamic and (stats is None or stats.ranges is None):
+            raise RuntimeError(f"{target.name}: static activation scales need calibration statistics")
+        ranges = stats.ranges if stats is not None else None
+        quantizer = (InputQuantizer(scheme) if scheme.dynamic
+                     else InputQuantizer.calibrated(scheme, ranges.low.min(), ranges.high.max()))
+        attach_input_quantizer(target.module, quantizer)
+        if target.name in by_name:
+            by_name[target.name].scheme += f" + {scheme.describe()}"
 
 
 def propagate(layer: nn.Module, activations: Activations, device: torch.device) -> None:
@@ -424,6 +473,11 @@ def quantize_model(
     report = QuantizationReport(recipe.method, recipe.weights.describe(), linears=list(plan.left_alone), phases=timer.seconds)
     layers = plan.decoder.layers
     activations = None
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    observe = recipe.activations is not None or recipe.smoothquant is not None
+    sample_rows = 256 if recipe.smoothquant is not None and len(recipe.smoothquant.alphas) > 1 else 0
+    if recipe.smoothquant is not None:
+        smoothing_pairs(model_type)  # an unsupported family fails before any work
 
     if recipe.needs_calibration:
         if calibration is None or calibration.numel() == 0:
@@ -452,14 +506,24 @@ def quantize_model(
             if restored is None:
                 hessians: dict[str, Tensor] = {}
                 tokens: dict[str, int] = {}
+                statistics: dict[str, InputStatistics] = {}
                 if activations is not None:
                     set_status("collecting Hessians")
                     with timer("hessian"):
-                        hessians, tokens = collect_hessians(layer, targets, activations, device, report, index)
+                        hessians, tokens, statistics = collect_hessians(layer, targets, activations, device, report,
+                                                                        index, observe, sample_rows)
+                if recipe.smoothquant is not None:
+                    set_status("smoothing")
+                    with timer("smoothquant"):
+                        for record in smooth_layer(layer, plan.decoder.name(index), index, model_type,
+                                                   [t.name for t in targets], hessians, statistics, recipe):
+                            report.transforms.append({"kind": "smoothquant", **asdict(record)})
                 with timer("quantize"):
                     weights, records = quantize_layer(targets, recipe, hessians, tokens, device, set_status,
                                                       fuse_shared=device.type == "cuda", release_hessians=True)
                 del hessians
+                if recipe.activations is not None:
+                    attach_activation_quantizers(targets, recipe, statistics, records)
             if activations is not None:
                 set_status("propagating")
                 with timer("propagate"):

@@ -23,6 +23,8 @@ class QuantizedWeight:
     zero: float32 ``[out, n_groups]`` (integer-valued); ``2**(bits-1)`` everywhere for symmetric grids.
     group_index: int64 ``[in]`` group of each input column when groups are not contiguous runs of
         ``group_size`` columns (GPTQ act-order without static groups); None otherwise.
+    format: "int", or "fp8": ``codes`` then hold the bit patterns of float8 e4m3 values (``codes.view(
+        torch.float8_e4m3fn)``), ``zero`` is 0 and a weight is ``value * scale`` (per-channel scales).
     """
 
     codes: Tensor
@@ -32,6 +34,7 @@ class QuantizedWeight:
     symmetric: bool
     group_size: int
     group_index: Tensor | None = None
+    format: str = "int"
 
     @property
     def shape(self) -> torch.Size:
@@ -49,6 +52,8 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         groups = self.column_groups()
         scale = self.scale[:, groups]
+        if self.format == "fp8":
+            return (self.codes.view(torch.float8_e4m3fn).float() * scale).to(dtype)
         zero = self.zero[:, groups]
         return ((self.codes.float() - zero) * scale).to(dtype)
 
@@ -65,7 +70,7 @@ class QuantizedWeight:
 
         return QuantizedWeight(
             move(self.codes), move(self.scale), move(self.zero), self.bits, self.symmetric, self.group_size,
-            move(self.group_index),
+            move(self.group_index), self.format,
         )
 
 

@@ -44,6 +44,16 @@ NORM_TO_LINEARS: dict[str, dict[str, tuple[str, ...]]] = {
     "opt": {"self_attn_layer_norm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "final_layer_norm": ("fc1",)},
 }
 
+# Linears whose output rows scale the next linear's input channels one to one (SmoothQuant, AWQ): in a gated MLP
+# down_proj reads act(gate) * up, so dividing up_proj's rows divides down_proj's input.
+_GATED_MLP = {"mlp.up_proj": ("mlp.down_proj",)}
+LINEAR_TO_LINEARS: dict[str, dict[str, tuple[str, ...]]] = {
+    family: _GATED_MLP for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+}
+
+# Norms that multiply by (offset + weight) rather than weight (Gemma's RMSNorm uses 1 + weight).
+NORM_WEIGHT_OFFSET: dict[str, float] = {"gemma2": 1.0, "gemma3_text": 1.0}
+
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
