@@ -6,15 +6,15 @@ import copy
 
 import pytest
 import torch
+from tests.conftest import calibration_ids, tiny_model
 
 import lowbit
 from lowbit.algorithms.smoothquant import smoothing_scales
-from lowbit.engine.sequential import Activations, capture_layer_inputs, collect_hessians, plan_model
 from lowbit.engine.report import QuantizationReport
+from lowbit.engine.sequential import Activations, capture_layer_inputs, collect_hessians, plan_model
 from lowbit.engine.smoothing import smooth_layer
 from lowbit.models.arch import UnsupportedArchitectureError
 from lowbit.recipe import Recipe
-from tests.conftest import calibration_ids, tiny_model
 
 
 def _with_outlier_channels(model: torch.nn.Module) -> torch.nn.Module:

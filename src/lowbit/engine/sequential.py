@@ -32,8 +32,8 @@ from lowbit.algorithms.hessian import HessianAccumulator, relative_output_error
 from lowbit.algorithms.rtn import rtn
 from lowbit.engine.activations import InputQuantizer, InputStatistics, RangeObserver, attach_input_quantizer
 from lowbit.engine.profile import PhaseTimer
-from lowbit.engine.smoothing import smooth_layer, smoothing_pairs
 from lowbit.engine.report import LayerRecord, LinearRecord, QuantizationReport
+from lowbit.engine.smoothing import smooth_layer, smoothing_pairs
 from lowbit.formats.integer import QuantizedWeight, validate_group_size
 from lowbit.models.arch import (
     DecoderLayers,
