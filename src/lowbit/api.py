@@ -106,7 +106,8 @@ def save(quantized: QuantizedModel, out: str | Path, overwrite: bool = False) ->
     protected = [quantized.source.protected_root] if quantized.source is not None else []
     out = check_output_path(Path(out), protected, overwrite)
     state, quantization_config, dense = build_state_dict(
-        quantized.model, quantized.weights, quantized.recipe.weights.clip, quantized.recipe.gptq.act_order
+        quantized.model, quantized.weights, quantized.recipe.weights.clip,
+        quantized.recipe.method == "gptq" and quantized.recipe.gptq.act_order, quantized.recipe.activations,
     )
     for record in quantized.report.linears:
         if record.name in dense:
@@ -131,7 +132,7 @@ def save(quantized: QuantizedModel, out: str | Path, overwrite: bool = False) ->
                       "sha256": {str(p.name): sha256(p) for p in quantized.source.files if p.suffix in (".gguf", ".safetensors", ".bin")}}
         return {
             "kind": "quantized-model",
-            "format": "compressed-tensors/pack-quantized" if quantization_config else "dense",
+            "format": f"compressed-tensors/{quantization_config['format']}" if quantization_config else "dense",
             "recipe": quantized.recipe.model_dump(mode="json"),
             "source": source,
             "versions": library_versions(),

@@ -29,18 +29,26 @@ def test_per_token_error_is_at_most_half_a_step(bits: int, symmetric: bool) -> N
     scheme = ActivationScheme(bits=bits, symmetric=symmetric)
     q = quantize_per_token(x, scheme)
     if symmetric:
-        step = x.abs().amax(-1, keepdim=True) / ((1 << (bits - 1)) - 1)
+        step = x.abs().amax(-1, keepdim=True) / (((1 << bits) - 1) / 2)
     else:
         step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True).clamp(max=0)) / ((1 << bits) - 1)
-    assert ((q - x).abs() <= step / 2 + 1e-6).all()
+    # the top code is clipped by at most half a step on the symmetric grid (compressed-tensors' convention)
+    assert ((q - x).abs() <= step / 2 + 1e-6).all() if not symmetric else ((q - x).abs() <= step + 1e-6).all()
     # at most 2**bits distinct values per token
     assert max(len(row.unique()) for row in q) <= 1 << bits
 
 
-def test_symmetric_grid_is_odd() -> None:
+def test_symmetric_grid_matches_compressed_tensors() -> None:
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
     x = _tokens()
-    scheme = ActivationScheme(bits=4)
-    assert torch.equal(quantize_per_token(-x, scheme), -quantize_per_token(x, scheme))
+    for bits in (4, 8):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="token", dynamic=True)
+        scale, zero = calculate_qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), args)
+        expected = fake_quantize(x, scale, zero, args)
+        assert torch.allclose(quantize_per_token(x, ActivationScheme(bits=bits)), expected, atol=1e-6)
 
 
 def test_more_bits_less_error_and_outliers_hurt() -> None:

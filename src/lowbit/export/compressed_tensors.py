@@ -10,6 +10,10 @@ Decisions:
   0.20 no longer stores: saving such a model is refused with a message pointing at ``static_groups``.
 - GPT-2's ``Conv1D`` has no compressed-tensors form (it targets ``nn.Linear``): those weights are stored as
   their dequantized values in the model dtype and the manifest marks them ``stored: dense``.
+- Activation schemes go in each group's ``input_activations`` (strategy "token" and dynamic for per-token
+  scales; "tensor" with an ``input_scale`` (and ``input_zero_point``) per Linear when static). With 8-bit
+  integer weights and quantized activations the format is "int-quantized" (int8 ``weight``, what vLLM's W8A8
+  int8 kernels read); fp8 weights use "float-quantized" (float8_e4m3fn ``weight``); everything else is packed.
 """
 
 from __future__ import annotations
@@ -19,15 +23,36 @@ from collections import defaultdict
 import torch
 from torch import Tensor, nn
 
+from lowbit.engine.activations import input_quantizer
 from lowbit.formats.integer import QuantizedWeight
 from lowbit.models.arch import iter_linears
+from lowbit.recipe import ActivationScheme
+
+
+def storage_format(weight: QuantizedWeight, activations: ActivationScheme | None) -> str:
+    if weight.format == "fp8":
+        return "float-quantized"
+    if weight.bits == 8 and activations is not None:
+        return "int-quantized"
+    return "pack-quantized"
+
+
+def activation_args(scheme: ActivationScheme) -> dict:
+    return {
+        "num_bits": scheme.bits,
+        "type": "float" if scheme.format == "fp8" else "int",
+        "symmetric": scheme.symmetric,
+        "strategy": "token" if scheme.dynamic else "tensor",
+        "dynamic": scheme.dynamic,
+        "observer": None if scheme.dynamic else "minmax",
+    }
 
 
 def quantization_args(weight: QuantizedWeight, clip: str, act_order: bool) -> dict:
     strategy = "channel" if weight.group_size == -1 else "group"
     args = {
         "num_bits": weight.bits,
-        "type": "int",
+        "type": "float" if weight.format == "fp8" else "int",
         "symmetric": weight.symmetric,
         "strategy": strategy,
         "group_size": None if weight.group_size == -1 else weight.group_size,
@@ -39,9 +64,17 @@ def quantization_args(weight: QuantizedWeight, clip: str, act_order: bool) -> di
     return args
 
 
-def compressed_module_tensors(weight: QuantizedWeight, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The safetensors entries (without the module prefix) of one pack-quantized Linear."""
+def compressed_module_tensors(weight: QuantizedWeight, dtype: torch.dtype, layout: str = "pack-quantized") -> dict[str, Tensor]:
+    """The safetensors entries (without the module prefix) of one quantized Linear in ``layout``."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    if layout == "float-quantized":
+        return {"weight": weight.codes.view(torch.float8_e4m3fn), "weight_scale": weight.scale.to(dtype)}
+    if layout == "int-quantized":
+        tensors = {"weight": weight.signed_codes(), "weight_scale": weight.scale.to(dtype)}
+        if not weight.symmetric:
+            tensors["weight_zero_point"] = weight.signed_zero()
+        return tensors
 
     if weight.group_index is not None:
         raise ValueError(
@@ -58,10 +91,23 @@ def compressed_module_tensors(weight: QuantizedWeight, dtype: torch.dtype) -> di
     return tensors
 
 
+def input_quantizer_tensors(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``input_scale``/``input_zero_point`` of a Linear with a static activation quantizer (none when dynamic)."""
+    quantizer = input_quantizer(module)
+    if quantizer is None or quantizer.scheme.dynamic:
+        return {}
+    tensors = {"input_scale": quantizer.scale.reshape(1).to(dtype)}
+    if not quantizer.scheme.symmetric:
+        offset = 1 << (quantizer.scheme.bits - 1)
+        tensors["input_zero_point"] = (quantizer.zero.reshape(1) - offset).to(torch.int8)
+    return tensors
+
+
 def build_state_dict(
-    model: nn.Module, weights: dict[str, QuantizedWeight], clip: str = "minmax", act_order: bool = False
+    model: nn.Module, weights: dict[str, QuantizedWeight], clip: str = "minmax", act_order: bool = False,
+    activations: ActivationScheme | None = None,
 ) -> tuple[dict[str, Tensor], dict | None, set[str]]:
-    """State dict in pack-quantized form, the ``quantization_config`` dict, and the names stored dense."""
+    """State dict in compressed-tensors form, the ``quantization_config`` dict, and the names stored dense."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     dtype = next(model.parameters()).dtype
@@ -80,13 +126,17 @@ def build_state_dict(
         output[key] = tensor.contiguous()
 
     groups: dict[tuple, list[str]] = defaultdict(list)
+    formats: set[str] = set()
     dense: set[str] = set()
     for name, weight in weights.items():
         if not isinstance(linears[name], nn.Linear):
             dense.add(name)  # Conv1D: keep its (already dequantized) weight as is
             continue
         del output[f"{name}.weight"]
-        for suffix, tensor in compressed_module_tensors(weight, dtype).items():
+        layout = storage_format(weight, activations)
+        formats.add(layout)
+        tensors = {**compressed_module_tensors(weight, dtype, layout), **input_quantizer_tensors(linears[name], dtype)}
+        for suffix, tensor in tensors.items():
             output[f"{name}.{suffix}"] = tensor.contiguous()
         args = quantization_args(weight, clip, act_order)
         groups[tuple(sorted((k, str(v)) for k, v in args.items()))].append(name)
@@ -99,12 +149,79 @@ def build_state_dict(
     for index, names in enumerate(groups.values()):
         args = quantization_args(weights[names[0]], clip, act_order)
         targets = ["Linear"] if len(groups) == 1 else [f"re:^{name.replace('.', '[.]')}$" for name in sorted(names)]
-        config_groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args)
+        config_groups[f"group_{index}"] = QuantizationScheme(
+            targets=targets, weights=args, input_activations=None if activations is None else activation_args(activations),
+            format=storage_format(weights[names[0]], activations))  # explicit: CT would infer int-quantized for W4A8
+    if len(formats) != 1:
+        raise ValueError(f"one checkpoint holds one storage format; these weights need {sorted(formats)}")
     config = QuantizationConfig(
         config_groups=config_groups,
         quant_method="compressed-tensors",
-        format="pack-quantized",
+        format=formats.pop(),
         quantization_status="compressed",
         ignore=ignore,
     )
     return output, config.model_dump(mode="json", exclude_none=True), dense
+
+
+def activation_scheme(args: dict) -> ActivationScheme:
+    """The lowbit activation scheme of a compressed-tensors ``input_activations`` entry (the forms lowbit writes:
+    int or float 8-bit, per-token dynamic or per-tensor static); anything else is refused by name."""
+    strategy, dynamic = args.get("strategy"), bool(args.get("dynamic"))
+    if (strategy, dynamic) not in (("token", True), ("tensor", False)):
+        raise ValueError(f"input_activations with strategy {strategy!r} and dynamic {dynamic} are not supported by "
+                         "lowbit's loader (it reads per-token dynamic and per-tensor static schemes)")
+    return ActivationScheme(bits=args["num_bits"], format="fp8" if args.get("type") == "float" else "int",
+                            dynamic=dynamic, symmetric=bool(args.get("symmetric", True)))
+
+
+def _targets(model: nn.Module, group: dict, ignore: list[str]) -> list[tuple[str, nn.Module]]:
+    import re
+
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name in ignore:
+            continue
+        for target in group.get("targets", []):
+            if target.startswith("re:") and re.fullmatch(target[3:], name) or target == type(module).__name__:
+                chosen.append((name, module))
+                break
+    return chosen
+
+
+def attach_checkpoint_input_quantizers(model: nn.Module, folder, quantization_config: dict) -> int:
+    """Install the activation quantizers a compressed-tensors checkpoint describes (transformers does not when it
+    dequantizes at load); static scales are read from the checkpoint's ``input_scale`` tensors. Returns how many
+    Linears got one."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from lowbit.engine.activations import InputQuantizer, attach_input_quantizer
+
+    static: dict[str, Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.endswith((".input_scale", ".input_zero_point")):
+                    static[key] = handle.get_tensor(key)
+    count = 0
+    ignore = list(quantization_config.get("ignore", []))
+    for group in quantization_config.get("config_groups", {}).values():
+        if not group.get("input_activations"):
+            continue
+        scheme = activation_scheme(group["input_activations"])
+        for name, module in _targets(model, group, ignore):
+            if scheme.dynamic:
+                quantizer = InputQuantizer(scheme)
+            else:
+                scale = static.get(f"{name}.input_scale")
+                if scale is None:
+                    raise ValueError(f"{name}: the checkpoint declares static activation scales but stores no input_scale")
+                zero = static.get(f"{name}.input_zero_point")
+                offset = float(1 << (scheme.bits - 1)) if scheme.format == "int" else 0.0
+                zero = torch.full((1,), offset) if zero is None else zero.float() + offset
+                quantizer = InputQuantizer(scheme, scale.float().reshape(()), zero.reshape(()))
+            attach_input_quantizer(module, quantizer)
+            count += 1
+    return count

@@ -1,10 +1,10 @@
 """Activation quantizers (simulated: quantize then dequantize) and float8 e4m3 rounding.
 
-Integer grids follow the weights' convention (``formats.integer``): a value is ``(code - zero) * scale`` with
-codes in ``[0, 2**bits - 1]``; a symmetric grid has ``zero = 2**(bits-1)`` and uses the codes
-``[1, 2**bits - 1]`` around it, i.e. ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` (the signed range int8 matmul
-kernels use, so ``-x`` quantizes to ``-q(x)``). Per-token scales reduce over the last dimension; a per-tensor
-scale is calibrated once (``static_range``).
+Integer grids follow the weights' convention (``formats.integer``) and compressed-tensors' (so a saved checkpoint
+computes the same thing in transformers): a value is ``(code - zero) * scale`` with codes in ``[0, 2**bits - 1]``;
+a symmetric grid has ``zero = 2**(bits-1)`` and ``scale = amax / ((2**bits - 1) / 2)`` (at 8 bits amax/127.5,
+where int8 kernels such as vLLM's use amax/127: a 0.4% difference in step). Per-token scales reduce over the last
+dimension; a per-tensor scale is calibrated once (``static_range``).
 
 float8 e4m3 (``torch.float8_e4m3fn``): largest finite value 448; a tensor is scaled so its absolute maximum
 maps to 448, cast to float8 (round to nearest even) and back.
@@ -30,10 +30,9 @@ def fake_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
     return round_to_fp8(x / scale) * scale
 
 
-def fake_quantize_int(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool) -> Tensor:
-    """Quantize-dequantize ``x`` on an integer grid (``scale``/``zero`` broadcast against ``x``); a symmetric grid
-    leaves out its lowest code so it stays odd (``q(-x) = -q(x)``)."""
-    codes = torch.clamp(torch.round(x / scale) + zero, 1 if symmetric else 0, (1 << bits) - 1)
+def fake_quantize_int(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Quantize-dequantize ``x`` on an integer grid (``scale``/``zero`` broadcast against ``x``)."""
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, (1 << bits) - 1)
     return (codes - zero) * scale
 
 
@@ -43,7 +42,7 @@ def int_grid(low: Tensor, high: Tensor, bits: int, symmetric: bool) -> tuple[Ten
     high = torch.clamp(high, min=0.0)
     if symmetric:
         amax = torch.maximum(-low, high)
-        scale = amax / ((1 << (bits - 1)) - 1)
+        scale = amax / (((1 << bits) - 1) / 2)
         zero = torch.full_like(scale, float(1 << (bits - 1)))
     else:
         scale = (high - low) / ((1 << bits) - 1)
@@ -63,7 +62,7 @@ def quantize_per_token(x: Tensor, scheme: ActivationScheme) -> Tensor:
     low = compute.amin(dim=-1, keepdim=True) * ratio
     high = compute.amax(dim=-1, keepdim=True) * ratio
     scale, zero = int_grid(low, high, scheme.bits, scheme.symmetric)
-    return fake_quantize_int(compute, scale, zero, scheme.bits, scheme.symmetric).to(x.dtype)
+    return fake_quantize_int(compute, scale, zero, scheme.bits).to(x.dtype)
 
 
 def static_range(low: Tensor, high: Tensor, scheme: ActivationScheme) -> tuple[Tensor, Tensor]:
@@ -81,7 +80,7 @@ def quantize_static(x: Tensor, scale: Tensor, zero: Tensor, scheme: ActivationSc
     compute = x.float()
     if scheme.format == "fp8":
         return fake_quantize_fp8(compute, scale).to(x.dtype)
-    return fake_quantize_int(compute, scale, zero, scheme.bits, scheme.symmetric).to(x.dtype)
+    return fake_quantize_int(compute, scale, zero, scheme.bits).to(x.dtype)
 
 
 def sqnr_db(x: Tensor, approximation: Tensor) -> float:

@@ -166,8 +166,29 @@ def load_model(
         ) from error
     except (ValueError, KeyError) as error:
         raise ModelSourceError(f"transformers cannot load {source.spec} as a causal LM: {error}") from error
+    if _is_compressed_tensors(source):
+        from lowbit.export.compressed_tensors import attach_checkpoint_input_quantizers
+
+        # dequantize=True leaves activations unquantized: put the checkpoint's activation quantizers back
+        config = json.loads((source.folder / "config.json").read_text())
+        attach_checkpoint_input_quantizers(model, source.folder, config["quantization_config"])
+        install_checkpoint_transforms(model, source.folder)
     tokenizer = None
     if source.gguf_file or any((source.folder / name).exists() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
     model.eval().to(device)
     return model, tokenizer, source
+
+
+def install_checkpoint_transforms(model: torch.nn.Module, folder: Path) -> None:
+    """Re-create the online transforms a lowbit checkpoint's manifest records (the rotated down_proj input)."""
+    from lowbit.export.writer import read_manifest
+
+    manifest = read_manifest(folder)
+    rotation = (manifest or {}).get("rotation")
+    if rotation and rotation.get("online_down_proj"):
+        from lowbit.algorithms.rotation import install_online_hadamard
+        from lowbit.models.arch import find_decoder_layers
+
+        for layer in find_decoder_layers(model).layers:
+            install_online_hadamard(layer.mlp.down_proj, **rotation["online_hadamard"])
