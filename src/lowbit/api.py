@@ -94,11 +94,25 @@ def quantize(
         model, tokenizer, source = load_model(model, dtype=dtype, device=device or "cpu")
     calibration_set = _calibration_set(recipe, calibration, tokenizer, model)
     ids = calibration_set.input_ids if calibration_set is not None else None
+    extra_manifest: dict = {}
+    transforms: list[dict] = []
+    if recipe.rotation is not None:
+        from lowbit.algorithms.rotation import online_hadamard_modules, rotate_model
+
+        rotation = rotate_model(model, recipe.rotation.seed, recipe.rotation.online_down_proj)
+        extra_manifest["rotation"] = {"kind": recipe.rotation.kind, "seed": rotation.seed,
+                                      "online_hadamards": online_hadamard_modules(model),
+                                      "untied_embeddings": rotation.untied_embeddings}
+        transforms.append({"kind": "rotation", "description": (
+            f"randomized Hadamard on the residual stream ({rotation.hidden_size}) and per head ({rotation.head_dim}), "
+            f"{len(rotation.rotated)} modules; online Hadamard on {len(rotation.online_modules)} down_proj inputs"
+            + ("; embeddings untied" if rotation.untied_embeddings else "")), "seed": rotation.seed})
     weights, report = quantize_model(model, recipe, ids, device=device, progress=progress)
+    report.transforms[:0] = transforms
     if calibration_set is not None:
         report.calibration.update(source=calibration_set.source, requested_tokens=calibration_set.requested_tokens,
                                   note=calibration_set.note)
-    return QuantizedModel(model, tokenizer, recipe, weights, report, source, calibration_set)
+    return QuantizedModel(model, tokenizer, recipe, weights, report, source, calibration_set, extra_manifest)
 
 
 def save(quantized: QuantizedModel, out: str | Path, overwrite: bool = False) -> Path:
@@ -113,6 +127,14 @@ def save(quantized: QuantizedModel, out: str | Path, overwrite: bool = False) ->
         if record.name in dense:
             record.stored = "dense"
             record.reason = "compressed-tensors has no packed form for transformers' Conv1D: dequantized values stored"
+
+    activations = quantized.recipe.activations
+    if activations is not None and activations.clip_ratio < 1.0:
+        logger.warning("activation clip_ratio %g has no compressed-tensors field: it is kept in the manifest and "
+                       "lowbit.load applies it; plain transformers will quantize activations unclipped", activations.clip_ratio)
+    if "rotation" in quantized.extra_manifest and quantized.extra_manifest["rotation"]["online_hadamards"]:
+        logger.warning("the online Hadamard transforms of down_proj inputs are recorded in the manifest: load this "
+                       "checkpoint with lowbit.load (plain transformers would skip them and compute a different function)")
 
     def fill(folder: Path) -> dict:
         config = copy.deepcopy(quantized.model.config)
@@ -178,6 +200,18 @@ def quantize_to_folder(
     started = time.perf_counter()
     recipe = recipe or Recipe()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    whole_model = [name for name, on in (("rotation", recipe.rotation), ("smoothquant", recipe.smoothquant),
+                                          ("activations", recipe.activations)) if on is not None]
+    if whole_model:
+        # Rotations transform the embedding and head; activation quantizers and folded scales live on the modules:
+        # these recipes run on the whole model in memory and are written in one piece (no layer-wise resume yet).
+        if resume:
+            raise ValueError(f"--resume is not supported for recipes with {', '.join(whole_model)}; rerun without it")
+        logger.warning("%s: the model is loaded whole and written at the end (no streaming)", ", ".join(whole_model))
+        quantized = quantize(model, recipe, calibration, tokenizer=tokenizer, device=device, dtype=dtype, progress=progress)
+        path = save(quantized, out, overwrite=overwrite)
+        quantized.report.seconds = time.perf_counter() - started
+        return path, quantized.report
     source = None
     loaded: Any = model
     full_model: nn.Module | None = model if isinstance(model, nn.Module) else None

@@ -58,6 +58,19 @@ def quantize(
     max_gpu_memory: Annotated[str | None, typer.Option(help="GPU memory budget, e.g. 24GiB (default: the GPU's free memory)")] = None,
     max_cpu_memory: Annotated[str | None, typer.Option(help="CPU memory budget, e.g. 64GiB (default: no limit)")] = None,
     profile: Annotated[bool, typer.Option(help="time each phase exactly (load, capture, hessian, quantize, propagate, write)")] = False,
+    weight_format: Annotated[str | None, typer.Option(help="weights: int, or fp8 (e4m3, per-channel, with --method rtn)")] = None,
+    act_bits: Annotated[int | None, typer.Option(help="quantize every target Linear's input to this many bits (4..8)")] = None,
+    act_format: Annotated[str | None, typer.Option(help="activations: int or fp8 (e4m3)")] = None,
+    act_dynamic: Annotated[bool | None, typer.Option("--act-dynamic/--act-static", help="per-token dynamic scales, or per-tensor static ones calibrated")] = None,
+    act_asymmetric: Annotated[bool | None, typer.Option("--act-asymmetric/--act-symmetric", help="activation grid with a zero point")] = None,
+    act_clip: Annotated[float | None, typer.Option(help="fraction of each activation's range kept (QuaRot: 0.9 at 4 bits)")] = None,
+    smoothquant: Annotated[str | None, typer.Option(help="SmoothQuant alpha, or comma-separated alphas searched per layer (e.g. 0.5 or 0.3,0.5,0.7)")] = None,
+    rotate: Annotated[str | None, typer.Option(help="rotation before quantization: hadamard (QuaRot-style)")] = None,
+    online_hadamard: Annotated[bool | None, typer.Option("--online-hadamard/--no-online-hadamard", help="with --rotate: also rotate down_proj's input online")] = None,
+    kv_bits: Annotated[int | None, typer.Option(help="KV-cache bits (8, 4, 2) recorded for eval/generate")] = None,
+    kv_format: Annotated[str | None, typer.Option(help="KV cache: int or fp8")] = None,
+    kv_residual: Annotated[int | None, typer.Option(help="KV cache: most recent tokens kept in full precision")] = None,
+    kv_intact: Annotated[int | None, typer.Option(help="KV cache: first tokens kept in full precision (IntactKV)")] = None,
 ) -> None:
     """Quantize MODEL and write a compressed-tensors checkpoint to OUT, layer by layer (resumable with --resume)."""
     import lowbit
@@ -71,13 +84,23 @@ def quantize(
             "gptq.act_order": act_order, "gptq.static_groups": static_groups, "gptq.dampening": dampening,
             "gptq.block_size": block_size, "calibration.source": calibration, "calibration.num_samples": num_samples,
             "calibration.seqlen": seqlen, "calibration.seed": seed, "calibration.text_field": text_field,
+            "weights.format": weight_format, "activations.bits": act_bits, "activations.format": act_format,
+            "activations.dynamic": act_dynamic, "activations.symmetric": None if act_asymmetric is None else not act_asymmetric,
+            "activations.clip_ratio": act_clip,
+            "smoothquant.alpha": None if smoothquant is None else _alphas(smoothquant),
+            "rotation.kind": rotate, "rotation.online_down_proj": online_hadamard,
+            "kv_cache.bits": kv_bits, "kv_cache.format": kv_format, "kv_cache.residual": kv_residual,
+            "kv_cache.intact_tokens": kv_intact,
         })
         from lowbit.export.writer import check_output_path
         from lowbit.models.loading import resolve_source
 
         source = resolve_source(model)
         check_output_path(out, [source.protected_root], overwrite)  # fail before any work
-        console.print(f"[bold]lowbit[/bold] {chosen.method.upper()} {chosen.weights.describe()} on {model}")
+        extras = [chosen.activations.describe()] if chosen.activations else []
+        extras += ["SmoothQuant"] if chosen.smoothquant else []
+        extras += ["Hadamard rotation"] if chosen.rotation else []
+        console.print(f"[bold]lowbit[/bold] {chosen.method.upper()} {' + '.join([chosen.weights.describe(), *extras])} on {model}")
         path, report = lowbit.quantize_to_folder(
             model, out, chosen, device=_device(device), dtype=DTYPES[dtype], lazy=lazy, resume=resume,
             overwrite=overwrite, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, profile=profile,
@@ -88,6 +111,11 @@ def quantize(
     except (ValueError, FileNotFoundError, KeyError, torch.linalg.LinAlgError) as error:
         _fail(error)
     console.print(f"[green]wrote[/green] {path}")
+
+
+def _alphas(text: str) -> float | list[float]:
+    values = [float(part) for part in text.split(",") if part.strip()]
+    return values[0] if len(values) == 1 else values
 
 
 @app.command("eval")

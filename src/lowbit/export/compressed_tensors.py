@@ -189,9 +189,11 @@ def _targets(model: nn.Module, group: dict, ignore: list[str]) -> list[tuple[str
     return chosen
 
 
-def attach_checkpoint_input_quantizers(model: nn.Module, folder, quantization_config: dict) -> int:
+def attach_checkpoint_input_quantizers(model: nn.Module, folder, quantization_config: dict,
+                                       clip_ratio: float = 1.0) -> int:
     """Install the activation quantizers a compressed-tensors checkpoint describes (transformers does not when it
-    dequantizes at load); static scales are read from the checkpoint's ``input_scale`` tensors. Returns how many
+    dequantizes at load); static scales are read from the checkpoint's ``input_scale`` tensors. ``clip_ratio``
+    (from lowbit's manifest: compressed-tensors has no field for it) applies to dynamic scales. Returns how many
     Linears got one."""
     from pathlib import Path
 
@@ -210,7 +212,7 @@ def attach_checkpoint_input_quantizers(model: nn.Module, folder, quantization_co
     for group in quantization_config.get("config_groups", {}).values():
         if not group.get("input_activations"):
             continue
-        scheme = activation_scheme(group["input_activations"])
+        scheme = activation_scheme(group["input_activations"]).model_copy(update={"clip_ratio": clip_ratio})
         for name, module in _targets(model, group, ignore):
             if scheme.dynamic:
                 quantizer = InputQuantizer(scheme)

@@ -170,8 +170,12 @@ def load_model(
         from lowbit.export.compressed_tensors import attach_checkpoint_input_quantizers
 
         # dequantize=True leaves activations unquantized: put the checkpoint's activation quantizers back
+        from lowbit.export.writer import read_manifest
+
         config = json.loads((source.folder / "config.json").read_text())
-        attach_checkpoint_input_quantizers(model, source.folder, config["quantization_config"])
+        activations = ((read_manifest(source.folder) or {}).get("recipe") or {}).get("activations") or {}
+        attach_checkpoint_input_quantizers(model, source.folder, config["quantization_config"],
+                                           activations.get("clip_ratio", 1.0))
         install_checkpoint_transforms(model, source.folder)
     tokenizer = None
     if source.gguf_file or any((source.folder / name).exists() for name in TOKENIZER_FILES):
@@ -186,9 +190,7 @@ def install_checkpoint_transforms(model: torch.nn.Module, folder: Path) -> None:
 
     manifest = read_manifest(folder)
     rotation = (manifest or {}).get("rotation")
-    if rotation and rotation.get("online_down_proj"):
-        from lowbit.algorithms.rotation import install_online_hadamard
-        from lowbit.models.arch import find_decoder_layers
+    if rotation and rotation.get("online_hadamards"):
+        from lowbit.algorithms.rotation import install_online_hadamards
 
-        for layer in find_decoder_layers(model).layers:
-            install_online_hadamard(layer.mlp.down_proj, **rotation["online_hadamard"])
+        install_online_hadamards(model, rotation["online_hadamards"])
