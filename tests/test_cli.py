@@ -53,3 +53,30 @@ def test_generate_on_cpu_runs_the_reference_path(tmp_path, tokenizer_folder):
     result = runner.invoke(app, ["generate", str(out), "--prompt", "the a of and", "--max-new-tokens", "4", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "tokens/s (3 decode steps)" in result.output
+
+
+def test_activation_rotation_and_kv_flags_end_to_end(tmp_path, tokenizer_folder):
+    """W4A8 + rotation + a recorded KV scheme from flags; eval and generate then use the KV cache."""
+    folder = make_model_folder(tmp_path, "llama", tokenizer_folder)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(i * 7) % 250}" if i % 5 else "the" for i in range(6000)))
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(folder), "--method", "rtn", "--bits", "4", "--group-size", "-1",
+                                 "--act-bits", "8", "--rotate", "hadamard", "--kv-bits", "4", "--kv-residual", "8", "--kv-group-size", "16",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "lowbit_manifest.json").read_text())
+    assert manifest["recipe"]["activations"]["bits"] == 8 and manifest["recipe"]["rotation"]["kind"] == "hadamard"
+    assert manifest["rotation"]["online_hadamards"] and manifest["recipe"]["kv_cache"]["bits"] == 4
+
+    results = tmp_path / "results.json"
+    result = runner.invoke(app, ["eval", str(out), "--ppl", str(text), "--seqlen", "64", "--max-windows", "2",
+                                 "--no-reference", "--kv-bits", "2", "--json", str(results)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(results.read_text())
+    assert metrics["kv_cache"]["scheme"].startswith("KV int2") and "residual 8" in metrics["kv_cache"]["scheme"]
+    assert metrics["kv_cache"]["compression"] > 1 and metrics["kv_cache"]["perplexity"] > 1
+
+    result = runner.invoke(app, ["generate", str(out), "--prompt", "the a of and", "--max-new-tokens", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "with KV int4" in result.output

@@ -71,6 +71,7 @@ def quantize(
     kv_format: Annotated[str | None, typer.Option(help="KV cache: int or fp8")] = None,
     kv_residual: Annotated[int | None, typer.Option(help="KV cache: most recent tokens kept in full precision")] = None,
     kv_intact: Annotated[int | None, typer.Option(help="KV cache: first tokens kept in full precision (IntactKV)")] = None,
+    kv_group_size: Annotated[int | None, typer.Option(help="KV cache: channels per value group / tokens per key block")] = None,
 ) -> None:
     """Quantize MODEL and write a compressed-tensors checkpoint to OUT, layer by layer (resumable with --resume)."""
     import lowbit
@@ -90,7 +91,7 @@ def quantize(
             "smoothquant.alpha": None if smoothquant is None else _alphas(smoothquant),
             "rotation.kind": rotate, "rotation.online_down_proj": online_hadamard,
             "kv_cache.bits": kv_bits, "kv_cache.format": kv_format, "kv_cache.residual": kv_residual,
-            "kv_cache.intact_tokens": kv_intact,
+            "kv_cache.intact_tokens": kv_intact, "kv_cache.group_size": kv_group_size,
         })
         from lowbit.export.writer import check_output_path
         from lowbit.models.loading import resolve_source
@@ -133,9 +134,16 @@ def evaluate(
     task_dir: Annotated[Path | None, typer.Option(help="folder with the tasks' .jsonl files (e.g. ../shared/data/zeroshot)")] = None,
     limit: Annotated[int | None, typer.Option(help="zero-shot: only the first N items of each task")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write every metric to this JSON file")] = None,
+    kv_bits: Annotated[int | None, typer.Option(help="perplexity with a quantized KV cache: 8, 4 or 2 bits (default: the checkpoint recipe's kv_cache)")] = None,
+    kv_format: Annotated[str | None, typer.Option(help="KV cache: int or fp8")] = None,
+    kv_residual: Annotated[int | None, typer.Option(help="KV cache: most recent tokens kept in full precision")] = None,
+    kv_intact: Annotated[int | None, typer.Option(help="KV cache: first tokens kept in full precision (IntactKV)")] = None,
+    kv_group_size: Annotated[int | None, typer.Option(help="KV cache: channels per value group / tokens per key block")] = None,
 ) -> None:
     """Measure MODEL: perplexity, zero-shot accuracy, size, and (quantized checkpoints) KL divergence and top-1
-    agreement against the original."""
+    agreement against the original. With a KV-cache scheme (flags or the checkpoint's recipe) perplexity is also
+    measured as a decoding cache in that scheme would see it (zero-shot scoring runs one pass per item and does
+    not use the cache)."""
     import lowbit
     from lowbit.api import reference_source
 
@@ -147,6 +155,19 @@ def evaluate(
             reference_model, _ = lowbit.load(reference_spec, device=_device(device), dtype=DTYPES[dtype])
         results = lowbit.evaluate(loaded, tokenizer, ppl_text=ppl, seqlen=seqlen, max_windows=max_windows,
                                   reference=reference_model, batch_size=batch_size)
+        kv = _kv_scheme(model, kv_bits, kv_format, kv_residual, kv_intact, kv_group_size)
+        if kv is not None and ppl is not None:
+            from lowbit.data.calibration import tokenize_text
+            from lowbit.eval.kv import perplexity_with_kv_cache
+            from lowbit.eval.perplexity import token_windows
+            from lowbit.kvcache import kv_memory_report
+
+            windows = token_windows(tokenize_text(tokenizer, Path(ppl).read_text(encoding="utf-8")), seqlen, max_windows)
+            result = perplexity_with_kv_cache(loaded, windows, kv, batch_size=batch_size, progress=True)
+            memory = kv_memory_report(loaded.config, kv, tokens=seqlen)
+            results["kv_cache"] = {"scheme": kv.describe(), "perplexity": result.perplexity, "tokens": seqlen,
+                                   "bytes_fp16": memory.fp16_bytes, "bytes": memory.quantized_bytes,
+                                   "compression": memory.ratio}
         if tasks:
             if task_dir is None:
                 raise ValueError("--tasks needs --task-dir, the folder holding the tasks' .jsonl files")
@@ -170,6 +191,11 @@ def evaluate(
         d = results["divergence"]
         table.add_row(f"KL divergence vs {reference_spec} (nats/token)", f"{d['kl_divergence']:.5f}")
         table.add_row("top-1 agreement", f"{d['top1_agreement']:.4f}")
+    if "kv_cache" in results:
+        kv_result = results["kv_cache"]
+        table.add_row(f"perplexity with {kv_result['scheme']}", f"{kv_result['perplexity']:.4f}")
+        table.add_row(f"KV bytes per sequence of {kv_result['tokens']} (fp16 -> quantized)",
+                      f"{kv_result['bytes_fp16']:,} -> {kv_result['bytes']:,} ({kv_result['compression']:.2f}x)")
     for task, metrics in results.get("zeroshot", {}).items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n")
         table.add_row(f"{task} ({metrics.get('n')} items)", shown)
@@ -180,6 +206,21 @@ def evaluate(
     Console().print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+def _kv_scheme(model: str, bits: int | None, kv_format: str | None, residual: int | None, intact: int | None,
+               group_size: int | None = None):
+    """The KV-cache scheme from the flags, over the checkpoint recipe's ``kv_cache`` (None when neither sets one)."""
+    from lowbit.export.writer import read_manifest
+    from lowbit.kvcache import KVCacheScheme
+
+    recorded = {}
+    if Path(model).is_dir():
+        recorded = ((read_manifest(Path(model)) or {}).get("recipe") or {}).get("kv_cache") or {}
+    flags = {"bits": bits, "format": kv_format, "residual": residual, "intact_tokens": intact, "group_size": group_size}
+    if not recorded and all(value is None for value in flags.values()):
+        return None
+    return KVCacheScheme(**{**recorded, **{k: v for k, v in flags.items() if v is not None}})
 
 
 @app.command("bench")
@@ -211,10 +252,20 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (greedy)")] = 128,
     device: Annotated[str, typer.Option(help="cuda (Triton kernels) or cpu (PyTorch reference)")] = "cuda",
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="replay each decode step as a CUDA graph")] = True,
+    kv_bits: Annotated[int | None, typer.Option(help="quantized KV cache: 8, 4 or 2 bits (default: the checkpoint recipe's kv_cache)")] = None,
+    kv_format: Annotated[str | None, typer.Option(help="KV cache: int or fp8")] = None,
+    kv_residual: Annotated[int | None, typer.Option(help="KV cache: most recent tokens kept in full precision")] = None,
+    kv_intact: Annotated[int | None, typer.Option(help="KV cache: first tokens kept in full precision (IntactKV)")] = None,
+    kv_group_size: Annotated[int | None, typer.Option(help="KV cache: channels per value group / tokens per key block")] = None,
 ) -> None:
-    """Greedy generation with a static KV cache, printing tokens/s."""
+    """Greedy generation with a static KV cache, printing tokens/s. With a KV-cache scheme (flags or the
+    checkpoint's recipe) it runs transformers' generate with lowbit's quantized cache instead (no CUDA graph)."""
     from lowbit.kernels.runtime import generate as run_generate
 
+    kv = _kv_scheme(model, kv_bits, kv_format, kv_residual, kv_intact, kv_group_size)
+    if kv is not None:
+        _generate_with_kv(model, prompt, max_new_tokens, device, kv)
+        return
     try:
         text, result = run_generate(model, prompt, max_new_tokens, device, cuda_graph and device.startswith("cuda"))
     except (ValueError, FileNotFoundError, OSError) as error:
@@ -222,6 +273,31 @@ def generate(
     sys.stdout.write(text + "\n")
     console.print(f"{result.tokens_per_second:.1f} tokens/s ({result.timed_steps} decode steps), "
                   f"prefill {result.prefill_seconds * 1e3:.0f} ms")
+
+
+def _generate_with_kv(model: str, prompt: str, max_new_tokens: int, device: str, kv) -> None:
+    import time
+
+    import lowbit
+    from lowbit.kvcache import QuantizedKVCache, kv_memory_report
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    try:
+        loaded, tokenizer = lowbit.load(model, device=device, kernels=False)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        _fail(error)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        output = loaded.generate(ids, past_key_values=QuantizedKVCache(kv, loaded.config), max_new_tokens=max_new_tokens,
+                                 do_sample=False)
+    seconds = time.perf_counter() - started
+    new_tokens = output.shape[1] - ids.shape[1]
+    sys.stdout.write(tokenizer.decode(output[0], skip_special_tokens=True) + "\n")
+    memory = kv_memory_report(loaded.config, kv, tokens=output.shape[1])
+    console.print(f"{new_tokens / seconds:.1f} tokens/s with {kv.describe()}; KV cache of {output.shape[1]} tokens: "
+                  f"{memory.quantized_bytes:,} bytes vs {memory.fp16_bytes:,} in fp16 ({memory.ratio:.2f}x smaller)")
 
 
 @app.command("bench-decode")
