@@ -42,14 +42,18 @@ SCHEMES: dict[str, dict] = {
     "W8A8 RTN": {"method": "rtn", **W8, **A8},
     "W8A8 RTN + SmoothQuant": {"method": "rtn", **W8, **A8, **SMOOTH},
     "W8A8 GPTQ": {**W8, **A8},
+    "W8A8 GPTQ + SmoothQuant": {**W8, **A8, **SMOOTH},
     "W8A8 GPTQ + rotation": {**W8, **A8, **ROTATE},
     "FP8 W8A8": FP8,
     "FP8 W8A8 + rotation": {**FP8, **ROTATE},
+    "FP8 W8A8 + rotation (no online Hadamard)": {**FP8, **ROTATE, "rotation.online_down_proj": False},
     "W4A8 GPTQ": {**W4, **A8},
     "W4A8 GPTQ + rotation": {**W4, **A8, **ROTATE},
     "W4A4 GPTQ": {**W4, **A4},
     "W4A4 GPTQ + SmoothQuant": {**W4, **A4, **SMOOTH},
     "W4A4 GPTQ + rotation": {**W4, **A4, **ROTATE},
+    "W4A4 GPTQ + rotation, asymmetric A4": {**W4, **A4, **ROTATE, "activations.symmetric": False},
+    "W4A4 GPTQ g64 + rotation": {**W4, **A4, **ROTATE, "weights.group_size": 64},
 }
 
 

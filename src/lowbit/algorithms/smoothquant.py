@@ -49,7 +49,7 @@ def smoothed_output_error(sample: Tensor, weights: list[Tensor], scales: Tensor,
     from lowbit.algorithms.rtn import rtn
 
     weight_scheme = weight_scheme.model_copy(update={"clip": "minmax"})
-    x = sample.float()
+    x = sample.float().to(scales.device)
     x_quantized = fake_quantize_inputs(x / scales, activation_scheme)
     error = signal = 0.0
     for weight in weights:
