@@ -181,13 +181,8 @@ def _dequantized(folder: Path, name: str) -> torch.Tensor:
 @torch.no_grad()
 def step_error(args: argparse.Namespace) -> dict:
     from lowbit.algorithms.hessian import relative_output_error
-    from lowbit.engine.sequential import (
-        Target,
-        _HessianHooks,
-        _layer_output,
-        _move_outside_layers,
-        capture_layer_inputs,
-    )
+    from lowbit.engine.calibration import Target, _HessianHooks, _layer_output, capture_layer_inputs
+    from lowbit.engine.sequential import _move_outside_layers
     from lowbit.models.arch import iter_linears, linear_weight
     from lowbit.models.lazy import load_lazy
 

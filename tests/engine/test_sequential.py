@@ -30,7 +30,7 @@ def test_shared_inputs_share_one_hessian_and_match_separate_accumulation():
     layer = decoder.layers[0]
     normed = layer.input_layernorm(hidden[0])
     expected = (normed.reshape(-1, 64).T @ normed.reshape(-1, 64)) / normed.reshape(-1, 64).shape[0]
-    from lowbit.engine.sequential import Target, _HessianHooks
+    from lowbit.engine.calibration import Target, _HessianHooks
 
     targets = [Target(f"{n}", m, 0) for n, m in [("q", layer.self_attn.q_proj), ("k", layer.self_attn.k_proj)]]
     hooks = _HessianHooks(targets, torch.device("cpu"))

@@ -1,0 +1,179 @@
+"""Calibration passes of the sequential engine: capturing decoder layer 0's inputs, running a layer with hooks that
+accumulate each target linear's Hessian and input statistics, and propagating a finished layer's outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.algorithms.hessian import HessianAccumulator
+from lowbit.engine.activations import InputStatistics, RangeObserver
+from lowbit.engine.report import LinearRecord, QuantizationReport
+from lowbit.models.arch import DecoderLayers, linear_weight
+
+
+@dataclass
+class Target:
+    name: str
+    module: nn.Module
+    layer: int
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, decoder: DecoderLayers, batches: list[Tensor], device: torch.device, activation_device: torch.device
+) -> tuple[list[Tensor], list[dict]]:
+    """Hidden states and keyword arguments reaching decoder layer 0, one entry per batch."""
+    hidden_states: list[Tensor] = []
+    keyword_args: list[dict] = []
+
+    def stop(module, args, kwargs):
+        states = args[0] if args else kwargs.pop("hidden_states")
+        hidden_states.append(states.to(activation_device))
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+        kwargs["use_cache"] = False
+        keyword_args.append(_to_device(kwargs, activation_device))
+        raise _StopForward
+
+    handle = decoder.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden_states, keyword_args
+
+
+def _layer_output(output) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _HessianHooks:
+    """Forward hooks accumulating each target's input statistics; identical inputs share an accumulator."""
+
+    def __init__(self, targets: list[Target], device: torch.device, observe: bool = False, sample_rows: int = 0) -> None:
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self.observers: dict[str, RangeObserver] = {}  # per-channel input ranges (activation scales, SmoothQuant)
+        self.samples: dict[str, list[Tensor]] = {}  # strided input rows per batch (SmoothQuant's alpha search)
+        self.sample_rows = sample_rows
+        self.shared_with: dict[str, str] = {}
+        # key -> (owner, the tensor itself): holding the tensor keeps its memory from being reused by a later,
+        # different tensor of the same shape within the batch, which would otherwise look identical by address
+        self._seen: dict[tuple, tuple[str, Tensor]] = {}
+        self._handles = []
+        for target in targets:
+            in_features = linear_weight(target.module).shape[1]
+            self.accumulators[target.name] = HessianAccumulator(in_features, device)
+            if observe:
+                self.observers[target.name] = RangeObserver(in_features, device)
+            if sample_rows:
+                self.samples[target.name] = []
+            self._handles.append(target.module.register_forward_hook(self._hook(target.name)))
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module, inputs, output):
+            x = inputs[0]
+            key = (x.data_ptr(), tuple(x.shape), x._version)
+            seen = self._seen.get(key)
+            if seen is not None and seen[0] != name:
+                self.shared_with[name] = seen[0]
+                return
+            self._seen[key] = (name, x)
+            self.accumulators[name].add(x)
+            if name in self.observers:
+                self.observers[name].add(x)
+            if name in self.samples:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                stride = max(1, flat.shape[0] // self.sample_rows)
+                self.samples[name].append(flat[::stride][: self.sample_rows].float().cpu())
+
+        return hook
+
+    def new_batch(self) -> None:
+        self._seen.clear()
+
+    def accumulator(self, name: str) -> HessianAccumulator:
+        return self.accumulators[self.shared_with.get(name, name)]
+
+    def statistics(self, name: str) -> InputStatistics:
+        owner = self.shared_with.get(name, name)
+        sample = self.samples.get(owner)
+        return InputStatistics(self.observers.get(owner), torch.cat(sample) if sample else None)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclass
+class Activations:
+    """The inputs of the current decoder layer, one entry per calibration batch, on ``device``."""
+
+    hidden: list[Tensor]
+    kwargs: list[dict]
+    device: torch.device
+
+
+def collect_hessians(layer: nn.Module, targets: list[Target], activations: Activations, device: torch.device,
+                     report: QuantizationReport, index: int, observe: bool = False, sample_rows: int = 0,
+                     ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, InputStatistics]]:
+    """Run ``layer`` on the captured inputs and return every target's Hessian ``E[x x^T]``, token count and input
+    statistics (per-channel ranges when ``observe``, ``sample_rows`` rows per batch; linears reading the same
+    input share one statistics object)."""
+    hooks = _HessianHooks(targets, device, observe, sample_rows)
+    try:
+        for states, extra in zip(activations.hidden, activations.kwargs, strict=True):
+            hooks.new_batch()
+            layer(states.to(device), **_to_device(extra, device))
+    finally:
+        hooks.remove()
+    hessians: dict[str, Tensor] = {}
+    tokens: dict[str, int] = {}
+    by_accumulator: dict[int, Tensor] = {}
+    for target in targets:
+        accumulator = hooks.accumulator(target.name)
+        tokens[target.name] = accumulator.tokens
+        if accumulator.tokens == 0:
+            report.linears.append(LinearRecord(
+                target.name, "uncalibrated", index, *reversed(linear_weight(target.module).shape),
+                reason="no calibration token reached it (is it used in the forward pass?)"))
+            raise ValueError(f"{target.name} received 0 calibration tokens; it cannot be calibrated")
+        if id(accumulator) not in by_accumulator:
+            by_accumulator[id(accumulator)] = accumulator.hessian()
+        hessians[target.name] = by_accumulator[id(accumulator)]  # linears sharing inputs share the tensor
+    statistics: dict[str, InputStatistics] = {}
+    for target in targets:
+        owner = hooks.shared_with.get(target.name, target.name)
+        if owner not in statistics:
+            statistics[owner] = hooks.statistics(owner)
+        statistics[target.name] = statistics[owner]
+    return hessians, tokens, statistics
+
+
+def propagate(layer: nn.Module, activations: Activations, device: torch.device) -> None:
+    """Replace the captured inputs by ``layer``'s outputs on them (the next layer's inputs)."""
+    for batch_index, (states, extra) in enumerate(zip(activations.hidden, activations.kwargs, strict=True)):
+        output = _layer_output(layer(states.to(device), **_to_device(extra, device)))
+        activations.hidden[batch_index] = output.to(activations.device)
