@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 import lowbit
 from conftest import calibration_ids, make_model_folder, tiny_config
-from lowbit.engine.memory import MemoryBudgetError, MemoryEstimate, parse_bytes, plan_memory
 from lowbit.engine.calibration import Target, _HessianHooks, capture_layer_inputs
+from lowbit.engine.memory import MemoryBudgetError, MemoryEstimate, parse_bytes, plan_memory
 from lowbit.export.writer import MANIFEST_NAME, partial_folder
 from lowbit.models.arch import find_decoder_layers
 from lowbit.models.lazy import load_lazy
