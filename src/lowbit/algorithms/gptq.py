@@ -9,6 +9,7 @@ layer-wise loss, H^-1 its inverse taken through the upper Cholesky factor, B the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,10 +141,14 @@ def _gptq(
             for span in (slice(g * group_size, (g + 1) * group_size) for g in range(n_groups))
         ]
 
+    if static_grids is not None and _use_kernel(W.device):
+        codes, scale, zero = _blocks_with_kernel(W, Hinv, static_grids, permutation // group_size, scheme.bits,
+                                                 options.block_size)
+        return _result(codes, scale, zero, permutation, group_size, scheme, True, dampening, dead)
+
     codes = torch.zeros_like(W)
     scale = torch.zeros(out_features, n_groups, device=W.device)
     zero = torch.zeros(out_features, n_groups, device=W.device)
-    column_group = torch.zeros(in_features, dtype=torch.long, device=W.device)  # by original column
     current_scale = current_zero = None
     original_columns = permutation.tolist()  # read on the host once: a per-column .item() would stall a GPU
     written_groups: set[int] = set()
@@ -180,14 +185,48 @@ def _gptq(
             Err1[:, i] = error[:, 0]
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    positions = torch.arange(in_features, device=W.device) // group_size
-    if static_grids is not None:
+    contiguous = static_grids is not None or not options.act_order
+    return _result(codes, scale, zero, permutation, group_size, scheme, contiguous, dampening, dead)
+
+
+def _use_kernel(device: torch.device) -> bool:
+    """The Triton block kernel runs on CUDA unless ``LOWBIT_GPTQ_KERNEL=0``; ``=1`` forces it (tests on the CPU
+    interpreter)."""
+    setting = os.environ.get("LOWBIT_GPTQ_KERNEL", "")
+    if setting == "0":
+        return False
+    return setting == "1" or device.type == "cuda"
+
+
+def _blocks_with_kernel(W: Tensor, Hinv: Tensor, static_grids: list[tuple[Tensor, Tensor]], groups: Tensor, bits: int,
+                        block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ's column loop with every lazy block done by one Triton launch (``lowbit.kernels.gptq``)."""
+    from lowbit.kernels.gptq import gptq_block
+
+    scale = torch.cat([grid[0] for grid in static_grids], dim=1)
+    zero = torch.cat([grid[1] for grid in static_grids], dim=1)
+    codes = torch.empty_like(W)
+    in_features = W.shape[1]
+    for i1 in range(0, in_features, block):
+        i2 = min(i1 + block, in_features)
+        block_codes, errors = gptq_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale, zero, groups[i1:i2], bits)
+        codes[:, i1:i2] = block_codes
+        if i2 < in_features:
+            W[:, i2:] -= errors @ Hinv[i1:i2, i2:]
+    return codes, scale, zero
+
+
+def _result(codes: Tensor, scale: Tensor, zero: Tensor, permutation: Tensor, group_size: int, scheme: WeightScheme,
+            contiguous: bool, dampening: float, dead: Tensor) -> GPTQResult:
+    in_features = codes.shape[1]
+    positions = torch.arange(in_features, device=codes.device) // group_size
+    column_group = torch.zeros(in_features, dtype=torch.long, device=codes.device)
+    if contiguous:
         column_group = positions  # groups of contiguous original columns
     else:
         column_group[permutation] = positions  # the group of the position each column was processed at
     inverse_permutation = torch.argsort(permutation)
     codes = codes[:, inverse_permutation]
-    contiguous = static_grids is not None or not options.act_order
     quantized = QuantizedWeight(
         codes=codes.to(torch.uint8),
         scale=scale,
