@@ -160,6 +160,8 @@ class GPTQOptions(_Strict):
     static_groups: with act_order, compute every group's scale from the original (unpermuted) weights before
         the permutation, so groups stay contiguous and no g_idx is needed at inference (no effect without
         act_order).
+    grid: "scheme" fits each group's grid as ``weights.clip`` says; "leanquant" and "two_stage" use the Hessian
+        (their options are the recipe's ``leanquant`` and ``two_stage`` sections).
 
     Defaults (act_order and static_groups on, with clip="mse" in the weight scheme) are the best of the variants
     measured on SmolLM2-135M (bench/notes/foundation.md): W3 asym g64 perplexity 47.6 against 82.1 for plain
@@ -171,6 +173,83 @@ class GPTQOptions(_Strict):
     max_dampening: float = Field(10.0, gt=0.0)
     act_order: bool = True
     static_groups: bool = True
+    grid: Literal["scheme", "leanquant", "two_stage"] = Field(
+        "scheme", description='how each group\'s grid is fitted: "scheme" (weights.clip), "leanquant" (options in '
+                              '`leanquant`) or "two_stage" (options in `two_stage`; adds stage 2 after GPTQ)')
+
+
+class AWQOptions(_Strict):
+    """AWQ (Lin et al., MLSys 2024, https://arxiv.org/abs/2306.00978): per-input-channel scales ``s = s_x^alpha``
+    searched per decoder layer on the block output error and folded into the producer (a norm, or up_proj's
+    rows), then a clipping-range search per (row, group). Runs before the layer-wise method (rtn or gptq).
+
+    grid: number of exponents tried, ``alpha = k / grid`` for ``k = 0..grid-1`` (0 = no scaling, always tried).
+    weight_exponent: "duo scaling" ``s = s_x^alpha / s_w^(1 - alpha)`` of later AWQ releases.
+    clip: search each group's clipping range on its output error after scaling (used when ``gptq.grid`` is
+        "scheme"; a Hessian-aware grid replaces it).
+    clip_steps / clip_max_shrink: shrink factors ``1 - k * max_shrink / steps`` tried by the clip search.
+    search_batches: calibration batches used by the scale search (None = all).
+    """
+
+    grid: int = Field(20, ge=2)
+    weight_exponent: bool = False
+    clip: bool = True
+    clip_steps: int = Field(20, ge=1)
+    clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
+    search_batches: int | None = Field(None, ge=1)
+
+
+class TwoStageOptions(_Strict):
+    """Two-stage group-scale optimisation (Kim et al., ICASSP 2026), used with ``gptq.grid: two_stage``.
+
+    stage1: "in_gptq" fits each group's grid on its Hessian block when GPTQ reaches it; "static" fits every grid
+        before GPTQ (the paper's order); "off" keeps the scheme's grids (stage 2 only).
+    stage1_iterations: closed-form scale updates after the shrink search of stage 1.
+    stage1_steps / stage1_max_shrink: range shrink factors ``1 - k * max_shrink / steps`` tried by stage 1.
+    stage2_sweeps: coordinate-descent sweeps over the group scales after GPTQ, codes frozen (0 = no stage 2).
+    """
+
+    stage1: Literal["off", "static", "in_gptq"] = "in_gptq"
+    stage1_iterations: int = Field(5, ge=0)
+    stage1_steps: int = Field(20, ge=1)
+    stage1_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
+    stage2_sweeps: int = Field(20, ge=0)
+
+
+class LeanQuantOptions(_Strict):
+    """LeanQuant's loss-error-aware grid (Zhang & Shrivastava, ICLR 2025, https://arxiv.org/abs/2407.10032),
+    used with ``gptq.grid: leanquant``: each group's (min, max) minimises the squared error weighted by
+    ``d_i^-exponent`` (``d_i`` the diagonal of the Cholesky factor of H^-1; 2 is the exact loss error).
+
+    steps / max_shrink: shrink factors ``1 - k * max_shrink / steps`` tried for each end of the range.
+    """
+
+    exponent: float = Field(2.0, gt=0.0)
+    steps: int = Field(20, ge=1)
+    max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class BlockwiseOptions(_Strict):
+    """Block-wise output reconstruction (SignRound / AutoRound, Cheng et al. 2024,
+    https://arxiv.org/abs/2309.05516): after the layer-wise method, each decoder layer's rounding offsets and
+    clipping factors are learned by signed gradient descent so that its output matches the full-precision
+    layer's output on the same (quantized-stream) inputs.
+
+    iterations: optimisation steps per decoder layer.
+    learning_rate: None = ``1 / iterations`` (AutoRound's default).
+    clip_floor: smallest clipping factor (and, starting from the method, ``1 / clip_floor`` the largest).
+    batches_per_step: calibration batches averaged in each step.
+    checkpoints: times the loss on all batches is measured; the best parameters measured are kept (never worse
+        than the start).
+    start: "method" starts from the layer-wise method's codes and grids, "rtn" from min-max round-to-nearest.
+    """
+
+    iterations: int = Field(200, ge=1)
+    learning_rate: float | None = Field(None, gt=0.0)
+    clip_floor: float = Field(0.5, gt=0.0, le=1.0)
+    batches_per_step: int = Field(1, ge=1)
+    checkpoints: int = Field(5, ge=1)
+    start: Literal["method", "rtn"] = "method"
 
 
 class CalibrationOptions(_Strict):
@@ -202,6 +281,10 @@ class Recipe(_Strict):
     smoothquant: SmoothQuantOptions | None = None
     rotation: RotationOptions | None = None
     kv_cache: KVCacheOptions | None = None
+    awq: AWQOptions | None = None
+    two_stage: TwoStageOptions = TwoStageOptions()
+    leanquant: LeanQuantOptions = LeanQuantOptions()
+    blockwise: BlockwiseOptions | None = None
     ignore: tuple[str, ...] = Field(
         ("lm_head",),
         description="regular expressions (re.fullmatch) of Linear names left in full precision",
@@ -212,12 +295,26 @@ class Recipe(_Strict):
         if self.weights.format == "fp8" and self.method != "rtn":
             raise ValueError("fp8 weights are rounded to nearest (method: rtn); GPTQ on an fp8 grid is not implemented "
                              "(per-channel e4m3 weights are already within ~0.1% of full precision)")
+        if self.weights.format == "fp8" and (self.awq or self.blockwise):
+            raise ValueError("awq and blockwise work on integer grids; fp8 weights need neither (drop them, or use "
+                             "weights.format: int)")
+        if self.gptq.grid != "scheme" and self.method != "gptq":
+            raise ValueError(f"gptq.grid {self.gptq.grid!r} fits grids inside GPTQ and the method is {self.method!r}; "
+                             "set method: gptq, or gptq.grid: scheme")
+        if self.awq is not None and self.smoothquant is not None:
+            raise ValueError("awq and smoothquant both fold per-channel scales into the same norms; keep one of them")
+        gptq_without_static_groups = (self.method == "gptq" and self.gptq.act_order and not self.gptq.static_groups
+                                      and self.weights.group_size != -1)
+        if self.blockwise is not None and self.blockwise.start == "method" and gptq_without_static_groups:
+            raise ValueError("blockwise.start 'method' needs contiguous groups and GPTQ act_order without static groups "
+                             "permutes them; set gptq.static_groups: true (or gptq.act_order: false, or blockwise.start: rtn)")
         return self
 
     @property
     def needs_calibration(self) -> bool:
         static_activations = self.activations is not None and not self.activations.dynamic
-        return self.method != "rtn" or self.smoothquant is not None or static_activations
+        return (self.method != "rtn" or self.smoothquant is not None or static_activations or self.awq is not None
+                or self.blockwise is not None)
 
     def updated(self, **changes: object) -> Recipe:
         """A copy with dotted-path overrides, e.g. ``updated(**{"weights.bits": 3})``; None values are ignored."""
@@ -255,4 +352,6 @@ _OPTIONAL_SECTIONS: dict[str, type[BaseModel]] = {
     "smoothquant": SmoothQuantOptions,
     "rotation": RotationOptions,
     "kv_cache": KVCacheOptions,
+    "awq": AWQOptions,
+    "blockwise": BlockwiseOptions,
 }
