@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from lowbit.algorithms.gptq import gptq
 from lowbit.algorithms.hessian import relative_output_error
-from lowbit.algorithms.rtn import rtn
 from lowbit.engine.activations import InputQuantizer, InputStatistics, attach_input_quantizer
+from lowbit.engine.awq import awq_layer, awq_pairs
+from lowbit.engine.blockwise import capture_reference, reconstruct_layer
 from lowbit.engine.calibration import (  # noqa: F401  (re-exported: the engine's public pieces live here too)
     Activations,
     Target,
@@ -40,6 +40,7 @@ from lowbit.engine.calibration import (  # noqa: F401  (re-exported: the engine'
     collect_hessians,
     propagate,
 )
+from lowbit.engine.layerwise import quantize_weight
 from lowbit.engine.profile import PhaseTimer
 from lowbit.engine.report import LayerRecord, LinearRecord, QuantizationReport
 from lowbit.engine.smoothing import smooth_layer, smoothing_pairs
@@ -107,29 +108,34 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | None,
-                      device: torch.device) -> list[tuple[QuantizedWeight, LinearRecord]]:
-    """Quantize linears that share one Hessian (``[]`` for RTN) in one GPTQ call on their stacked rows.
+def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | None, device: torch.device,
+                      transforms: list[dict] | None = None) -> list[tuple[QuantizedWeight, LinearRecord]]:
+    """Quantize linears that share one Hessian (``[]`` for RTN) in one call on their stacked rows
+    (``lowbit.engine.layerwise``: the recipe's grids, RTN or GPTQ, two-stage refinement).
 
     GPTQ treats the rows of W independently given H, so stacking q/k/v (or gate/up) gives each linear the
     result it would get alone (up to float summation order in the block update), with a third of the
-    column-loop steps: on a GPU those steps are bound by kernel launches, not arithmetic."""
+    column-loop steps: on a GPU those steps are bound by kernel launches, not arithmetic.
+    transforms: receives a record of the two-stage refinement (when it ran)."""
     start = time.perf_counter()
     weights = [linear_weight(t.module).detach().to(device, torch.float32) for t in targets]
     rows = [w.shape[0] for w in weights]
-    dampening = dead_columns = None
-    if recipe.method == "gptq":
-        result = gptq(torch.cat(weights) if len(weights) > 1 else weights[0], hessian, recipe.weights, recipe.gptq)
-        parts = _split_rows(result.weight, rows)
-        dampening, dead_columns = result.dampening, result.dead_columns
-    else:
-        parts = [rtn(weight, recipe.weights) for weight in weights]
+    result = quantize_weight(torch.cat(weights) if len(weights) > 1 else weights[0], hessian, recipe)
+    parts = _split_rows(result.weight, rows)
+    dampening, dead_columns = result.dampening, result.dead_columns
+    method = recipe.method if result.grid == "scheme" else f"{recipe.method}+{result.grid}"
+    if transforms is not None and (result.stage2_errors is not None or result.note):
+        record = {"kind": "layerwise_grid", "layer": targets[0].layer, "linears": [t.name for t in targets],
+                  "grid": result.grid, "note": result.note}
+        if result.stage2_errors is not None:
+            record["stage2_output_error"] = {"before": result.stage2_errors[0], "after": result.stage2_errors[1]}
+        transforms.append(record)
     seconds = (time.perf_counter() - start) / len(targets)
     results = []
     for target, weight, quantized in zip(targets, weights, parts, strict=True):
         out_features, in_features = weight.shape
         record = LinearRecord(target.name, "quantized", target.layer, in_features, out_features,
-                              scheme=recipe.weights.describe(), method=recipe.method)
+                              scheme=recipe.weights.describe(), method=method)
         if dampening is not None:
             record.dampening, record.dead_columns = dampening, dead_columns
         # Scales are stored in the model dtype: use exactly those in the model too, so the propagated activations,
@@ -169,6 +175,7 @@ def quantize_layer(
     set_status: Callable[[str], None] = lambda text: None,
     fuse_shared: bool = False,
     release_hessians: bool = False,
+    transforms: list[dict] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[LinearRecord]]:
     """The per-layer step: quantize each target linear from its Hessian (none for RTN), replacing its weight by
     the dequantized values. Returns the quantized weights by name and one record per linear.
@@ -178,7 +185,8 @@ def quantize_layer(
     fuse_shared: quantize linears sharing a Hessian (q/k/v, gate/up) in one GPTQ call on stacked rows (used on
     GPUs; equal to separate calls up to float summation order).
     release_hessians: remove each Hessian from ``hessians`` once its linears are done, so its memory is free
-    for the next (at 70B, down_proj's GPTQ then runs without the other six Hessians)."""
+    for the next (at 70B, down_proj's GPTQ then runs without the other six Hessians).
+    transforms: receives what the grid methods did (``report.transforms``)."""
     weights: dict[str, QuantizedWeight] = {}
     records: list[LinearRecord] = []
     groups: list[list[Target]] = []
@@ -191,7 +199,7 @@ def quantize_layer(
             groups.append([target])
     for group in groups:
         set_status(", ".join(t.name.rsplit(".", 2)[-2] + "." + t.name.rsplit(".", 1)[-1] for t in group))
-        for target, (quantized, record) in zip(group, _quantize_linears(group, recipe, hessians.get(group[0].name), device), strict=True):
+        for target, (quantized, record) in zip(group, _quantize_linears(group, recipe, hessians.get(group[0].name), device, transforms), strict=True):
             record.tokens = tokens.get(target.name, 0)
             weights[target.name] = quantized
             records.append(record)
@@ -323,6 +331,8 @@ def quantize_model(
     sample_rows = 256 if recipe.smoothquant is not None and len(recipe.smoothquant.alphas) > 1 else 0
     if recipe.smoothquant is not None:
         smoothing_pairs(model_type)  # an unsupported family fails before any work
+    if recipe.awq is not None:
+        awq_pairs(model_type)
 
     if recipe.needs_calibration:
         if calibration is None or calibration.numel() == 0:
@@ -352,6 +362,16 @@ def quantize_model(
                 hessians: dict[str, Tensor] = {}
                 tokens: dict[str, int] = {}
                 statistics: dict[str, InputStatistics] = {}
+                layer_name = plan.decoder.name(index)
+                if recipe.awq is not None:
+                    set_status("AWQ scales")
+                    with timer("awq"):
+                        report.transforms += awq_layer(layer, layer_name, index, model_type, [t.name for t in targets],
+                                                       activations, device, recipe)
+                reference = None
+                if recipe.blockwise is not None:
+                    with timer("blockwise"):
+                        reference = capture_reference(layer, layer_name, targets, activations, device)
                 if activations is not None:
                     set_status("collecting Hessians")
                     with timer("hessian"):
@@ -365,7 +385,14 @@ def quantize_model(
                             report.transforms.append({"kind": "smoothquant", **asdict(record)})
                 with timer("quantize"):
                     weights, records = quantize_layer(targets, recipe, hessians, tokens, device, set_status,
-                                                      fuse_shared=device.type == "cuda", release_hessians=True)
+                                                      fuse_shared=device.type == "cuda",
+                                                      release_hessians=reference is None, transforms=report.transforms)
+                if reference is not None:
+                    set_status("block-wise reconstruction")
+                    with timer("blockwise"):
+                        report.transforms.append(reconstruct_layer(layer, layer_name, index, reference, weights, records,
+                                                                   hessians, activations, device, recipe))
+                    del reference
                 del hessians
                 if recipe.activations is not None:
                     attach_activation_quantizers(targets, recipe, statistics, records)
