@@ -72,6 +72,9 @@ def quantize(
     kv_residual: Annotated[int | None, typer.Option(help="KV cache: most recent tokens kept in full precision")] = None,
     kv_intact: Annotated[int | None, typer.Option(help="KV cache: first tokens kept in full precision (IntactKV)")] = None,
     kv_group_size: Annotated[int | None, typer.Option(help="KV cache: channels per value group / tokens per key block")] = None,
+    awq: Annotated[bool | None, typer.Option("--awq/--no-awq", help="AWQ scales (and clipping) before rtn/gptq")] = None,
+    gptq_grid: Annotated[str | None, typer.Option(help="GPTQ group grids: scheme, leanquant or two_stage")] = None,
+    blockwise_iters: Annotated[int | None, typer.Option(help="block-wise output reconstruction (SignRound) with N steps per layer; 0 = off")] = None,
 ) -> None:
     """Quantize MODEL and write a compressed-tensors checkpoint to OUT, layer by layer (resumable with --resume)."""
     import lowbit
@@ -79,6 +82,7 @@ def quantize(
 
     try:
         base = Recipe.from_yaml(recipe) if recipe else Recipe()
+        base = _switch_sections(base, awq=awq, blockwise=None if blockwise_iters is None else blockwise_iters > 0)
         chosen = base.updated(**{
             "method": method, "weights.bits": bits, "weights.group_size": group_size,
             "weights.symmetric": None if asymmetric is None else not asymmetric, "weights.clip": clip,
@@ -92,6 +96,8 @@ def quantize(
             "rotation.kind": rotate, "rotation.online_down_proj": online_hadamard,
             "kv_cache.bits": kv_bits, "kv_cache.format": kv_format, "kv_cache.residual": kv_residual,
             "kv_cache.intact_tokens": kv_intact, "kv_cache.group_size": kv_group_size,
+            "gptq.grid": None if gptq_grid is None else gptq_grid.replace("-", "_"),
+            "blockwise.iterations": blockwise_iters or None,
         })
         from lowbit.export.writer import check_output_path
         from lowbit.models.loading import resolve_source
@@ -101,6 +107,9 @@ def quantize(
         extras = [chosen.activations.describe()] if chosen.activations else []
         extras += ["SmoothQuant"] if chosen.smoothquant else []
         extras += ["Hadamard rotation"] if chosen.rotation else []
+        extras += ["AWQ"] if chosen.awq else []
+        extras += [f"{chosen.gptq.grid} grids"] if chosen.method == "gptq" and chosen.gptq.grid != "scheme" else []
+        extras += [f"block-wise ({chosen.blockwise.iterations} steps)"] if chosen.blockwise else []
         console.print(f"[bold]lowbit[/bold] {chosen.method.upper()} {' + '.join([chosen.weights.describe(), *extras])} on {model}")
         path, report = lowbit.quantize_to_folder(
             model, out, chosen, device=_device(device), dtype=DTYPES[dtype], lazy=lazy, resume=resume,
@@ -112,6 +121,17 @@ def quantize(
     except (ValueError, FileNotFoundError, KeyError, torch.linalg.LinAlgError) as error:
         _fail(error)
     console.print(f"[green]wrote[/green] {path}")
+
+
+def _switch_sections(recipe, **sections: bool | None):
+    """Switch optional recipe sections on (their defaults, unless the recipe file sets them) or off."""
+    data = recipe.model_dump()
+    for name, on in sections.items():
+        if on is False:
+            data[name] = None
+        elif on and data.get(name) is None:
+            data[name] = {}
+    return type(recipe).model_validate(data)
 
 
 def _alphas(text: str) -> float | list[float]:
