@@ -112,6 +112,8 @@ class QuantizationReport:
         for transform in self.transforms:
             if transform.get("kind") == "rotation":
                 console.print(f"rotation: {transform.get('description', transform)}")
+        for line in _method_summaries(self.transforms):
+            console.print(line)
         if phases and self.phases:
             self.render_phases(console)
 
@@ -124,3 +126,27 @@ class QuantizationReport:
             table.add_row(phase, f"{seconds:.2f}", f"{100 * seconds / total:.1f}%")
         table.add_row("total", f"{total:.2f}", "100%")
         console.print(table)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _method_summaries(transforms: list[dict]) -> list[str]:
+    """One line each for AWQ, the two-stage refinement and block-wise reconstruction (details in the manifest)."""
+    lines = []
+    scaled = [t for t in transforms if t.get("kind") == "awq"]
+    if scaled:
+        ratios = [t["loss"] / t["baseline_loss"] for t in scaled if t["baseline_loss"] > 0]
+        lines.append(f"AWQ: {len(scaled)} inputs scaled, alpha {min(t['alpha'] for t in scaled):g}.."
+                     f"{max(t['alpha'] for t in scaled):g}; block output error x{_mean(ratios):.3g} of unscaled (mean)")
+    refined = [t["stage2_output_error"] for t in transforms if "stage2_output_error" in t]
+    if refined:
+        lines.append(f"two-stage stage 2: {len(refined)} GPTQ calls, mean rel. output error "
+                     f"{_mean([r['before'] for r in refined]):.4g} -> {_mean([r['after'] for r in refined]):.4g}")
+    blocks = [t["block_output_mse"] for t in transforms if t.get("kind") == "blockwise"]
+    if blocks:
+        lines.append(f"block-wise: {len(blocks)} layers, mean block output MSE "
+                     f"{_mean([b['before'] for b in blocks]):.4g} -> {_mean([b['after'] for b in blocks]):.4g}")
+    lines += sorted({t["note"] for t in transforms if t.get("note")})
+    return lines
