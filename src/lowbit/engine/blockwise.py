@@ -11,6 +11,7 @@ layer, and replaces the quantized weights that are exported, so the checkpoint a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +33,20 @@ class Reference:
 
     weights: dict[str, Tensor]
     outputs: list[Tensor]
+
+
+class _OnDevice(Sequence):
+    """A list of tensors (or keyword-argument dicts) read onto ``device`` one item at a time, so the captured
+    inputs and targets stay where they live (the CPU when the GPU budget needs it)."""
+
+    def __init__(self, items: list, device: torch.device) -> None:
+        self.items, self.device = items, device
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return _to_device(self.items[index], self.device)
 
 
 @torch.no_grad()
@@ -56,9 +71,9 @@ def reconstruct_layer(layer: nn.Module, layer_name: str, index: int, reference: 
     initial = None
     if options.start == "method":
         initial = {name: weights[f"{layer_name}.{name}"] for name in reference.weights}
-    inputs = [states.to(device) for states in activations.hidden]
-    keyword_args = [_to_device(extra, device) for extra in activations.kwargs]
-    targets = [output.to(device) for output in reference.outputs]
+    inputs = _OnDevice(activations.hidden, device)
+    keyword_args = _OnDevice(activations.kwargs, device)
+    targets = _OnDevice(reference.outputs, device)
     with torch.enable_grad():
         result = signround(layer, list(reference.weights), inputs, targets, recipe.weights, keyword_args,
                            iterations=options.iterations, learning_rate=options.learning_rate,

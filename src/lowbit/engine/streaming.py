@@ -258,6 +258,8 @@ def quantize_to_folder(
     samples, seqlen = (calibration.shape if calibration is not None and recipe.needs_calibration else (0, 0))
     estimate = estimate_memory(module, decoder, dtype, int(samples), int(seqlen), recipe.calibration.batch_size,
                                device.type == "cuda", lazy is not None)
+    if recipe.blockwise is not None:  # the full-precision outputs of the layer live beside its captured inputs
+        estimate.captured_activations *= 2
     plan_memory(estimate, max_gpu_bytes, max_cpu_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
