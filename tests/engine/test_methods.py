@@ -11,7 +11,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from tests.conftest import calibration_ids, make_model_folder, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 from typer.testing import CliRunner
 
 import lowbit
@@ -147,12 +147,12 @@ def test_blockwise_from_rtn_and_every_linear_reported() -> None:
 
 
 def test_combined_recipe_round_trips_through_lowbit_and_transformers(tmp_path) -> None:
-    """W4 symmetric: plain transformers 5.23 + compressed-tensors 0.20 refuse asymmetric pack-quantized
-    checkpoints (they allocate unpacked zero points, then report a size mismatch), whatever the method."""
+    """Plain transformers loads asymmetric pack-quantized checkpoints with ``CompressedTensorsConfig(dequantize=True)``
+    (without it, transformers 5.23 + compressed-tensors 0.20 allocate unpacked zero points and refuse the packed
+    ones: llm-compressor issue 1618), as the bench does."""
     model = _with_outlier_channels(tiny_model("llama"))
     ids = calibration_ids(8, 32)
-    recipe = Recipe().updated(**{**W3, "weights.bits": 4, "weights.symmetric": True, "awq.grid": 6, "gptq.grid": "two_stage",
-                                       "blockwise.iterations": 10})
+    recipe = Recipe().updated(**W3, **{"awq.grid": 6, "gptq.grid": "two_stage", "blockwise.iterations": 10})
     quantized = lowbit.quantize(model, recipe, ids, progress=False)
     with torch.no_grad():
         expected = quantized.model(ids).logits
@@ -162,7 +162,8 @@ def test_combined_recipe_round_trips_through_lowbit_and_transformers(tmp_path) -
     assert kinds == {"awq", "layerwise_grid", "blockwise"}
     assert manifest["recipe"]["awq"]["grid"] == 6 and manifest["recipe"]["gptq"]["grid"] == "two_stage"
     loaded, _ = lowbit.load(out)
-    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     with torch.no_grad():
         for other in (loaded, plain):
             logits = other(ids).logits
