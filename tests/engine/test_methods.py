@@ -215,3 +215,35 @@ def test_awq_needs_calibration_and_a_known_family() -> None:
         lowbit.engine.sequential.quantize_model(tiny_model("llama"), recipe, None, progress=False)
     with pytest.raises(UnsupportedArchitectureError, match="NORM_TO_LINEARS"):
         lowbit.quantize(tiny_model("gpt2"), recipe, calibration_ids(4, 16), progress=False)
+
+
+@pytest.mark.parametrize("changes", [{"awq.grid": 4}, {"gptq.grid": "leanquant"}, {"gptq.grid": "two_stage"},
+                                     {"gptq.grid": "two_stage", "two_stage.stage1": "static"}])
+def test_grids_on_stacked_rows_equal_separate_calls(changes: dict) -> None:
+    """On a GPU, q/k/v and gate/up are quantized in one call on their stacked rows: every grid method works row
+    by row, so each linear gets what it would get alone."""
+    from lowbit.engine.calibration import collect_hessians
+    from lowbit.engine.report import QuantizationReport
+    from lowbit.engine.sequential import quantize_layer
+
+    model = tiny_model("llama")
+    recipe = Recipe().updated(**W3, **changes)
+    cpu = torch.device("cpu")
+    plan = plan_model(model, recipe)
+    hidden, kwargs = capture_layer_inputs(model, plan.decoder, list(torch.split(calibration_ids(8, 32), 4)), cpu, cpu)
+    results = {}
+    for fuse in (False, True):
+        copied = copy.deepcopy(model)
+        copied_plan = plan_model(copied, recipe)
+        with torch.no_grad():
+            hessians, tokens, _ = collect_hessians(copied_plan.decoder.layers[0], copied_plan.targets[0],
+                                                   Activations(list(hidden), kwargs, cpu), cpu,
+                                                   QuantizationReport("gptq", ""), 0)
+            results[fuse] = quantize_layer(copied_plan.targets[0], recipe, hessians, tokens, cpu, fuse_shared=fuse)
+    (separate, separate_records), (fused, fused_records) = results[False], results[True]
+    for name, weight in separate.items():
+        assert (weight.codes == fused[name].codes).float().mean() > 0.999, name
+        assert torch.allclose(weight.scale, fused[name].scale, rtol=1e-3, atol=1e-6), name
+    for a, b in zip(separate_records, fused_records, strict=True):
+        assert a.method == b.method != "gptq"
+        assert abs(a.output_error - b.output_error) <= 1e-3 * a.output_error
