@@ -311,10 +311,16 @@ class Recipe(_Strict):
         return self
 
     @property
-    def needs_calibration(self) -> bool:
+    def calibrated_steps(self) -> list[str]:
+        """The parts of this recipe that read calibration data (for messages: "gptq", "awq", ...)."""
         static_activations = self.activations is not None and not self.activations.dynamic
-        return (self.method != "rtn" or self.smoothquant is not None or static_activations or self.awq is not None
-                or self.blockwise is not None)
+        steps = [("gptq", self.method != "rtn"), ("awq", self.awq is not None), ("smoothquant", self.smoothquant is not None),
+                 ("static activation scales", static_activations), ("blockwise", self.blockwise is not None)]
+        return [name for name, used in steps if used]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.calibrated_steps)
 
     def updated(self, **changes: object) -> Recipe:
         """A copy with dotted-path overrides, e.g. ``updated(**{"weights.bits": 3})``; None values are ignored."""
