@@ -58,7 +58,7 @@ def _calibration_set(recipe: Recipe, calibration: CalibrationSet | Tensor | str 
         return None
     calibration = calibration if calibration is not None else recipe.calibration.source
     if calibration is None:
-        raise ValueError(f"{recipe.method} needs calibration data: pass calibration= or set calibration.source")
+        raise ValueError(f"{' + '.join(recipe.calibrated_steps)} needs calibration data: pass calibration= or set calibration.source")
     if isinstance(calibration, CalibrationSet):
         return calibration
     if isinstance(calibration, Tensor):
