@@ -2,9 +2,13 @@
 
 For GPTQ: the inputs (and keyword arguments: position embeddings, masks, ...) of decoder layer 0 are captured
 for every calibration batch by stopping the model's forward at that layer. Then, for each layer i:
+0. (recipe ``awq``) AWQ's scales are searched and folded into the layer (``lowbit.engine.awq``); (``blockwise``)
+   the layer's full-precision outputs are kept as targets (``lowbit.engine.blockwise``);
 1. the layer runs on the captured inputs with hooks that accumulate every target linear's Hessian (fp32;
    linears that read the same tensor, such as q/k/v, share one accumulator);
-2. each linear is quantized from its Hessian and its weight replaced by the dequantized values;
+2. each linear is quantized from its Hessian (grids and two-stage refinement: ``lowbit.engine.layerwise``) and
+   its weight replaced by the dequantized values; (``blockwise``) the layer's rounding and clipping are then
+   refined against the full-precision outputs;
 3. the *quantized* layer runs again to produce the inputs of layer i + 1.
 Only the current layer needs to be on the compute device; captured activations live on ``activation_device``.
 RTN needs no data and quantizes every layer's linears directly.
@@ -336,7 +340,7 @@ def quantize_model(
 
     if recipe.needs_calibration:
         if calibration is None or calibration.numel() == 0:
-            raise ValueError(f"{recipe.method} needs calibration data and got none (0 tokens)")
+            raise ValueError(f"{' + '.join(recipe.calibrated_steps)} needs calibration data and got none (0 tokens)")
         batches = list(torch.split(calibration, recipe.calibration.batch_size))
         report.calibration = {"samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]),
                               "tokens": int(calibration.numel())}
