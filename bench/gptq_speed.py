@@ -120,7 +120,8 @@ def step_lowbit(args: argparse.Namespace) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_bytes(args.gpu_budget) / total))
     recipe = lowbit.Recipe(method="gptq").updated(**{
         "weights.bits": 4, "weights.group_size": 128, "calibration.batch_size": args.batch_size,
-        "gptq.act_order": args.act_order, "gptq.static_groups": args.act_order or None, "gptq.dampening": args.dampening})
+        "gptq.act_order": args.act_order, "gptq.static_groups": args.act_order or None, "gptq.dampening": args.dampening,
+        "weights.clip": args.clip})
     ids = torch.load(args.ids)
     start = time.perf_counter()
     path, report = lowbit.quantize_to_folder(args.model, args.output, recipe, ids, device=args.device, dtype=torch.bfloat16,
@@ -223,9 +224,11 @@ def run_child(step: str, args: argparse.Namespace, pythonpath: str | None, extra
     paths = [p for p in (pythonpath, str(REPO / "src")) if p]
     environment["PYTHONPATH"] = os.pathsep.join(paths + [environment.get("PYTHONPATH", "")])
     command = [sys.executable, __file__, "--child", step, "--ids", str(args.ids), "--device", args.device,
-               "--act-order" if args.act_order else "--no-act-order", *extra]
+               "--act-order" if args.act_order else "--no-act-order", "--batch-size", str(args.batch_size), *extra]
     if args.dampening is not None:
         command += ["--dampening", str(args.dampening)]
+    if args.clip is not None:
+        command += ["--clip", args.clip]
     print(f"[{step}] {' '.join(command[2:])}", flush=True)
     start = time.perf_counter()
     try:
@@ -257,6 +260,8 @@ def main() -> None:
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                         help="lowbit GPTQ act-order with static groups (llm-compressor's default 'static' actorder)")
     parser.add_argument("--dampening", type=float, default=None, help="lowbit GPTQ dampening (default: lowbit's)")
+    parser.add_argument("--clip", choices=["minmax", "mse"], default=None,
+                        help="lowbit weights.clip (default: lowbit's, 'mse'); llm-compressor's W4A16 observer is minmax")
     parser.add_argument("--big-layers", type=int, default=4, help="layers of the 70B-shaped model")
     parser.add_argument("--big-gpu-budget", default="24GiB")
     parser.add_argument("--big-cpu-budget", default="100GiB")
