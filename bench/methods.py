@@ -38,6 +38,7 @@ ABLATIONS = {
     "GPTQ + two-stage": {"gptq.grid": "two_stage"},
     "GPTQ + LeanQuant": {"gptq.grid": "leanquant"},
     "GPTQ + block-wise": {"blockwise.iterations": 200},
+    "GPTQ + AWQ + block-wise": {"awq.grid": 20, "blockwise.iterations": 200},
 }
 
 
