@@ -50,6 +50,13 @@ def test_matrix_runs_caches_and_reports(tmp_path, tokenizer_folder):
     assert len(Bench(config, peers_root=tmp_path / "no-peers").run()) == 7  # all cached: nothing re-run
     assert (tmp_path / "out" / "cells").stat().st_mtime_ns == mtime
 
+    # a failed cell is retried on the next run ("n/a" ones are not)
+    failed = tmp_path / "out" / "cells" / "tiny_w4a16-sym-g32_lowbit-rtn.json"
+    failed.write_text(json.dumps({"key": "tiny | w4a16-sym-g32 | lowbit-rtn", "status": "failed", "reason": "x"}))
+    rerun = {c["key"]: c for c in Bench(config, peers_root=tmp_path / "no-peers").run()}
+    assert rerun["tiny | w4a16-sym-g32 | lowbit-rtn"]["status"] == "ok"
+    assert rerun["tiny | w4a16-sym-g32 | hqq"]["status"] == "n/a"
+
     paths = write_report(list(cells.values()), tmp_path / "out", heatmap="tiny | w2a16-asym-g32 | lowbit-gptq")
     report = paths["markdown"].read_text()
     assert "| w2a16-asym-g32 | lowbit-gptq | lowbit | ok |" in report and "n/a" in report

@@ -48,8 +48,12 @@ class Bench:
         self.drivers = drivers
 
     def cached(self, key: str) -> dict | None:
+        """The stored result of a cell; a cell that failed is retried (returns None), an "n/a" one is not."""
         path = self.cells_dir / f"{slug(key)}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        result = json.loads(path.read_text())
+        return None if result.get("status") == "failed" else result
 
     def store(self, key: str, result: dict) -> dict:
         result = {"key": key, **result}
@@ -132,7 +136,17 @@ class Bench:
             return source.folder
         folder = self.output / "models" / f"{slug(model_name)}-fp"
         if not (folder / "config.json").exists():
-            original.save_pretrained(folder)
+            # A GGUF source is dequantized at load but keeps transformers' gguf quantizer marker, which refuses
+            # save_pretrained; the weights are plain floats, so write them without the marker.
+            quantizer = getattr(original, "hf_quantizer", None)
+            marker = original.config.__dict__.pop("quantization_config", None)
+            original.hf_quantizer = None
+            try:
+                original.save_pretrained(folder)
+            finally:
+                original.hf_quantizer = quantizer
+                if marker is not None:
+                    original.config.quantization_config = marker
             tokenizer.save_pretrained(folder)
         return folder
 
