@@ -32,6 +32,7 @@ from lowbit.export.writer import (
     write_safetensors_shards,
 )
 from lowbit.formats.integer import QuantizedWeight
+from lowbit.formats.owq import manifest_entry as owq_manifest
 from lowbit.models.loading import ModelSource, load_model
 from lowbit.recipe import Recipe
 
@@ -94,7 +95,7 @@ def quantize(
         model, tokenizer, source = load_model(model, dtype=dtype, device=device or "cpu")
     calibration_set = _calibration_set(recipe, calibration, tokenizer, model)
     ids = calibration_set.input_ids if calibration_set is not None else None
-    extra_manifest: dict = {}
+    extra_manifest: dict = {} if recipe.owq is None else {"owq": owq_manifest(recipe.owq.kept_dtype)}
     transforms: list[dict] = []
     if recipe.rotation is not None:
         from lowbit.algorithms.rotation import online_hadamard_modules, rotate_model
@@ -132,6 +133,9 @@ def save(quantized: QuantizedModel, out: str | Path, overwrite: bool = False) ->
     if activations is not None and activations.clip_ratio < 1.0:
         logger.warning("activation clip_ratio %g has no compressed-tensors field: it is kept in the manifest and "
                        "lowbit.load applies it; plain transformers will quantize activations unclipped", activations.clip_ratio)
+    if "owq" in quantized.extra_manifest:
+        logger.warning("OWQ's 16-bit columns are stored as extra tensors: lowbit.load runs them; plain transformers "
+                       "ignores them and runs the low-bit matrix alone (less accurate)")
     if "rotation" in quantized.extra_manifest and quantized.extra_manifest["rotation"]["online_hadamards"]:
         logger.warning("the online Hadamard transforms of down_proj inputs are recorded in the manifest: load this "
                        "checkpoint with lowbit.load (plain transformers would skip them and compute a different function)")
@@ -241,7 +245,8 @@ def quantize_to_folder(
         loaded, out, recipe, calibration_set.input_ids if calibration_set is not None else None,
         source=source, tokenizer=tokenizer, dtype=dtype, device=device, resume=resume, overwrite=overwrite,
         max_gpu_bytes=gpu_budget, max_cpu_bytes=parse_bytes(max_cpu_memory), profile=profile, progress=progress,
-        manifest={"source": source_record, "streamed": True},
+        manifest={"source": source_record, "streamed": True,
+                  **({} if recipe.owq is None else {"owq": owq_manifest(recipe.owq.kept_dtype)})},
         calibration_info=None if calibration_set is None else {
             "source": calibration_set.source, "requested_tokens": calibration_set.requested_tokens,
             "note": calibration_set.note},
@@ -262,7 +267,10 @@ def load(
     folder = Path(path)
     compressed = folder.is_dir() and (folder / "config.json").is_file() and '"compressed-tensors"' in (folder / "config.json").read_text()
     if kernels is None:
-        kernels = compressed and str(device).startswith("cuda")
+        kernels = compressed and str(device).startswith("cuda") and not _has_owq(folder)
+    if kernels and _has_owq(folder):
+        raise ValueError(f"{path} holds OWQ columns kept in 16 bits, which the packed-weight kernels do not run; "
+                         "load it with kernels=False (dequantized weights with the kept columns put back)")
     if kernels:
         if not compressed:
             raise ValueError(f"{path} is not a compressed-tensors checkpoint: kernels=True needs one")
@@ -271,6 +279,11 @@ def load(
         return load_quantized(folder, device=device, dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
     model, tokenizer, _ = load_model(path, dtype=dtype, device=device)
     return model, tokenizer
+
+
+def _has_owq(folder: Path) -> bool:
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    return bool(manifest and manifest.get("owq"))
 
 
 def reference_source(path: str | Path) -> str | None:

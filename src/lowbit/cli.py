@@ -75,6 +75,7 @@ def quantize(
     awq: Annotated[bool | None, typer.Option("--awq/--no-awq", help="AWQ scales (and clipping) before rtn/gptq")] = None,
     gptq_grid: Annotated[str | None, typer.Option(help="GPTQ group grids: scheme, leanquant or two_stage")] = None,
     blockwise_iters: Annotated[int | None, typer.Option(help="block-wise output reconstruction (SignRound) with N steps per layer; 0 = off")] = None,
+    outlier_budget: Annotated[float | None, typer.Option(help="OWQ: extra bits per weight for 16-bit input columns (--bits 3 --outlier-budget 0.01 = 3.01 bits); 0 = off")] = None,
 ) -> None:
     """Quantize MODEL and write a compressed-tensors checkpoint to OUT, layer by layer (resumable with --resume)."""
     import lowbit
@@ -82,7 +83,8 @@ def quantize(
 
     try:
         base = Recipe.from_yaml(recipe) if recipe else Recipe()
-        base = _switch_sections(base, awq=awq, blockwise=None if blockwise_iters is None else blockwise_iters > 0)
+        base = _switch_sections(base, awq=awq, blockwise=None if blockwise_iters is None else blockwise_iters > 0,
+                                owq=None if outlier_budget is None else outlier_budget > 0)
         chosen = base.updated(**{
             "method": method, "weights.bits": bits, "weights.group_size": group_size,
             "weights.symmetric": None if asymmetric is None else not asymmetric, "weights.clip": clip,
@@ -98,6 +100,7 @@ def quantize(
             "kv_cache.intact_tokens": kv_intact, "kv_cache.group_size": kv_group_size,
             "gptq.grid": None if gptq_grid is None else gptq_grid.replace("-", "_"),
             "blockwise.iterations": blockwise_iters or None,
+            "owq.outlier_budget_bits": outlier_budget or None,
         })
         from lowbit.export.writer import check_output_path
         from lowbit.models.loading import resolve_source
@@ -108,6 +111,7 @@ def quantize(
         extras += ["SmoothQuant"] if chosen.smoothquant else []
         extras += ["Hadamard rotation"] if chosen.rotation else []
         extras += ["AWQ"] if chosen.awq else []
+        extras += [f"OWQ (+{chosen.owq.outlier_budget_bits:g} bits)"] if chosen.owq else []
         extras += [f"{chosen.gptq.grid} grids"] if chosen.method == "gptq" and chosen.gptq.grid != "scheme" else []
         extras += [f"block-wise ({chosen.blockwise.iterations} steps)"] if chosen.blockwise else []
         console.print(f"[bold]lowbit[/bold] {chosen.method.upper()} {' + '.join([chosen.weights.describe(), *extras])} on {model}")

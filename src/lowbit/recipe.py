@@ -199,6 +199,21 @@ class AWQOptions(_Strict):
     search_batches: int | None = Field(None, ge=1)
 
 
+class OWQOptions(_Strict):
+    """OWQ (Lee et al., AAAI 2024, https://arxiv.org/abs/2306.02272): each linear keeps its most sensitive input
+    columns (Hessian diagonal x round-to-nearest error) in 16 bits and GPTQ quantizes the rest, its error
+    compensation flowing into the kept columns (``lowbit.algorithms.owq``). Needs ``method: gptq``.
+
+    outlier_budget_bits: extra bits per weight spent on kept columns; ``bits: 3`` with 0.01 is an effective
+        3.01 bits (before grid overhead). A kept column of an ``[out, in]`` weight costs ``out * 16 + 32`` bits,
+        so keeping a fraction f of the columns costs about ``16 * f`` bits per weight (1% of columns: 0.16).
+    kept_dtype: how the kept columns are stored.
+    """
+
+    outlier_budget_bits: float = Field(0.01, gt=0.0, le=16.0)
+    kept_dtype: Literal["float16", "bfloat16"] = "float16"
+
+
 class TwoStageOptions(_Strict):
     """Two-stage group-scale optimisation (Kim et al., ICASSP 2026), used with ``gptq.grid: two_stage``.
 
@@ -282,6 +297,7 @@ class Recipe(_Strict):
     rotation: RotationOptions | None = None
     kv_cache: KVCacheOptions | None = None
     awq: AWQOptions | None = None
+    owq: OWQOptions | None = None
     two_stage: TwoStageOptions = TwoStageOptions()
     leanquant: LeanQuantOptions = LeanQuantOptions()
     blockwise: BlockwiseOptions | None = None
@@ -301,6 +317,9 @@ class Recipe(_Strict):
         if self.gptq.grid != "scheme" and self.method != "gptq":
             raise ValueError(f"gptq.grid {self.gptq.grid!r} fits grids inside GPTQ and the method is {self.method!r}; "
                              "set method: gptq, or gptq.grid: scheme")
+        if self.owq is not None and (self.method != "gptq" or self.gptq.grid == "two_stage" or self.blockwise):
+            raise ValueError("owq keeps columns in 16 bits inside GPTQ: it needs method: gptq, and neither gptq.grid "
+                             "two_stage nor blockwise (they would refine grids without the kept columns); drop owq or them")
         if self.awq is not None and self.smoothquant is not None:
             raise ValueError("awq and smoothquant both fold per-channel scales into the same norms; keep one of them")
         gptq_without_static_groups = (self.method == "gptq" and self.gptq.act_order and not self.gptq.static_groups
@@ -359,5 +378,6 @@ _OPTIONAL_SECTIONS: dict[str, type[BaseModel]] = {
     "rotation": RotationOptions,
     "kv_cache": KVCacheOptions,
     "awq": AWQOptions,
+    "owq": OWQOptions,
     "blockwise": BlockwiseOptions,
 }

@@ -134,15 +134,17 @@ def owq(
     options: GPTQOptions,
     kept_indices: Tensor,
     *,
+    grids: tuple[Tensor, Tensor] | None = None,
     fit: GridFit | None = None,
 ) -> OWQResult:
-    """GPTQ with the columns ``kept_indices`` kept in full precision (see the module docstring)."""
+    """GPTQ with the columns ``kept_indices`` kept in full precision (see the module docstring); ``grids`` and
+    ``fit`` are passed to ``gptq``."""
     W = weight.detach().float()
     H = hessian.detach().float().clone()
     in_features = W.shape[1]
     K = torch.sort(kept_indices.to(W.device, torch.long)).values
     if K.numel() == 0:
-        result = gptq(W, H, scheme, options, fit=fit)
+        result = gptq(W, H, scheme, options, grids=grids, fit=fit)
         return OWQResult(result.weight, W[:, :0].clone(), K, result.dampening)
     S = torch.ones(in_features, dtype=torch.bool, device=W.device)
     S[K] = False
@@ -158,7 +160,7 @@ def owq(
     schur[K, K] = torch.diag(schur_S).mean()
     zeroed = W.clone()
     zeroed[:, K] = 0.0
-    result = gptq(zeroed, schur, scheme, options, fit=fit)
+    result = gptq(zeroed, schur, scheme, options, grids=grids, fit=fit)
     delta_S = W[:, S] - result.weight.dequantize()[:, S]
     kept = W[:, K] + delta_S @ H_KK_inv_H_KS.T  # V_K = W_K + D_S H_SK H_KK^-1
     return OWQResult(result.weight, kept, K, result.dampening)

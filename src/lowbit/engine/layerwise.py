@@ -1,5 +1,6 @@
 """The layer-wise step of the engine for one weight (or the stacked rows of linears sharing a Hessian): the
-recipe's grid choice, then RTN or GPTQ, then the two-stage method's scale refinement.
+recipe's grid choice, then RTN or GPTQ (with ``owq``: GPTQ keeping the weak columns in 16 bits,
+``lowbit.algorithms.owq``), then the two-stage method's scale refinement.
 
 Grids, in order of precedence:
 - ``gptq.grid: leanquant``: LeanQuant's loss-error-aware (min, max) per group (``lowbit.algorithms.leanquant``);
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from lowbit.algorithms.awq import clip_search
@@ -22,10 +24,14 @@ from lowbit.algorithms.gptq import GridFit, gptq
 from lowbit.algorithms.grids import round_to_grid
 from lowbit.algorithms.hessian import relative_output_error
 from lowbit.algorithms.leanquant import loss_error_aware_fit
+from lowbit.algorithms.owq import kept_column_count, owq, weak_columns
 from lowbit.algorithms.rtn import rtn
 from lowbit.algorithms.two_stage import refine_scales, stage1_fit, stage1_grid
 from lowbit.formats.integer import QuantizedWeight
+from lowbit.formats.owq import OWQWeight
 from lowbit.recipe import Recipe
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,15 @@ def quantize_weight(weight: Tensor, hessian: Tensor | None, recipe: Recipe) -> L
     """Quantize ``weight`` ``[out, in]`` (float32) to ``recipe.weights`` with the recipe's method and grids;
     ``hessian`` ``E[x x^T]`` ``[in, in]`` is required by GPTQ and the Hessian-aware grids (None for plain RTN)."""
     grids, fit, label, note = _grids(weight, hessian, recipe)
-    if recipe.method == "gptq":
+    if recipe.owq is not None:
+        options = recipe.owq
+        count = kept_column_count(*weight.shape, options.outlier_budget_bits, torch.finfo(DTYPES[options.kept_dtype]).bits)
+        kept = weak_columns(weight, hessian, recipe.weights, count)
+        result = owq(weight, hessian, recipe.weights, recipe.gptq, kept, grids=grids, fit=fit)
+        quantized = OWQWeight(**{name: getattr(result.weight, name) for name in QuantizedWeight.__dataclass_fields__},
+                              kept_columns=result.kept_columns.to(DTYPES[options.kept_dtype]), kept_indices=kept)
+        dampening, dead_columns = result.dampening, int((torch.diag(hessian) == 0).sum())
+    elif recipe.method == "gptq":
         result = gptq(weight, hessian, recipe.weights, recipe.gptq, grids=grids, fit=fit)
         quantized, dampening, dead_columns = result.weight, result.dampening, result.dead_columns
     else:

@@ -31,6 +31,7 @@ class LinearRecord:
     tokens: int = 0
     seconds: float = 0.0
     stored: str = "compressed"  # or "dense": quantized values stored as plain weights (no compressed form)
+    kept_columns: int = 0  # OWQ: input columns kept in 16 bits
 
 
 @dataclass

@@ -49,6 +49,7 @@ from lowbit.engine.profile import PhaseTimer
 from lowbit.engine.report import LayerRecord, LinearRecord, QuantizationReport
 from lowbit.engine.smoothing import smooth_layer, smoothing_pairs
 from lowbit.formats.integer import QuantizedWeight, validate_group_size
+from lowbit.formats.owq import OWQWeight
 from lowbit.models.arch import (
     DecoderLayers,
     find_decoder_layers,
@@ -127,7 +128,7 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
     result = quantize_weight(torch.cat(weights) if len(weights) > 1 else weights[0], hessian, recipe)
     parts = _split_rows(result.weight, rows)
     dampening, dead_columns = result.dampening, result.dead_columns
-    method = recipe.method if result.grid == "scheme" else f"{recipe.method}+{result.grid}"
+    method = recipe.method + ("+owq" if recipe.owq is not None else "") + ("" if result.grid == "scheme" else f"+{result.grid}")
     if transforms is not None and (result.stage2_errors is not None or result.note):
         record = {"kind": "layerwise_grid", "layer": targets[0].layer, "linears": [t.name for t in targets],
                   "grid": result.grid, "note": result.note}
@@ -142,6 +143,8 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
                               scheme=recipe.weights.describe(), method=method)
         if dampening is not None:
             record.dampening, record.dead_columns = dampening, dead_columns
+        if isinstance(quantized, OWQWeight):
+            record.kept_columns = quantized.kept_indices.numel()
         # Scales are stored in the model dtype: use exactly those in the model too, so the propagated activations,
         # the checkpoint and a resumed run all see the same weights (a no-op for float32 models).
         quantized = replace(quantized, scale=quantized.scale.to(linear_weight(target.module).dtype).float())
@@ -158,6 +161,8 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
 def _split_rows(weight: QuantizedWeight, rows: list[int]) -> list[QuantizedWeight]:
     if len(rows) == 1:
         return [weight]
+    if isinstance(weight, OWQWeight):  # quantize_layer does not stack OWQ linears: each keeps its own columns
+        raise ValueError("OWQ weights are quantized one linear at a time and cannot be split by rows")
     pieces = zip(weight.codes.split(rows), weight.scale.split(rows), weight.zero.split(rows), strict=True)
     return [replace(weight, codes=codes, scale=scale, zero=zero) for codes, scale, zero in pieces]
 
@@ -188,6 +193,7 @@ def quantize_layer(
     spread over devices); methods that transform a layer before quantizing it (AWQ, OWQ) hook in before this.
     fuse_shared: quantize linears sharing a Hessian (q/k/v, gate/up) in one GPTQ call on stacked rows (used on
     GPUs; equal to separate calls up to float summation order).
+    OWQ linears are never stacked: each picks its own kept columns, as in the paper.
     release_hessians: remove each Hessian from ``hessians`` once its linears are done, so its memory is free
     for the next (at 70B, down_proj's GPTQ then runs without the other six Hessians).
     transforms: receives what the grid methods did (``report.transforms``)."""
@@ -195,7 +201,7 @@ def quantize_layer(
     records: list[LinearRecord] = []
     groups: list[list[Target]] = []
     for target in targets:
-        shared = next((g for g in groups if fuse_shared and hessians.get(g[0].name) is not None
+        shared = next((g for g in groups if fuse_shared and recipe.owq is None and hessians.get(g[0].name) is not None
                        and hessians.get(g[0].name) is hessians.get(target.name)), None)
         if shared is not None:
             shared.append(target)

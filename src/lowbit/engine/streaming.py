@@ -45,6 +45,7 @@ from lowbit.export.writer import (
     write_shard_index,
 )
 from lowbit.formats.integer import QuantizedWeight
+from lowbit.formats.owq import install_kept_columns, kept_column_tensors
 from lowbit.models.arch import DecoderLayers, find_decoder_layers, iter_linears, set_linear_weight
 from lowbit.models.lazy import LazyModel
 from lowbit.models.loading import ModelSource, check_finite
@@ -136,11 +137,13 @@ class ShardStore(LayerStore):
                         zero = torch.full_like(scale, float(offset))
                     weight = QuantizedWeight(codes.to(torch.uint8), scale, zero, scheme.bits, scheme.symmetric, scheme.group_size)
                     set_linear_weight(layer.get_submodule(name), weight.dequantize())
-                elif not relative.rsplit(".", 1)[-1].startswith(("weight_scale", "weight_zero_point", "weight_shape")):
+                elif not relative.rsplit(".", 1)[-1].startswith(("weight_scale", "weight_zero_point", "weight_shape", "owq_")):
                     owner, _, leaf = relative.rpartition(".")
                     module = layer.get_submodule(owner)
                     target = module._parameters.get(leaf) if leaf in module._parameters else module._buffers[leaf]
                     target.data.copy_(handle.get_tensor(key))
+            # OWQ: after the low-bit matrices, put their 16-bit columns back (lowbit.formats.owq)
+            install_kept_columns(layer, kept_column_tensors([k[len(prefix):] for k in keys], lambda k: handle.get_tensor(prefix + k)))
 
     def finish(self, index: int, weights: dict[str, QuantizedWeight], records: list[LinearRecord], layer: LayerRecord) -> None:
         module = self.decoder.layers[index]

@@ -8,8 +8,9 @@ Understands the compressed-tensors ``pack-quantized`` layout, where each quantiz
 * ``<m>.weight_shape``    the original ``[out_features, in_features]``,
 * ``<m>.weight_g_idx``    (optional, GPTQ act-order) the group index of each input column,
 
-and any other ``<m>.weight_*`` tensor (for example columns kept in full precision) is counted as part of
-that layer's storage too. Everything else (embeddings, norms, biases, dense layers) is "dense".
+and any other ``<m>.weight_*`` tensor, and OWQ's ``<m>.owq_kept_weight`` / ``<m>.owq_kept_index`` (the
+columns kept in 16 bits, ``lowbit.formats.owq``), is counted as part of that layer's storage too.
+Everything else (embeddings, norms, biases, dense layers) is "dense".
 
 Bits per weight of the quantized layers = 8 * (bytes of every ``<m>.weight_*`` tensor) / (number of
 weights those layers represent, from ``weight_shape``). So a W4 group-64 layer with fp16 scales and packed
@@ -90,7 +91,7 @@ def checkpoint_size(path: Path) -> dict[str, Any]:
         ``quantized_layers``, ``quantized_weights``, ``quantized_bytes``, ``bits_per_weight`` (quantized
         layers only, None without any), ``bits_per_weight_parts`` (the same split per tensor kind:
         ``weight_packed``, ``weight_scale``, ``weight_zero_point``, ``weight_g_idx``, ``weight_shape``,
-        any other ``weight_*``), ``dense_parameters`` and ``dense_bytes``.
+        ``owq_kept_weight``, ``owq_kept_index``, any other ``weight_*``), ``dense_parameters`` and ``dense_bytes``.
     """
     files = safetensors_files(path)
     headers = {file: read_header(file) for file in files}
@@ -114,7 +115,7 @@ def checkpoint_size(path: Path) -> dict[str, Any]:
             original_shape = handle.get_tensor(shape_key).to(torch.int64).tolist()
         quantized_weights += _numel(original_shape)
         for name, (_, entry) in entries.items():
-            if name.startswith(module + ".weight_"):
+            if name.startswith((module + ".weight_", module + ".owq_")):
                 parts_bytes[name[len(module) + 1 :]] += tensor_bytes(entry)
                 claimed.add(name)
 

@@ -14,6 +14,7 @@ Decisions:
   scales; "tensor" with an ``input_scale`` (and ``input_zero_point``) per Linear when static). With 8-bit
   integer weights and quantized activations the format is "int-quantized" (int8 ``weight``, what vLLM's W8A8
   int8 kernels read); fp8 weights use "float-quantized" (float8_e4m3fn ``weight``); everything else is packed.
+- OWQ linears add ``owq_kept_weight`` / ``owq_kept_index`` next to their packed tensors (``lowbit.formats.owq``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from lowbit.engine.activations import input_quantizer
 from lowbit.formats.integer import QuantizedWeight
+from lowbit.formats.owq import OWQWeight
 from lowbit.models.arch import iter_linears
 from lowbit.recipe import ActivationScheme
 
@@ -136,6 +138,8 @@ def build_state_dict(
         layout = storage_format(weight, activations)
         formats.add(layout)
         tensors = {**compressed_module_tensors(weight, dtype, layout), **input_quantizer_tensors(linears[name], dtype)}
+        if isinstance(weight, OWQWeight):
+            tensors.update(weight.checkpoint_tensors())  # lowbit.formats.owq: ignored by compressed-tensors
         for suffix, tensor in tensors.items():
             output[f"{name}.{suffix}"] = tensor.contiguous()
         args = quantization_args(weight, clip, act_order)

@@ -177,6 +177,9 @@ def load_model(
         attach_checkpoint_input_quantizers(model, source.folder, config["quantization_config"],
                                            activations.get("clip_ratio", 1.0))
         install_checkpoint_transforms(model, source.folder)
+        from lowbit.formats.owq import restore_kept_columns
+
+        restore_kept_columns(model, source.folder)  # OWQ: the 16-bit columns transformers does not read
     tokenizer = None
     if source.gguf_file or any((source.folder / name).exists() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
