@@ -193,3 +193,16 @@ def test_parse_bytes():
     assert parse_bytes("24GiB") == 24 * 1024**3 and parse_bytes("80GB") == 80 * 1000**3 and parse_bytes("512 MiB") == 512 * 1024**2
     with pytest.raises(ValueError, match="like 24GiB"):
         parse_bytes("lots")
+
+
+def test_fit_batch_size_halves_until_the_gpu_budget_fits():
+    from lowbit.engine.memory import fit_batch_size
+
+    def estimate_for(batch_size: int) -> MemoryEstimate:
+        return MemoryEstimate(layer_weights=10, hessians=10, gptq_workspace=10, batch_workspace=5 * batch_size,
+                              outside_layers=0, captured_activations=100, whole_model=0, compute_on_gpu=True)
+
+    assert fit_batch_size(estimate_for, 8, None) == 8  # no budget: as asked
+    assert fit_batch_size(estimate_for, 8, 100) == 8  # 30 + 40 fits
+    assert fit_batch_size(estimate_for, 8, 45) == 2  # 30 + 10
+    assert fit_batch_size(estimate_for, 8, 20) == 8  # nothing fits: plan_memory raises with the breakdown

@@ -19,6 +19,7 @@ change. Estimates are approximate (allocator fragmentation is not modelled): lea
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -149,3 +150,20 @@ def plan_memory(estimate: MemoryEstimate, max_gpu_bytes: int | None, max_cpu_byt
             f"Raise --max-cpu-memory or use {hint}{lazy_hint}"
         )
     return estimate
+
+
+def fit_batch_size(estimate_for: Callable[[int], MemoryEstimate], batch_size: int,
+                   max_gpu_bytes: int | None) -> int:
+    """The largest calibration batch size ``<= batch_size`` (halving) whose estimate fits the GPU budget with the
+    captured activations on the CPU; ``batch_size`` itself when there is no GPU budget or nothing fits (then
+    ``plan_memory`` raises with the breakdown). The batch size changes the peak memory, not the result beyond
+    float summation order."""
+    if max_gpu_bytes is None:
+        return batch_size
+    candidate = batch_size
+    while candidate >= 1:
+        estimate = estimate_for(candidate)
+        if not estimate.compute_on_gpu or estimate.gpu_bytes(False) <= max_gpu_bytes:
+            return candidate
+        candidate //= 2
+    return batch_size

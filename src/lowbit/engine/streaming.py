@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lowbit.engine.memory import estimate_memory, plan_memory
+from lowbit.engine.memory import estimate_memory, fit_batch_size, format_bytes, plan_memory
 from lowbit.engine.report import LayerRecord, LinearRecord, QuantizationReport
 from lowbit.engine.sequential import LayerStore, plan_model, quantize_model
 from lowbit.export.compressed_tensors import build_state_dict
@@ -259,10 +259,21 @@ def quantize_to_folder(
                          "compressed-tensors does not store; set gptq.static_groups: true (--static-groups)")
     plan_model(module, recipe)  # invalid group sizes and the like fail here, before anything is written
     samples, seqlen = (calibration.shape if calibration is not None and recipe.needs_calibration else (0, 0))
-    estimate = estimate_memory(module, decoder, dtype, int(samples), int(seqlen), recipe.calibration.batch_size,
-                               device.type == "cuda", lazy is not None)
-    if recipe.blockwise is not None:  # the full-precision outputs of the layer live beside its captured inputs
-        estimate.captured_activations *= 2
+
+    def estimate_for(batch_size: int):
+        estimate = estimate_memory(module, decoder, dtype, int(samples), int(seqlen), batch_size,
+                                   device.type == "cuda", lazy is not None)
+        if recipe.blockwise is not None:  # the full-precision outputs of the layer live beside its captured inputs
+            estimate.captured_activations *= 2
+        return estimate
+
+    requested_batch = recipe.calibration.batch_size
+    batch_size = fit_batch_size(estimate_for, requested_batch, max_gpu_bytes)
+    if batch_size != requested_batch:
+        logger.warning("calibration.batch_size %d does not fit the GPU budget of %s; using %d (recorded in the "
+                       "report's memory section)", requested_batch, format_bytes(max_gpu_bytes), batch_size)
+        recipe = recipe.updated(**{"calibration.batch_size": batch_size})
+    estimate = estimate_for(batch_size)
     plan_memory(estimate, max_gpu_bytes, max_cpu_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -291,6 +302,7 @@ def quantize_to_folder(
     report.phases["setup"] = setup_seconds + (load_seconds or 0.0)  # loading, pre-flight, resume checks
     report.calibration.update(calibration_info or {})
     report.memory = {"estimate": estimate.to_dict(), "budget_gpu_bytes": max_gpu_bytes, "budget_cpu_bytes": max_cpu_bytes,
+                     "calibration_batch_size": batch_size, "requested_batch_size": requested_batch,
                      "resumed_layers": len(completed), **_peak_memory(device)}
 
     def fill(target: Path) -> dict:
