@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
-import torch
+from protocol import DATA, Cells, load_protocol
 
 import lowbit
-from lowbit.data.calibration import load_calibration, tokenize_text
-from lowbit.eval.perplexity import perplexity, token_windows
-from lowbit.models.loading import load_model
+from lowbit.eval.perplexity import perplexity
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 W8 = {"weights.bits": 8, "weights.group_size": -1, "weights.symmetric": True}
 W4 = {"weights.bits": 4, "weights.group_size": -1, "weights.symmetric": True}
 A8 = {"activations.bits": 8}
@@ -80,20 +76,10 @@ def main() -> None:
     parser.add_argument("--kv-intact", type=int, default=1, help="IntactKV: first tokens kept exact")
     parser.add_argument("--only", default="", help="comma-separated row names to run (default: all)")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    cache_path = args.out / "cells.json"
-    cells = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-
-    def record(key: str, value: dict) -> None:
-        cells[key] = value
-        cache_path.write_text(json.dumps(cells, indent=2))
-        print(f"{key}: {value}", flush=True)
-
-    torch.manual_seed(0)
-    original, tokenizer, _ = load_model(args.model, device=args.device)
-    calibration = load_calibration(args.data / "wiki.valid.tokens", tokenizer, args.num_samples, args.seqlen, seed=0)
-    text = (args.data / "wiki.test.joined.txt").read_text()
-    windows = token_windows(tokenize_text(tokenizer, text), args.seqlen, args.max_windows)
+    cells = Cells(args.out)
+    record = cells.record
+    protocol = load_protocol(args.model, args.data, args.device, args.num_samples, args.seqlen, args.max_windows)
+    original, tokenizer, calibration, windows = protocol.model, protocol.tokenizer, protocol.calibration, protocol.windows
     only = {name.strip() for name in args.only.split(",") if name.strip()}
 
     if "FP" not in cells:

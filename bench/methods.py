@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
+from protocol import DATA, Cells, load_protocol
 
 import lowbit
-from lowbit.data.calibration import load_calibration, tokenize_text
-from lowbit.eval.perplexity import perplexity, token_windows
-from lowbit.models.loading import load_model
+from lowbit.eval.perplexity import perplexity
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 RECIPES = Path(__file__).resolve().parent / "recipes"
 SETTINGS = {
     "W3 asym g64": ({"weights.bits": 3, "weights.symmetric": False, "weights.group_size": 64}, "smollm2-best-w3.yaml"),
@@ -51,21 +48,12 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--only", default="", help="comma-separated 'SETTING | ROW' keys to run (default: all)")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    cache_path = args.out / "cells.json"
-    cells = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cells = Cells(args.out)
+    record = cells.record
     only = {key.strip() for key in args.only.split(",") if key.strip()}
-
-    def record(key: str, value: dict) -> None:
-        cells[key] = value
-        cache_path.write_text(json.dumps(cells, indent=2))
-        print(f"{key}: {value}", flush=True)
-
-    torch.manual_seed(0)
-    original, tokenizer, source = load_model(args.model, device=args.device)
-    calibration = load_calibration(args.data / "wiki.valid.tokens", tokenizer, 128, 512, seed=0)
-    windows = token_windows(tokenize_text(tokenizer, (args.data / "wiki.test.joined.txt").read_text()), 512,
-                            args.max_windows)
+    protocol = load_protocol(args.model, args.data, args.device, max_windows=args.max_windows)
+    original, tokenizer, source = protocol.model, protocol.tokenizer, protocol.source
+    calibration, windows = protocol.calibration, protocol.windows
     if "FP" not in cells:
         record("FP", {"ppl": perplexity(original, windows).perplexity})
     for setting, (scheme, best_file) in SETTINGS.items():
