@@ -21,11 +21,9 @@ from lowbit.algorithms.awq import awq_scales, fold_scales
 from lowbit.algorithms.rtn import rtn
 from lowbit.engine.calibration import Activations, _layer_output, _to_device
 from lowbit.models.arch import (
-    LINEAR_TO_LINEARS,
-    NORM_TO_LINEARS,
     NORM_WEIGHT_OFFSET,
-    UnsupportedArchitectureError,
     linear_weight,
+    scaling_pairs,
 )
 from lowbit.recipe import Recipe
 
@@ -48,11 +46,7 @@ class AWQRecord:
 
 def awq_pairs(model_type: str) -> dict[str, tuple[str, ...]]:
     """Producer -> readers (names relative to a decoder layer) that AWQ scales for this family."""
-    if model_type not in NORM_TO_LINEARS:
-        raise UnsupportedArchitectureError(
-            f"AWQ needs to know which norm feeds which linears and {model_type!r} is not in "
-            "lowbit.models.arch.NORM_TO_LINEARS; add its entry, or drop awq from the recipe")
-    return {**NORM_TO_LINEARS[model_type], **LINEAR_TO_LINEARS.get(model_type, {})}
+    return scaling_pairs(model_type, "AWQ")
 
 
 def block_path(readers: tuple[str, ...]) -> str:

@@ -15,11 +15,9 @@ from torch import Tensor, nn
 from lowbit.algorithms.smoothquant import search_alpha
 from lowbit.engine.activations import InputStatistics
 from lowbit.models.arch import (
-    LINEAR_TO_LINEARS,
-    NORM_TO_LINEARS,
     NORM_WEIGHT_OFFSET,
-    UnsupportedArchitectureError,
     linear_weight,
+    scaling_pairs,
     set_linear_weight,
 )
 from lowbit.recipe import Recipe
@@ -39,12 +37,8 @@ class SmoothingRecord:
 
 
 def smoothing_pairs(model_type: str) -> dict[str, tuple[str, ...]]:
-    """Producer -> readers (names relative to a decoder layer) that SmoothQuant folds for this family."""
-    if model_type not in NORM_TO_LINEARS:
-        raise UnsupportedArchitectureError(
-            f"SmoothQuant needs to know which norm feeds which linears and {model_type!r} is not in "
-            "lowbit.models.arch.NORM_TO_LINEARS; add its entry, or drop smoothquant from the recipe")
-    return {**NORM_TO_LINEARS[model_type], **LINEAR_TO_LINEARS.get(model_type, {})}
+    """Producer -> readers (names relative to a decoder layer) that SmoothQuant scales for this family."""
+    return scaling_pairs(model_type, "SmoothQuant")
 
 
 @torch.no_grad()

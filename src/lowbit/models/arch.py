@@ -57,6 +57,16 @@ NORM_WEIGHT_OFFSET: dict[str, float] = {"gemma2": 1.0, "gemma3_text": 1.0}
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
+def scaling_pairs(model_type: str, method: str) -> dict[str, tuple[str, ...]]:
+    """Producer -> readers (names relative to a decoder layer) whose shared input ``method`` (SmoothQuant, AWQ)
+    may rescale per channel: the norms' readers plus the gated-MLP up_proj -> down_proj pair."""
+    if model_type not in NORM_TO_LINEARS:
+        raise UnsupportedArchitectureError(
+            f"{method} needs to know which norm feeds which linears and {model_type!r} is not in "
+            f"lowbit.models.arch.NORM_TO_LINEARS; add its entry, or drop {method.lower()} from the recipe")
+    return {**NORM_TO_LINEARS[model_type], **LINEAR_TO_LINEARS.get(model_type, {})}
+
+
 class UnsupportedArchitectureError(ValueError):
     pass
 
