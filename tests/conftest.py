@@ -61,6 +61,22 @@ def tiny_model(family: str, seed: int = 0):
     return model.eval()
 
 
+def with_outlier_channels(model, magnitude: float):
+    """Give a Llama-like model a few large residual channels (norm weights ``magnitude`` on channels 3/17 before
+    attention and 5/40 before the MLP), as real LLMs have: the case smoothing, AWQ, OWQ and rotations are for."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] = magnitude
+            layer.post_attention_layernorm.weight[[5, 40]] = magnitude
+    return model
+
+
+def word_text(path: Path, words: int) -> Path:
+    """Write a deterministic text of ``words`` words of the tiny tokenizer's vocabulary to ``path``."""
+    path.write_text(" ".join(f"w{(i * 7) % 250}" if i % 5 else "the" for i in range(words)))
+    return path
+
+
 def calibration_ids(n: int = 8, seqlen: int = 32, vocab: int = 320, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seqlen), generator=generator)

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import make_model_folder
+from conftest import make_model_folder, word_text
 from lowbit.cli import app
 
 runner = CliRunner()
@@ -13,8 +13,7 @@ runner = CliRunner()
 
 def test_quantize_then_eval(tmp_path, tokenizer_folder):
     folder = make_model_folder(tmp_path, "llama", tokenizer_folder)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 250}" if i % 5 else "the" for i in range(6000)))
+    text = word_text(tmp_path / "text.txt", 6000)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("version: 1\nmethod: gptq\nweights:\n  bits: 4\n  group_size: 32\n")
     out = tmp_path / "q"
@@ -58,8 +57,7 @@ def test_generate_on_cpu_runs_the_reference_path(tmp_path, tokenizer_folder):
 def test_activation_rotation_and_kv_flags_end_to_end(tmp_path, tokenizer_folder):
     """W4A8 + rotation + a recorded KV scheme from flags; eval and generate then use the KV cache."""
     folder = make_model_folder(tmp_path, "llama", tokenizer_folder)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 250}" if i % 5 else "the" for i in range(6000)))
+    text = word_text(tmp_path / "text.txt", 6000)
     out = tmp_path / "q"
     result = runner.invoke(app, ["quantize", str(folder), "--method", "rtn", "--bits", "4", "--group-size", "-1",
                                  "--act-bits", "8", "--rotate", "hadamard", "--kv-bits", "4", "--kv-residual", "8", "--kv-group-size", "16",

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from conftest import make_model_folder
+from conftest import make_model_folder, word_text
 from lowbit.bench.config import BenchConfig, nominal_bits_per_weight, scheme_overrides
 from lowbit.bench.report import comparisons, write_report
 from lowbit.bench.runner import Bench
@@ -22,8 +22,7 @@ def test_scheme_names():
 
 def test_matrix_runs_caches_and_reports(tmp_path, tokenizer_folder):
     folder = make_model_folder(tmp_path, "llama", tokenizer_folder)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 250}" if i % 5 else "the" for i in range(8000)))
+    text = word_text(tmp_path / "text.txt", 8000)
     config_path = tmp_path / "bench.yaml"
     config_path.write_text(yaml.safe_dump({
         "version": 1, "output": str(tmp_path / "out"),

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
-from tests.conftest import calibration_ids, make_model_folder, tiny_model
+from tests.conftest import calibration_ids, make_model_folder, tiny_model, with_outlier_channels, word_text
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 from typer.testing import CliRunner
 
@@ -31,15 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _with_outlier_channels(model: torch.nn.Module) -> torch.nn.Module:
-    """A few large residual channels, as in real LLMs: the case AWQ's scaling is for."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 17]] = 20.0
-            layer.post_attention_layernorm.weight[[5, 40]] = 20.0
-    return model
 
 
 def _logit_error(model: torch.nn.Module, reference: torch.Tensor, ids: torch.Tensor) -> float:
@@ -85,7 +76,7 @@ def test_awq_folding_is_exact_and_never_worse_than_no_scaling(family: str) -> No
 
 
 def test_awq_lowers_rtn_and_gptq_error_with_outlier_channels() -> None:
-    base = _with_outlier_channels(tiny_model("llama"))
+    base = with_outlier_channels(tiny_model("llama"), 20.0)
     ids = calibration_ids(8, 32)
     with torch.no_grad():
         reference = base(ids).logits
@@ -107,7 +98,7 @@ def test_awq_lowers_rtn_and_gptq_error_with_outlier_channels() -> None:
                                      {"gptq.grid": "two_stage", "two_stage.stage1": "off"}])
 def test_hessian_aware_grids_lower_the_layerwise_error_of_gptq(changes: dict) -> None:
     """Layer 0 sees the same inputs in both runs, so its linears' ||(W - Q) X||^2 compare directly."""
-    base = _with_outlier_channels(tiny_model("llama"))
+    base = with_outlier_channels(tiny_model("llama"), 20.0)
     ids = calibration_ids(8, 32)
     plain = _layer_errors(_run(base, Recipe().updated(**W3, **{"weights.clip": "minmax"}), ids))
     quantized = _run(base, Recipe().updated(**W3, **{"weights.clip": "minmax"}, **changes), ids)
@@ -150,7 +141,7 @@ def test_combined_recipe_round_trips_through_lowbit_and_transformers(tmp_path) -
     """Plain transformers loads asymmetric pack-quantized checkpoints with ``CompressedTensorsConfig(dequantize=True)``
     (without it, transformers 5.23 + compressed-tensors 0.20 allocate unpacked zero points and refuse the packed
     ones: llm-compressor issue 1618), as the bench does."""
-    model = _with_outlier_channels(tiny_model("llama"))
+    model = with_outlier_channels(tiny_model("llama"), 20.0)
     ids = calibration_ids(8, 32)
     recipe = Recipe().updated(**W3, **{"awq.grid": 6, "gptq.grid": "two_stage", "blockwise.iterations": 10})
     quantized = lowbit.quantize(model, recipe, ids, progress=False)
@@ -174,8 +165,7 @@ def test_cli_flags_stream_awq_and_blockwise(tmp_path, tokenizer_folder) -> None:
     from lowbit.cli import app
 
     folder = make_model_folder(tmp_path, "llama", tokenizer_folder)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 250}" if i % 5 else "the" for i in range(3000)))
+    text = word_text(tmp_path / "text.txt", 3000)
     out = tmp_path / "q"
     result = CliRunner().invoke(app, [
         "quantize", str(folder), "--bits", "4", "--group-size", "32", "--awq", "--gptq-grid", "two-stage",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from tests.conftest import calibration_ids, make_model_folder, tiny_model
+from tests.conftest import calibration_ids, make_model_folder, tiny_model, with_outlier_channels, word_text
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 from typer.testing import CliRunner
 
@@ -35,12 +35,7 @@ def one_thread():
 
 def _outlier_model() -> torch.nn.Module:
     """A few large residual channels, as in real LLMs: their input columns are the weak ones."""
-    model = tiny_model("llama")
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 17]] = 20.0
-            layer.post_attention_layernorm.weight[[5, 40]] = 20.0
-    return model
+    return with_outlier_channels(tiny_model("llama"), 20.0)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +111,7 @@ def test_cli_streams_owq_and_lowbit_load_matches_memory(tmp_path, tokenizer_fold
     from lowbit.cli import app
 
     folder = make_model_folder(tmp_path, "llama", tokenizer_folder)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 250}" if i % 5 else "the" for i in range(3000)))
+    text = word_text(tmp_path / "text.txt", 3000)
     out = tmp_path / "q"
     result = CliRunner().invoke(app, [
         "quantize", str(folder), "--bits", "3", "--group-size", "32", "--asymmetric", "--outlier-budget", str(BUDGET),

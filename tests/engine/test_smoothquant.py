@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tests.conftest import calibration_ids, tiny_model
+from tests.conftest import calibration_ids, tiny_model, with_outlier_channels
 
 import lowbit
 from lowbit.algorithms.smoothquant import smoothing_scales
@@ -15,15 +15,6 @@ from lowbit.engine.sequential import Activations, capture_layer_inputs, collect_
 from lowbit.engine.smoothing import smooth_layer
 from lowbit.models.arch import UnsupportedArchitectureError
 from lowbit.recipe import Recipe
-
-
-def _with_outlier_channels(model: torch.nn.Module) -> torch.nn.Module:
-    """Make a few residual channels large, as in real LLMs, so per-token activation quantization suffers."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 17]] = 40.0
-            layer.post_attention_layernorm.weight[[5, 40]] = 40.0
-    return model
 
 
 def _layer_stats(model, recipe, index=0):
@@ -68,7 +59,7 @@ def test_scales_are_finite_and_clamped() -> None:
 
 @torch.no_grad()
 def test_smoothquant_lowers_w8a6_error_with_outliers() -> None:
-    base = _with_outlier_channels(tiny_model("llama"))
+    base = with_outlier_channels(tiny_model("llama"), 40.0)
     ids = calibration_ids(8, 32)
     reference = base(ids[:2]).logits
     errors = {}
