@@ -99,6 +99,16 @@ requires_wikitext = pytest.mark.skipif(
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one thread is hundreds of times faster than two. Test modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
 

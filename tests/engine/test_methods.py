@@ -24,13 +24,7 @@ from lowbit.recipe import Recipe
 W3 = {"weights.bits": 3, "weights.group_size": 32, "weights.symmetric": False, "calibration.batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread is hundreds of times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logit_error(model: torch.nn.Module, reference: torch.Tensor, ids: torch.Tensor) -> float:

@@ -25,12 +25,7 @@ W3 = {"weights.bits": 3, "weights.group_size": 32, "weights.symmetric": False, "
 BUDGET = 0.3  # bits per weight: one 16-bit column of 64 inputs (1.6%), two of 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _outlier_model() -> torch.nn.Module:
