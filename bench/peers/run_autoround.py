@@ -40,6 +40,7 @@ def quantized_state_dict(model: Any) -> dict[str, Any]:
 def main() -> None:
     parser = common.build_parser(__doc__, methods=("autoround",))
     parser.add_argument("--iters", type=int, default=DEFAULT_ITERS, help="SignRound iterations per block")
+    parser.add_argument("--lr", type=float, default=None, help="SignRound learning rate (AutoRound's default: 1/iters)")
     parser.add_argument("--batch-size", type=int, default=8, help="AutoRound's calibration batch size")
     args = parser.parse_args()
     scheme = common.parse_scheme(args.scheme)
@@ -63,6 +64,8 @@ def main() -> None:
         "device_map": "cpu",
         "enable_torch_compile": False,
     }
+    if args.lr is not None:
+        config["lr"] = args.lr
     dataset = [ids[index : index + 1] for index in range(num_samples)]
     with common.Timer() as timer:
         rounder = AutoRound(model, tokenizer, dataset=dataset, **config)

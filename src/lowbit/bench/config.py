@@ -50,6 +50,9 @@ class MethodEntry(_Strict):
     recipe_file: str | None = None
     peer: Literal["llmcompressor", "autoround", "hqq"] | None = None
     peer_method: str | None = None
+    peer_args: dict[str, int | float | str] = Field(
+        default_factory=dict, description="extra driver options, passed as --key value (e.g. AutoRound's iters)"
+    )
 
     @property
     def is_peer(self) -> bool:

@@ -164,6 +164,8 @@ class Bench:
                    "--scheme", scheme, "--out", str(out)]
         if method.peer_method:
             command += ["--method", method.peer_method]
+        for key, value in method.peer_args.items():
+            command += [f"--{key.replace('_', '-')}", str(value)]
         started = time.perf_counter()
         completed = subprocess.run(command, capture_output=True, text=True, timeout=self.config.peer_timeout_seconds)
         seconds = time.perf_counter() - started
