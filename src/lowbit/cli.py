@@ -75,6 +75,7 @@ def quantize(
     awq: Annotated[bool | None, typer.Option("--awq/--no-awq", help="AWQ scales (and clipping) before rtn/gptq")] = None,
     gptq_grid: Annotated[str | None, typer.Option(help="GPTQ group grids: scheme, leanquant or two_stage")] = None,
     blockwise_iters: Annotated[int | None, typer.Option(help="block-wise output reconstruction (SignRound) with N steps per layer; 0 = off")] = None,
+    blockwise_target: Annotated[str | None, typer.Option(help="block-wise: match the full-precision layer on the quantized stream's inputs (quantized) or the full-precision model's stream (full_precision)")] = None,
     outlier_budget: Annotated[float | None, typer.Option(help="OWQ: extra bits per weight for 16-bit input columns (--bits 3 --outlier-budget 0.01 = 3.01 bits); 0 = off")] = None,
 ) -> None:
     """Quantize MODEL and write a compressed-tensors checkpoint to OUT, layer by layer (resumable with --resume)."""
@@ -100,6 +101,7 @@ def quantize(
             "kv_cache.intact_tokens": kv_intact, "kv_cache.group_size": kv_group_size,
             "gptq.grid": None if gptq_grid is None else gptq_grid.replace("-", "_"),
             "blockwise.iterations": blockwise_iters or None,
+            "blockwise.target": None if blockwise_target is None else blockwise_target.replace("-", "_"),
             "owq.outlier_budget_bits": outlier_budget or None,
         })
         from lowbit.export.writer import check_output_path

@@ -257,6 +257,10 @@ class BlockwiseOptions(_Strict):
     checkpoints: times the loss on all batches is measured; the best parameters measured are kept (never worse
         than the start).
     start: "method" starts from the layer-wise method's codes and grids, "rtn" from min-max round-to-nearest.
+    target: what the quantized layer's output (on the quantized-stream inputs) is matched to: "quantized" = the
+        full-precision layer on the same inputs (each layer fixes only its own error); "full_precision" = the
+        full-precision layer on the full-precision model's inputs, kept as a second activation stream (as
+        AutoRound does: each layer also corrects the error the earlier layers left; twice the activation memory).
     """
 
     iterations: int = Field(200, ge=1)
@@ -265,6 +269,7 @@ class BlockwiseOptions(_Strict):
     batches_per_step: int = Field(1, ge=1)
     checkpoints: int = Field(5, ge=1)
     start: Literal["method", "rtn"] = "method"
+    target: Literal["quantized", "full_precision"] = "quantized"
 
 
 class CalibrationOptions(_Strict):

@@ -122,6 +122,24 @@ def test_blockwise_lowers_block_output_error_and_logits_error() -> None:
     assert all(r.method == "gptq+blockwise" for r in refined.report.linears if r.status == "quantized")
 
 
+def test_blockwise_full_precision_target_matches_the_unquantized_model_stream() -> None:
+    """Layer 0 sees the model's own inputs either way; from layer 1 on the full-precision target also holds the
+    error the earlier quantized layers left, so its starting block error is larger, and the refined model is
+    still closer to the original than plain GPTQ."""
+    base = tiny_model("llama")
+    ids = calibration_ids(8, 32)
+    with torch.no_grad():
+        reference = base(ids).logits
+    plain = _run(base, Recipe().updated(**W3), ids)
+    runs = {target: _run(base, Recipe().updated(**W3, **{"blockwise.iterations": 40, "blockwise.target": target}), ids)
+            for target in ("quantized", "full_precision")}
+    first = {target: [t for t in q.report.transforms if t["kind"] == "blockwise"] for target, q in runs.items()}
+    assert first["full_precision"][0]["block_output_mse"]["before"] == pytest.approx(
+        first["quantized"][0]["block_output_mse"]["before"], rel=1e-5)
+    assert first["full_precision"][1]["block_output_mse"]["before"] > first["quantized"][1]["block_output_mse"]["before"]
+    assert _logit_error(runs["full_precision"].model, reference, ids) < _logit_error(plain.model, reference, ids)
+
+
 def test_blockwise_from_rtn_and_every_linear_reported() -> None:
     model = tiny_model("qwen3")
     quantized = _run(model, Recipe(method="rtn").updated(**W3, **{"blockwise.iterations": 5, "blockwise.start": "rtn"}),

@@ -101,7 +101,9 @@ RUN = """
 import os, signal, sys, torch
 import lowbit
 from lowbit.engine.streaming import ShardStore
+import json
 folder, out, ids, kill_after, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+changes = json.loads(sys.argv[6])
 if kill_after >= 0:
     finish = ShardStore.finish
     def finish_then_die(self, index, *args):
@@ -109,29 +111,35 @@ if kill_after >= 0:
         if index == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     ShardStore.finish = finish_then_die
-recipe = lowbit.Recipe().updated(**{"weights.group_size": 32, "weights.bits": 3, "weights.symmetric": False})
+recipe = lowbit.Recipe().updated(**{"weights.group_size": 32, "weights.bits": 3, "weights.symmetric": False}, **changes)
 lowbit.quantize_to_folder(folder, out, recipe, torch.load(ids), device="cpu", resume=resume, progress=False)
 """
 
 
-def run(folder: Path, out: Path, ids: Path, kill_after: int = -1, resume: bool = False) -> subprocess.CompletedProcess:
+def run(folder: Path, out: Path, ids: Path, kill_after: int = -1, resume: bool = False,
+        changes: dict | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", RUN, str(folder), str(out), str(ids), str(kill_after), "1" if resume else "0"]
+    command = [sys.executable, "-c", RUN, str(folder), str(out), str(ids), str(kill_after), "1" if resume else "0",
+               json.dumps(changes or {})]
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
 
 
-def test_killed_run_resumes_to_a_byte_identical_checkpoint(tmp_path):
+@pytest.mark.parametrize("changes", [{}, {"blockwise.iterations": 3, "blockwise.target": "full_precision"}],
+                         ids=["gptq", "blockwise-fp-stream"])
+def test_killed_run_resumes_to_a_byte_identical_checkpoint(tmp_path, changes):
+    """The second case also rebuilds the full-precision stream through the finished layers' original weights."""
     folder = three_layer_folder(tmp_path)
     ids = tmp_path / "ids.pt"
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    assert run(folder, reference, ids).returncode == 0
+    completed = run(folder, reference, ids, changes=changes)
+    assert completed.returncode == 0, completed.stderr
 
-    killed = run(folder, resumed, ids, kill_after=1)
+    killed = run(folder, resumed, ids, kill_after=1, changes=changes)
     assert killed.returncode != 0 and not resumed.exists()
     progress = json.loads((partial_folder(resumed) / "lowbit_progress.json").read_text())
     assert sorted(progress["layers"]) == ["0", "1"]
 
-    finished = run(folder, resumed, ids, resume=True)
+    finished = run(folder, resumed, ids, resume=True, changes=changes)
     assert finished.returncode == 0, finished.stderr
     names = sorted(p.name for p in reference.iterdir() if p.name != MANIFEST_NAME)
     assert names == sorted(p.name for p in resumed.iterdir() if p.name != MANIFEST_NAME)

@@ -14,7 +14,8 @@ mini-batch per step; the parameters kept are those of the lowest loss on all inp
 (AutoRound compares mini-batch losses, which are not comparable across batches). Starting from V = 0, alpha = beta = 1 is
 round-to-nearest with min-max grids. To work on top of another method (GPTQ, AWQ, OWQ's dense part, the
 two-stage grids), pass its result as ``initial``: the grid becomes ``alpha * scale_0`` with the zero points
-kept, and V moves the rounding within +-0.5 of that method's codes.
+kept (affine grids: both ends of its range move, so the zero point can too), and V moves the rounding within
++-0.5 of that method's codes.
 """
 
 from __future__ import annotations
@@ -57,13 +58,21 @@ def _fake_quantize(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Differentiable Q(W); also returns the codes, scale and zero (``[out, n_groups]``).
 
-    Without ``start``: min-max grids clipped by alpha (max) and beta (min). With ``start``: its scale times
-    alpha, its zero point, and the rounding offset added to ``start.offset``."""
+    Without ``start``: min-max grids clipped by alpha (max) and beta (min). With ``start``: symmetric, its scale
+    times alpha and its zero point; affine, its range ``[-zero * scale, (2^b - 1 - zero) * scale]`` with the upper
+    end times alpha and the lower end times beta (so the zero point can move, as AutoRound's min/max factors let
+    it); the rounding offset is added to ``start.offset``. alpha = beta = 1 reproduces the start exactly."""
     max_code = (1 << scheme.bits) - 1
     w = group_view(weight, scheme.group_size)
-    if start is not None:
+    if start is not None and scheme.symmetric:
         scale = start.scale * alpha
         zero = start.zero
+        offset = offset + start.offset
+    elif start is not None:  # the start's range [low, high], its ends moved by beta and alpha (zero point moves too)
+        low = -start.zero * start.scale * beta
+        high = (max_code - start.zero) * start.scale * alpha
+        scale = ((high - low) / max_code).clamp_min(1e-8)
+        zero = torch.clamp(_round_ste(-low / scale), 0, max_code)
         offset = offset + start.offset
     elif scheme.symmetric:
         amax = torch.maximum(-torch.clamp(w.amin(-1), max=0.0), torch.clamp(w.amax(-1), min=0.0))
@@ -118,8 +127,8 @@ def signround(
     checkpoints: how many times (evenly spaced) the loss on all inputs is measured; the best parameters
         measured, the starting ones included, are returned, so the result is never worse than the start.
     initial: per linear, a quantized weight to start from instead of round-to-nearest (GPTQ's, OWQ's dense
-        part, the two-stage result, ...): its scales become the base that alpha multiplies (alpha in
-        ``[clip_floor, 1 / clip_floor]``), its zero points stay, and the offsets start at its codes. The block itself is not modified: weights are
+        part, the two-stage result, ...): its grids become the base that alpha (and, affine, beta on the
+        range's lower end) multiplies, within ``[clip_floor, 1 / clip_floor]``, and the offsets start at its codes. The block itself is not modified: weights are
     swapped in with ``torch.func.functional_call``; write the returned weights back to apply them.
     """
     keyword_args = keyword_args if keyword_args is not None else [{} for _ in inputs]
@@ -169,8 +178,9 @@ def signround(
                     p -= step_lr * torch.sign(g)
             for name, (offset, alpha, beta) in state.items():
                 offset.clamp_(-0.5, 0.5)
-                alpha.clamp_(clip_floor, 1.0 / clip_floor if name in starts else 1.0)
-                beta.clamp_(clip_floor, 1.0)
+                ceiling = 1.0 / clip_floor if name in starts else 1.0
+                alpha.clamp_(clip_floor, ceiling)
+                beta.clamp_(clip_floor, ceiling)
         if step + 1 in checks:  # keep the best parameters measured on all the inputs
             value = full_loss()
             if value < best_loss:

@@ -247,9 +247,11 @@ class LayerStore:
     def __init__(self) -> None:
         self.weights: dict[str, QuantizedWeight] = {}
 
-    def load(self, index: int) -> tuple[list[LinearRecord], LayerRecord] | None:
+    def load(self, index: int, before_install: Callable[[], None] | None = None,
+             ) -> tuple[list[LinearRecord], LayerRecord] | None:
         """Make layer ``index`` usable on CPU. Returns its records when it was finished by an earlier run (its
-        quantized weights are then installed and only its outputs are recomputed)."""
+        quantized weights are then installed and only its outputs are recomputed); ``before_install`` then runs
+        first, while the layer still holds its full-precision weights."""
         return None
 
     def finish(self, index: int, weights: dict[str, QuantizedWeight], records: list[LinearRecord], layer: LayerRecord) -> None:
@@ -294,6 +296,14 @@ def _move_outside_layers(model: nn.Module, decoder: DecoderLayers, device: torch
 def _restore(replaced: list[tuple[dict, str, Tensor]]) -> None:
     for owner, key, value in replaced:
         owner[key] = value
+
+
+def _propagate_on(layer: nn.Module, activations: Activations, device: torch.device) -> None:
+    """``propagate`` with ``layer`` moved to ``device`` for the duration."""
+    original_device = next(layer.parameters()).device
+    layer.to(device)
+    propagate(layer, activations, device)
+    layer.to(original_device)
 
 
 def _outside_layers_device(model: nn.Module, decoder: DecoderLayers) -> torch.device:
@@ -358,13 +368,17 @@ def quantize_model(
             finally:
                 _restore(replaced)
         activations = Activations(hidden, kwargs, torch.device(activation_device))
+    fp_stream = None  # the full-precision model's layer inputs, when block-wise reconstruction targets them
+    if recipe.blockwise is not None and recipe.blockwise.target == "full_precision":
+        fp_stream = Activations([h.clone() for h in activations.hidden], activations.kwargs, activations.device)
 
     with _progress(progress) as bar:
         for index, set_status in _iterate_layers(bar, len(layers), recipe.method.upper()):
             layer_start = time.perf_counter()
-            with timer("load"):
-                restored = store.load(index)
             layer = layers[index]
+            with timer("load"):
+                restored = store.load(index, before_install=None if fp_stream is None else
+                                      lambda: _propagate_on(layer, fp_stream, device))
             original_device = next(layer.parameters()).device
             layer.to(device)
             targets = plan.targets[index]
@@ -381,7 +395,7 @@ def quantize_model(
                 reference = None
                 if recipe.blockwise is not None:
                     with timer("blockwise"):
-                        reference = capture_reference(layer, layer_name, targets, activations, device)
+                        reference = capture_reference(layer, layer_name, targets, fp_stream or activations, device)
                 if activations is not None:
                     set_status("collecting Hessians")
                     with timer("hessian"):
@@ -402,6 +416,8 @@ def quantize_model(
                     with timer("blockwise"):
                         report.transforms.append(reconstruct_layer(layer, layer_name, index, reference, weights, records,
                                                                    hessians, activations, device, recipe))
+                    if fp_stream is not None:  # the full-precision layer's outputs are the next layer's FP inputs
+                        fp_stream.hidden[:] = reference.outputs
                     del reference
                 del hessians
                 if recipe.activations is not None:

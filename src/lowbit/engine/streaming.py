@@ -25,6 +25,7 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,7 +102,8 @@ class ShardStore(LayerStore):
         layers = {str(index): entry for index, entry in sorted(self.completed.items())}
         write_json_atomically(self.folder / PROGRESS_NAME, {"version": PROGRESS_VERSION, "run_key": self.key, "layers": layers})
 
-    def load(self, index: int) -> tuple[list[LinearRecord], LayerRecord] | None:
+    def load(self, index: int, before_install: Callable[[], None] | None = None,
+             ) -> tuple[list[LinearRecord], LayerRecord] | None:
         layer = self.decoder.layers[index]
         if self.lazy is not None:
             self.lazy.load_layer(index)
@@ -109,6 +111,8 @@ class ShardStore(LayerStore):
         entry = self.completed.get(index)
         if entry is None:
             return None
+        if before_install is not None:
+            before_install()
         self._install(index, entry["shard"])
         return [LinearRecord(**r) for r in entry["linears"]], LayerRecord(**entry["layer"])
 
