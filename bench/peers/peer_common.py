@@ -11,8 +11,10 @@ Contract of every driver:
     --scheme NAME         w{bits}a16-{sym|asym}-{g<group>|channel}, e.g. w3a16-asym-g64
     --method NAME         the peer's algorithm (gptq, awq, autoround, hqq)
     --out DIR             gets a dequantized (fake-quant) HF folder and peer.json
+    --device NAME         cpu (default) or cuda[:N]: where the peer quantizes. With cpu the GPUs are hidden
+                          (CUDA_VISIBLE_DEVICES=""), since llm-compressor picks an accelerator by itself
 
-peer.json holds {"status": "ok", tool, version, method, scheme, config, seconds, ...} or
+peer.json holds {"status": "ok", tool, version, method, scheme, config, seconds, device, ...} or
 {"status": "n/a", "reason": ...} when the peer cannot express the scheme (nothing is approximated).
 """
 
@@ -35,6 +37,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SCHEMES = ("w4a16-sym-g64", "w3a16-asym-g64", "w2a16-asym-g64", "w4a16-sym-channel")
+_DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _SCHEME_PATTERN = re.compile(
     r"^w(?P<bits>[2-8])a16-(?P<symmetry>sym|asym)-(?P<group>g(?P<size>\d+)|channel)$"
 )
@@ -76,7 +79,35 @@ def build_parser(description: str, methods: tuple[str, ...]) -> argparse.Argumen
     parser.add_argument("--method", default=methods[0], choices=methods)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the peer quantizes (default cpu)")
     return parser
+
+
+def select_device(name: str) -> str:
+    """Check ``--device`` and make it hold for the whole process; call before any CUDA use.
+
+    With ``cpu`` the GPUs are hidden (``CUDA_VISIBLE_DEVICES=""``): llm-compressor's sequential pipeline
+    onloads every layer to the first accelerator it finds, whatever device the model was loaded on.
+    """
+    if not _DEVICE_PATTERN.match(name):
+        raise SystemExit(f"--device {name!r} not understood; use cpu or cuda[:N]")
+    if name == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return name
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch {torch.__version__} in this venv sees no GPU; use --device cpu")
+    return name
+
+
+def device_record(name: str) -> dict[str, str]:
+    """``{"device": ..., "device_name": ...}`` for peer.json (the GPU model, or the CPU architecture)."""
+    if name.startswith("cuda"):
+        import torch
+
+        return {"device": name, "device_name": torch.cuda.get_device_name(name)}
+    return {"device": name, "device_name": platform.processor() or platform.machine()}
 
 
 def load_calibration_ids(path: Path) -> Any:
@@ -97,8 +128,8 @@ def load_calibration_ids(path: Path) -> Any:
     return data.to(torch.int64)
 
 
-def load_model(model_dir: Path) -> tuple[Any, Any]:
-    """Load an HF causal LM in fp32 on CPU and its tokenizer, offline."""
+def load_model(model_dir: Path, device: str = "cpu") -> tuple[Any, Any]:
+    """Load an HF causal LM in fp32 on ``device`` and its tokenizer, offline."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,7 +139,7 @@ def load_model(model_dir: Path) -> tuple[Any, Any]:
         )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model.eval()
+    model.eval().to(device)
     return model, tokenizer
 
 
@@ -167,6 +198,8 @@ def write_ok(
 
     record = {"status": "ok", "tool": tool, "method": method, "scheme": asdict(scheme), "versions": versions(*packages)}
     record.update(fields)
+    if "device" in fields:
+        record.update(device_record(fields["device"]))
     record.update(seconds=round(seconds, 2), threads=torch.get_num_threads())
     return write_peer_json(out_dir, record)
 
@@ -188,6 +221,7 @@ def write_not_available(
             "method": method,
             "scheme": asdict(scheme),
             "versions": versions(*extra.pop("packages", ())),
+            **(device_record(extra.pop("device")) if "device" in extra else {}),
             **extra,
         },
     )

@@ -6,7 +6,7 @@ Run inside the peer's venv (made by bench/peers/install.sh):
         --calibration calib.pt --scheme w3a16-asym-g64 --out runs/peers/autoround-w3 [--iters 200]
 
 Public API used: ``auto_round.AutoRound(model, tokenizer, bits=, group_size=, sym=, dataset=, iters=,
-nsamples=, seqlen=, batch_size=, device_map="cpu")`` and ``quantize()``, after which every tuned Linear
+nsamples=, seqlen=, batch_size=, device_map=<--device>)`` and ``quantize()``, after which every tuned Linear
 holds its quantized-dequantized weight in memory (Cheng et al. 2023, "Optimize Weight Rounding via Signed
 Gradient Descent", https://arxiv.org/abs/2309.05516). Not ``quantize_and_save(format="fake")``: in 0.16.1
 that export writes fp16 and then "restores" every tensor that was fp32 in the source folder from the
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="AutoRound's calibration batch size")
     args = parser.parse_args()
     scheme = common.parse_scheme(args.scheme)
+    device = common.select_device(args.device)
 
     import torch
     from auto_round import AutoRound
@@ -61,7 +62,7 @@ def main() -> None:
         "nsamples": num_samples,
         "seqlen": seqlen,
         "batch_size": min(args.batch_size, num_samples),
-        "device_map": "cpu",
+        "device_map": device,
         "enable_torch_compile": False,
     }
     if args.lr is not None:
@@ -81,6 +82,7 @@ def main() -> None:
         timer.seconds,
         config={**config, "iters_is_default": args.iters == DEFAULT_ITERS},
         calibration={"file": str(args.calibration), "num_samples": num_samples, "seqlen": seqlen},
+        device=device,
         not_replaced=missing,
     )
 

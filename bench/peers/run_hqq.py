@@ -54,6 +54,7 @@ def main() -> None:
     parser = common.build_parser(__doc__, methods=("hqq",))
     args = parser.parse_args()
     scheme = common.parse_scheme(args.scheme)
+    device = common.select_device(args.device)
     ids = common.load_calibration_ids(args.calibration)
     if scheme.symmetric:
         common.write_not_available(
@@ -64,6 +65,7 @@ def main() -> None:
             "HQQ quantizes asymmetrically only (scale and a float zero point per group, optimized by "
             "half-quadratic splitting); it has no symmetric mode",
             packages=("hqq",),
+            device=device,
         )
         return
 
@@ -75,7 +77,7 @@ def main() -> None:
     model, _ = common.load_model(args.model)
     config = quantize_config(scheme)
     with common.Timer() as timer:
-        AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=torch.float32, device="cpu")
+        AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=torch.float32, device=device)
         state, quantized_layers = dequantized_state_dict(model)
     if quantized_layers == 0:
         raise SystemExit("HQQ quantized no Linear layer; check that the model is a supported causal LM")
@@ -87,7 +89,7 @@ def main() -> None:
         scheme,
         ("hqq",),
         timer.seconds,
-        config={"quant_config": config, "compute_dtype": "float32", "device": "cpu"},
+        config={"quant_config": config, "compute_dtype": "float32", "device": device},
         calibration={
             "file": str(args.calibration),
             "num_samples": int(ids.shape[0]),
@@ -97,6 +99,7 @@ def main() -> None:
         },
         notes="zero points are floats optimized by HQQ (not on the integer grid)",
         quantized_layers=quantized_layers,
+        device=device,
         not_replaced=missing,
     )
 

@@ -28,7 +28,7 @@ def cpu_only_workarounds() -> list[str]:
 
     AWQ pins its cached activations (``IntermediatesCache.pin_memory``) before the grid search, which raises
     "Cannot access accelerator device" without a GPU. Pinning only speeds host-to-device copies, so on a
-    CPU-only machine it is skipped; the numbers are unchanged.
+    CPU-only machine (or with ``--device cpu``, which hides the GPUs) it is skipped; the numbers are unchanged.
     """
     import torch
 
@@ -106,6 +106,7 @@ def main() -> None:
     parser = common.build_parser(__doc__, methods=("gptq", "awq"))
     args = parser.parse_args()
     scheme = common.parse_scheme(args.scheme)
+    device = common.select_device(args.device)
 
     import torch
     from datasets import Dataset
@@ -115,7 +116,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ids = common.load_calibration_ids(args.calibration)
     num_samples, seqlen = ids.shape
-    model, tokenizer = common.load_model(args.model)
+    # oneshot's sequential pipeline onloads each layer to the first accelerator and back; loading the model on
+    # the device first keeps what stays outside the layers (embeddings, head) there too
+    model, tokenizer = common.load_model(args.model, device)
     recipe, config = build_recipe(args.method, scheme)
     workarounds = cpu_only_workarounds()
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
@@ -141,6 +144,7 @@ def main() -> None:
         config={**config, "oneshot": oneshot_kwargs},
         calibration={"file": str(args.calibration), "num_samples": num_samples, "seqlen": seqlen},
         workarounds=workarounds,
+        device=device,
         quantized_layers=quantized_layers,
         not_replaced=missing,
     )

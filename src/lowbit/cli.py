@@ -255,17 +255,37 @@ def bench(
     peers_root: Annotated[Path, typer.Option(help="folder of the peers' virtual environments")] = Path(".peers"),
     drivers: Annotated[Path, typer.Option(help="folder of the peer drivers (bench/peers)")] = Path("bench/peers"),
     report_only: Annotated[bool, typer.Option(help="rebuild the report from cached cells, run nothing")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="override a config field, KEY=VALUE (YAML value; repeatable), e.g. device=cuda, "
+                      "perplexity.file=DIR/wiki.test.joined.txt, models.smollm2-135m.source=FILE.gguf; "
+                      "paths here are relative to the current directory")] = None,
+    only_schemes: Annotated[str | None, typer.Option(help="run only these schemes (comma-separated); cached cells "
+                                                         "of the others still appear in the report")] = None,
+    only_methods: Annotated[str | None, typer.Option(help="run only these methods (comma-separated names)")] = None,
 ) -> None:
     """Run a models x schemes x methods matrix (lowbit and peer tools), then write report.md/.html/results.json."""
+    import yaml
+
     from lowbit.bench.config import BenchConfig
     from lowbit.bench.report import write_report
-    from lowbit.bench.runner import Bench
+    from lowbit.bench.runner import Bench, resolve_device
+
+    def names(text: str | None) -> list[str] | None:
+        return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
 
     try:
-        chosen = BenchConfig.from_yaml(config)
+        overrides = {}
+        for item in set_ or []:
+            key, separator, value = item.partition("=")
+            if not separator:
+                raise ValueError(f"--set {item!r}: write KEY=VALUE, e.g. --set device=cuda")
+            overrides[key.strip()] = yaml.safe_load(value)
+        chosen = BenchConfig.from_yaml(config, overrides)
+        runner = Bench(chosen.restricted(names(only_schemes), names(only_methods)), peers_root, drivers)
+        if not report_only:
+            resolve_device(chosen.device)  # a missing GPU fails here, before any model is loaded
     except (ValueError, FileNotFoundError) as error:
         _fail(error)
-    runner = Bench(chosen, peers_root, drivers)
     cells = runner.results() if report_only else runner.run()
     paths = write_report(cells, Path(chosen.output), chosen.heatmap)
     console.print(f"[green]wrote[/green] {paths['markdown']}, {paths['html']}, {paths['json']}")

@@ -82,6 +82,8 @@ class ZeroShotEntry(_Strict):
 class BenchConfig(_Strict):
     version: Literal[1] = 1
     output: str = "bench/results/matrix"
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="where every tool quantizes and lowbit evaluates; auto = cuda when torch sees a GPU")
     models: list[ModelEntry]
     schemes: list[str]
     methods: list[MethodEntry]
@@ -102,12 +104,42 @@ class BenchConfig(_Strict):
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> BenchConfig:
+    def from_yaml(cls, path: str | Path, overrides: dict[str, object] | None = None) -> BenchConfig:
+        """Load ``path``; its relative data paths are resolved against its folder, then ``overrides`` apply
+        (see ``updated``; paths given there stay relative to the current directory)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"bench config {path} does not exist")
         config = cls.model_validate(yaml.safe_load(path.read_text()) or {})
-        return config.relative_to(path.parent)
+        return config.relative_to(path.parent).updated(overrides or {})
+
+    def updated(self, overrides: dict[str, object]) -> BenchConfig:
+        """A copy with dotted-path overrides, e.g. ``{"perplexity.file": "data/test.txt", "device": "cuda"}``.
+
+        A list (``models``, ``methods``) is indexed by an entry's ``name`` or by its position:
+        ``models.smollm2-135m.source`` or ``models.0.source``.
+        """
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = _child(node, key, dotted)
+            if isinstance(node, list) or leaf not in node:
+                raise ValueError(f"unknown bench config field {dotted!r}")
+            node[leaf] = value
+        return BenchConfig.model_validate(data)
+
+    def restricted(self, schemes: list[str] | None = None, methods: list[str] | None = None) -> BenchConfig:
+        """The same matrix limited to some schemes and/or methods (by name, in the config's order)."""
+        data = self.model_dump()
+        if schemes is not None:
+            _check_names("scheme", schemes, self.schemes)
+            data["schemes"] = [s for s in self.schemes if s in schemes]
+        if methods is not None:
+            _check_names("method", methods, [m.name for m in self.methods])
+            data["methods"] = [m for m in data["methods"] if m["name"] in methods]
+        return BenchConfig.model_validate(data)
 
     def relative_to(self, base: Path) -> BenchConfig:
         """Resolve relative data paths against the config file's folder (the output stays cwd-relative)."""
@@ -127,3 +159,23 @@ class BenchConfig(_Strict):
         for model in data["models"]:
             model["source"] = fix(model["source"])
         return BenchConfig.model_validate(data)
+
+
+def _child(node: dict | list, key: str, dotted: str) -> dict | list:
+    if isinstance(node, list):
+        named = [entry for entry in node if isinstance(entry, dict) and entry.get("name") == key]
+        if named:
+            return named[0]
+        if key.isdigit() and int(key) < len(node):
+            return node[int(key)]
+        names = ", ".join(str(entry.get("name")) for entry in node if isinstance(entry, dict))
+        raise ValueError(f"{dotted!r}: no entry named {key!r} (entries: {names})")
+    if not isinstance(node.get(key), (dict, list)):
+        raise ValueError(f"unknown bench config field {dotted!r}")
+    return node[key]
+
+
+def _check_names(kind: str, chosen: list[str], available: list[str]) -> None:
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise ValueError(f"{kind} {', '.join(unknown)} not in the config; choose from {', '.join(available)}")

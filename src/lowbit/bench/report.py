@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 COLOURS = {"lowbit": "#d62728", "llmcompressor": "#1f77b4", "autoround": "#2ca02c", "hqq": "#9467bd", "fp": "#000000"}
@@ -65,6 +65,11 @@ def markdown(cells: list[dict]) -> str:
         if fp:
             out.append(f"Full precision: perplexity {_fmt(fp.get('perplexity'))}, mean zero-shot acc {_fmt(zeroshot_mean(fp), 4)}")
             out.append("")
+        devices = Counter(f"{c['device']} ({c['device_name']})" if c.get("device_name") else c["device"]
+                          for c in group if c.get("device"))
+        if devices:
+            out += ["Measured on " + ", ".join(f"{name}: {count} cells" for name, count in devices.items())
+                    + " (seconds compare only within one device)", ""]
         out += ["| scheme | method | tool | status | ppl | KL | top-1 | zero-shot acc | bits/weight | seconds |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for cell in sorted((c for c in group if c.get("tool") != "fp"), key=lambda c: (c.get("scheme", ""), c.get("method", ""))):

@@ -4,13 +4,20 @@ Each cell's result is written to ``OUTPUT/cells/<slug>.json`` as soon as it is m
 run resumes where it stopped. Peers run in their own virtual environments (``bench/peers/install.sh``)
 through their drivers, on the same FP model folder and the same calibration token ids (saved once by
 lowbit); a peer that cannot express a scheme answers "n/a" with its reason, recorded as such.
+
+Everything runs on the config's ``device``: lowbit quantizes and evaluates there, and each peer driver gets
+``--device``. A peer's environment is the runner's without ``PYTHONPATH``, so a peer venv sees only its own
+packages (and, when built with ``--system-site-packages``, the interpreter's), never the runner's site folders.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
+import os
+import platform
 import re
 import subprocess
 import time
@@ -38,6 +45,26 @@ def slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_")
 
 
+def resolve_device(name: str) -> str:
+    """The config's ``device`` as torch names it: ``auto`` is cuda when torch sees a GPU, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device cuda requested but torch {torch.__version__} sees no GPU "
+                         f"(CUDA build: {torch.version.cuda}); use device: cpu or auto")
+    return name
+
+
+def device_name(device: str) -> str:
+    """The hardware behind ``device``, for the record (GPU model, or the CPU's architecture)."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or platform.machine()
+
+
+def peer_environment() -> dict[str, str]:
+    """The runner's environment without PYTHONPATH: a peer venv must import only its own packages."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
 class Bench:
     def __init__(self, config: BenchConfig, peers_root: Path = Path(".peers"), drivers: Path = Path("bench/peers")):
         self.config = config
@@ -46,6 +73,11 @@ class Bench:
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         self.peers_root = peers_root
         self.drivers = drivers
+
+    @functools.cached_property
+    def device(self) -> str:
+        """The resolved device (resolved on first use, so a report can be rebuilt where that device is missing)."""
+        return resolve_device(self.config.device)
 
     def cached(self, key: str) -> dict | None:
         """The stored result of a cell; a cell that failed is retried (returns None), an "n/a" one is not."""
@@ -58,7 +90,8 @@ class Bench:
     def store(self, key: str, result: dict) -> dict:
         result = {"key": key, **result}
         (self.cells_dir / f"{slug(key)}.json").write_text(json.dumps(result, indent=2, default=str))
-        summary = {k: result.get(k) for k in ("status", "perplexity", "kl_divergence", "bits_per_weight", "seconds")}
+        summary = {k: result.get(k) for k in ("status", "perplexity", "kl_divergence", "bits_per_weight", "seconds",
+                                              "device")}
         console.print(f"[bold]{key}[/bold]: {summary}")
         return result
 
@@ -87,14 +120,14 @@ class Bench:
             fp_key = cell_key(entry.name, "fp", "fp")
             if not pending and self.cached(fp_key):
                 continue
-            original, tokenizer, source = load_model(entry.source)
+            original, tokenizer, source = load_model(entry.source, device=self.device)
             calibration = load_calibration(self.config.calibration.source, tokenizer, self.config.calibration.num_samples,
                                            self.config.calibration.seqlen, self.config.calibration.seed)
             text = Path(self.config.perplexity.file).read_text(encoding="utf-8")
             windows = token_windows(tokenize_text(tokenizer, text), self.config.perplexity.seqlen,
                                     self.config.perplexity.max_windows)
             if self.cached(fp_key) is None:
-                self.store(fp_key, {"status": "ok", "tool": "fp", "bits_per_weight": 32.0,
+                self.store(fp_key, {"status": "ok", "tool": "fp", "bits_per_weight": 32.0, **self.device_record(),
                                     **self.measure(original, tokenizer, None, windows)})
             for scheme, method in pending:
                 key = cell_key(entry.name, scheme, method.name)
@@ -105,9 +138,12 @@ class Bench:
                         result = self.run_lowbit(entry.name, original, tokenizer, source, calibration, scheme, method, windows)
                 except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as error:
                     logger.exception("cell %s failed", key)
-                    result = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
+                    result = {"status": "failed", "reason": f"{type(error).__name__}: {error}", **self.device_record()}
                 self.store(key, {"model": entry.name, "scheme": scheme, "method": method.name, **result})
         return self.results()
+
+    def device_record(self) -> dict:
+        return {"device": self.device, "device_name": device_name(self.device)}
 
     def run_lowbit(self, model_name, original, tokenizer, source, calibration, scheme, method: MethodEntry, windows) -> dict:
         base = Recipe.from_yaml(method.recipe_file) if method.recipe_file else Recipe()
@@ -116,7 +152,10 @@ class Bench:
                                    "calibration.seqlen": calibration.input_ids.shape[1],
                                    "calibration.seed": self.config.calibration.seed})
         started = time.perf_counter()
-        quantized = lowbit.quantize(copy.deepcopy(original), recipe, calibration, tokenizer=tokenizer, progress=True)
+        quantized = lowbit.quantize(copy.deepcopy(original), recipe, calibration, tokenizer=tokenizer,
+                                    device=self.device, progress=True)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()  # kernels still queued belong to the quantization time
         seconds = time.perf_counter() - started
         quantized.source = source
         folder = lowbit.save(quantized, self.output / "checkpoints" / slug(cell_key(model_name, scheme, method.name)),
@@ -129,7 +168,7 @@ class Bench:
         metrics = self.measure(quantized.model, tokenizer, original, windows)
         return {"status": "ok", "tool": "lowbit", "version": lowbit.__version__, "recipe": recipe.model_dump(mode="json"),
                 "seconds": seconds, "bits_per_weight": size["bits_per_weight"], "bits_per_weight_kind": "stored",
-                "checkpoint_bytes": size["checkpoint_bytes"], "layers": layers, **metrics}
+                "checkpoint_bytes": size["checkpoint_bytes"], "layers": layers, **self.device_record(), **metrics}
 
     def fp_folder(self, model_name, original, tokenizer, source) -> Path:
         if source.gguf_file is None:
@@ -154,28 +193,32 @@ class Bench:
         python = self.peers_root / method.peer / "bin" / "python"
         if not python.exists():
             return {"status": "n/a", "tool": method.peer,
-                    "reason": f"{method.peer} is not installed: run bash bench/peers/install.sh {method.peer}"}
+                    "reason": f"{method.peer} is not installed in {self.peers_root}: run bash bench/peers/install.sh "
+                              f"{method.peer} (offline: bench/peers/install_offline.sh WHEEL_DIR {method.peer})"}
         calibration_file = self.output / f"calibration-{slug(model_name)}.pt"
         if not calibration_file.exists():
             torch.save(ids.clone(), calibration_file)
         out = self.output / "peers" / slug(cell_key(model_name, scheme, method.name))
         command = [str(python), str(self.drivers / f"run_{method.peer}.py"), "--model",
                    str(self.fp_folder(model_name, original, tokenizer, source)), "--calibration", str(calibration_file),
-                   "--scheme", scheme, "--out", str(out)]
+                   "--scheme", scheme, "--out", str(out), "--device", self.device]
         if method.peer_method:
             command += ["--method", method.peer_method]
         for key, value in method.peer_args.items():
             command += [f"--{key.replace('_', '-')}", str(value)]
         started = time.perf_counter()
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=self.config.peer_timeout_seconds)
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=self.config.peer_timeout_seconds,
+                                   env=peer_environment())
         seconds = time.perf_counter() - started
         record = json.loads((out / "peer.json").read_text()) if (out / "peer.json").exists() else {}
         if record.get("status") == "n/a":
-            return {"status": "n/a", "tool": method.peer, "reason": record.get("reason"), "versions": record.get("versions")}
+            return {"status": "n/a", "tool": method.peer, "reason": record.get("reason"), "versions": record.get("versions"),
+                    "device": record.get("device", "cpu"), "device_name": record.get("device_name")}
         if completed.returncode != 0:
-            return {"status": "failed", "tool": method.peer, "reason": completed.stderr[-2000:]}
-        model, _ = lowbit.load(out)
+            return {"status": "failed", "tool": method.peer, "reason": completed.stderr[-2000:], **self.device_record()}
+        model, _ = lowbit.load(out, device=self.device)
         metrics = self.measure(model, tokenizer, original, windows)
         return {"status": "ok", "tool": method.peer, "versions": record.get("versions"), "peer_config": record.get("config"),
+                "device": record.get("device", "cpu"), "device_name": record.get("device_name"),
                 "seconds": record.get("seconds", seconds), "bits_per_weight": nominal_bits_per_weight(scheme),
                 "bits_per_weight_kind": "nominal (codes + fp16 scale + zero point per group)", **metrics}
