@@ -378,7 +378,7 @@ def quantize_model(
             layer = layers[index]
             with timer("load"):
                 restored = store.load(index, before_install=None if fp_stream is None else
-                                      lambda: _propagate_on(layer, fp_stream, device))
+                                      lambda layer=layer: _propagate_on(layer, fp_stream, device))
             original_device = next(layer.parameters()).device
             layer.to(device)
             targets = plan.targets[index]
