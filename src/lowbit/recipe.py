@@ -207,6 +207,8 @@ class OWQOptions(_Strict):
     outlier_budget_bits: extra bits per weight spent on kept columns; ``bits: 3`` with 0.01 is an effective
         3.01 bits (before grid overhead). A kept column of an ``[out, in]`` weight costs ``out * 16 + 32`` bits,
         so keeping a fraction f of the columns costs about ``16 * f`` bits per weight (1% of columns: 0.16).
+        The budget is the model's: linears get their share in model order and unspent bits carry to the next,
+        so a small model (where 0.01 bits buys no column of any single 576-wide linear) still spends it.
     kept_dtype: how the kept columns are stored.
     """
 

@@ -181,11 +181,12 @@ def test_cli_flags_stream_awq_and_blockwise(tmp_path, tokenizer_folder) -> None:
     out = tmp_path / "q"
     result = CliRunner().invoke(app, [
         "quantize", str(folder), "--bits", "4", "--group-size", "32", "--awq", "--gptq-grid", "two-stage",
-        "--blockwise-iters", "4", "--calibration", str(text), "--num-samples", "4", "--seqlen", "32",
-        "--device", "cpu", "--quiet", "--out", str(out)])
+        "--blockwise-iters", "4", "--blockwise-target", "full-precision", "--calibration", str(text),
+        "--num-samples", "4", "--seqlen", "32", "--device", "cpu", "--quiet", "--out", str(out)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "lowbit_manifest.json").read_text())
     assert manifest["recipe"]["awq"] is not None and manifest["recipe"]["blockwise"]["iterations"] == 4
+    assert manifest["recipe"]["blockwise"]["target"] == "full_precision"
     assert manifest["recipe"]["gptq"]["grid"] == "two_stage"
     source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

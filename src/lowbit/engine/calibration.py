@@ -20,6 +20,7 @@ class Target:
     name: str
     module: nn.Module
     layer: int
+    kept_columns: int = 0  # OWQ: 16-bit input columns this linear keeps (its share of the model's budget)
 
 
 def _to_device(value, device: torch.device):

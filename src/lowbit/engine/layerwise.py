@@ -70,13 +70,17 @@ def _grids(weight: Tensor, hessian: Tensor | None, recipe: Recipe
     return None, None, "scheme", ""
 
 
-def quantize_weight(weight: Tensor, hessian: Tensor | None, recipe: Recipe) -> LayerwiseResult:
+def quantize_weight(weight: Tensor, hessian: Tensor | None, recipe: Recipe, kept_columns: int | None = None,
+                    ) -> LayerwiseResult:
     """Quantize ``weight`` ``[out, in]`` (float32) to ``recipe.weights`` with the recipe's method and grids;
-    ``hessian`` ``E[x x^T]`` ``[in, in]`` is required by GPTQ and the Hessian-aware grids (None for plain RTN)."""
+    ``hessian`` ``E[x x^T]`` ``[in, in]`` is required by GPTQ and the Hessian-aware grids (None for plain RTN).
+    kept_columns: with OWQ, how many input columns stay in 16 bits (the engine shares the model's budget out;
+    None = what this weight's own share of ``owq.outlier_budget_bits`` pays for)."""
     grids, fit, label, note = _grids(weight, hessian, recipe)
     if recipe.owq is not None:
         options = recipe.owq
-        count = kept_column_count(*weight.shape, options.outlier_budget_bits, torch.finfo(DTYPES[options.kept_dtype]).bits)
+        count = kept_columns if kept_columns is not None else kept_column_count(
+            *weight.shape, options.outlier_budget_bits, torch.finfo(DTYPES[options.kept_dtype]).bits)
         kept = weak_columns(weight, hessian, recipe.weights, count)
         result = owq(weight, hessian, recipe.weights, recipe.gptq, kept, grids=grids, fit=fit)
         quantized = OWQWeight(**{name: getattr(result.weight, name) for name in QuantizedWeight.__dataclass_fields__},

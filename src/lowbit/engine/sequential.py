@@ -22,6 +22,7 @@ per-layer step (Hessians in, quantized weights out) where other methods plug in.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -44,7 +45,7 @@ from lowbit.engine.calibration import (  # noqa: F401  (re-exported: the engine'
     collect_hessians,
     propagate,
 )
-from lowbit.engine.layerwise import quantize_weight
+from lowbit.engine.layerwise import DTYPES, quantize_weight
 from lowbit.engine.profile import PhaseTimer
 from lowbit.engine.report import LayerRecord, LinearRecord, QuantizationReport
 from lowbit.engine.smoothing import smooth_layer, smoothing_pairs
@@ -91,6 +92,8 @@ def plan_model(model: nn.Module, recipe: Recipe) -> Plan:
                 continue
             validate_group_size(recipe.weights.group_size, in_features, name)
             plan.targets[index].append(Target(name, module, index))
+    if recipe.owq is not None:
+        _share_outlier_budget([t for index in plan.targets for t in plan.targets[index]], recipe)
     for name, module in iter_linears(model):
         if name in in_layers:
             continue
@@ -99,6 +102,23 @@ def plan_model(model: nn.Module, recipe: Recipe) -> Plan:
         reason = f"matches ignore pattern {pattern!r}" if pattern else "outside the decoder layers (lowbit quantizes decoder-layer linears)"
         plan.left_alone.append(LinearRecord(name, "skipped", None, in_features, out_features, reason=reason))
     return plan
+
+
+def _share_outlier_budget(targets: list[Target], recipe: Recipe) -> None:
+    """Spend OWQ's budget (extra bits per weight, over all target weights) on kept columns, linear by linear in
+    model order, carrying each linear's unspent bits to the next ("error diffusion"). Per linear
+    alone, 0.01 bits cannot buy one 16-bit column of a 576-wide layer (it costs 0.028 bits per weight), and every
+    small model would keep none; carried over, the model keeps what the budget pays for, and the total extra
+    bits never exceed the budget."""
+    assert recipe.owq is not None
+    value_bits = torch.finfo(DTYPES[recipe.owq.kept_dtype]).bits
+    carried = 0.0  # bits
+    for target in targets:
+        out_features, in_features = linear_weight(target.module).shape
+        cost = out_features * value_bits + 32  # one kept column: its values and its index
+        carried += recipe.owq.outlier_budget_bits * out_features * in_features
+        target.kept_columns = min(in_features, math.floor(carried / cost + 1e-9))
+        carried -= target.kept_columns * cost
 
 
 def _progress(enabled: bool) -> Progress:
@@ -125,7 +145,8 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
     start = time.perf_counter()
     weights = [linear_weight(t.module).detach().to(device, torch.float32) for t in targets]
     rows = [w.shape[0] for w in weights]
-    result = quantize_weight(torch.cat(weights) if len(weights) > 1 else weights[0], hessian, recipe)
+    kept = targets[0].kept_columns if len(targets) == 1 else None  # OWQ never stacks linears (quantize_layer)
+    result = quantize_weight(torch.cat(weights) if len(weights) > 1 else weights[0], hessian, recipe, kept_columns=kept)
     parts = _split_rows(result.weight, rows)
     dampening, dead_columns = result.dampening, result.dead_columns
     method = recipe.method + ("+owq" if recipe.owq is not None else "") + ("" if result.grid == "scheme" else f"+{result.grid}")
