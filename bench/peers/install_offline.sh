@@ -57,6 +57,10 @@ install_peer() {
   # no pip inside the venv (ensurepip may be missing from the image): the image's pip, visible through the
   # system site packages, installs into the venv when run by the venv's interpreter
   "$PYTHON" -m venv --system-site-packages --without-pip "$venv"
+  # When $PYTHON is itself a venv (the GPU image's python3 is /opt/torch/.venv), --system-site-packages reaches
+  # only the base interpreter's packages: a .pth file adds $PYTHON's own site folders (after the venv's own).
+  "$PYTHON" -c "import site; print('\n'.join(site.getsitepackages()))" \
+    > "$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_parent_site.pth"
   # shellcheck disable=SC2086
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --ignore-installed \
     --find-links "$WHEELS" ${PACKAGES[$name]}
