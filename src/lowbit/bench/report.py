@@ -46,8 +46,8 @@ def comparisons(cells: list[dict]) -> list[str]:
             best_ours = min(ours, key=lambda c: c["perplexity"])
             best_peer = min(peers, key=lambda c: c["perplexity"])
             delta = best_ours["perplexity"] - best_peer["perplexity"]
-            verdict = "ahead" if delta < 0 else "behind"
-            line = (f"{model} {scheme}: lowbit ({best_ours['method']}) is {verdict} of the best peer "
+            verdict = "ahead of" if delta < 0 else "behind"
+            line = (f"{model} {scheme}: lowbit ({best_ours['method']}) is {verdict} the best peer "
                     f"({best_peer['method']}) in perplexity: {best_ours['perplexity']:.2f} vs {best_peer['perplexity']:.2f} "
                     f"({delta:+.2f}, {100 * delta / best_peer['perplexity']:+.1f}%)")
             zo, zp = zeroshot_mean(best_ours), zeroshot_mean(best_peer)
