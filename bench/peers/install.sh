@@ -36,25 +36,7 @@ install_peer() {
   # torch first, CPU build (a local CPU wheel is found by this exact requirement).
   "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
   "$venv/bin/python" -m pip install --quiet ${PACKAGES[$name]} safetensors
-  "$venv/bin/python" - "$venv/VERSION.json" ${RECORD[$name]} <<'PY'
-import importlib.metadata as md
-import json
-import platform
-import sys
-
-out, *extra = sys.argv[1:]
-names = [*extra, "torch", "transformers", "accelerate", "safetensors"]
-versions = {}
-for name in names:
-    try:
-        versions[name] = md.version(name)
-    except md.PackageNotFoundError:
-        versions[name] = None
-versions["python"] = platform.python_version()
-with open(out, "w") as handle:
-    json.dump(versions, handle, indent=2)
-print(json.dumps(versions))
-PY
+  "$venv/bin/python" "$ROOT/bench/peers/record_versions.py" "$venv/VERSION.json" ${RECORD[$name]}
   "$venv/bin/python" -m pip freeze > "$venv/requirements.lock"
 }
 

@@ -65,26 +65,7 @@ install_peer() {
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --ignore-installed \
     --find-links "$WHEELS" ${PACKAGES[$name]}
   "$venv/bin/python" -c "import ${MODULE[$name]}"
-  "$venv/bin/python" - "$venv/VERSION.json" ${RECORD[$name]} <<'PY'
-import importlib.metadata as md
-import json
-import platform
-import sys
-
-out, *extra = sys.argv[1:]
-names = [*extra, "torch", "transformers", "accelerate", "safetensors"]
-versions = {}
-for name in names:
-    try:
-        versions[name] = md.version(name)
-    except md.PackageNotFoundError:
-        versions[name] = None
-versions["python"] = platform.python_version()
-versions["installed_from"] = "wheels, offline, over the system site packages"
-with open(out, "w") as handle:
-    json.dump(versions, handle, indent=2)
-print(json.dumps(versions))
-PY
+  "$venv/bin/python" "$ROOT/bench/peers/record_versions.py" "$venv/VERSION.json" --note "wheels, offline, over the system site packages" ${RECORD[$name]}
   "$venv/bin/python" -m pip freeze --disable-pip-version-check > "$venv/requirements.lock"
 }
 
