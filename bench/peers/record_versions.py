@@ -15,7 +15,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("names", nargs="*")
     parser.add_argument("--note", default=None, help="how the venv was installed")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     versions = {}
     for name in [*args.names, "torch", "transformers", "accelerate", "safetensors"]:
         try:
