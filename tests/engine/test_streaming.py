@@ -104,13 +104,13 @@ from lowbit.engine.streaming import ShardStore
 import json
 folder, out, ids, kill_after, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 changes = json.loads(sys.argv[6])
-if kill_after >= 0:
-    finish = ShardStore.finish
-    def finish_then_die(self, index, *args):
-        finish(self, index, *args)
+if kill_after >= 0:  # die as soon as layer kill_after is written (by the background writer)
+    write = ShardStore._write_layer
+    def write_then_die(self, index, *args):
+        write(self, index, *args)
         if index == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
-    ShardStore.finish = finish_then_die
+    ShardStore._write_layer = write_then_die
 recipe = lowbit.Recipe().updated(**{"weights.group_size": 32, "weights.bits": 3, "weights.symmetric": False}, **changes)
 lowbit.quantize_to_folder(folder, out, recipe, torch.load(ids), device="cpu", resume=resume, progress=False)
 """
@@ -214,3 +214,25 @@ def test_fit_batch_size_halves_until_the_gpu_budget_fits():
     assert fit_batch_size(estimate_for, 8, 100) == 8  # 30 + 40 fits
     assert fit_batch_size(estimate_for, 8, 45) == 2  # 30 + 10
     assert fit_batch_size(estimate_for, 8, 20) == 8  # nothing fits: plan_memory raises with the breakdown
+
+
+def test_a_background_write_error_stops_the_run_and_keeps_the_finished_layers(tmp_path, monkeypatch):
+    """Layers are written by a background thread; its failure is raised in the run (not lost), and the layers
+    written before it stay in the partial folder, resumable."""
+    from lowbit.engine.streaming import ShardStore
+
+    folder = three_layer_folder(tmp_path)
+    write = ShardStore._write_layer
+
+    def fail_on_layer_1(self, index, *args):
+        if index == 1:
+            raise OSError("disk full (simulated)")
+        write(self, index, *args)
+
+    monkeypatch.setattr(ShardStore, "_write_layer", fail_on_layer_1)
+    recipe = lowbit.Recipe().updated(**{"weights.group_size": 32, "weights.bits": 3, "weights.symmetric": False})
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        lowbit.quantize_to_folder(folder, out, recipe, torch.load(tmp_path / "ids.pt"), device="cpu", progress=False)
+    progress = json.loads((partial_folder(out) / "lowbit_progress.json").read_text())
+    assert sorted(progress["layers"]) == ["0"] and not out.exists()

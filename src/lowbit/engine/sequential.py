@@ -281,6 +281,9 @@ class LayerStore:
     def skip(self, index: int) -> None:
         """Layer ``index`` was restored by ``load`` and its outputs recomputed; nothing is left to do with it."""
 
+    def drain(self) -> None:
+        """Wait until every finished layer is stored (a store may write in the background)."""
+
 
 def _layer_record(index: int, seconds: float, records: list[LinearRecord]) -> LayerRecord:
     quantized = [r for r in records if r.status == "quantized"]
@@ -463,6 +466,8 @@ def quantize_model(
                 error_text = "-" if layer_record.mean_output_error is None else f"{layer_record.mean_output_error:.4g}"
                 bar.console.print(f"layer {index + 1}/{len(layers)}: mean rel. output error {error_text}, "
                                   f"{layer_record.seconds:.1f} s")
+    with timer("write"):
+        store.drain()
     report.linears.sort(key=lambda r: (r.layer if r.layer is not None else 1 << 30, r.name))
     report.seconds = time.perf_counter() - started
     return store.weights, report

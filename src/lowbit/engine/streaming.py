@@ -18,6 +18,7 @@ kept in the model dtype), so the result is byte-identical to an uninterrupted ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -26,6 +27,7 @@ import resource
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -97,6 +99,8 @@ class ShardStore(LayerStore):
         self.folder, self.model, self.decoder, self.recipe, self.key, self.lazy = folder, model, decoder, recipe, key, lazy
         self.completed: dict[int, dict] = dict(completed or {})
         self.shard_count = len(decoder.layers) + 1  # one per layer, then the tensors outside the layers
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-writer")
+        self._pending: Future | None = None
 
     def _save_progress(self) -> None:
         layers = {str(index): entry for index, entry in sorted(self.completed.items())}
@@ -150,6 +154,19 @@ class ShardStore(LayerStore):
             install_kept_columns(layer, kept_column_tensors([k[len(prefix):] for k in keys], lambda k: handle.get_tensor(prefix + k)))
 
     def finish(self, index: int, weights: dict[str, QuantizedWeight], records: list[LinearRecord], layer: LayerRecord) -> None:
+        """Hand layer ``index`` to the background writer and return: packing, writing, hashing and the progress
+        file overlap the next layer's work. One layer is in flight at most (this waits for the previous one,
+        and re-raises its error), so the extra CPU memory is one finished layer."""
+        self.drain()
+        self._pending = self._writer.submit(self._write_layer, index, weights, records, layer)
+
+    def drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write_layer(self, index: int, weights: dict[str, QuantizedWeight], records: list[LinearRecord],
+                     layer: LayerRecord) -> None:
         module = self.decoder.layers[index]
         holder = _scoped(module, self.decoder.name(index), self.model.config)
         state, config, dense = build_state_dict(holder, weights, self.recipe.weights.clip, self.recipe.gptq.act_order)
@@ -267,8 +284,9 @@ def quantize_to_folder(
     def estimate_for(batch_size: int):
         estimate = estimate_memory(module, decoder, dtype, int(samples), int(seqlen), batch_size,
                                    device.type == "cuda", lazy is not None)
-        if recipe.blockwise is not None:  # the full-precision outputs of the layer live beside its captured inputs
-            estimate.captured_activations *= 2
+        if recipe.blockwise is not None:  # the full-precision outputs of the layer live beside its captured inputs,
+            # and with the full-precision target so does the full-precision model's stream
+            estimate.captured_activations *= 3 if recipe.blockwise.target == "full_precision" else 2
         return estimate
 
     requested_batch = recipe.calibration.batch_size
@@ -300,6 +318,8 @@ def quantize_to_folder(
                                    activation_device=device if estimate.activations_on == "gpu" else "cpu",
                                    progress=progress, store=store, profile=profile)
     except BaseException:
+        with contextlib.suppress(Exception):  # let the layer being written finish: it can be resumed from
+            store.drain()
         if not store.completed:  # nothing worth resuming: leave no trace
             shutil.rmtree(folder, ignore_errors=True)
         raise
