@@ -69,14 +69,6 @@ install_peer() {
   "$venv/bin/python" -m pip freeze --disable-pip-version-check > "$venv/requirements.lock"
 }
 
-if [ "$#" -eq 0 ]; then
-  set -- llmcompressor autoround hqq
-fi
-mkdir -p "$PEERS_DIR"
-for name in "$@"; do
-  if [ -z "${PACKAGES[$name]+set}" ]; then
-    echo "unknown peer '$name'; choose from: ${!PACKAGES[*]}" >&2
-    exit 2
-  fi
-  install_peer "$name"
-done
+# shellcheck source=bench/peers/install_each.sh
+source "$ROOT/bench/peers/install_each.sh"
+install_each "$@"
