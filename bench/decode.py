@@ -3,7 +3,8 @@
 Run on one GPU (one device call):  ``python bench/decode.py --out bench/results``
 
 For each scheme and batch size (1 and 16): a 512-token random prompt, then 128 greedy tokens with
-the static KV cache and the CUDA-graph decode step of :mod:`lowbit.kernels.runtime`; decode
+the static KV cache and the CUDA-graph decode step of :mod:`lowbit.kernels.runtime` (compiled with
+``torch.compile`` for every scheme alike unless ``--no-compile``); decode
 tokens/s counts the replayed steps only. The lm_head stays bf16 in every scheme. Writes
 ``decode.json`` and ``decode.md`` under ``--out`` and prints the markdown table.
 """
@@ -45,13 +46,15 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows: list[dict] = []
     for scheme in args.schemes:
         try:
-            new = bench_decode(scheme, tuple(args.batch_sizes), args.prompt_len, args.new_tokens)
+            new = bench_decode(scheme, tuple(args.batch_sizes), args.prompt_len, args.new_tokens,
+                               compile_step=not args.no_compile)
         except Exception:  # keep the other schemes; the log shows what failed
             traceback.print_exc()
             continue

@@ -353,6 +353,7 @@ def bench_decode(
     prompt_len: Annotated[int, typer.Option(help="prompt tokens")] = 512,
     new_tokens: Annotated[int, typer.Option(help="generated tokens")] = 128,
     device: Annotated[str, typer.Option(help="CUDA device")] = "cuda",
+    compile_step: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decode step (every scheme alike)")] = True,
 ) -> None:
     """Decode tokens/s of a Llama-3-8B-shaped random model, bf16 and each lowbit scheme, one harness."""
     import gc
@@ -364,7 +365,8 @@ def bench_decode(
         _fail(RuntimeError("bench-decode measures GPU kernels and needs a CUDA device"))
     rows = []
     for scheme in schemes.split(","):
-        rows += run_bench(scheme, tuple(int(b) for b in batch_sizes.split(",")), prompt_len, new_tokens, device=device)
+        rows += run_bench(scheme, tuple(int(b) for b in batch_sizes.split(",")), prompt_len, new_tokens, device=device,
+                          compile_step=compile_step)
         gc.collect()
         torch.cuda.empty_cache()
     sys.stdout.write(decode_table(rows) + "\n")

@@ -77,3 +77,27 @@ def test_decode_table() -> None:
         {"scheme": "w4a16", "batch": 1, "tokens_per_s": 150.0},
     ]
     assert "| w4a16 | 1 | 150.0 | 1.50x |" in decode_table(rows)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager(caplog) -> None:
+    """torch.compile of the decode step, with the W4A16 kernel as an opaque custom op (interpreter on the CPU)."""
+    model = random_decoder(TINY, linear_factory("w4a16", "cpu"), device="cpu").fuse_projections()
+    prompt = torch.randint(0, TINY.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    eager = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False)
+    with caplog.at_level("WARNING", logger="lowbit.kernels.runtime"):
+        compiled = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False, compile_step=True)
+    assert "decoding eagerly" not in caplog.text  # it really compiled
+    assert torch.equal(compiled.tokens, eager.tokens)
+
+
+def test_custom_ops_match_the_modules() -> None:
+    """The kernels' custom ops (what torch.compile sees) compute what the modules compute."""
+    layer = linear_factory("w4a16", "cpu")(128, 48)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    torch.library.opcheck(
+        torch.ops.lowbit.wna16_mm,
+        (x, layer.qweight, layer.scale, layer.zero, layer.bits, layer.group_size, 128, 48),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    assert torch.equal(layer(x), torch.ops.lowbit.wna16_mm(x, layer.qweight, layer.scale, None, 4, 128, 128, 48))

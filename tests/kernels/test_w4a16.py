@@ -88,6 +88,31 @@ def test_launch_configs_and_tails(config: WNA16Config, dtype: torch.dtype) -> No
     assert rel_err(out, ref) < BF16_TOL
 
 
+@pytest.mark.parametrize(
+    "group_size,symmetric,k,config",
+    [
+        (128, True, 384, WNA16Config(1, 16, 1, 4, 2, packed_math=True, prefetch=False, kbi=2)),  # K-blocks not a multiple of KBI
+        (128, False, 512, WNA16Config(1, 8, 2, 2, 2, packed_math=True, kbi=2)),  # split-K, asymmetric
+        (256, False, 512, WNA16Config(1, 16, 1, 4, 2, kbi=4)),  # a group spans two K-blocks
+        (-1, False, 448, WNA16Config(1, 16, 1, 4, 2, kbi=2)),  # per channel, K padded to 512
+        (-1, True, 300, WNA16Config(1, 32, 3, 4, 2, kbi=1)),  # ragged K, split-K over single blocks
+    ],
+    ids=["g128-tail", "g128-asym-splitk", "g256", "per-channel-padded", "ragged-k-splitk"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_multi_block_gemv(group_size: int, symmetric: bool, k: int, config: WNA16Config, dtype: torch.dtype) -> None:
+    """The 4-bit GEMV that reads several K-blocks per step (float path: the interpreter has no PTX)."""
+    n, m = 40, 2  # N not a multiple of BLOCK_N; two tokens, one program row each
+    q, scale, zero = random_codes(n, k, 4, group_size, symmetric, dtype, seed=k + group_size)
+    packed = pack_wna16(q, scale, zero, 4, group_size)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(6)).to(dtype)
+    ref = wna16_matmul_reference(x.double(), q, scale.double(), zero, 4)
+    for _ in range(2):  # the split-K tile counters must be back at zero for the second launch
+        out = wna16_matmul(x, packed, config)
+        assert torch.isfinite(out).all() and out.shape == (m, n)
+        assert rel_err(out, ref) < BF16_TOL, rel_err(out, ref)
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, False), (8, -1, True)])
 def test_dequantize_packed(bits: int, group_size: int, symmetric: bool) -> None:
     q, scale, zero = random_codes(33, 320, bits, group_size, symmetric, torch.bfloat16, seed=9)
@@ -131,5 +156,5 @@ def test_gpu_packed_math_gemv() -> None:  # pragma: no cover - CI has no GPU
     packed = pack_wna16(q.cuda(), scale.cuda(), None, 4, 128)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ dequantize_weight(q, scale, None, 4).cuda().double().T
-    out = wna16_matmul(x, packed, WNA16Config(1, 64, 4, 2, 2, packed_math=True))
-    assert rel_err(out, ref) < BF16_TOL
+    for cfg in (WNA16Config(1, 64, 4, 2, 2, packed_math=True), WNA16Config(1, 16, 1, 4, 3, packed_math=True, kbi=8)):
+        assert rel_err(wna16_matmul(x, packed, cfg), ref) < BF16_TOL, cfg

@@ -40,6 +40,41 @@ def kernels_available(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+# The kernels as PyTorch custom ops: torch.compile treats them as opaque calls (it cannot trace
+# into a Triton launcher that tunes and caches launch configurations in Python) and fuses the
+# elementwise work around them.
+@torch.library.custom_op(
+    "lowbit::wna16_mm",
+    mutates_args=(),
+    schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int group_size, "
+    "int in_features, int out_features) -> Tensor",
+)
+def _wna16_mm(x, qweight, scale, zero, bits, group_size, in_features, out_features):
+    from lowbit.kernels.w4a16 import wna16_matmul
+
+    packed = PackedWNA16(qweight, scale, zero, bits, group_size, in_features, out_features)
+    return wna16_matmul(x, packed)
+
+
+@_wna16_mm.register_fake
+def _(x, qweight, scale, zero, bits, group_size, in_features, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op(
+    "lowbit::w8a8_mm", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor weight_scale) -> Tensor"
+)
+def _w8a8_mm(x, weight, weight_scale):
+    from lowbit.kernels.w8a8 import w8a8_linear
+
+    return w8a8_linear(x, weight, weight_scale)
+
+
+@_w8a8_mm.register_fake
+def _(x, weight, weight_scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 @dataclass(frozen=True)
 class WeightOnly:
     """W{4,8}A16: group-wise integer weights, 16-bit activations (GPTQ / AWQ style)."""
@@ -108,9 +143,10 @@ class WNA16Linear(nn.Module):
         if self.input_permutation is not None:
             x = x[..., self.input_permutation]
         if kernels_available(x.device):
-            from lowbit.kernels.w4a16 import wna16_matmul
-
-            y = wna16_matmul(x, self.packed)
+            y = torch.ops.lowbit.wna16_mm(
+                x, self.qweight, self.scale, self.zero, self.bits, self.group_size,
+                self.in_features, self.out_features,
+            )  # fmt: skip
         else:
             q, scale, zero = unpack_wna16(self.packed)
             y = reference.wna16_matmul_reference(x, q, scale, zero, self.bits)
@@ -143,9 +179,7 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if kernels_available(x.device):
-            from lowbit.kernels.w8a8 import w8a8_linear
-
-            y = w8a8_linear(x, self.weight, self.weight_scale)
+            y = torch.ops.lowbit.w8a8_mm(x, self.weight, self.weight_scale)
         else:
             y = reference.w8a8_matmul_reference(
                 x.reshape(-1, self.in_features), self.weight, self.weight_scale

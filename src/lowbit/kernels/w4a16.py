@@ -192,6 +192,112 @@ def _wna16_kernel(
 
 
 @triton.jit
+def _w4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_om,
+    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_N: tl.constexpr, KBI: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr, PACKED_MATH: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """4-bit GEMV reading ``KBI`` K-blocks per loop step: a ``[BLOCK_N, KBI, WORDS]`` tile of words.
+
+    The one-K-block kernel above keeps at most one small tile per step in flight; at M = 1 the
+    product is a pure memory stream, and a step of ``BLOCK_N x KBI x 64`` bytes (8 KiB for 16 x 8)
+    gives each SM enough loads in flight to approach the memory bandwidth without split-K. The
+    partial sums stay per word until the end (one cross-thread reduction per program). Groups
+    must cover whole K-blocks (``GROUP >= BK``) or be per channel.
+    """
+    WORDS: tl.constexpr = BK // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n = tl.where(n_mask, offs_n, 0)
+    offs_i = tl.arange(0, KBI)
+    offs_w = tl.arange(0, WORDS)
+
+    num_kb = tl.cdiv(K, BK)
+    num_steps = tl.cdiv(num_kb, KBI)
+    steps_per_split = tl.cdiv(num_steps, SPLIT_K)
+    step_lo = pid_k * steps_per_split
+    step_hi = tl.minimum(step_lo + steps_per_split, num_steps)
+
+    w_off = offs_i[None, :, None] * (N * WORDS) + offs_n[:, None, None] * WORDS + offs_w[None, None, :]
+    x_off = offs_i[:, None] * BK + offs_w[None, :]  # feature of code 0 of each word, per K-block
+    acc = tl.zeros((BLOCK_N, KBI, WORDS), dtype=tl.float32)
+    scale = tl.full((BLOCK_N, KBI), 1.0, tl.float32)
+    zero = tl.full((BLOCK_N, KBI), 8.0, tl.float32)
+    if PER_CHANNEL:
+        channel_scale = tl.load(s_ptr + offs_n).to(tl.float32)
+        if HAS_ZERO:
+            zero = tl.broadcast_to(tl.load(z_ptr + offs_n).to(tl.float32)[:, None], (BLOCK_N, KBI))
+    first = tl.minimum(step_lo, num_steps - 1)
+    next_words = tl.load(qw_ptr + first * (KBI * N * WORDS) + w_off, mask=(first * KBI + offs_i < num_kb)[None, :, None],
+                         other=0)  # fmt: skip
+    for step in range(step_lo, step_hi):
+        kb = step * KBI + offs_i
+        kb_ok = kb < num_kb
+        if PREFETCH:  # the next step's words are in flight while this step is computed
+            words = next_words
+            nxt = tl.minimum(step + 1, step_hi - 1)
+            next_words = tl.load(qw_ptr + nxt * (KBI * N * WORDS) + w_off, mask=(nxt * KBI + offs_i < num_kb)[None, :, None],
+                                 other=0)  # fmt: skip
+        else:
+            words = tl.load(qw_ptr + step * (KBI * N * WORDS) + w_off, mask=kb_ok[None, :, None], other=0)
+        if not PER_CHANNEL:
+            g_off = ((kb * BK) // GROUP)[None, :] * N + offs_n[:, None]
+            scale = tl.load(s_ptr + g_off, mask=kb_ok[None, :], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + g_off, mask=kb_ok[None, :], other=0.0).to(tl.float32)
+        x_base = x_ptr + pid_m * stride_xm + step * (KBI * BK) + x_off
+        x_feature = step * (KBI * BK) + x_off
+        if PACKED_MATH:
+            shape: tl.constexpr = (BLOCK_N, KBI, WORDS)
+            x0 = _load_x_slab(x_base, x_feature, kb_ok, K, 0, WORDS, EVEN_K)
+            x1 = _load_x_slab(x_base, x_feature, kb_ok, K, 1, WORDS, EVEN_K)
+            x2 = _load_x_slab(x_base, x_feature, kb_ok, K, 2, WORDS, EVEN_K)
+            x3 = _load_x_slab(x_base, x_feature, kb_ok, K, 3, WORDS, EVEN_K)
+            x4 = _load_x_slab(x_base, x_feature, kb_ok, K, 4, WORDS, EVEN_K)
+            x5 = _load_x_slab(x_base, x_feature, kb_ok, K, 5, WORDS, EVEN_K)
+            x6 = _load_x_slab(x_base, x_feature, kb_ok, K, 6, WORDS, EVEN_K)
+            x7 = _load_x_slab(x_base, x_feature, kb_ok, K, 7, WORDS, EVEN_K)
+            nz = pack_bf16x2(-(128.0 + zero), -(128.0 + zero))
+            part = word_dot_bf16x2(
+                words,
+                tl.broadcast_to(pack_bf16x2(x0, x4)[None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x1, x5)[None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x2, x6)[None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x3, x7)[None, :, :], shape),
+                tl.broadcast_to(nz[:, :, None], shape),
+            )
+        else:  # float32 (fp16 activations, and the CPU interpreter, which has no inline PTX)
+            part = tl.zeros((BLOCK_N, KBI, WORDS), dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = _load_x_slab(x_base, x_feature, kb_ok, K, j, WORDS, EVEN_K).to(tl.float32)
+                q = ((words >> (4 * j)) & 15).to(tl.float32)
+                part += (q - zero[:, :, None]) * xj[None, :, :]
+        acc += part * scale[:, :, None]
+
+    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if PER_CHANNEL:
+        res = res * channel_scale
+    counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+    _store_split_k(res, out_ptr + pid_m * stride_om + offs_n, ws_ptr + pid_m * N + offs_n, M * N,
+                   counter, pid_k, n_mask, SPLIT_K)  # fmt: skip
+
+
+@triton.jit
+def _load_x_slab(x_base, x_feature, kb_ok, K, J: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activations of code slab ``J`` for ``[KBI, WORDS]`` words; zero past K and past the last K-block."""
+    if EVEN_K:
+        mask = kb_ok[:, None]
+    else:
+        mask = kb_ok[:, None] & (x_feature + J * WORDS < K)
+    return tl.load(x_base + J * WORDS, mask=mask, other=0.0)
+
+
+@triton.jit
 def _store_split_k(value, out_ptrs, ws_ptrs, split_stride, counter_ptr, pid_k, mask, SPLIT_K: tl.constexpr):
     """Write the output, or with split-K: the last of the K-slices to arrive sums all partial results.
 
@@ -231,6 +337,7 @@ class WNA16Config:
     one_dot: bool = True
     packed_math: bool = False  # GEMV in packed bf16x2 inline PTX (4-bit, group >= 128, GPU only)
     prefetch: bool = True  # hand-pipelined weight loads (else Triton's num_stages pipelining)
+    kbi: int = 0  # GEMV only: K-blocks per loop step in the multi-block 4-bit kernel (0: one-block kernel)
 
 
 DENSE = WNA16Config(0, 0, 1)
@@ -262,9 +369,14 @@ def candidate_configs(m: int) -> list[WNA16Config]:
     if m == 1:
         gemv = [(64, 4, 2), (128, 8, 4), (256, 8, 4), (128, 16, 4), (64, 8, 2)]
         packed_only = [(32, 4, 1), (32, 8, 1), (64, 2, 2), (64, 16, 2), (128, 4, 4), (32, 16, 1)]
-        return [
-            WNA16Config(1, bn, sk, nw, 2, packed_math=pm) for bn, sk, nw in gemv for pm in (False, True)
-        ] + [WNA16Config(1, bn, sk, nw, 2, packed_math=True) for bn, sk, nw in packed_only]
+        multi = [(16, 8, 1, 4), (32, 4, 1, 4), (16, 4, 1, 4), (8, 8, 1, 2), (32, 8, 1, 8), (16, 8, 2, 4),
+                 (64, 2, 1, 4), (16, 16, 1, 8), (8, 16, 1, 4), (32, 4, 2, 4)]  # (block_n, kbi, split_k, warps)
+        return (
+            [WNA16Config(1, bn, sk, nw, 2, packed_math=pm) for bn, sk, nw in gemv for pm in (False, True)]
+            + [WNA16Config(1, bn, sk, nw, 2, packed_math=True) for bn, sk, nw in packed_only]
+            + [WNA16Config(1, bn, sk, nw, st, packed_math=True, prefetch=pf, kbi=kbi)
+               for bn, kbi, sk, nw in multi for st, pf in ((2, True), (3, False))]
+        )
     if m <= 16:
         tc = [(64, 4, True), (64, 8, True), (128, 8, True), (64, 4, False), (64, 8, False)]
         return [WNA16Config(16, bn, sk, 4, 3, od, prefetch=pf) for bn, sk, od in tc for pf in (True, False)]
@@ -314,6 +426,34 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
     per_channel = packed.group_size == -1
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
     workspace, counters = split_k_buffers(x.device, cfg.split_k * m * n, grid[0] * grid[2])
+    if cfg.block_m == 1 and cfg.kbi and packed.bits == 4 and (per_channel or packed.group_size >= BLOCK_K):
+        _w4_gemv_kernel[grid](
+            x2,
+            packed.qweight,
+            packed.scale,
+            packed.zero if packed.zero is not None else packed.scale,
+            out,
+            workspace,
+            counters,
+            m,
+            n,
+            k,
+            x2.stride(0),
+            out.stride(0),
+            GROUP=BLOCK_K if per_channel else packed.group_size,
+            PER_CHANNEL=per_channel,
+            HAS_ZERO=packed.zero is not None,
+            BLOCK_N=cfg.block_n,
+            KBI=cfg.kbi,
+            SPLIT_K=cfg.split_k,
+            BK=BLOCK_K,
+            EVEN_K=k % BLOCK_K == 0,
+            PACKED_MATH=cfg.packed_math and packed_math_ok(packed, x.dtype) and not interpreting(),
+            PREFETCH=cfg.prefetch,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        return out.reshape(*x.shape[:-1], n)
     _wna16_kernel[grid](
         x2,
         packed.qweight,

@@ -1,0 +1,88 @@
+"""Diagnostic for the W4 GEMV (issue 6): how fast can the packed weight merely be *read*?
+
+Run on one GPU:  ``python bench/gemv_probe.py``
+
+For each benchmark shape it times, with ``do_bench`` (median, L2 flushed): (a) a Triton kernel
+that reads the packed 4-bit weight with the multi-block GEMV's own tile pattern and only XORs the
+words (no dequantization, no activations), (b) a flat contiguous read of the same bytes, and (c)
+the tuned lowbit GEMV and cuBLAS bf16 at M=1. If (a) is as slow as the GEMV, the layout's access
+pattern is the ceiling; if (a) is near (b), the GEMV's arithmetic or latency is.
+"""
+
+from __future__ import annotations
+
+import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+from lowbit.kernels import w4a16
+from lowbit.kernels.layout import pack_wna16
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+
+
+@triton.jit
+def _tile_read(qw_ptr, out_ptr, N, NUM_KB, BLOCK_N: tl.constexpr, KBI: tl.constexpr, WORDS: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, KBI)
+    offs_w = tl.arange(0, WORDS)
+    off = offs_i[None, :, None] * (N * WORDS) + offs_n[:, None, None] * WORDS + offs_w[None, None, :]
+    acc = tl.zeros((BLOCK_N, KBI, WORDS), dtype=tl.int32)
+    for step in range(0, NUM_KB // KBI):
+        acc ^= tl.load(qw_ptr + step * (KBI * N * WORDS) + off)
+    tl.store(out_ptr + offs_n, tl.xor_sum(tl.xor_sum(acc, axis=2), axis=1))
+
+
+@triton.jit
+def _flat_read(ptr, out_ptr, n_words, BLOCK: tl.constexpr, PER_PROGRAM: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in range(PER_PROGRAM):
+        acc ^= tl.load(ptr + (pid * PER_PROGRAM + i) * BLOCK + offs)
+    tl.store(out_ptr + pid, tl.xor_sum(acc, axis=0))
+
+
+def us(fn) -> float:
+    return do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    print("| K x N | MB | cuBLAS bf16 us | lowbit GEMV us (GB/s) | tile read us (GB/s), best config | flat read us (GB/s) |")
+    print("|---|---|---|---|---|---|")
+    for k, n in SHAPES:
+        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+        s = (torch.rand(n, k // 128, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+        p = pack_wna16(q, s, None, 4, 128)
+        mb = p.qweight.numel() * 4 / 1e6
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        t_cublas = us(lambda: F.linear(x, w))
+        w4a16.wna16_matmul(x, p)  # tune
+        t_gemv = us(lambda: w4a16.wna16_matmul(x, p))
+        num_kb = p.qweight.shape[0]
+        best = (float("inf"), None)
+        for bn, kbi, warps in [(16, 8, 4), (16, 4, 4), (32, 4, 4), (8, 16, 4), (32, 8, 8), (64, 4, 8), (16, 16, 8)]:
+            if num_kb % kbi:
+                continue
+            out = torch.empty(n, dtype=torch.int32, device="cuda")
+            t = us(lambda: _tile_read[(triton.cdiv(n, bn),)](p.qweight, out, n, num_kb, bn, kbi, 16, num_warps=warps))
+            best = min(best, (t, (bn, kbi, warps)), key=lambda b: b[0])
+        flat = p.qweight.reshape(-1)
+        block, per = 1024, 16
+        programs = flat.numel() // (block * per)
+        out = torch.empty(programs, dtype=torch.int32, device="cuda")
+        t_flat = us(lambda: _flat_read[(programs,)](flat, out, flat.numel(), block, per, num_warps=4))
+        flat_mb = programs * block * per * 4 / 1e6
+        print(f"| {k}x{n} | {mb:.1f} | {t_cublas:.1f} | {t_gemv:.1f} ({mb * 1e3 / t_gemv:.0f}) | "
+              f"{best[0]:.1f} ({mb * 1e3 / best[0]:.0f}), {best[1]} | {t_flat:.1f} ({flat_mb * 1e3 / t_flat:.0f}) |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
