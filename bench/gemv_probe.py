@@ -53,7 +53,9 @@ def us(fn) -> float:
 
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    print("| K x N | MB | cuBLAS bf16 us | lowbit GEMV us (GB/s) | tile read us (GB/s), best config | flat read us (GB/s) |")
+    print(
+        "| K x N | MB | cuBLAS bf16 us | lowbit GEMV us (GB/s) | tile read us (GB/s), best config | flat read us (GB/s) |"
+    )
     print("|---|---|---|---|---|---|")
     for k, n in SHAPES:
         q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
@@ -62,26 +64,43 @@ def main() -> None:
         mb = p.qweight.numel() * 4 / 1e6
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        t_cublas = us(lambda: F.linear(x, w))
+        t_cublas = us(lambda x=x, w=w: F.linear(x, w))
         w4a16.wna16_matmul(x, p)  # tune
-        t_gemv = us(lambda: w4a16.wna16_matmul(x, p))
+        t_gemv = us(lambda x=x, p=p: w4a16.wna16_matmul(x, p))
         num_kb = p.qweight.shape[0]
         best = (float("inf"), None)
-        for bn, kbi, warps in [(16, 8, 4), (16, 4, 4), (32, 4, 4), (8, 16, 4), (32, 8, 8), (64, 4, 8), (16, 16, 8)]:
+        for bn, kbi, warps in [
+            (16, 8, 4),
+            (16, 4, 4),
+            (32, 4, 4),
+            (8, 16, 4),
+            (32, 8, 8),
+            (64, 4, 8),
+            (16, 16, 8),
+        ]:
             if num_kb % kbi:
                 continue
             out = torch.empty(n, dtype=torch.int32, device="cuda")
-            t = us(lambda: _tile_read[(triton.cdiv(n, bn),)](p.qweight, out, n, num_kb, bn, kbi, 16, num_warps=warps))
+            grid = (triton.cdiv(n, bn),)
+            t = us(
+                lambda g=grid, q=p.qweight, o=out, n=n, kb=num_kb, bn=bn, kbi=kbi, nw=warps: _tile_read[g](
+                    q, o, n, kb, bn, kbi, 16, num_warps=nw
+                )
+            )
             best = min(best, (t, (bn, kbi, warps)), key=lambda b: b[0])
         flat = p.qweight.reshape(-1)
         block, per = 1024, 16
         programs = flat.numel() // (block * per)
         out = torch.empty(programs, dtype=torch.int32, device="cuda")
-        t_flat = us(lambda: _flat_read[(programs,)](flat, out, flat.numel(), block, per, num_warps=4))
+        t_flat = us(
+            lambda g=(programs,), f=flat, o=out: _flat_read[g](f, o, f.numel(), 1024, 16, num_warps=4)
+        )
         flat_mb = programs * block * per * 4 / 1e6
-        print(f"| {k}x{n} | {mb:.1f} | {t_cublas:.1f} | {t_gemv:.1f} ({mb * 1e3 / t_gemv:.0f}) | "
-              f"{best[0]:.1f} ({mb * 1e3 / best[0]:.0f}), {best[1]} | {t_flat:.1f} ({flat_mb * 1e3 / t_flat:.0f}) |",
-              flush=True)
+        print(
+            f"| {k}x{n} | {mb:.1f} | {t_cublas:.1f} | {t_gemv:.1f} ({mb * 1e3 / t_gemv:.0f}) | "
+            f"{best[0]:.1f} ({mb * 1e3 / best[0]:.0f}), {best[1]} | {t_flat:.1f} ({flat_mb * 1e3 / t_flat:.0f}) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

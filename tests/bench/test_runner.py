@@ -107,3 +107,37 @@ def test_cli_runs_only_the_chosen_cells_with_overrides(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "method gptq not in the config" in result.output
     result = CliRunner().invoke(app, ["bench", "--config", str(config_path), "--set", "device"])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_a_finished_peer_output_is_reused_not_recomputed(monkeypatch, tmp_path):
+    """A run stopped after a peer finished (llm-compressor AWQ: an hour on 2 cores) measures that output again."""
+    fake_peer_venv(tmp_path / "peers", "autoround")
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        out = tmp_path / command[command.index("--out") + 1]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "peer.json").write_text(json.dumps({"status": "ok", "seconds": 3427.0, "device": "cpu"}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(runner_module.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner_module.lowbit, "load", lambda folder, device: (None, None))
+    monkeypatch.setattr(
+        Bench, "measure", lambda self, model, tokenizer, original, windows: {"perplexity": 1.0}
+    )
+    monkeypatch.chdir(tmp_path)
+    config = matrix(tmp_path)
+    source = ModelSource("tiny", tmp_path / "model")
+    ids = torch.zeros(2, 8, dtype=torch.int64)
+
+    def cell(method, scheme="w3a16-asym-g64"):
+        bench = Bench(config, peers_root=tmp_path / "peers", drivers=tmp_path / "drivers")
+        return bench.run_peer("tiny", None, None, source, ids, scheme, method, None)
+
+    first, again = cell(config.methods[1]), cell(config.methods[1])
+    assert len(calls) == 1 and first["status"] == again["status"] == "ok" and again["seconds"] == 3427.0
+    cell(config.methods[1], "w4a16-sym-g64")  # another cell, another output folder: runs
+    changed = config.methods[1].model_copy(update={"peer_args": {"iters": 200}})
+    cell(changed)  # same folder, different command: runs again
+    assert len(calls) == 3 and calls[2][-2:] == ["--iters", "200"]

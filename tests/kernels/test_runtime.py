@@ -100,4 +100,6 @@ def test_custom_ops_match_the_modules() -> None:
         (x, layer.qweight, layer.scale, layer.zero, layer.bits, layer.group_size, 128, 48),
         test_utils=("test_schema", "test_faketensor"),
     )
-    assert torch.equal(layer(x), torch.ops.lowbit.wna16_mm(x, layer.qweight, layer.scale, None, 4, 128, 128, 48))
+    assert torch.equal(
+        layer(x), torch.ops.lowbit.wna16_mm(x, layer.qweight, layer.scale, None, 4, 128, 128, 48)
+    )

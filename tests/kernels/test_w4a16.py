@@ -91,7 +91,12 @@ def test_launch_configs_and_tails(config: WNA16Config, dtype: torch.dtype) -> No
 @pytest.mark.parametrize(
     "group_size,symmetric,k,config",
     [
-        (128, True, 384, WNA16Config(1, 16, 1, 4, 2, packed_math=True, prefetch=False, kbi=2)),  # K-blocks not a multiple of KBI
+        (
+            128,
+            True,
+            384,
+            WNA16Config(1, 16, 1, 4, 2, packed_math=True, prefetch=False, kbi=2),
+        ),  # K-blocks not a multiple of KBI
         (128, False, 512, WNA16Config(1, 8, 2, 2, 2, packed_math=True, kbi=2)),  # split-K, asymmetric
         (256, False, 512, WNA16Config(1, 16, 1, 4, 2, kbi=4)),  # a group spans two K-blocks
         (-1, False, 448, WNA16Config(1, 16, 1, 4, 2, kbi=2)),  # per channel, K padded to 512
@@ -100,7 +105,9 @@ def test_launch_configs_and_tails(config: WNA16Config, dtype: torch.dtype) -> No
     ids=["g128-tail", "g128-asym-splitk", "g256", "per-channel-padded", "ragged-k-splitk"],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_multi_block_gemv(group_size: int, symmetric: bool, k: int, config: WNA16Config, dtype: torch.dtype) -> None:
+def test_multi_block_gemv(
+    group_size: int, symmetric: bool, k: int, config: WNA16Config, dtype: torch.dtype
+) -> None:
     """The 4-bit GEMV that reads several K-blocks per step (float path: the interpreter has no PTX)."""
     n, m = 40, 2  # N not a multiple of BLOCK_N; two tokens, one program row each
     q, scale, zero = random_codes(n, k, 4, group_size, symmetric, dtype, seed=k + group_size)
@@ -156,5 +163,8 @@ def test_gpu_packed_math_gemv() -> None:  # pragma: no cover - CI has no GPU
     packed = pack_wna16(q.cuda(), scale.cuda(), None, 4, 128)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ dequantize_weight(q, scale, None, 4).cuda().double().T
-    for cfg in (WNA16Config(1, 64, 4, 2, 2, packed_math=True), WNA16Config(1, 16, 1, 4, 3, packed_math=True, kbi=8)):
+    for cfg in (
+        WNA16Config(1, 64, 4, 2, 2, packed_math=True),
+        WNA16Config(1, 16, 1, 4, 3, packed_math=True, kbi=8),
+    ):
         assert rel_err(wna16_matmul(x, packed, cfg), ref) < BF16_TOL, cfg

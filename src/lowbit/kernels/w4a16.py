@@ -369,13 +369,26 @@ def candidate_configs(m: int) -> list[WNA16Config]:
     if m == 1:
         gemv = [(64, 4, 2), (128, 8, 4), (256, 8, 4), (128, 16, 4), (64, 8, 2)]
         packed_only = [(32, 4, 1), (32, 8, 1), (64, 2, 2), (64, 16, 2), (128, 4, 4), (32, 16, 1)]
-        multi = [(16, 8, 1, 4), (32, 4, 1, 4), (16, 4, 1, 4), (8, 8, 1, 2), (32, 8, 1, 8), (16, 8, 2, 4),
-                 (64, 2, 1, 4), (16, 16, 1, 8), (8, 16, 1, 4), (32, 4, 2, 4)]  # (block_n, kbi, split_k, warps)
+        multi = [
+            (16, 8, 1, 4),
+            (32, 4, 1, 4),
+            (16, 4, 1, 4),
+            (8, 8, 1, 2),
+            (32, 8, 1, 8),
+            (16, 8, 2, 4),
+            (64, 2, 1, 4),
+            (16, 16, 1, 8),
+            (8, 16, 1, 4),
+            (32, 4, 2, 4),
+        ]  # (block_n, kbi, split_k, warps)
         return (
             [WNA16Config(1, bn, sk, nw, 2, packed_math=pm) for bn, sk, nw in gemv for pm in (False, True)]
             + [WNA16Config(1, bn, sk, nw, 2, packed_math=True) for bn, sk, nw in packed_only]
-            + [WNA16Config(1, bn, sk, nw, st, packed_math=True, prefetch=pf, kbi=kbi)
-               for bn, kbi, sk, nw in multi for st, pf in ((2, True), (3, False))]
+            + [
+                WNA16Config(1, bn, sk, nw, st, packed_math=True, prefetch=pf, kbi=kbi)
+                for bn, kbi, sk, nw in multi
+                for st, pf in ((2, True), (3, False))
+            ]
         )
     if m <= 16:
         tc = [(64, 4, True), (64, 8, True), (128, 8, True), (64, 4, False), (64, 8, False)]
