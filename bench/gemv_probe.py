@@ -19,7 +19,14 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from lowbit.kernels import w4a16
+from lowbit.kernels.dequant import pack_bf16x2, word_dot_bf16x2
 from lowbit.kernels.layout import pack_wna16
+from lowbit.kernels.reference import dequantize_weight
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: no host-side TMA descriptors
+    TensorDescriptor = None
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 
@@ -35,6 +42,56 @@ def _tile_read(qw_ptr, out_ptr, N, NUM_KB, BLOCK_N: tl.constexpr, KBI: tl.conste
     for step in range(0, NUM_KB // KBI):
         acc ^= tl.load(qw_ptr + step * (KBI * N * WORDS) + off)
     tl.store(out_ptr + offs_n, tl.xor_sum(tl.xor_sum(acc, axis=2), axis=1))
+
+
+@triton.jit
+def _tma_read(desc, out_ptr, NUM_KB, BLOCK_N: tl.constexpr, KBI: tl.constexpr, WORDS: tl.constexpr):
+    """The tile read through a TMA descriptor over ``qweight`` [num_kb, N, WORDS]; Triton pipelines it (num_stages)."""
+    pid = tl.program_id(0)
+    n0 = pid * BLOCK_N
+    acc = tl.zeros((KBI, BLOCK_N, WORDS), dtype=tl.int32)
+    for step in range(0, NUM_KB // KBI):
+        acc ^= desc.load([step * KBI, n0, 0])
+    tl.store(out_ptr + n0 + tl.arange(0, BLOCK_N), tl.xor_sum(tl.xor_sum(acc, axis=2), axis=0))
+
+
+@triton.jit
+def _tma_gemv(
+    desc, x_ptr, s_ptr, out_ptr, N, NUM_KB, BLOCK_N: tl.constexpr, KBI: tl.constexpr, WORDS: tl.constexpr
+):
+    """The packed-bf16x2 W4 g128 symmetric GEMV with its words brought in by TMA (probe: N, K tile-aligned)."""
+    pid = tl.program_id(0)
+    n0 = pid * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, KBI)
+    x_off = offs_i[:, None] * (WORDS * 8) + tl.arange(0, WORDS)[None, :]
+    shape: tl.constexpr = (KBI, BLOCK_N, WORDS)
+    nz = tl.broadcast_to(
+        pack_bf16x2(tl.full((1, 1, 1), -136.0, tl.float32), tl.full((1, 1, 1), -136.0, tl.float32)), shape
+    )
+    acc = tl.zeros(shape, dtype=tl.float32)
+    for step in range(0, NUM_KB // KBI):
+        words = desc.load([step * KBI, n0, 0])
+        scale = tl.load(s_ptr + (step * KBI + offs_i)[:, None] * N + offs_n[None, :]).to(tl.float32)
+        xb = x_ptr + step * (KBI * WORDS * 8) + x_off
+        x0 = tl.load(xb + 0 * WORDS)
+        x1 = tl.load(xb + 1 * WORDS)
+        x2 = tl.load(xb + 2 * WORDS)
+        x3 = tl.load(xb + 3 * WORDS)
+        x4 = tl.load(xb + 4 * WORDS)
+        x5 = tl.load(xb + 5 * WORDS)
+        x6 = tl.load(xb + 6 * WORDS)
+        x7 = tl.load(xb + 7 * WORDS)
+        part = word_dot_bf16x2(
+            words,
+            tl.broadcast_to(pack_bf16x2(x0, x4)[:, None, :], shape),
+            tl.broadcast_to(pack_bf16x2(x1, x5)[:, None, :], shape),
+            tl.broadcast_to(pack_bf16x2(x2, x6)[:, None, :], shape),
+            tl.broadcast_to(pack_bf16x2(x3, x7)[:, None, :], shape),
+            nz,
+        )
+        acc += part * scale[:, :, None]
+    tl.store(out_ptr + offs_n, tl.sum(tl.sum(acc, axis=2), axis=0).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -88,6 +145,67 @@ def main() -> None:
                 )
             )
             best = min(best, (t, (bn, kbi, warps)), key=lambda b: b[0])
+        tma = tma_gemv = (float("inf"), None)
+        if TensorDescriptor is not None:
+            triton.set_allocator(
+                lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
+            )
+            ref = x.float() @ dequantize_weight(q, s, None, 4).T
+            for bn, kbi, warps, stages in [
+                (16, 8, 4, 3),
+                (16, 8, 4, 4),
+                (32, 4, 4, 3),
+                (32, 8, 8, 3),
+                (16, 16, 8, 3),
+                (64, 4, 8, 3),
+                (32, 16, 8, 2),
+                (8, 16, 4, 4),
+            ]:
+                if num_kb % kbi or n % bn:
+                    continue
+                try:
+                    desc = TensorDescriptor.from_tensor(p.qweight, [kbi, bn, 16])
+                    out = torch.empty(n, dtype=torch.int32, device="cuda")
+                    t = us(
+                        lambda g=(n // bn,), d=desc, o=out, kb=num_kb, bn=bn, kbi=kbi, nw=warps, st=stages: (
+                            _tma_read[g](d, o, kb, bn, kbi, 16, num_warps=nw, num_stages=st)
+                        )
+                    )
+                    tma = min(tma, (t, (bn, kbi, warps, stages)), key=lambda b: b[0])
+                    y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+
+                    def run(
+                        g=(n // bn,),
+                        d=desc,
+                        x=x,
+                        s=p.scale,
+                        y=y,
+                        n=n,
+                        kb=num_kb,
+                        bn=bn,
+                        kbi=kbi,
+                        nw=warps,
+                        st=stages,
+                    ):
+                        _tma_gemv[g](d, x, s, y, n, kb, bn, kbi, 16, num_warps=nw, num_stages=st)
+
+                    run()
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    if err < 1e-2:
+                        tma_gemv = min(tma_gemv, (us(run), (bn, kbi, warps, stages)), key=lambda b: b[0])
+                    else:
+                        print(f"  TMA GEMV {bn, kbi, warps, stages} wrong: rel. error {err:.2e}", flush=True)
+                except Exception as exc:  # noqa: BLE001 - a probe reports and goes on
+                    print(
+                        f"  TMA {bn, kbi, warps, stages} failed: {type(exc).__name__}: {str(exc)[:200]}",
+                        flush=True,
+                    )
+        print(
+            f"  {k}x{n}: TMA read {tma[0]:.1f} us ({mb * 1e3 / tma[0]:.0f} GB/s) {tma[1]}; "
+            f"TMA GEMV {tma_gemv[0]:.1f} us ({mb * 1e3 / tma_gemv[0]:.0f} GB/s, {t_cublas / tma_gemv[0]:.2f}x cuBLAS) "
+            f"{tma_gemv[1]}",
+            flush=True,
+        )
         flat = p.qweight.reshape(-1)
         block, per = 1024, 16
         programs = flat.numel() // (block * per)
