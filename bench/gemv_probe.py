@@ -108,7 +108,68 @@ def us(fn) -> float:
     return do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
 
 
+_FLUSH: list[torch.Tensor] = []
+
+
+def us_flushed(fn, flush: str, reps: int = 60) -> float:
+    """Median microseconds of ``fn`` after an L2 flush that either writes 256 MB (``dirty``: ``zero_()``, what
+    ``do_bench`` does, which leaves L2 full of dirty lines that the timed kernel's reads must write back) or only
+    reads 256 MB (``clean``: a sum, so L2 holds clean lines and the timed reads evict them for free)."""
+    if not _FLUSH:
+        _FLUSH.append(torch.ones(256 * 2**20, dtype=torch.int8, device="cuda"))
+    buffer = _FLUSH[0]
+    fn()
+    times = []
+    for _ in range(reps):
+        if flush == "dirty":
+            buffer.zero_()
+        else:
+            buffer.sum(dtype=torch.int32)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in times)[reps // 2] * 1e3
+
+
+def flush_effect() -> None:
+    """cuBLAS, the tuned lowbit GEMV and the tile read at M=1 under both flushes (same run)."""
+    print("| K x N | flush | cuBLAS bf16 us | lowbit W4 us | W4 / cuBLAS | tile read us (GB/s) |")
+    print("|---|---|---|---|---|---|")
+    for k, n in SHAPES:
+        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+        s = (torch.rand(n, k // 128, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+        p = pack_wna16(q, s, None, 4, 128)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(n, dtype=torch.int32, device="cuda")
+        num_kb, mb = p.qweight.shape[0], p.qweight.numel() * 4 / 1e6
+        for flush in ("dirty", "clean"):
+            t_cublas = us_flushed(lambda x=x, w=w: F.linear(x, w), flush)
+            t_w4 = us_flushed(lambda x=x, p=p: w4a16.wna16_matmul(x, p), flush)
+            t_read = min(
+                us_flushed(
+                    lambda g=(triton.cdiv(n, bn),), q=p.qweight, o=out, n=n, kb=num_kb, bn=bn, kbi=kbi, nw=nw: (
+                        _tile_read[g](q, o, n, kb, bn, kbi, 16, num_warps=nw)
+                    ),
+                    flush,
+                )
+                for bn, kbi, nw in [(16, 16, 8), (32, 4, 4), (8, 16, 4)]
+                if num_kb % kbi == 0
+            )
+            print(
+                f"| {k}x{n} | {flush} | {t_cublas:.1f} | {t_w4:.1f} | {t_cublas / t_w4:.2f}x | "
+                f"{t_read:.1f} ({mb * 1e3 / t_read:.0f}) |",
+                flush=True,
+            )
+
+
 def main() -> None:
+    if "--flush-effect" in __import__("sys").argv:
+        flush_effect()
+        return
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
     print(
         "| K x N | MB | cuBLAS bf16 us | lowbit GEMV us (GB/s) | tile read us (GB/s), best config | flat read us (GB/s) |"
