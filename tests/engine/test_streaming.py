@@ -67,6 +67,30 @@ def test_lazy_model_holds_one_layer_at_a_time(tmp_path):
     assert all(p.is_meta for p in layers[1].parameters())
 
 
+def test_prefetched_layer_equals_a_direct_read_and_read_errors_surface_at_load(tmp_path, monkeypatch):
+    folder = make_model_folder(tmp_path, "llama")
+    direct, _, _ = load_lazy(folder)
+    ahead, _, _ = load_lazy(folder)
+    direct.load_layer(1)
+    ahead.prefetch_layer(1)
+    ahead.prefetch_layer(1)  # asking twice reads once
+    ahead.prefetch_layer(len(ahead.decoder.layers))  # past the last layer: nothing to read
+    assert list(ahead._prefetched) == [1]
+    assert all(p.is_meta for p in ahead.decoder.layers[1].parameters())  # read, not installed, until load_layer
+    ahead.load_layer(1)
+    expected = dict(direct.decoder.layers[1].named_parameters())
+    assert all(torch.equal(expected[n], p) for n, p in ahead.decoder.layers[1].named_parameters())
+    assert not ahead._prefetched
+
+    def broken(plan):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ahead, "_read", broken)
+    ahead.prefetch_layer(0)
+    with pytest.raises(OSError, match="disk gone"):
+        ahead.load_layer(0)
+
+
 def test_shared_inputs_are_detected_over_many_batches():
     from conftest import tiny_model
 

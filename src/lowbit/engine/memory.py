@@ -75,8 +75,9 @@ class MemoryEstimate:
         return max(layer_phase, capture_phase)
 
     def cpu_bytes(self, activations_on_gpu: bool) -> int:
-        # lazily loaded: the layer being computed, the finished one the background writer is packing, its packed copy
-        resident = self.whole_model or self.outside_layers + 3 * self.layer_weights
+        # lazily loaded: the layer being computed, the next one being read ahead, the finished one the background
+        # writer is packing, and its packed copy
+        resident = self.whole_model or self.outside_layers + 4 * self.layer_weights
         activations = 0 if activations_on_gpu else self.captured_activations
         compute = 0 if self.compute_on_gpu else self.hessians + self.gptq_workspace + self.batch_workspace
         return resident + activations + compute

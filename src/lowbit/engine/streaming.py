@@ -111,6 +111,7 @@ class ShardStore(LayerStore):
         layer = self.decoder.layers[index]
         if self.lazy is not None:
             self.lazy.load_layer(index)
+            self.lazy.prefetch_layer(index + 1)  # read while this layer is computed
             check_finite(layer)
         entry = self.completed.get(index)
         if entry is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -98,6 +99,8 @@ class LazyModel:
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model = model.eval()
+        self._reader: ThreadPoolExecutor | None = None
+        self._prefetched: dict[int, Future] = {}
         self.source = source
         self.dtype = dtype
         self.decoder: DecoderLayers = find_decoder_layers(model)
@@ -132,35 +135,67 @@ class LazyModel:
                 "Load it eagerly instead (lowbit quantize --no-lazy, or lowbit.quantize(..., lazy=False))"
             )
 
-    def _load(self, wanted) -> None:
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[tuple[str, list[str]]]] = {}
+    def _plan(self, wanted) -> tuple[dict[Path, list[tuple[str, list[str]]]], dict[Path, list[str]]]:
+        """Which checkpoint keys to read, by file: parameters (with every name each is reachable under), buffers."""
+        parameters: dict[Path, list[tuple[str, list[str]]]] = {}
         for first, names in self._aliases.items():
             if not wanted(first):
                 continue
             key = next(n for n in names if n in self._files)
-            by_file.setdefault(self._files[key], []).append((key, names))
-        for path, entries in by_file.items():
+            parameters.setdefault(self._files[key], []).append((key, names))
+        buffers: dict[Path, list[str]] = {}
+        for key, _ in self.model.named_buffers():
+            if key in self._files and wanted(key):
+                buffers.setdefault(self._files[key], []).append(key)
+        return parameters, buffers
+
+    def _read(self, plan) -> tuple[list[tuple[list[str], Tensor]], list[tuple[str, Tensor]]]:
+        """Read a plan's tensors from disk (touches no module, so it may run on the prefetch thread)."""
+        from safetensors import safe_open
+
+        parameters, buffers = [], []
+        for path, entries in plan[0].items():
             with safe_open(str(path), framework="pt") as handle:
-                for key, names in entries:
-                    parameter = nn.Parameter(handle.get_tensor(key).to(self.dtype), requires_grad=False)
-                    for name in names:
-                        _set_parameter(self.model, name, parameter)
-        buffers = {name for name, _ in self.model.named_buffers()}
-        for path in {self._files[k] for k in buffers if k in self._files and wanted(k)}:
+                parameters += [(names, handle.get_tensor(key).to(self.dtype)) for key, names in entries]
+        for path, keys in plan[1].items():
             with safe_open(str(path), framework="pt") as handle:
-                for key in buffers:
-                    if wanted(key) and self._files.get(key) == path:
-                        _set_buffer(self.model, key, handle.get_tensor(key))
+                buffers += [(key, handle.get_tensor(key)) for key in keys]
+        return parameters, buffers
+
+    def _install(self, read) -> None:
+        parameters, buffers = read
+        for names, tensor in parameters:
+            parameter = nn.Parameter(tensor, requires_grad=False)
+            for name in names:
+                _set_parameter(self.model, name, parameter)
+        for key, tensor in buffers:
+            _set_buffer(self.model, key, tensor)
+
+    def _load(self, wanted) -> None:
+        self._install(self._read(self._plan(wanted)))
 
     def layer(self, index: int) -> nn.Module:
         return self.decoder.layers[index]
 
     def load_layer(self, index: int) -> nn.Module:
-        """Read decoder layer ``index`` from disk into CPU memory (in ``dtype``) and return it."""
-        self._load(lambda name: self._in_layer(name, index))
+        """Read decoder layer ``index`` from disk into CPU memory (in ``dtype``) and return it; a layer that
+        :meth:`prefetch_layer` started reading is taken from there (its read errors are raised here)."""
+        pending = self._prefetched.pop(index, None)
+        if pending is not None:
+            self._install(pending.result())
+        else:
+            self._load(lambda name: self._in_layer(name, index))
         return self.layer(index)
+
+    def prefetch_layer(self, index: int) -> None:
+        """Start reading layer ``index`` on a background thread (one layer ahead: the sequential engine reads the
+        next layer from disk while it computes this one; one more layer's weights in CPU memory)."""
+        if index >= len(self.decoder.layers) or index in self._prefetched:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-prefetch")
+        plan = self._plan(lambda name: self._in_layer(name, index))  # on this thread: it walks the model
+        self._prefetched[index] = self._reader.submit(self._read, plan)
 
     def release_layer(self, index: int) -> None:
         """Drop layer ``index``'s tensors (back to meta) so its memory can be reused."""
