@@ -91,6 +91,24 @@ def test_prefetched_layer_equals_a_direct_read_and_read_errors_surface_at_load(t
         ahead.load_layer(0)
 
 
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_lazily_read_nan_weights_are_refused_by_name(tmp_path, read_ahead):
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.models.loading import ModelSourceError
+
+    folder = make_model_folder(tmp_path, "llama")
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    lazy, _, _ = load_lazy(folder)
+    lazy.load_layer(0)
+    if read_ahead:
+        lazy.prefetch_layer(1)
+    with pytest.raises(ModelSourceError, match=r"non-finite.*layers\.1\.mlp\.up_proj"):
+        lazy.load_layer(1)
+
+
 def test_shared_inputs_are_detected_over_many_batches():
     from conftest import tiny_model
 

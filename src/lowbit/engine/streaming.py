@@ -51,7 +51,7 @@ from lowbit.formats.integer import QuantizedWeight
 from lowbit.formats.owq import install_kept_columns, kept_column_tensors
 from lowbit.models.arch import DecoderLayers, find_decoder_layers, iter_linears, set_linear_weight
 from lowbit.models.lazy import LazyModel
-from lowbit.models.loading import ModelSource, check_finite
+from lowbit.models.loading import ModelSource
 from lowbit.recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -108,11 +108,9 @@ class ShardStore(LayerStore):
 
     def load(self, index: int, before_install: Callable[[], None] | None = None,
              ) -> tuple[list[LinearRecord], LayerRecord] | None:
-        layer = self.decoder.layers[index]
         if self.lazy is not None:
-            self.lazy.load_layer(index)
-            self.lazy.prefetch_layer(index + 1)  # read while this layer is computed
-            check_finite(layer)
+            self.lazy.load_layer(index)  # refuses NaN/Inf weights, checked while the layer was read
+            self.lazy.prefetch_layer(index + 1)  # read (and check) the next layer while this one is computed
         entry = self.completed.get(index)
         if entry is None:
             return None

@@ -149,8 +149,9 @@ class LazyModel:
                 buffers.setdefault(self._files[key], []).append(key)
         return parameters, buffers
 
-    def _read(self, plan) -> tuple[list[tuple[list[str], Tensor]], list[tuple[str, Tensor]]]:
-        """Read a plan's tensors from disk (touches no module, so it may run on the prefetch thread)."""
+    def _read(self, plan) -> tuple[list[tuple[list[str], Tensor]], list[tuple[str, Tensor]], list[str]]:
+        """Read a plan's tensors from disk and name those holding NaN or Inf (touches no module, so it may run on
+        the prefetch thread, where the finiteness check overlaps the engine's work too)."""
         from safetensors import safe_open
 
         parameters, buffers = [], []
@@ -160,10 +161,15 @@ class LazyModel:
         for path, keys in plan[1].items():
             with safe_open(str(path), framework="pt") as handle:
                 buffers += [(key, handle.get_tensor(key)) for key in keys]
-        return parameters, buffers
+        named = [(names[0], tensor) for names, tensor in parameters] + buffers
+        non_finite = [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+        return parameters, buffers, non_finite
 
     def _install(self, read) -> None:
-        parameters, buffers = read
+        parameters, buffers, non_finite = read
+        if non_finite:
+            shown = ", ".join(non_finite[:5]) + (f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else "")
+            raise ModelSourceError(f"the model has non-finite (NaN/Inf) weights in {shown}; refusing to quantize it")
         for names, tensor in parameters:
             parameter = nn.Parameter(tensor, requires_grad=False)
             for name in names:
