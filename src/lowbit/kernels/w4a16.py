@@ -439,63 +439,27 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
     per_channel = packed.group_size == -1
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
     workspace, counters = split_k_buffers(x.device, cfg.split_k * m * n, grid[0] * grid[2])
+    args = (x2, packed.qweight, packed.scale, packed.zero if packed.zero is not None else packed.scale, out,
+            workspace, counters, m, n, k, x2.stride(0), out.stride(0))  # fmt: skip
+    shared = {
+        "GROUP": BLOCK_K if per_channel else packed.group_size,
+        "PER_CHANNEL": per_channel,
+        "HAS_ZERO": packed.zero is not None,
+        "BLOCK_N": cfg.block_n,
+        "SPLIT_K": cfg.split_k,
+        "BK": BLOCK_K,
+        "EVEN_K": k % BLOCK_K == 0,
+        "PACKED_MATH": cfg.packed_math and packed_math_ok(packed, x.dtype) and not interpreting(),
+        "PREFETCH": cfg.prefetch,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
     if cfg.block_m == 1 and cfg.kbi and packed.bits == 4 and (per_channel or packed.group_size >= BLOCK_K):
-        _w4_gemv_kernel[grid](
-            x2,
-            packed.qweight,
-            packed.scale,
-            packed.zero if packed.zero is not None else packed.scale,
-            out,
-            workspace,
-            counters,
-            m,
-            n,
-            k,
-            x2.stride(0),
-            out.stride(0),
-            GROUP=BLOCK_K if per_channel else packed.group_size,
-            PER_CHANNEL=per_channel,
-            HAS_ZERO=packed.zero is not None,
-            BLOCK_N=cfg.block_n,
-            KBI=cfg.kbi,
-            SPLIT_K=cfg.split_k,
-            BK=BLOCK_K,
-            EVEN_K=k % BLOCK_K == 0,
-            PACKED_MATH=cfg.packed_math and packed_math_ok(packed, x.dtype) and not interpreting(),
-            PREFETCH=cfg.prefetch,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+        _w4_gemv_kernel[grid](*args, KBI=cfg.kbi, **shared)
+    else:
+        _wna16_kernel[grid](
+            *args, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting(), **shared
         )
-        return out.reshape(*x.shape[:-1], n)
-    _wna16_kernel[grid](
-        x2,
-        packed.qweight,
-        packed.scale,
-        packed.zero if packed.zero is not None else packed.scale,
-        out,
-        workspace,
-        counters,
-        m,
-        n,
-        k,
-        x2.stride(0),
-        out.stride(0),
-        BITS=packed.bits,
-        GROUP=BLOCK_K if per_channel else packed.group_size,
-        PER_CHANNEL=per_channel,
-        HAS_ZERO=packed.zero is not None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        SPLIT_K=cfg.split_k,
-        BK=BLOCK_K,
-        ONE_DOT=cfg.one_dot,
-        EVEN_K=k % BLOCK_K == 0,
-        DOT_F32=interpreting(),
-        PACKED_MATH=cfg.packed_math and packed_math_ok(packed, x.dtype) and not interpreting(),
-        PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
     return out.reshape(*x.shape[:-1], n)
 
 
