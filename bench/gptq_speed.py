@@ -264,6 +264,8 @@ def main() -> None:
                         help="lowbit weights.clip (default: lowbit's, 'mse'); llm-compressor's W4A16 observer is minmax")
     parser.add_argument("--big-layers", type=int, default=4, help="layers of the 70B-shaped model")
     parser.add_argument("--big-gpu-budget", default="24GiB")
+    parser.add_argument("--lowbit-gpu-budget", default=None,
+                        help="lowbit's --max-gpu-memory in the 8B comparison (e.g. 3.8GiB, llm-compressor's peak)")
     parser.add_argument("--big-cpu-budget", default="100GiB")
     parser.add_argument("--error-layers", default="0,1")
     parser.add_argument("--error-samples", type=int, default=16)
@@ -307,7 +309,9 @@ def main() -> None:
         out_lowbit, out_llmc = args.work / "out-lowbit", args.work / "out-llmc"
         common = ["--model", str(model)]
         if "lowbit" in steps:
-            results["lowbit"] = run_child("lowbit", args, lowbit_path, [*common, "--output", str(out_lowbit)], args.timeout)
+            budget = ["--gpu-budget", args.lowbit_gpu_budget] if args.lowbit_gpu_budget else []
+            results["lowbit"] = run_child("lowbit", args, lowbit_path, [*common, "--output", str(out_lowbit), *budget],
+                                          args.timeout)
             save()
         if "llmc" in steps:
             results["llmc"] = run_child("llmc", args, args.llmc_pythonpath, [*common, "--output", str(out_llmc)], args.timeout)
