@@ -141,3 +141,14 @@ def test_a_finished_peer_output_is_reused_not_recomputed(monkeypatch, tmp_path):
     changed = config.methods[1].model_copy(update={"peer_args": {"iters": 200}})
     cell(changed)  # same folder, different command: runs again
     assert len(calls) == 3 and calls[2][-2:] == ["--iters", "200"]
+
+    def crashing_run(command, **kwargs):  # killed halfway: peer.json still says "ok" from the earlier run
+        if "--out" in command:  # (platform.processor() also runs a command)
+            calls.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "killed")
+
+    monkeypatch.setattr(runner_module.subprocess, "run", crashing_run)
+    assert cell(config.methods[1])["status"] == "failed"
+    monkeypatch.setattr(runner_module.subprocess, "run", fake_run)
+    cell(config.methods[1])  # the interrupted run's folder is not taken for the finished one
+    assert len(calls) == 5

@@ -82,6 +82,10 @@ def test_prefetched_layer_equals_a_direct_read_and_read_errors_surface_at_load(t
     assert all(torch.equal(expected[n], p) for n, p in ahead.decoder.layers[1].named_parameters())
     assert not ahead._prefetched
 
+    ahead.prefetch_layer(0)
+    ahead.discard_prefetched()  # after a failure: nothing read ahead is kept
+    assert not ahead._prefetched
+
     def broken(plan):
         raise OSError("disk gone")
 

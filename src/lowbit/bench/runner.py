@@ -225,6 +225,7 @@ class Bench:
             # 2-core CPU (llm-compressor AWQ: 57 min), so its output is measured again rather than recomputed.
             logger.info("%s: reusing the finished peer output in %s", method.name, out)
         else:
+            (out / PEER_COMMAND).unlink(missing_ok=True)  # an interrupted run must not look finished later
             completed = subprocess.run(command, capture_output=True, text=True,
                                        timeout=self.config.peer_timeout_seconds, env=peer_environment())
             if completed.returncode != 0:

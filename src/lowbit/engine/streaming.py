@@ -317,6 +317,8 @@ def quantize_to_folder(
                                    activation_device=device if estimate.activations_on == "gpu" else "cpu",
                                    progress=progress, store=store, profile=profile)
     except BaseException:
+        if lazy is not None:
+            lazy.discard_prefetched()
         with contextlib.suppress(Exception):  # let the layer being written finish: it can be resumed from
             store.drain()
         if not store.completed:  # nothing worth resuming: leave no trace

@@ -174,6 +174,7 @@ class DecodeResult:
     prefill_seconds: float
     decode_seconds: float
     timed_steps: int
+    compiled: bool = False  # the decode step really ran compiled (not only asked to)
 
     @property
     def tokens_per_second(self) -> float:
@@ -209,19 +210,28 @@ def greedy_decode(
 
     forward = model
     if compile_step:
+        # A fresh compile per call: each (scheme, batch) of a benchmark would otherwise add a recompilation of the
+        # same forward, and past dynamo's recompile limit (8) it silently runs eagerly.
+        torch._dynamo.reset()
         forward = torch.compile(model, dynamic=False)
 
     def step() -> None:
         ids.copy_(forward(ids, pos).argmax(-1, keepdim=True))
         pos.add_(1)
 
+    compiled = False
     if compile_step:
         try:
+            frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             logits = forward(ids, pos)  # compile now (same inputs as the first step), outside any timing
             del logits
+            compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] > frames
+            if not compiled:
+                logger.warning("torch.compile produced no graph for the decode step; decoding eagerly")
         except Exception as exc:  # a missing compiler toolchain, an unsupported op: run eagerly, say so
             logger.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly",
                            type(exc).__name__, str(exc)[:300])  # fmt: skip
+        if not compiled:
             forward = model
 
     out = [ids.clone()]
@@ -247,7 +257,7 @@ def greedy_decode(
         out.append(ids.clone())
     sync()
     decode = time.perf_counter() - start
-    return DecodeResult(torch.cat(out, dim=1), prefill, decode, timed_steps)
+    return DecodeResult(torch.cat(out, dim=1), prefill, decode, timed_steps, compiled)
 
 
 def random_decoder(
@@ -390,7 +400,7 @@ def bench_decode(
                 "prefill_s": result.prefill_seconds,
                 "decode_s": result.decode_seconds,
                 "tokens_per_s": result.tokens_per_second,
-                "compiled": compile_step,
+                "compiled": result.compiled,
             }
         )
         logger.info("%s batch %d: %.1f tokens/s", scheme, batch, result.tokens_per_second)

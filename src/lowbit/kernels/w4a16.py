@@ -454,9 +454,11 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }
-    if cfg.block_m == 1 and cfg.kbi and packed.bits == 4 and (per_channel or packed.group_size >= BLOCK_K):
+    if cfg.block_m == 1 and cfg.kbi and multi_block_ok(packed):
         _w4_gemv_kernel[grid](*args, KBI=cfg.kbi, **shared)
     else:
+        # this kernel's packed-math GEMV reads the activations unmasked: whole K-blocks only
+        shared["PACKED_MATH"] = shared["PACKED_MATH"] and k % BLOCK_K == 0
         _wna16_kernel[grid](
             *args, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting(), **shared
         )
@@ -503,6 +505,8 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16) -> WNA16Config:
     reference = wna16_matmul(x2, packed, default_config(m, n, k)).float()
     timings = []
     for cfg in candidate_configs(m):
+        if cfg.kbi and not multi_block_ok(packed):
+            continue  # would run the one-block kernel again under another name
         try:
             err = (wna16_matmul(x2, packed, cfg).float() - reference).norm() / reference.norm().clamp_min(
                 1e-30
@@ -539,6 +543,11 @@ def split_k_buffers(
         counters = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
     _SPLIT_K_BUFFERS[device] = (workspace, counters)
     return workspace, counters
+
+
+def multi_block_ok(packed: PackedWNA16) -> bool:
+    """Whether the multi-K-block GEMV applies: 4-bit codes, one scale per whole K-block (or per channel)."""
+    return packed.bits == 4 and (packed.group_size == -1 or packed.group_size >= BLOCK_K)
 
 
 def packed_math_ok(packed: PackedWNA16, dtype: torch.dtype) -> bool:

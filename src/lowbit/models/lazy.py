@@ -193,6 +193,12 @@ class LazyModel:
             self._load(lambda name: self._in_layer(name, index))
         return self.layer(index)
 
+    def discard_prefetched(self) -> None:
+        """Drop layers read ahead but never loaded (after a failure): their memory is freed once the reads end."""
+        for pending in self._prefetched.values():
+            pending.cancel()
+        self._prefetched.clear()
+
     def prefetch_layer(self, index: int) -> None:
         """Start reading layer ``index`` on a background thread (one layer ahead: the sequential engine reads the
         next layer from disk while it computes this one; one more layer's weights in CPU memory)."""
