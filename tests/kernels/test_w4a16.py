@@ -101,15 +101,17 @@ def test_launch_configs_and_tails(config: WNA16Config, dtype: torch.dtype) -> No
         (256, False, 512, WNA16Config(1, 16, 1, 4, 2, kbi=4)),  # a group spans two K-blocks
         (-1, False, 448, WNA16Config(1, 16, 1, 4, 2, kbi=2)),  # per channel, K padded to 512
         (-1, True, 300, WNA16Config(1, 32, 3, 4, 2, kbi=1)),  # ragged K, split-K over single blocks
+        (128, False, 384, WNA16Config(2, 16, 2, 4, 2, kbi=2)),  # two tokens per program, split-K
+        (-1, False, 300, WNA16Config(4, 16, 1, 4, 2, kbi=2)),  # four-token tile with M = 3 (masked row), ragged K
     ],
-    ids=["g128-tail", "g128-asym-splitk", "g256", "per-channel-padded", "ragged-k-splitk"],
+    ids=["g128-tail", "g128-asym-splitk", "g256", "per-channel-padded", "ragged-k-splitk", "m2-tile", "m4-tile-m3"],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_multi_block_gemv(
     group_size: int, symmetric: bool, k: int, config: WNA16Config, dtype: torch.dtype
 ) -> None:
     """The 4-bit GEMV that reads several K-blocks per step (float path: the interpreter has no PTX)."""
-    n, m = 40, 2  # N not a multiple of BLOCK_N; two tokens, one program row each
+    n, m = 40, 3  # N not a multiple of BLOCK_N; three tokens: one program row each, or a partly masked tile
     q, scale, zero = random_codes(n, k, 4, group_size, symmetric, dtype, seed=k + group_size)
     packed = pack_wna16(q, scale, zero, 4, group_size)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(6)).to(dtype)

@@ -196,16 +196,18 @@ def _w4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
     M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
-    BLOCK_N: tl.constexpr, KBI: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KBI: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr, PACKED_MATH: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
-    """4-bit GEMV reading ``KBI`` K-blocks per loop step: a ``[BLOCK_N, KBI, WORDS]`` tile of words.
+    """4-bit GEMV for ``BLOCK_M`` (1 to 8) tokens, reading ``KBI`` K-blocks per loop step: a
+    ``[BLOCK_N, KBI, WORDS]`` tile of words, used by every token of the program.
 
     The one-K-block kernel above keeps at most one small tile per step in flight; at M = 1 the
     product is a pure memory stream, and a step of ``BLOCK_N x KBI x 64`` bytes (8 KiB for 16 x 8)
     gives each SM enough loads in flight to approach the memory bandwidth without split-K. The
-    partial sums stay per word until the end (one cross-thread reduction per program). Groups
-    must cover whole K-blocks (``GROUP >= BK``) or be per channel.
+    partial sums stay per word until the end (one cross-thread reduction per program). With a few
+    tokens (M = 2..8) the words are read once for all of them, on CUDA cores, where the tensor-core
+    path would pad M to 16. Groups must cover whole K-blocks (``GROUP >= BK``) or be per channel.
     """
     WORDS: tl.constexpr = BK // 8
     pid_n = tl.program_id(0)
@@ -214,6 +216,8 @@ def _w4_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_n = tl.where(n_mask, offs_n, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
     offs_i = tl.arange(0, KBI)
     offs_w = tl.arange(0, WORDS)
 
@@ -224,8 +228,10 @@ def _w4_gemv_kernel(
     step_hi = tl.minimum(step_lo + steps_per_split, num_steps)
 
     w_off = offs_i[None, :, None] * (N * WORDS) + offs_n[:, None, None] * WORDS + offs_w[None, None, :]
-    x_off = offs_i[:, None] * BK + offs_w[None, :]  # feature of code 0 of each word, per K-block
-    acc = tl.zeros((BLOCK_N, KBI, WORDS), dtype=tl.float32)
+    x_feature0 = offs_i[None, :, None] * BK + offs_w[None, None, :]  # feature of code 0 of each word: [1, KBI, W]
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm  # [BLOCK_M, 1, 1]
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N, KBI, WORDS)
+    acc = tl.zeros(shape, dtype=tl.float32)
     scale = tl.full((BLOCK_N, KBI), 1.0, tl.float32)
     zero = tl.full((BLOCK_N, KBI), 8.0, tl.float32)
     if PER_CHANNEL:
@@ -250,50 +256,51 @@ def _w4_gemv_kernel(
             scale = tl.load(s_ptr + g_off, mask=kb_ok[None, :], other=0.0).to(tl.float32)
             if HAS_ZERO:
                 zero = tl.load(z_ptr + g_off, mask=kb_ok[None, :], other=0.0).to(tl.float32)
-        x_base = x_ptr + pid_m * stride_xm + step * (KBI * BK) + x_off
-        x_feature = step * (KBI * BK) + x_off
+        x_feature = step * (KBI * BK) + x_feature0
+        x_base = x_rows + x_feature
+        x_ok = m_mask[:, None, None] & kb_ok[None, :, None]
         if PACKED_MATH:
-            shape: tl.constexpr = (BLOCK_N, KBI, WORDS)
-            x0 = _load_x_slab(x_base, x_feature, kb_ok, K, 0, WORDS, EVEN_K)
-            x1 = _load_x_slab(x_base, x_feature, kb_ok, K, 1, WORDS, EVEN_K)
-            x2 = _load_x_slab(x_base, x_feature, kb_ok, K, 2, WORDS, EVEN_K)
-            x3 = _load_x_slab(x_base, x_feature, kb_ok, K, 3, WORDS, EVEN_K)
-            x4 = _load_x_slab(x_base, x_feature, kb_ok, K, 4, WORDS, EVEN_K)
-            x5 = _load_x_slab(x_base, x_feature, kb_ok, K, 5, WORDS, EVEN_K)
-            x6 = _load_x_slab(x_base, x_feature, kb_ok, K, 6, WORDS, EVEN_K)
-            x7 = _load_x_slab(x_base, x_feature, kb_ok, K, 7, WORDS, EVEN_K)
+            x0 = _load_x_slab(x_base, x_feature, x_ok, K, 0, WORDS, EVEN_K)
+            x1 = _load_x_slab(x_base, x_feature, x_ok, K, 1, WORDS, EVEN_K)
+            x2 = _load_x_slab(x_base, x_feature, x_ok, K, 2, WORDS, EVEN_K)
+            x3 = _load_x_slab(x_base, x_feature, x_ok, K, 3, WORDS, EVEN_K)
+            x4 = _load_x_slab(x_base, x_feature, x_ok, K, 4, WORDS, EVEN_K)
+            x5 = _load_x_slab(x_base, x_feature, x_ok, K, 5, WORDS, EVEN_K)
+            x6 = _load_x_slab(x_base, x_feature, x_ok, K, 6, WORDS, EVEN_K)
+            x7 = _load_x_slab(x_base, x_feature, x_ok, K, 7, WORDS, EVEN_K)
             nz = pack_bf16x2(-(128.0 + zero), -(128.0 + zero))
             part = word_dot_bf16x2(
-                words,
-                tl.broadcast_to(pack_bf16x2(x0, x4)[None, :, :], shape),
-                tl.broadcast_to(pack_bf16x2(x1, x5)[None, :, :], shape),
-                tl.broadcast_to(pack_bf16x2(x2, x6)[None, :, :], shape),
-                tl.broadcast_to(pack_bf16x2(x3, x7)[None, :, :], shape),
-                tl.broadcast_to(nz[:, :, None], shape),
+                tl.broadcast_to(words[None, :, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x0, x4)[:, None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x1, x5)[:, None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x2, x6)[:, None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x3, x7)[:, None, :, :], shape),
+                tl.broadcast_to(nz[None, :, :, None], shape),
             )
         else:  # float32 (fp16 activations, and the CPU interpreter, which has no inline PTX)
-            part = tl.zeros((BLOCK_N, KBI, WORDS), dtype=tl.float32)
+            part = tl.zeros(shape, dtype=tl.float32)
             for j in tl.static_range(8):
-                xj = _load_x_slab(x_base, x_feature, kb_ok, K, j, WORDS, EVEN_K).to(tl.float32)
-                q = ((words >> (4 * j)) & 15).to(tl.float32)
-                part += (q - zero[:, :, None]) * xj[None, :, :]
-        acc += part * scale[:, :, None]
+                xj = _load_x_slab(x_base, x_feature, x_ok, K, j, WORDS, EVEN_K).to(tl.float32)
+                q = ((words >> (4 * j)) & 15).to(tl.float32) - zero[:, :, None]
+                part += q[None, :, :, :] * xj[:, None, :, :]
+        acc += part * scale[None, :, :, None]
 
-    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     if PER_CHANNEL:
-        res = res * channel_scale
+        res = res * channel_scale[None, :]
     counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
-    _store_split_k(res, out_ptr + pid_m * stride_om + offs_n, ws_ptr + pid_m * N + offs_n, M * N,
-                   counter, pid_k, n_mask, SPLIT_K)  # fmt: skip
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    _store_split_k(res, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K)
 
 
 @triton.jit
-def _load_x_slab(x_base, x_feature, kb_ok, K, J: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr):
-    """Activations of code slab ``J`` for ``[KBI, WORDS]`` words; zero past K and past the last K-block."""
+def _load_x_slab(x_base, x_feature, x_ok, K, J: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activations of code slab ``J`` for ``[BLOCK_M, KBI, WORDS]`` words; zero past M, K and the last K-block."""
     if EVEN_K:
-        mask = kb_ok[:, None]
+        mask = x_ok
     else:
-        mask = kb_ok[:, None] & (x_feature + J * WORDS < K)
+        mask = x_ok & (x_feature + J * WORDS < K)
     return tl.load(x_base + J * WORDS, mask=mask, other=0.0)
 
 
@@ -337,7 +344,7 @@ class WNA16Config:
     one_dot: bool = True
     packed_math: bool = False  # GEMV in packed bf16x2 inline PTX (4-bit, group >= 128, GPU only)
     prefetch: bool = True  # hand-pipelined weight loads (else Triton's num_stages pipelining)
-    kbi: int = 0  # GEMV only: K-blocks per loop step in the multi-block 4-bit kernel (0: one-block kernel)
+    kbi: int = 0  # > 0: the multi-K-block 4-bit CUDA-core kernel (block_m 1..8 tokens), KBI K-blocks per step
 
 
 DENSE = WNA16Config(0, 0, 1)
@@ -392,7 +399,13 @@ def candidate_configs(m: int) -> list[WNA16Config]:
         )
     if m <= 16:
         tc = [(64, 4, True), (64, 8, True), (128, 8, True), (64, 4, False), (64, 8, False)]
-        return [WNA16Config(16, bn, sk, 4, 3, od, prefetch=pf) for bn, sk, od in tc for pf in (True, False)]
+        tensor_cores = [WNA16Config(16, bn, sk, 4, 3, od, prefetch=pf) for bn, sk, od in tc for pf in (True, False)]
+        if m > 8:
+            return tensor_cores
+        # a few tokens on CUDA cores, the words read once for BLOCK_M of them: (block_m, block_n, kbi, split_k, warps)
+        few = [(bm, bn, kbi, sk, nw) for bm in (2, 4, 8) if bm <= triton.next_power_of_2(m)
+               for bn, kbi, sk, nw in ((16, 4, 1, 4), (16, 8, 1, 4), (32, 4, 1, 8), (8, 8, 1, 4), (16, 4, 2, 4))]
+        return tensor_cores + [WNA16Config(bm, bn, sk, nw, 2, packed_math=True, kbi=kbi) for bm, bn, kbi, sk, nw in few]
     if m <= 64:
         tc = [(32, 128, 4, True), (32, 128, 2, False), (64, 128, 2, False), (64, 128, 4, False)]
         return [
@@ -454,8 +467,8 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }
-    if cfg.block_m == 1 and cfg.kbi and multi_block_ok(packed):
-        _w4_gemv_kernel[grid](*args, KBI=cfg.kbi, **shared)
+    if cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed):
+        _w4_gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, KBI=cfg.kbi, **shared)
     else:
         # this kernel's packed-math GEMV reads the activations unmasked: whole K-blocks only
         shared["PACKED_MATH"] = shared["PACKED_MATH"] and k % BLOCK_K == 0
