@@ -170,3 +170,6 @@ def test_gpu_packed_math_gemv() -> None:  # pragma: no cover - CI has no GPU
         WNA16Config(1, 16, 1, 4, 3, packed_math=True, kbi=8),
     ):
         assert rel_err(wna16_matmul(x, packed, cfg), ref) < BF16_TOL, cfg
+    x3 = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    ref3 = x3.double() @ dequantize_weight(q, scale, None, 4).cuda().double().T
+    assert rel_err(wna16_matmul(x3, packed, WNA16Config(4, 16, 1, 4, 2, packed_math=True, kbi=4)), ref3) < BF16_TOL
