@@ -298,6 +298,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (greedy)")] = 128,
     device: Annotated[str, typer.Option(help="cuda (Triton kernels) or cpu (PyTorch reference)")] = "cuda",
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="replay each decode step as a CUDA graph")] = True,
+    compile_step: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decode step (CUDA only; the first step compiles)")] = True,
     kv_bits: Annotated[int | None, typer.Option(help="quantized KV cache: 8, 4 or 2 bits (default: the checkpoint recipe's kv_cache)")] = None,
     kv_format: Annotated[str | None, typer.Option(help="KV cache: int or fp8")] = None,
     kv_residual: Annotated[int | None, typer.Option(help="KV cache: most recent tokens kept in full precision")] = None,
@@ -313,12 +314,13 @@ def generate(
         _generate_with_kv(model, prompt, max_new_tokens, device, kv)
         return
     try:
-        text, result = run_generate(model, prompt, max_new_tokens, device, cuda_graph and device.startswith("cuda"))
+        on_cuda = device.startswith("cuda")
+        text, result = run_generate(model, prompt, max_new_tokens, device, cuda_graph and on_cuda, compile_step and on_cuda)
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
     sys.stdout.write(text + "\n")
-    console.print(f"{result.tokens_per_second:.1f} tokens/s ({result.timed_steps} decode steps), "
-                  f"prefill {result.prefill_seconds * 1e3:.0f} ms")
+    console.print(f"{result.tokens_per_second:.1f} tokens/s ({result.timed_steps} decode steps"
+                  f"{', compiled' if result.compiled else ''}), prefill {result.prefill_seconds * 1e3:.0f} ms")
 
 
 def _generate_with_kv(model: str, prompt: str, max_new_tokens: int, device: str, kv) -> None:

@@ -343,10 +343,12 @@ def generate(
     max_new_tokens: int = 128,
     device: str = "cuda",
     use_cuda_graph: bool = True,
+    compile_step: bool = False,
 ) -> tuple[str, DecodeResult]:
     """Greedy generation from a lowbit (compressed-tensors) or bf16 checkpoint folder.
 
-    Returns the decoded text (prompt excluded) and the :class:`DecodeResult` with its tokens/s.
+    ``compile_step``: compile the decode step first (see :func:`greedy_decode`). Returns the decoded
+    text (prompt excluded) and the :class:`DecodeResult` with its tokens/s.
     """
     from pathlib import Path
 
@@ -363,7 +365,7 @@ def generate(
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_path)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     decoder = decoder_from_hf(model, max_seq_len=ids.shape[1] + max_new_tokens + 1).fuse_projections()
-    result = greedy_decode(decoder, ids, max_new_tokens, use_cuda_graph)
+    result = greedy_decode(decoder, ids, max_new_tokens, use_cuda_graph, compile_step)
     tokens = result.tokens[0].tolist()
     if tokenizer.eos_token_id in tokens:  # decoding runs a fixed number of steps; the text stops at EOS
         tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
