@@ -133,6 +133,7 @@ def step_lowbit(args: argparse.Namespace) -> dict:
     return {"tool": "lowbit", "seconds_end_to_end": seconds, "quantize_seconds": report.seconds,
             "phases": report.phases, "layer_seconds": layers, "mean_layer_seconds": sum(layers) / len(layers),
             "mean_output_error_own_inputs": sum(errors) / len(errors), "memory_estimate": report.memory.get("estimate"),
+            "calibration_batch_size": report.memory.get("calibration_batch_size"),
             **_peaks()}
 
 

@@ -185,6 +185,7 @@ def quantize_to_folder(
     max_cpu_memory: str | int | None = None,
     profile: bool = False,
     progress: bool = True,
+    activations: str = "auto",
 ) -> tuple[Path, QuantizationReport]:
     """Quantize ``model`` and write the checkpoint to ``out`` layer by layer; returns ``(out, report)``.
 
@@ -192,8 +193,9 @@ def quantize_to_folder(
     ``.bin`` folders load eagerly), every finished layer is written as its own shard, and an interrupted run
     continues with ``resume=True`` (byte-identical result). ``max_gpu_memory``/``max_cpu_memory`` ("24GiB" or
     bytes; default: the GPU's free memory, no CPU limit) are checked by a pre-flight estimate that refuses to
-    start (``MemoryBudgetError``) rather than crash midway; the captured activations move to the CPU when the GPU
-    budget needs it. ``profile`` times each phase exactly (``report.phases``). A loaded model passed in is
+    start (``MemoryBudgetError``) rather than crash midway. ``activations``: where the captured layer inputs live
+    while a GPU computes: "auto" (page-locked CPU memory, copied one batch ahead of the computation; the GPU only
+    when the CPU budget cannot hold them), "gpu" (when it fits) or "cpu". ``profile`` times each phase exactly (``report.phases``). A loaded model passed in is
     consumed: each layer is released (moved to the meta device) once written.
     """
     from lowbit.engine.memory import parse_bytes
@@ -245,7 +247,7 @@ def quantize_to_folder(
         loaded, out, recipe, calibration_set.input_ids if calibration_set is not None else None,
         source=source, tokenizer=tokenizer, dtype=dtype, device=device, resume=resume, overwrite=overwrite,
         max_gpu_bytes=gpu_budget, max_cpu_bytes=parse_bytes(max_cpu_memory), profile=profile, progress=progress,
-        manifest={"source": source_record, "streamed": True,
+        activations=activations, manifest={"source": source_record, "streamed": True,
                   **({} if recipe.owq is None else {"owq": owq_manifest(recipe.owq.kept_dtype)})},
         calibration_info=None if calibration_set is None else {
             "source": calibration_set.source, "requested_tokens": calibration_set.requested_tokens,

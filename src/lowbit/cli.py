@@ -57,6 +57,7 @@ def quantize(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run of the same job from its next unfinished layer")] = False,
     max_gpu_memory: Annotated[str | None, typer.Option(help="GPU memory budget, e.g. 24GiB (default: the GPU's free memory)")] = None,
     max_cpu_memory: Annotated[str | None, typer.Option(help="CPU memory budget, e.g. 64GiB (default: no limit)")] = None,
+    activations_on: Annotated[str, typer.Option(help="where captured layer inputs live while a GPU computes: auto (page-locked CPU memory, copied one batch ahead), gpu or cpu")] = "auto",
     profile: Annotated[bool, typer.Option(help="time each phase exactly (load, capture, hessian, quantize, propagate, write)")] = False,
     weight_format: Annotated[str | None, typer.Option(help="weights: int, or fp8 (e4m3, per-channel, with --method rtn)")] = None,
     act_bits: Annotated[int | None, typer.Option(help="quantize every target Linear's input to this many bits (4..8)")] = None,
@@ -120,7 +121,7 @@ def quantize(
         path, report = lowbit.quantize_to_folder(
             model, out, chosen, device=_device(device), dtype=DTYPES[dtype], lazy=lazy, resume=resume,
             overwrite=overwrite, max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, profile=profile,
-            progress=not quiet)
+            progress=not quiet, activations=activations_on)
         report.render(console, phases=profile)
         if report.calibration.get("note"):
             console.print(f"[yellow]calibration:[/yellow] {report.calibration['note']}")

@@ -289,6 +289,14 @@ class CalibrationOptions(_Strict):
     text_field: str = "text"
     min_fraction: float = Field(0.5, gt=0.0, le=1.0)
     batch_size: int = Field(8, ge=1, description="samples per forward pass during calibration")
+    max_batch_tokens: int = Field(
+        8192, ge=1, description="at most this many tokens per calibration forward pass: batch_size is lowered for long "
+        "samples (8 x 2048 tokens would hold 2.4 GB of MLP activations at Llama-3-8B width; 8192 tokens already "
+        "keep a GPU's matrix units busy). Only the float summation order of the Hessians depends on it")
+
+    def batch_size_for(self, seqlen: int) -> int:
+        """Samples per forward pass for samples of ``seqlen`` tokens (``batch_size``, capped by ``max_batch_tokens``)."""
+        return max(1, min(self.batch_size, self.max_batch_tokens // seqlen))
 
 
 class Recipe(_Strict):

@@ -71,3 +71,36 @@ def test_hessian_with_nan_is_an_error():
 def test_accumulator_without_tokens_is_an_error():
     with pytest.raises(ValueError, match="no calibration tokens"):
         HessianAccumulator(8).hessian()
+
+
+@pytest.mark.parametrize("size", [40, 700, 1300])
+def test_inverse_hessian_cholesky_matches_the_float64_factor(size):
+    """The reversed-Cholesky route (one factorisation and one in-place triangular inverse, recursive above 512
+    columns) gives the upper Cholesky factor of the damped, permuted H^-1, with dead channels set to 1."""
+    from lowbit.algorithms.gptq import inverse_hessian_cholesky
+
+    generator = torch.Generator().manual_seed(size)
+    x = torch.randn(2 * size, size, generator=generator, dtype=torch.float64)
+    hessian = x.T @ x / (2 * size)
+    hessian[5, :] = hessian[:, 5] = 0  # a dead channel
+    permutation = torch.randperm(size, generator=generator)
+    before = hessian.float().clone()
+    upper, dampening = inverse_hessian_cholesky(hessian.float(), 0.01, 1.0, permutation)
+    assert torch.equal(hessian.float(), before) and dampening == 0.01  # the caller's Hessian is only read
+
+    permuted = hessian[permutation][:, permutation]
+    diagonal = permuted.diagonal().clone()
+    diagonal[diagonal == 0] = 1
+    permuted.diagonal().copy_(diagonal + 0.01 * diagonal.mean())
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(permuted)), upper=True)
+    assert torch.equal(upper, upper.triu())
+    assert (upper.double() - expected).abs().max() / expected.abs().max() < 1e-5
+
+
+def test_hessian_accumulator_mean_is_taken_once():
+    accumulator = HessianAccumulator(4)
+    accumulator.add(torch.ones(2, 4))
+    first = accumulator.hessian()
+    assert torch.equal(accumulator.hessian(), first) and torch.allclose(first, torch.ones(4, 4))
+    with pytest.raises(RuntimeError, match="hessian\\(\\) was taken"):
+        accumulator.add(torch.ones(2, 4))

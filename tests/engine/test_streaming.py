@@ -232,15 +232,22 @@ def test_cli_refuses_impossible_budget(tmp_path):
     assert result.exit_code == 2 and "--max-cpu-memory" in result.output
 
 
-def test_activations_move_to_cpu_when_the_gpu_budget_needs_it():
+def test_activation_placement_follows_the_policy_and_the_budgets():
     estimate = MemoryEstimate(layer_weights=1000, hessians=1000, gptq_workspace=1000, batch_workspace=1000,
                               outside_layers=500, captured_activations=10_000, whole_model=0, compute_on_gpu=True)
-    assert plan_memory(estimate, max_gpu_bytes=100_000, max_cpu_bytes=None).activations_on == "gpu"
-    assert plan_memory(estimate, max_gpu_bytes=5_000, max_cpu_bytes=None).activations_on == "cpu"
+    # auto: page-locked CPU memory, the GPU only when the CPU budget cannot hold them
+    assert plan_memory(estimate, max_gpu_bytes=100_000, max_cpu_bytes=None).activations_on == "cpu"
+    assert plan_memory(estimate, max_gpu_bytes=100_000, max_cpu_bytes=5_000).activations_on == "gpu"
+    # gpu: there when it fits the GPU budget
+    assert plan_memory(estimate, max_gpu_bytes=100_000, max_cpu_bytes=None, activations="gpu").activations_on == "gpu"
+    assert plan_memory(estimate, max_gpu_bytes=5_000, max_cpu_bytes=None, activations="gpu").activations_on == "cpu"
+    assert plan_memory(estimate, max_gpu_bytes=None, max_cpu_bytes=None, activations="cpu").activations_on == "cpu"
     with pytest.raises(MemoryBudgetError, match="even with the captured activations on the CPU"):
-        plan_memory(estimate, max_gpu_bytes=3_000, max_cpu_bytes=None)
+        plan_memory(estimate, max_gpu_bytes=2_500, max_cpu_bytes=None)
     with pytest.raises(MemoryBudgetError, match="CPU memory"):
         plan_memory(estimate, max_gpu_bytes=5_000, max_cpu_bytes=12_000)
+    with pytest.raises(ValueError, match="auto, gpu or cpu"):
+        plan_memory(estimate, max_gpu_bytes=None, max_cpu_bytes=None, activations="disk")
 
 
 def test_parse_bytes():
@@ -257,8 +264,8 @@ def test_fit_batch_size_halves_until_the_gpu_budget_fits():
                               outside_layers=0, captured_activations=100, whole_model=0, compute_on_gpu=True)
 
     assert fit_batch_size(estimate_for, 8, None) == 8  # no budget: as asked
-    assert fit_batch_size(estimate_for, 8, 100) == 8  # 30 + 40 fits
-    assert fit_batch_size(estimate_for, 8, 45) == 2  # 30 + 10
+    assert fit_batch_size(estimate_for, 8, 100) == 8  # 20 + max(10, 40) fits
+    assert fit_batch_size(estimate_for, 8, 45) == 4  # 20 + max(10, 20): forward and GPTQ phases do not overlap
     assert fit_batch_size(estimate_for, 8, 20) == 8  # nothing fits: plan_memory raises with the breakdown
 
 

@@ -3,8 +3,8 @@ accumulate each target linear's Hessian and input statistics, and propagating a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -47,9 +47,15 @@ def capture_layer_inputs(
     hidden_states: list[Tensor] = []
     keyword_args: list[dict] = []
 
+    pin = activation_device.type == "cpu" and device.type == "cuda"
+
     def stop(module, args, kwargs):
         states = args[0] if args else kwargs.pop("hidden_states")
-        hidden_states.append(states.to(activation_device))
+        if pin:  # page-locked, so that later passes copy batches to the GPU asynchronously (iter_batches)
+            buffer = torch.empty(states.shape, dtype=states.dtype, pin_memory=True)
+            hidden_states.append(buffer.copy_(states))
+        else:
+            hidden_states.append(states.to(activation_device))
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
         kwargs["use_cache"] = False
         keyword_args.append(_to_device(kwargs, activation_device))
@@ -135,6 +141,48 @@ class Activations:
     hidden: list[Tensor]
     kwargs: list[dict]
     device: torch.device
+    _streams: dict = field(default_factory=dict, repr=False)
+
+    def overlapped(self, device: torch.device) -> bool:
+        """Whether batches move between page-locked CPU memory and ``device`` asynchronously (``iter_batches``)."""
+        return (device.type == "cuda" and self.device.type == "cpu" and bool(self.hidden)
+                and all(states.is_pinned() for states in self.hidden))
+
+    def stream(self, device: torch.device, purpose: str) -> torch.cuda.Stream:
+        key = (str(device), purpose)
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device)
+        return self._streams[key]
+
+
+def iter_batches(activations: Activations, device: torch.device) -> Iterator[tuple[int, Tensor, dict]]:
+    """Each calibration batch as ``(index, hidden states on device, keyword arguments on device)``.
+
+    When the captured inputs live in page-locked CPU memory and ``device`` is a GPU, batch ``i + 1`` is copied on a
+    side stream while batch ``i`` computes, so keeping the activations off the GPU costs little time (the
+    llm-compressor approach, without its synchronous copies)."""
+    if not activations.overlapped(device):
+        for index, (states, extra) in enumerate(zip(activations.hidden, activations.kwargs, strict=True)):
+            yield index, states.to(device), _to_device(extra, device)
+        return
+    copy_stream = activations.stream(device, "to_device")
+    compute = torch.cuda.current_stream(device)
+
+    def fetch(index: int) -> tuple[Tensor, torch.cuda.Event]:
+        with torch.cuda.stream(copy_stream):
+            states = activations.hidden[index].to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(copy_stream)
+        return states, ready
+
+    pending = fetch(0)
+    for index in range(len(activations.hidden)):
+        states, ready = pending
+        if index + 1 < len(activations.hidden):
+            pending = fetch(index + 1)
+        compute.wait_event(ready)
+        states.record_stream(compute)  # allocated on the copy stream, used on this one
+        yield index, states, _to_device(activations.kwargs[index], device)
 
 
 def collect_hessians(layer: nn.Module, targets: list[Target], activations: Activations, device: torch.device,
@@ -145,9 +193,9 @@ def collect_hessians(layer: nn.Module, targets: list[Target], activations: Activ
     input share one statistics object)."""
     hooks = _HessianHooks(targets, device, observe, sample_rows)
     try:
-        for states, extra in zip(activations.hidden, activations.kwargs, strict=True):
+        for _, states, extra in iter_batches(activations, device):
             hooks.new_batch()
-            layer(states.to(device), **_to_device(extra, device))
+            layer(states, **extra)
     finally:
         hooks.remove()
     hessians: dict[str, Tensor] = {}
@@ -174,7 +222,22 @@ def collect_hessians(layer: nn.Module, targets: list[Target], activations: Activ
 
 
 def propagate(layer: nn.Module, activations: Activations, device: torch.device) -> None:
-    """Replace the captured inputs by ``layer``'s outputs on them (the next layer's inputs)."""
-    for batch_index, (states, extra) in enumerate(zip(activations.hidden, activations.kwargs, strict=True)):
-        output = _layer_output(layer(states.to(device), **_to_device(extra, device)))
-        activations.hidden[batch_index] = output.to(activations.device)
+    """Replace the captured inputs by ``layer``'s outputs on them (the next layer's inputs).
+
+    With page-locked CPU activations (``iter_batches``), each output is copied back into its own batch's buffer on a
+    side stream (the batch's inputs are already on the GPU by then), and the copies are waited for at the end."""
+    overlapped = activations.overlapped(device)
+    copy_back = activations.stream(device, "to_host") if overlapped else None
+    for index, states, extra in iter_batches(activations, device):
+        output = _layer_output(layer(states, **extra))
+        if copy_back is None:
+            activations.hidden[index] = output.to(activations.device)
+            continue
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
+        with torch.cuda.stream(copy_back):
+            copy_back.wait_event(done)
+            activations.hidden[index].copy_(output, non_blocking=True)
+        output.record_stream(copy_back)  # keep its memory until the copy has read it
+    if copy_back is not None:
+        copy_back.synchronize()

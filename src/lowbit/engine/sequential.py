@@ -49,6 +49,7 @@ from lowbit.engine.layerwise import DTYPES, quantize_weight
 from lowbit.engine.profile import PhaseTimer
 from lowbit.engine.report import LayerRecord, LinearRecord, QuantizationReport
 from lowbit.engine.smoothing import smooth_layer, smoothing_pairs
+from lowbit.engine.transfer import module_to_host, to_host, wait_for_copies
 from lowbit.formats.integer import QuantizedWeight, validate_group_size
 from lowbit.formats.owq import OWQWeight
 from lowbit.models.arch import (
@@ -143,10 +144,14 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
     column-loop steps: on a GPU those steps are bound by kernel launches, not arithmetic.
     transforms: receives a record of the two-stage refinement (when it ran)."""
     start = time.perf_counter()
-    weights = [linear_weight(t.module).detach().to(device, torch.float32) for t in targets]
-    rows = [w.shape[0] for w in weights]
+    if len(targets) == 1:
+        stacked = linear_weight(targets[0].module).detach().to(device, torch.float32)
+    else:  # one float32 copy of the stacked rows; each linear's weight is a view of it
+        stacked = torch.cat([linear_weight(t.module).detach().to(device) for t in targets]).float()
+    rows = [linear_weight(t.module).shape[0] for t in targets]
+    weights = list(stacked.split(rows))
     kept = targets[0].kept_columns if len(targets) == 1 else None  # OWQ never stacks linears (quantize_layer)
-    result = quantize_weight(torch.cat(weights) if len(weights) > 1 else weights[0], hessian, recipe, kept_columns=kept)
+    result = quantize_weight(stacked, hessian, recipe, kept_columns=kept)
     parts = _split_rows(result.weight, rows)
     dampening, dead_columns = result.dampening, result.dead_columns
     method = recipe.method + ("+owq" if recipe.owq is not None else "") + ("" if result.grid == "scheme" else f"+{result.grid}")
@@ -172,10 +177,11 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
         approximation = quantized.dequantize()
         record.weight_error = float((weight - approximation).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30))
         if hessian is not None:
-            record.output_error = relative_output_error(weight, approximation, hessian)
+            record.output_error = relative_output_error(weight, approximation, hessian, fast=True)
         set_linear_weight(target.module, approximation)
         record.seconds = seconds
-        results.append((quantized.to("cpu"), record))
+        results.append((quantized.map(to_host), record))
+    wait_for_copies(device)
     return results
 
 
@@ -381,7 +387,7 @@ def quantize_model(
     if recipe.needs_calibration:
         if calibration is None or calibration.numel() == 0:
             raise ValueError(f"{' + '.join(recipe.calibrated_steps)} needs calibration data and got none (0 tokens)")
-        batches = list(torch.split(calibration, recipe.calibration.batch_size))
+        batches = list(torch.split(calibration, recipe.calibration.batch_size_for(calibration.shape[1])))
         report.calibration = {"samples": int(calibration.shape[0]), "seqlen": int(calibration.shape[1]),
                               "tokens": int(calibration.numel())}
         with timer("capture"):
@@ -450,7 +456,11 @@ def quantize_model(
                 set_status("propagating")
                 with timer("propagate"):
                     propagate(layer, activations, device)
-            layer.to(original_device)
+            with timer("offload"):
+                if original_device.type == "cpu" and device.type == "cuda":
+                    module_to_host(layer)
+                else:
+                    layer.to(original_device)
             if restored is not None:
                 records, layer_record = restored
                 report.linears.extend(records)

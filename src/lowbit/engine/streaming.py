@@ -259,6 +259,7 @@ def quantize_to_folder(
     max_cpu_bytes: int | None = None,
     profile: bool = False,
     progress: bool = True,
+    activations: str = "auto",
     manifest: dict | None = None,
     calibration_info: dict | None = None,
     load_seconds: float | None = None,
@@ -267,6 +268,7 @@ def quantize_to_folder(
 
     The memory estimate is checked against the budgets (bytes) before any work (``MemoryBudgetError``);
     ``resume`` continues a partial run of the same job. ``out`` must already have passed ``check_output_path``.
+    ``activations``: where the captured layer inputs live (``lowbit.engine.memory.plan_memory``).
     Returns the folder and the report.
     """
     started = time.perf_counter()
@@ -288,14 +290,14 @@ def quantize_to_folder(
             estimate.captured_activations *= 3 if recipe.blockwise.target == "full_precision" else 2
         return estimate
 
-    requested_batch = recipe.calibration.batch_size
+    requested_batch = recipe.calibration.batch_size_for(int(seqlen)) if seqlen else recipe.calibration.batch_size
     batch_size = fit_batch_size(estimate_for, requested_batch, max_gpu_bytes)
     if batch_size != requested_batch:
         logger.warning("calibration.batch_size %d does not fit the GPU budget of %s; using %d (recorded in the "
                        "report's memory section)", requested_batch, format_bytes(max_gpu_bytes), batch_size)
         recipe = recipe.updated(**{"calibration.batch_size": batch_size})
     estimate = estimate_for(batch_size)
-    plan_memory(estimate, max_gpu_bytes, max_cpu_bytes)
+    plan_memory(estimate, max_gpu_bytes, max_cpu_bytes, activations)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -8,6 +8,7 @@ position of 0.0 on the grid (0 is always representable, as in the GPTQ reference
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +66,12 @@ class QuantizedWeight:
         return (self.zero.round().to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
+        return self.map(lambda t: t.to(device))
+
+    def map(self, function: Callable[[Tensor], Tensor]) -> QuantizedWeight:
+        """The same weight with ``function`` applied to each of its tensors (e.g. a move to another device)."""
         def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
+            return None if t is None else function(t)
 
         return QuantizedWeight(
             move(self.codes), move(self.scale), move(self.zero), self.bits, self.symmetric, self.group_size,

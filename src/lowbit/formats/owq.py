@@ -45,11 +45,11 @@ class OWQWeight(QuantizedWeight):
             dense[:, self.kept_indices] = self.kept_columns.float()
         return dense.to(dtype)
 
-    def to(self, device: torch.device | str) -> OWQWeight:
-        base = super().to(device)
+    def map(self, function: Callable[[Tensor], Tensor]) -> OWQWeight:
+        base = super().map(function)
         return OWQWeight(**{name: getattr(base, name) for name in QuantizedWeight.__dataclass_fields__},
-                         kept_columns=None if self.kept_columns is None else self.kept_columns.to(device),
-                         kept_indices=None if self.kept_indices is None else self.kept_indices.to(device))
+                         kept_columns=None if self.kept_columns is None else function(self.kept_columns),
+                         kept_indices=None if self.kept_indices is None else function(self.kept_indices))
 
     def checkpoint_tensors(self) -> dict[str, Tensor]:
         """The extra safetensors entries (without the module prefix)."""
