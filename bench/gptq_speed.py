@@ -110,8 +110,21 @@ def _peaks() -> dict:
     return peaks
 
 
+def _preload_model_code() -> None:
+    """Import transformers' model-loading and Llama code before either tool's clock starts.
+
+    Both children call this, so neither tool's time includes importing the library code they share (about 5-10 s:
+    ``transformers.modeling_utils`` pulls in torch.distributed, sympy and scikit-learn). Without it the comparison
+    was lopsided: ``from llmcompressor import oneshot`` (before its clock) already imported them, while lowbit, which
+    imports transformers' model code lazily, paid for them inside its clock."""
+    import transformers.modeling_utils  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+
 def step_lowbit(args: argparse.Namespace) -> dict:
     import lowbit
+
+    _preload_model_code()
 
     if args.gpu_budget and args.device.startswith("cuda"):
         from lowbit.engine.memory import parse_bytes
@@ -123,18 +136,34 @@ def step_lowbit(args: argparse.Namespace) -> dict:
         "gptq.act_order": args.act_order, "gptq.static_groups": args.act_order or None, "gptq.dampening": args.dampening,
         "weights.clip": args.clip})
     ids = torch.load(args.ids)
+    profiler = None
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     path, report = lowbit.quantize_to_folder(args.model, args.output, recipe, ids, device=args.device, dtype=torch.bfloat16,
-                                             overwrite=True, profile=True, progress=False,
+                                             overwrite=True, profile=not args.no_phase_sync, progress=False,
                                              max_gpu_memory=args.gpu_budget, max_cpu_memory=args.cpu_budget)
     seconds = time.perf_counter() - start
+    cprofile = None
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.cprofile)
+        cprofile = text.getvalue()
     layers = [layer.seconds for layer in report.layers]
     errors = [r.output_error for r in report.linears if r.output_error is not None]
     return {"tool": "lowbit", "seconds_end_to_end": seconds, "quantize_seconds": report.seconds,
             "phases": report.phases, "layer_seconds": layers, "mean_layer_seconds": sum(layers) / len(layers),
             "mean_output_error_own_inputs": sum(errors) / len(errors), "memory_estimate": report.memory.get("estimate"),
+            "peak_gpu_by_phase_gib": {k: v / 1024**3 for k, v in report.memory.get("peak_gpu_by_phase", {}).items()},
             "calibration_batch_size": report.memory.get("calibration_batch_size"),
-            **_peaks()}
+            **_peaks(), **({"cprofile": cprofile} if cprofile else {})}
 
 
 def step_llmc(args: argparse.Namespace) -> dict:
@@ -143,6 +172,7 @@ def step_llmc(args: argparse.Namespace) -> dict:
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _preload_model_code()
     ids = torch.load(args.ids)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     start = time.perf_counter()
@@ -230,6 +260,8 @@ def run_child(step: str, args: argparse.Namespace, pythonpath: str | None, extra
         command += ["--dampening", str(args.dampening)]
     if args.clip is not None:
         command += ["--clip", args.clip]
+    if step == "lowbit":
+        command += ["--cprofile", str(args.cprofile)] + (["--no-phase-sync"] if args.no_phase_sync else [])
     print(f"[{step}] {' '.join(command[2:])}", flush=True)
     start = time.perf_counter()
     try:
@@ -272,6 +304,10 @@ def main() -> None:
     parser.add_argument("--error-samples", type=int, default=16)
     parser.add_argument("--llmc-pythonpath", default=None, help="site folder with llmcompressor and its pins")
     parser.add_argument("--lowbit-pythonpath", default=None, help="site folder with lowbit's dependencies")
+    parser.add_argument("--cprofile", type=int, default=0,
+                        help="lowbit step: profile the Python side with cProfile and keep the N costliest calls (cumulative)")
+    parser.add_argument("--no-phase-sync", action="store_true",
+                        help="lowbit step: no per-phase timing (the phases synchronise the GPU at each boundary)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # child-only arguments

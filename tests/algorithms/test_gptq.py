@@ -104,3 +104,14 @@ def test_hessian_accumulator_mean_is_taken_once():
     assert torch.equal(accumulator.hessian(), first) and torch.allclose(first, torch.ones(4, 4))
     with pytest.raises(RuntimeError, match="hessian\\(\\) was taken"):
         accumulator.add(torch.ones(2, 4))
+
+
+def test_accumulator_allocates_on_first_input_and_checks_width():
+    """Linears sharing an input (q/k/v) never add to their own accumulators: those hold no [in, in] matrix."""
+    accumulator = HessianAccumulator(16)
+    assert accumulator._sum is None
+    with pytest.raises(ValueError, match="8 features"):
+        accumulator.add(torch.randn(4, 8))
+    x = torch.randn(5, 16)
+    accumulator.add(x)
+    assert torch.allclose(accumulator.hessian(), x.T @ x / 5, atol=1e-6)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -60,3 +62,15 @@ def test_group_size_error_names_layer_and_valid_sizes():
 def test_group_view_shapes():
     assert group_view(torch.zeros(4, 128), 32).shape == (4, 4, 32)
     assert group_view(torch.zeros(4, 128), -1).shape == (4, 1, 128)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [8, -1])
+def test_dequantize_broadcast_equals_gathered_grids(symmetric, group_size):
+    """The contiguous-group fast path (broadcast over a grouped view) gives the same bits as gathering each
+    column's scale and zero, which is what a per-column group index (g_idx) uses."""
+    torch.manual_seed(0)
+    weight = rtn(torch.randn(6, 32), WeightScheme(bits=3, symmetric=symmetric, group_size=group_size))
+    gathered = replace(weight, group_index=weight.column_groups())
+    assert torch.equal(weight.dequantize(), gathered.dequantize())
+    assert torch.equal(weight.dequantize(torch.bfloat16), gathered.dequantize(torch.bfloat16))

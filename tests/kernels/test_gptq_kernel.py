@@ -45,3 +45,21 @@ def test_kernel_block_handles_ragged_edges(monkeypatch) -> None:
     monkeypatch.setenv("LOWBIT_GPTQ_KERNEL", "1")
     kernel = gptq(weight, hessian, scheme, options).weight
     assert (kernel.codes == reference.codes).float().mean() >= 0.995
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the warm-up compiles the kernel for it)")
+def test_warm_up_on_a_side_thread_leaves_results_unchanged() -> None:
+    """The engine compiles the block kernel on a background thread during capture; a GPTQ call afterwards (on the
+    main thread) gives the same codes as one on a fresh process would (same kernel, same inputs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lowbit.kernels.gptq import warm_up
+
+    weight, hessian = _problem(64, 256)
+    scheme, options = WeightScheme(bits=4, group_size=32), GPTQOptions(act_order=True, static_groups=True)
+    device = torch.device("cuda")
+    before = gptq(weight.to(device), hessian.to(device), scheme, options).weight.codes
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(warm_up, device, [8, 2], 128).result()
+    after = gptq(weight.to(device), hessian.to(device), scheme, options).weight.codes
+    assert torch.equal(before, after)

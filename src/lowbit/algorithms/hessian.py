@@ -17,13 +17,22 @@ class HessianAccumulator:
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.in_features, self.device = in_features, torch.device(device)
+        self._sum: Tensor | None = None  # allocated by the first add(): linears that share an input never add
         self.tokens = 0
         self.spent = False  # hessian() has turned the sum into the mean
+
+    @property
+    def sum(self) -> Tensor:
+        if self._sum is None:
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=self.device)
+        return self._sum
 
     def add(self, inputs: Tensor) -> None:
         if self.spent:
             raise RuntimeError("this accumulator's hessian() was taken; start a new one for more inputs")
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(f"inputs have {inputs.shape[-1]} features, the accumulator {self.in_features}")
         flat = inputs.reshape(-1, inputs.shape[-1])
         if flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16) and flat.device == self.sum.device:
             # One half-precision GEMM with float32 output: the products of 16-bit inputs are exact in float32 and

@@ -23,16 +23,31 @@ class Target:
     kept_columns: int = 0  # OWQ: 16-bit input columns this linear keeps (its share of the model's budget)
 
 
-def _to_device(value, device: torch.device):
+def _map_tensors(value, function: Callable[[Tensor], Tensor]):
+    """``value`` (a tensor, or tuples, lists and dicts of them) with ``function`` applied to every tensor."""
     if isinstance(value, Tensor):
-        return value.to(device)
+        return function(value)
     if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
+        return tuple(_map_tensors(v, function) for v in value)
     if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
+        return [_map_tensors(v, function) for v in value]
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: _map_tensors(v, function) for k, v in value.items()}
     return value
+
+
+def _to_device(value, device: torch.device, non_blocking: bool = False):
+    return _map_tensors(value, lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+
+def _pinned(tensor: Tensor) -> Tensor:
+    """A page-locked CPU copy of ``tensor`` (so that copies to a GPU can be asynchronous)."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+
+
+def _record_stream(value, stream: torch.cuda.Stream) -> None:
+    """Tell the caching allocator that the tensors in ``value`` are used on ``stream`` too."""
+    _map_tensors(value, lambda tensor: tensor.record_stream(stream) if tensor.is_cuda else None)
 
 
 class _StopForward(Exception):
@@ -58,7 +73,9 @@ def capture_layer_inputs(
             hidden_states.append(states.to(activation_device))
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
         kwargs["use_cache"] = False
-        keyword_args.append(_to_device(kwargs, activation_device))
+        # keyword tensors (position embeddings, masks) too: a copy from pageable memory would synchronise the GPU
+        # at every batch and leave it idle while Python prepares the next one
+        keyword_args.append(_map_tensors(kwargs, _pinned) if pin else _to_device(kwargs, activation_device))
         raise _StopForward
 
     handle = decoder.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
@@ -168,21 +185,22 @@ def iter_batches(activations: Activations, device: torch.device) -> Iterator[tup
     copy_stream = activations.stream(device, "to_device")
     compute = torch.cuda.current_stream(device)
 
-    def fetch(index: int) -> tuple[Tensor, torch.cuda.Event]:
+    def fetch(index: int) -> tuple[Tensor, dict, torch.cuda.Event]:
         with torch.cuda.stream(copy_stream):
             states = activations.hidden[index].to(device, non_blocking=True)
+            extra = _to_device(activations.kwargs[index], device, non_blocking=True)  # page-locked (capture)
             ready = torch.cuda.Event()
             ready.record(copy_stream)
-        return states, ready
+        return states, extra, ready
 
     pending = fetch(0)
     for index in range(len(activations.hidden)):
-        states, ready = pending
+        states, extra, ready = pending
         if index + 1 < len(activations.hidden):
             pending = fetch(index + 1)
         compute.wait_event(ready)
-        states.record_stream(compute)  # allocated on the copy stream, used on this one
-        yield index, states, _to_device(activations.kwargs[index], device)
+        _record_stream((states, extra), compute)  # allocated on the copy stream, used on this one
+        yield index, states, extra
 
 
 def collect_hessians(layer: nn.Module, targets: list[Target], activations: Activations, device: torch.device,

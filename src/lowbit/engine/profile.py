@@ -22,7 +22,11 @@ class PhaseTimer:
 
     def __init__(self, synchronize: torch.device | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        # phase -> the run's peak GPU allocation (bytes) right after a run of that phase raised it: the phase listed
+        # with the largest value is where the run's peak happened (recorded when profiling on a GPU)
+        self.peak_gpu: dict[str, int] = {}
         self._synchronize = synchronize is not None and synchronize.type == "cuda"
+        self._device = synchronize
 
     def _sync(self) -> None:
         if self._synchronize:
@@ -31,9 +35,14 @@ class PhaseTimer:
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         self._sync()
+        before = torch.cuda.max_memory_allocated(self._device) if self._synchronize else 0
         start = time.perf_counter()
         try:
             yield
         finally:
             self._sync()
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            if self._synchronize:
+                after = torch.cuda.max_memory_allocated(self._device)
+                if after > before:
+                    self.peak_gpu[phase] = max(self.peak_gpu.get(phase, 0), after)

@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -175,7 +176,7 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
         # the checkpoint and a resumed run all see the same weights (a no-op for float32 models).
         quantized = replace(quantized, scale=quantized.scale.to(linear_weight(target.module).dtype).float())
         approximation = quantized.dequantize()
-        record.weight_error = float((weight - approximation).pow(2).sum() / weight.pow(2).sum().clamp_min(1e-30))
+        record.weight_error = float(torch.sub(weight, approximation).square_().sum() / weight.square().sum().clamp_min(1e-30))
         if hessian is not None:
             record.output_error = relative_output_error(weight, approximation, hessian, fast=True)
         set_linear_weight(target.module, approximation)
@@ -298,6 +299,35 @@ def _layer_record(index: int, seconds: float, records: list[LinearRecord]) -> La
     return LayerRecord(index, seconds, sum(errors) / len(errors) if errors else None, max(dampings) if dampings else None)
 
 
+def _start_kernel_warm_up(plan, recipe: Recipe, device: torch.device) -> Future | None:
+    """On a GPU, compile GPTQ's block kernel (and load cuSOLVER) on a background thread while the calibration inputs
+    are captured, so that the first layer does not wait for it (``lowbit.kernels.gptq.warm_up``)."""
+    from lowbit.algorithms.gptq import _use_kernel
+
+    uses_kernel = (recipe.method == "gptq" and device.type == "cuda" and _use_kernel(device)
+                   and (recipe.gptq.static_groups or recipe.weights.group_size == -1))
+    targets = next((t for t in plan.targets.values() if t), [])
+    if not uses_kernel or not targets:
+        return None
+    from lowbit.kernels.gptq import warm_up
+
+    group_size = recipe.weights.group_size
+    counts = [1 if group_size == -1 else linear_weight(t.module).shape[1] // group_size for t in targets]
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-warm-up")
+    future = executor.submit(warm_up, device, counts, recipe.gptq.block_size)
+    executor.shutdown(wait=False)
+    return future
+
+
+def _finish_warm_up(future: Future) -> None:
+    """Wait for the warm-up; a failure there only costs the time it would have saved (the real call reports
+    any real problem), so it is logged, not raised."""
+    try:
+        future.result()
+    except Exception as error:  # noqa: BLE001
+        logger.debug("GPTQ kernel warm-up failed (%s); the first layer compiles it instead", error)
+
+
 def _move_outside_layers(model: nn.Module, decoder: DecoderLayers, device: torch.device,
                          skip: nn.Module | None = None) -> list[tuple[dict, str, Tensor]]:
     """Put the loaded parameters and buffers outside the decoder layers (embeddings, rotary) on ``device``,
@@ -375,6 +405,7 @@ def quantize_model(
     timer = PhaseTimer(device if profile else None)
     report = QuantizationReport(recipe.method, recipe.weights.describe(), linears=list(plan.left_alone), phases=timer.seconds)
     layers = plan.decoder.layers
+    warm_up = _start_kernel_warm_up(plan, recipe, device)
     activations = None
     model_type = getattr(model.config, "model_type", type(model).__name__)
     observe = recipe.activations is not None or recipe.smoothquant is not None
@@ -438,6 +469,9 @@ def quantize_model(
                                                    [t.name for t in targets], hessians, statistics, recipe):
                             report.transforms.append({"kind": "smoothquant", **asdict(record)})
                 with timer("quantize"):
+                    if warm_up is not None:
+                        _finish_warm_up(warm_up)
+                        warm_up = None
                     weights, records = quantize_layer(targets, recipe, hessians, tokens, device, set_status,
                                                       fuse_shared=device.type == "cuda",
                                                       release_hessians=reference is None, transforms=report.transforms)
@@ -478,6 +512,8 @@ def quantize_model(
                                   f"{layer_record.seconds:.1f} s")
     with timer("write"):
         store.drain()
+    if timer.peak_gpu:
+        report.memory["peak_gpu_by_phase"] = dict(timer.peak_gpu)
     report.linears.sort(key=lambda r: (r.layer if r.layer is not None else 1 << 30, r.name))
     report.seconds = time.perf_counter() - started
     return store.weights, report

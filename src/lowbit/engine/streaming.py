@@ -101,6 +101,26 @@ class ShardStore(LayerStore):
         self.shard_count = len(decoder.layers) + 1  # one per layer, then the tensors outside the layers
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-writer")
         self._pending: Future | None = None
+        self._outside: Future | None = None
+
+    def write_outside_layers(self) -> None:
+        """Start writing the tensors outside the decoder layers (embeddings, final norm, head) on the writer thread.
+
+        The streamed recipes never change them (rotations, SmoothQuant and activation quantizers, which do, run on
+        the whole model and are saved in one piece), so their shard is written first, while the layers are
+        computed: at Llama-3-8B size that is 2 GiB written, fsynced and hashed off the critical path. The state dict
+        holds the tensors as they are now: the capture's move of the embedding to the GPU replaces the module's
+        parameters, not these tensors."""
+        state = self.outside_layers_state()
+        name = shard_name(self.shard_count, self.shard_count)
+        self._outside = self._writer.submit(lambda: (name, state, write_shard(self.folder, name, state)))
+
+    def outside_layers_written(self) -> tuple[str, dict[str, Tensor], str]:
+        """``(shard name, state, sha256)`` of the shard started by :meth:`write_outside_layers` (waits for it)."""
+        if self._outside is None:
+            self.write_outside_layers()
+        assert self._outside is not None
+        return self._outside.result()
 
     def _save_progress(self) -> None:
         layers = {str(index): entry for index, entry in sorted(self.completed.items())}
@@ -163,6 +183,11 @@ class ShardStore(LayerStore):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+    def close(self) -> None:
+        """Wait for everything handed to the writer thread (after a failure: so nothing writes into a folder being
+        removed)."""
+        self._writer.shutdown(wait=True)
 
     def _write_layer(self, index: int, weights: dict[str, QuantizedWeight], records: list[LinearRecord],
                      layer: LayerRecord) -> None:
@@ -313,6 +338,7 @@ def quantize_to_folder(
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     store = ShardStore(folder, module, decoder, recipe, key, lazy, completed)
+    store.write_outside_layers()
     setup_seconds = time.perf_counter() - started
     try:
         _, report = quantize_model(module, recipe, calibration, device=device,
@@ -323,6 +349,7 @@ def quantize_to_folder(
             lazy.discard_prefetched()
         with contextlib.suppress(Exception):  # let the layer being written finish: it can be resumed from
             store.drain()
+        store.close()
         if not store.completed:  # nothing worth resuming: leave no trace
             shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -330,13 +357,11 @@ def quantize_to_folder(
     report.calibration.update(calibration_info or {})
     report.memory = {"estimate": estimate.to_dict(), "budget_gpu_bytes": max_gpu_bytes, "budget_cpu_bytes": max_cpu_bytes,
                      "calibration_batch_size": batch_size, "requested_batch_size": requested_batch,
-                     "resumed_layers": len(completed), **_peak_memory(device)}
+                     "resumed_layers": len(completed), **_peak_memory(device), **report.memory}
 
     def fill(target: Path) -> dict:
         start = time.perf_counter()
-        state = store.outside_layers_state()
-        last = shard_name(store.shard_count, store.shard_count)
-        digests[last] = write_shard(target, last, state)
+        last, state, digests[last] = store.outside_layers_written()  # written into ``target`` early (same folder)
         weight_map = {k: entry["shard"] for entry in store.completed.values() for k in entry["keys"]}
         weight_map.update(dict.fromkeys(state, last))
         total = sum(entry["bytes"] for entry in store.completed.values()) + sum(t.numel() * t.element_size() for t in state.values())

@@ -51,6 +51,14 @@ class QuantizedWeight:
         return torch.arange(in_features, device=self.codes.device) // self.group_size
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.format != "fp8" and self.group_index is None:
+            # contiguous groups: broadcast each group's scale and zero over a [out, groups, size] view instead of
+            # gathering them to [out, in] (two fewer [out, in] float32 temporaries; the same arithmetic)
+            out_features, in_features = self.codes.shape
+            size = in_features if self.group_size == -1 else self.group_size
+            values = self.codes.float().view(out_features, in_features // size, size)
+            values.sub_(self.zero[:, :, None]).mul_(self.scale[:, :, None])
+            return values.view(out_features, in_features).to(dtype)
         groups = self.column_groups()
         scale = self.scale[:, groups]
         if self.format == "fp8":

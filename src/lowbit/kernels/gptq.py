@@ -85,3 +85,24 @@ def gptq_block(block: Tensor, hinv_block: Tensor, scale: Tensor, zero: Tensor, g
         float((1 << bits) - 1), BLOCK_ROWS=block_rows, BLOCK_COLUMNS=width,
     )  # fmt: skip
     return codes, errors
+
+
+def warm_up(device: torch.device, group_counts: list[int], block_size: int) -> None:
+    """Compile the block kernel for the grid widths a run will use, and load the GPU's linear-algebra libraries.
+
+    Meant for a background thread started before the calibration capture: the first decoder layer otherwise waits
+    for Triton's compilation and cuSOLVER's loading (about 1.5 s on an H200). Launches on tiny tensors with the
+    shapes' divisibility (what Triton specialises on) of the real calls; a shape it does not anticipate only means
+    the real call compiles as before."""
+    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+        rows, columns = 16, block_size
+        block = torch.zeros(rows, columns, device=device)
+        hinv = torch.eye(columns, device=device)
+        groups = torch.zeros(columns, dtype=torch.int32, device=device)
+        for count in sorted(set(group_counts)):
+            scale = torch.ones(rows, count, device=device)
+            gptq_block(block, hinv, scale, torch.zeros_like(scale), groups, 4)
+        spd = torch.eye(64, device=device) * 2
+        torch.linalg.cholesky_ex(spd)
+        torch.linalg.solve_triangular(spd, spd, upper=False)
+        torch.cuda.current_stream(device).synchronize()
