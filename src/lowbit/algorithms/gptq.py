@@ -46,8 +46,8 @@ def inverse_hessian_cholesky(
 
     Through the reversal ``J`` (the identity with its columns reversed): the Cholesky factor ``L`` of ``J H_p J``
     gives ``H_p = R R^T`` with ``R = J L J`` upper triangular, so ``H_p^-1 = R^-T R^-1`` and ``U = R^-1 = J L^-1 J``
-    (positive diagonal, hence the unique factor). That is one Cholesky factorisation and one triangular inverse,
-    both in place: 2/3 n^3 flops against 4/3 n^3 for Cholesky, ``cholesky_inverse`` and Cholesky again, whose
+    (positive diagonal, hence the unique factor), returned as a column-major view. That is one Cholesky factorisation
+    and one triangular inverse, both in place: 2/3 n^3 flops against 4/3 n^3 for Cholesky, ``cholesky_inverse`` and Cholesky again, whose
     middle step is also slow on GPUs (about 0.3 s for n = 14336 on an H100), and no extra ``[in, in]`` copies.
     """
     size = hessian.shape[0]
@@ -58,22 +58,36 @@ def inverse_hessian_cholesky(
     mean_diagonal = torch.mean(diagonal)
     info = torch.empty((), dtype=torch.int32, device=hessian.device)
     while True:
-        work = hessian[order[:, None], order[None, :]].float()  # J H_p J in one gather
+        work = _symmetric_gather(hessian, order)  # J H_p J
         work.diagonal().copy_(diagonal + dampening * mean_diagonal)
-        torch.linalg.cholesky_ex(work, out=(work, info))
+        # Factorise in place through the column-major view of the (symmetric) work matrix: a row-major output
+        # would make torch factorise a column-major temporary and copy it back (one more [in, in] matrix: 0.8 GB
+        # for Llama-3-8B's down_proj). The lower factor L then lies in ``lower`` = work^T.
+        lower = work.mT
+        torch.linalg.cholesky_ex(lower, out=(lower, info))
         if info == 0:
-            work.tril_()
-            _invert_lower_triangular_(work)
-            _reverse_(work)
+            lower.tril_()
+            _invert_lower_triangular_(lower)
+            _reverse_(work)  # work = (J L^-1 J)^T, so the factor is its transpose (a column-major view)
             if torch.isfinite(work).all():
-                return work, dampening
-        del work
+                return work.mT, dampening
+        del work, lower
         if dampening * 10 > max_dampening:
             raise torch.linalg.LinAlgError(
                 f"the Hessian is not positive definite even with dampening {dampening:g} of its mean diagonal; "
                 "the calibration activations are degenerate (check the data, or raise gptq.max_dampening)"
             )
         dampening *= 10
+
+
+def _symmetric_gather(matrix: Tensor, order: Tensor, rows_per_step: int = 1024) -> Tensor:
+    """``matrix[order][:, order]`` as a new float32 matrix, with temporaries of ``rows_per_step`` rows only (one
+    two-index gather may build ``[in, in]`` index tensors: 1.6 GB each at in = 14336)."""
+    work = matrix.index_select(0, order).float()
+    for start in range(0, work.shape[0], rows_per_step):
+        rows = work[start : start + rows_per_step]
+        rows.copy_(rows.index_select(1, order))
+    return work
 
 
 def _invert_lower_triangular_(lower: Tensor, leaf: int = 512) -> None:

@@ -63,8 +63,10 @@ def relative_output_error(weight: Tensor, approximation: Tensor, hessian: Tensor
     weight = weight.float()
     delta = weight - approximation.float()
     with _tf32(fast and weight.is_cuda):
-        error = torch.einsum("oi,ij,oj->", delta, hessian, delta)
-        signal = torch.einsum("oi,ij,oj->", weight, hessian, weight)
+        # (D H) * D summed, with one [out, in] temporary each (an einsum may pick the [in, in] route D^T D first)
+        error = torch.mm(delta, hessian).mul_(delta).sum()
+        del delta
+        signal = torch.mm(weight, hessian).mul_(weight).sum()
     return float(error / signal.clamp_min(1e-30))
 
 
