@@ -92,3 +92,21 @@ def test_act_order_with_static_groups_round_trips(tmp_path):
     loaded, _ = lowbit.load(lowbit.save(quantized, tmp_path / "out"))
     with torch.no_grad():
         assert relative_difference(expected, loaded(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["w4-sym-g32", "w3-asym-g32"])
+def test_prepared_packed_tensors_give_the_same_state_dict(scheme):
+    """The streaming store packs finished linears where they are computed (a GPU) and hands the packed tensors to
+    the writer; the state dict built from them equals the one packed by the writer itself."""
+    from lowbit.export.compressed_tensors import build_state_dict, compressed_module_tensors
+
+    model = tiny_model("llama")
+    ids = calibration_ids(vocab=model.config.vocab_size)
+    quantized = lowbit.quantize(model, lowbit.Recipe(method="rtn").updated(**SCHEMES[scheme]), ids, progress=False)
+    weights = dict(list(quantized.weights.items())[:3])
+    dtype = next(quantized.model.parameters()).dtype
+    prepared = {name: compressed_module_tensors(weight, dtype) for name, weight in weights.items()}
+    plain, plain_config, _ = build_state_dict(quantized.model, weights)
+    packed, packed_config, _ = build_state_dict(quantized.model, weights, prepared=prepared)
+    assert plain.keys() == packed.keys() and plain_config == packed_config
+    assert all(torch.equal(plain[key], packed[key]) for key in plain)

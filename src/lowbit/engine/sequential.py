@@ -135,8 +135,14 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+Prepare = Callable[[str, QuantizedWeight, torch.dtype], None]
+"""Called with each finished linear's name, quantized weight (still on the compute device) and model dtype, before
+the weight is copied to the CPU: lets a store build its checkpoint tensors where that is fast (packing on a GPU)."""
+
+
 def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | None, device: torch.device,
-                      transforms: list[dict] | None = None) -> list[tuple[QuantizedWeight, LinearRecord]]:
+                      transforms: list[dict] | None = None, prepare: Prepare | None = None,
+                      ) -> list[tuple[QuantizedWeight, LinearRecord]]:
     """Quantize linears that share one Hessian (``[]`` for RTN) in one call on their stacked rows
     (``lowbit.engine.layerwise``: the recipe's grids, RTN or GPTQ, two-stage refinement).
 
@@ -181,6 +187,8 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
             record.output_error = relative_output_error(weight, approximation, hessian, fast=True)
         set_linear_weight(target.module, approximation)
         record.seconds = seconds
+        if prepare is not None:
+            prepare(target.name, quantized, linear_weight(target.module).dtype)
         results.append((quantized.map(to_host), record))
     wait_for_copies(device)
     return results
@@ -213,6 +221,7 @@ def quantize_layer(
     fuse_shared: bool = False,
     release_hessians: bool = False,
     transforms: list[dict] | None = None,
+    prepare: Prepare | None = None,
 ) -> tuple[dict[str, QuantizedWeight], list[LinearRecord]]:
     """The per-layer step: quantize each target linear from its Hessian (none for RTN), replacing its weight by
     the dequantized values. Returns the quantized weights by name and one record per linear.
@@ -224,7 +233,8 @@ def quantize_layer(
     OWQ linears are never stacked: each picks its own kept columns, as in the paper.
     release_hessians: remove each Hessian from ``hessians`` once its linears are done, so its memory is free
     for the next (at 70B, down_proj's GPTQ then runs without the other six Hessians).
-    transforms: receives what the grid methods did (``report.transforms``)."""
+    transforms: receives what the grid methods did (``report.transforms``).
+    prepare: see ``Prepare`` (the streaming store packs the checkpoint tensors on the GPU through it)."""
     weights: dict[str, QuantizedWeight] = {}
     records: list[LinearRecord] = []
     groups: list[list[Target]] = []
@@ -237,7 +247,8 @@ def quantize_layer(
             groups.append([target])
     for group in groups:
         set_status(", ".join(t.name.rsplit(".", 2)[-2] + "." + t.name.rsplit(".", 1)[-1] for t in group))
-        for target, (quantized, record) in zip(group, _quantize_linears(group, recipe, hessians.get(group[0].name), device, transforms), strict=True):
+        for target, (quantized, record) in zip(group, _quantize_linears(group, recipe, hessians.get(group[0].name), device, transforms,
+                                                                                  prepare), strict=True):
             record.tokens = tokens.get(target.name, 0)
             weights[target.name] = quantized
             records.append(record)
@@ -287,6 +298,8 @@ class LayerStore:
 
     def skip(self, index: int) -> None:
         """Layer ``index`` was restored by ``load`` and its outputs recomputed; nothing is left to do with it."""
+
+    prepare: Prepare | None = None  # see ``Prepare``; a store that writes checkpoint tensors may set it
 
     def drain(self) -> None:
         """Wait until every finished layer is stored (a store may write in the background)."""
@@ -474,7 +487,8 @@ def quantize_model(
                         warm_up = None
                     weights, records = quantize_layer(targets, recipe, hessians, tokens, device, set_status,
                                                       fuse_shared=device.type == "cuda",
-                                                      release_hessians=reference is None, transforms=report.transforms)
+                                                      release_hessians=reference is None, transforms=report.transforms,
+                                                      prepare=store.prepare if reference is None else None)
                 if reference is not None:
                     set_status("block-wise reconstruction")
                     with timer("blockwise"):

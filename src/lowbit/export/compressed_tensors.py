@@ -107,9 +107,12 @@ def input_quantizer_tensors(module: nn.Module, dtype: torch.dtype) -> dict[str, 
 
 def build_state_dict(
     model: nn.Module, weights: dict[str, QuantizedWeight], clip: str = "minmax", act_order: bool = False,
-    activations: ActivationScheme | None = None,
+    activations: ActivationScheme | None = None, prepared: dict[str, dict[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Tensor], dict | None, set[str]]:
-    """State dict in compressed-tensors form, the ``quantization_config`` dict, and the names stored dense."""
+    """State dict in compressed-tensors form, the ``quantization_config`` dict, and the names stored dense.
+
+    prepared: per linear name, its pack-quantized tensors already built (by ``compressed_module_tensors``, e.g. on
+    the GPU while the weight was there); used instead of packing again."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     dtype = next(model.parameters()).dtype
@@ -137,7 +140,9 @@ def build_state_dict(
         del output[f"{name}.weight"]
         layout = storage_format(weight, activations)
         formats.add(layout)
-        tensors = {**compressed_module_tensors(weight, dtype, layout), **input_quantizer_tensors(linears[name], dtype)}
+        packed = (prepared or {}).get(name) if layout == "pack-quantized" else None
+        tensors = {**(packed if packed is not None else compressed_module_tensors(weight, dtype, layout)),
+                   **input_quantizer_tensors(linears[name], dtype)}
         if isinstance(weight, OWQWeight):
             tensors.update(weight.checkpoint_tensors())  # lowbit.formats.owq: ignored by compressed-tensors
         for suffix, tensor in tensors.items():
