@@ -327,18 +327,26 @@ def _start_kernel_warm_up(plan, recipe: Recipe, device: torch.device) -> Future 
     group_size = recipe.weights.group_size
     counts = [1 if group_size == -1 else linear_weight(t.module).shape[1] // group_size for t in targets]
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-warm-up")
-    future = executor.submit(warm_up, device, counts, recipe.gptq.block_size)
+    def timed() -> float:
+        start = time.perf_counter()
+        warm_up(device, counts, recipe.gptq.block_size)
+        return time.perf_counter() - start
+
+    future = executor.submit(timed)
     executor.shutdown(wait=False)
     return future
 
 
-def _finish_warm_up(future: Future) -> None:
-    """Wait for the warm-up; a failure there only costs the time it would have saved (the real call reports
-    any real problem), so it is logged, not raised."""
+def _finish_warm_up(future: Future, phases: dict[str, float]) -> None:
+    """Wait for the warm-up and record, in ``phases``, how long it ran in the background and how long the first
+    layer waited for it. A failure there only costs the time it would have saved (the real call reports any real
+    problem), so it is logged, not raised."""
+    start = time.perf_counter()
     try:
-        future.result()
+        phases["kernel_warm_up_background"] = future.result()
     except Exception as error:  # noqa: BLE001
         logger.debug("GPTQ kernel warm-up failed (%s); the first layer compiles it instead", error)
+    phases["kernel_warm_up_wait"] = time.perf_counter() - start
 
 
 def _move_outside_layers(model: nn.Module, decoder: DecoderLayers, device: torch.device,
@@ -483,7 +491,7 @@ def quantize_model(
                             report.transforms.append({"kind": "smoothquant", **asdict(record)})
                 with timer("quantize"):
                     if warm_up is not None:
-                        _finish_warm_up(warm_up)
+                        _finish_warm_up(warm_up, report.phases)
                         warm_up = None
                     weights, records = quantize_layer(targets, recipe, hessians, tokens, device, set_status,
                                                       fuse_shared=device.type == "cuda",
