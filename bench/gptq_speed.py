@@ -159,7 +159,7 @@ def step_lowbit(args: argparse.Namespace) -> dict:
     layers = [layer.seconds for layer in report.layers]
     errors = [r.output_error for r in report.linears if r.output_error is not None]
     return {"tool": "lowbit", "seconds_end_to_end": seconds, "quantize_seconds": report.seconds,
-            "phases": report.phases, "layer_seconds": layers, "mean_layer_seconds": sum(layers) / len(layers),
+            "phases": report.phases, "background": report.background, "layer_seconds": layers, "mean_layer_seconds": sum(layers) / len(layers),
             "mean_output_error_own_inputs": sum(errors) / len(errors), "memory_estimate": report.memory.get("estimate"),
             "peak_gpu_by_phase_gib": {k: v / 1024**3 for k, v in report.memory.get("peak_gpu_by_phase", {}).items()},
             "calibration_batch_size": report.memory.get("calibration_batch_size"),

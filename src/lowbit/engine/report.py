@@ -51,6 +51,9 @@ class QuantizationReport:
     calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (lowbit.engine.profile)
+    # seconds of work done on side threads, overlapping the phases (e.g. the GPTQ kernel's warm-up), and how long the
+    # engine then waited for it (that wait is also inside a phase)
+    background: dict[str, float] = field(default_factory=dict)
     memory: dict = field(default_factory=dict)  # the pre-flight estimate and the measured peaks, in bytes
     transforms: list[dict] = field(default_factory=list)  # rotations and SmoothQuant foldings, in order
 
@@ -68,6 +71,7 @@ class QuantizationReport:
             "counts": self.counts(),
             "calibration": self.calibration,
             "phases": {phase: round(seconds, 3) for phase, seconds in self.phases.items()},
+            "background": {name: round(seconds, 3) for name, seconds in self.background.items()},
             "memory": self.memory,
             "transforms": self.transforms,
             "layers": [asdict(layer) for layer in self.layers],
@@ -127,6 +131,8 @@ class QuantizationReport:
             table.add_row(phase, f"{seconds:.2f}", f"{100 * seconds / total:.1f}%")
         table.add_row("total", f"{total:.2f}", "100%")
         console.print(table)
+        for name, seconds in self.background.items():
+            console.print(f"  {name.replace('_', ' ')}: {seconds:.2f} s (on a side thread)")
 
 
 def _mean(values: list[float]) -> float:

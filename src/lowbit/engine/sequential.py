@@ -337,16 +337,16 @@ def _start_kernel_warm_up(plan, recipe: Recipe, device: torch.device) -> Future 
     return future
 
 
-def _finish_warm_up(future: Future, phases: dict[str, float]) -> None:
-    """Wait for the warm-up and record, in ``phases``, how long it ran in the background and how long the first
+def _finish_warm_up(future: Future, background: dict[str, float]) -> None:
+    """Wait for the warm-up and record, in ``background``, how long it ran in the background and how long the first
     layer waited for it. A failure there only costs the time it would have saved (the real call reports any real
     problem), so it is logged, not raised."""
     start = time.perf_counter()
     try:
-        phases["kernel_warm_up_background"] = future.result()
+        background["kernel_warm_up"] = future.result()
     except Exception as error:  # noqa: BLE001
         logger.debug("GPTQ kernel warm-up failed (%s); the first layer compiles it instead", error)
-    phases["kernel_warm_up_wait"] = time.perf_counter() - start
+    background["kernel_warm_up_waited"] = time.perf_counter() - start
 
 
 def _move_outside_layers(model: nn.Module, decoder: DecoderLayers, device: torch.device,
@@ -491,7 +491,7 @@ def quantize_model(
                             report.transforms.append({"kind": "smoothquant", **asdict(record)})
                 with timer("quantize"):
                     if warm_up is not None:
-                        _finish_warm_up(warm_up, report.phases)
+                        _finish_warm_up(warm_up, report.background)
                         warm_up = None
                     weights, records = quantize_layer(targets, recipe, hessians, tokens, device, set_status,
                                                       fuse_shared=device.type == "cuda",
