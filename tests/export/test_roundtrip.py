@@ -110,3 +110,16 @@ def test_prepared_packed_tensors_give_the_same_state_dict(scheme):
     packed, packed_config, _ = build_state_dict(quantized.model, weights, prepared=prepared)
     assert plain.keys() == packed.keys() and plain_config == packed_config
     assert all(torch.equal(plain[key], packed[key]) for key in plain)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_a_block_of_rows_at_a_time_equals_packing_at_once(bits):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from lowbit.export.compressed_tensors import _packed_codes
+    from lowbit.formats.integer import QuantizedWeight
+
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (100, 96), dtype=torch.uint8, generator=generator)
+    weight = QuantizedWeight(codes, torch.rand(100, 3), torch.full((100, 3), 1.0), bits, False, 32)
+    assert torch.equal(_packed_codes(weight, rows_per_step=7), pack_to_int32(weight.signed_codes(), bits))

@@ -84,13 +84,25 @@ def compressed_module_tensors(weight: QuantizedWeight, dtype: torch.dtype, layou
             "(g_idx) has no place in the compressed-tensors format. Re-run with gptq.static_groups: true"
         )
     tensors = {
-        "weight_packed": pack_to_int32(weight.signed_codes(), weight.bits),
+        "weight_packed": _packed_codes(weight),
         "weight_scale": weight.scale.to(dtype),
         "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64),
     }
     if not weight.symmetric:
         tensors["weight_zero_point"] = pack_to_int32(weight.signed_zero(), weight.bits, packed_dim=0)
     return tensors
+
+
+def _packed_codes(weight: QuantizedWeight, rows_per_step: int = 4096) -> Tensor:
+    """``pack_to_int32(weight.signed_codes(), bits)``, a block of rows at a time: packing runs along each row, so the
+    result is the same, and its int16/int32 temporaries (11 bytes per weight) stay small (0.4 GB at most for a 70B
+    layer's 8192-wide rows, instead of 2.6 GB for its gate_proj at once on a GPU)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    offset = 1 << (weight.bits - 1)
+    pieces = [pack_to_int32((codes.to(torch.int16) - offset).to(torch.int8), weight.bits)
+              for codes in weight.codes.split(rows_per_step)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def input_quantizer_tensors(module: nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
