@@ -74,3 +74,26 @@ def test_plan_lists_linears_outside_layers():
     plan = plan_model(tiny_model("opt"), lowbit.Recipe().updated(**{"weights.group_size": 32}))
     assert [r.name for r in plan.left_alone] == ["lm_head"]
     assert len(plan.targets[0]) == 6
+
+
+def test_a_failed_kernel_warm_up_costs_nothing_but_its_time(monkeypatch):
+    """The GPTQ kernel warm-up runs on a side thread; when it fails, the run goes on (the first layer compiles the
+    kernel itself) with the same result, and the report records no warm-up time."""
+    from concurrent.futures import Future
+
+    import lowbit.engine.sequential as sequential
+
+    def failed(*_):
+        future = Future()
+        future.set_exception(RuntimeError("no GPU compiler"))
+        return future
+
+    model = tiny_model("llama")
+    ids = calibration_ids(vocab=model.config.vocab_size)
+    recipe = lowbit.Recipe().updated(**{"weights.group_size": 32})
+    expected = lowbit.quantize(tiny_model("llama"), recipe, ids, progress=False)
+    monkeypatch.setattr(sequential, "_start_kernel_warm_up", failed)
+    result = lowbit.quantize(model, recipe, ids, progress=False)
+    assert "kernel_warm_up" not in result.report.background
+    assert "kernel_warm_up_waited" in result.report.background
+    assert all(torch.equal(result.weights[name].codes, weight.codes) for name, weight in expected.weights.items())

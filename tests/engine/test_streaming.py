@@ -289,3 +289,26 @@ def test_a_background_write_error_stops_the_run_and_keeps_the_finished_layers(tm
         lowbit.quantize_to_folder(folder, out, recipe, torch.load(tmp_path / "ids.pt"), device="cpu", progress=False)
     progress = json.loads((partial_folder(out) / "lowbit_progress.json").read_text())
     assert sorted(progress["layers"]) == ["0"] and not out.exists()
+
+
+def test_a_failed_write_of_the_outside_shard_stops_the_run_at_the_next_layer(tmp_path, monkeypatch):
+    """The embedding/head shard is written first, on the writer thread; if that fails, the run stops at the next
+    layer boundary with the error (not after every layer has been computed), leaving no output."""
+    import lowbit.engine.streaming as streaming
+
+    folder = three_layer_folder(tmp_path)
+    write = streaming.write_shard
+    layers_written = []
+
+    def fail_outside(target, name, state):
+        if any(not key.startswith("model.layers.") for key in state):
+            raise OSError("disk full (simulated)")
+        layers_written.append(name)
+        return write(target, name, state)
+
+    monkeypatch.setattr(streaming, "write_shard", fail_outside)
+    recipe = lowbit.Recipe().updated(**{"weights.group_size": 32})
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        lowbit.quantize_to_folder(folder, out, recipe, torch.load(tmp_path / "ids.pt"), device="cpu", progress=False)
+    assert len(layers_written) < 3 and not out.exists()

@@ -187,7 +187,7 @@ def _quantize_linears(targets: list[Target], recipe: Recipe, hessian: Tensor | N
             record.output_error = relative_output_error(weight, approximation, hessian, fast=True)
         set_linear_weight(target.module, approximation)
         record.seconds = seconds
-        if prepare is not None:
+        if prepare is not None and isinstance(target.module, nn.Linear):  # Conv1D is stored dense
             prepare(target.name, quantized, linear_weight(target.module).dtype)
         results.append((quantized.map(to_host), record))
     wait_for_copies(device)
@@ -343,9 +343,10 @@ def _finish_warm_up(future: Future, background: dict[str, float]) -> None:
     problem), so it is logged, not raised."""
     start = time.perf_counter()
     try:
-        background["kernel_warm_up"] = future.result()
+        background["kernel_warm_up"] = future.result(timeout=600)
     except Exception as error:  # noqa: BLE001
-        logger.debug("GPTQ kernel warm-up failed (%s); the first layer compiles it instead", error)
+        logger.info("GPTQ kernel warm-up failed or took over 10 minutes (%s: %s); the first layer compiles the "
+                    "kernel itself", type(error).__name__, error)
     background["kernel_warm_up_waited"] = time.perf_counter() - start
 
 

@@ -200,6 +200,8 @@ class ShardStore(LayerStore):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+        if self._outside is not None and self._outside.done():
+            self._outside.result()  # a failed write of the outside shard stops the run now, not after every layer
 
     def close(self) -> None:
         """Wait for everything handed to the writer thread (after a failure: so nothing writes into a folder being
@@ -356,9 +358,9 @@ def quantize_to_folder(
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     store = ShardStore(folder, module, decoder, recipe, key, lazy, completed)
-    store.write_outside_layers()
     setup_seconds = time.perf_counter() - started
     try:
+        store.write_outside_layers()
         _, report = quantize_model(module, recipe, calibration, device=device,
                                    activation_device=device if estimate.activations_on == "gpu" else "cpu",
                                    progress=progress, store=store, profile=profile)

@@ -155,6 +155,8 @@ def build_state_dict(
         layout = storage_format(weight, activations)
         formats.add(layout)
         packed = (prepared or {}).get(name) if layout == "pack-quantized" else None
+        if packed is not None and packed["weight_scale"].dtype != dtype:
+            packed = None  # prepared for another scale dtype (a layer of mixed dtypes): pack here, by this rule
         tensors = {**(packed if packed is not None else compressed_module_tensors(weight, dtype, layout)),
                    **input_quantizer_tensors(linears[name], dtype)}
         if isinstance(weight, OWQWeight):

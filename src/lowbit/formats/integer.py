@@ -56,9 +56,9 @@ class QuantizedWeight:
             # gathering them to [out, in] (two fewer [out, in] float32 temporaries; the same arithmetic)
             out_features, in_features = self.codes.shape
             size = in_features if self.group_size == -1 else self.group_size
-            values = self.codes.float().view(out_features, in_features // size, size)
+            values = self.codes.float().reshape(out_features, in_features // size, size)
             values.sub_(self.zero[:, :, None]).mul_(self.scale[:, :, None])
-            return values.view(out_features, in_features).to(dtype)
+            return values.reshape(out_features, in_features).to(dtype)
         groups = self.column_groups()
         scale = self.scale[:, groups]
         if self.format == "fp8":
