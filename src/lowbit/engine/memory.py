@@ -126,9 +126,14 @@ def estimate_memory(
             rows_by_width[in_features] = rows_by_width.get(in_features, 0) + out_features
             widest = max(widest, out_features, in_features)
         for in_features, rows in rows_by_width.items():
-            # float32 stacked rows and their working copy (8 bytes), uint8 codes (1); the in x in work matrix and
-            # its temporaries (5 bytes per entry: 4 plus the reversal's pieces)
-            workspace = max(workspace, 9 * rows * in_features + 5 * in_features**2)
+            # The larger of GPTQ's two steps. The inverse-Hessian factor: the float32 stacked rows (4 bytes per
+            # weight) and 11 bytes per in x in entry, as measured on an H200 (bench/gptq_memory_probe.py: 2.46 GB
+            # above the layer and its Hessians for Llama-3-8B's down_proj; the work matrix, the finiteness mask,
+            # cuSOLVER's workspace and the temporaries of the gather and the reversal). The column loop: the stacked
+            # rows, their permuted working copy and two uint8 code matrices (10 bytes per weight) beside the factor.
+            factor_step = 4 * rows * in_features + 11 * in_features**2
+            loop_step = 10 * rows * in_features + 4 * in_features**2
+            workspace = max(workspace, factor_step, loop_step)
     hidden_size = hidden_size or widest
     total = _bytes(model, dtype)
     outside = total - sum(_bytes(layer, dtype) for layer in decoder.layers)
