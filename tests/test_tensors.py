@@ -3,7 +3,6 @@ import torch
 
 from lowbit.tensors import all_finite
 
-
 CASES = [(dtype, bad) for dtype in (torch.float32, torch.float16, torch.bfloat16) for bad in ("nan", "inf", "-inf")]
 # float8 e4m3fn has no infinity (a cast saturates to 448), only NaN; it has no min/max kernels either (float32 fallback)
 CASES.append((torch.float8_e4m3fn, "nan"))
