@@ -70,6 +70,8 @@ class MemoryEstimate:
     whole_model: int  # resident on the CPU when the model is loaded eagerly, else 0
     compute_on_gpu: bool
     activations_on: str = "gpu"
+    head_bytes: int = 0  # an untied output head: it stays on the CPU while the calibration inputs are captured
+    capture_workspace: int | None = None  # one batch through the embedding (None: as large as a layer's batch)
 
     def gpu_bytes(self, activations_on_gpu: bool) -> int:
         if not self.compute_on_gpu:
@@ -77,7 +79,8 @@ class MemoryEstimate:
         activations = self.captured_activations if activations_on_gpu else 0
         # forward passes (accumulators + one batch) and quantization (Hessians + GPTQ) do not overlap
         layer_phase = self.layer_weights + self.hessians + max(self.gptq_workspace, self.batch_workspace) + activations
-        capture_phase = self.outside_layers + activations + self.batch_workspace
+        capture_workspace = self.batch_workspace if self.capture_workspace is None else self.capture_workspace
+        capture_phase = self.outside_layers - self.head_bytes + activations + capture_workspace
         return max(layer_phase, capture_phase)
 
     def cpu_bytes(self, activations_on_gpu: bool) -> int:
@@ -127,11 +130,12 @@ def estimate_memory(
             widest = max(widest, out_features, in_features)
         for in_features, rows in rows_by_width.items():
             # The larger of GPTQ's two steps. The inverse-Hessian factor: the float32 stacked rows (4 bytes per
-            # weight) and 11 bytes per in x in entry, as measured on an H200 (bench/gptq_memory_probe.py: 2.46 GB
-            # above the layer and its Hessians for Llama-3-8B's down_proj; the work matrix, the finiteness mask,
-            # cuSOLVER's workspace and the temporaries of the gather and the reversal). The column loop: the stacked
-            # rows, their permuted working copy and two uint8 code matrices (10 bytes per weight) beside the factor.
-            factor_step = 4 * rows * in_features + 11 * in_features**2
+            # weight) and 5 bytes per in x in entry (the work matrix, plus 1 for cuSOLVER's workspace and the
+            # gather's and the reversal's temporaries). An H200 measured 11 for Llama-3-8B's down_proj
+            # (bench/gptq_memory_probe.py) while the finiteness check still built |work| and three masks (7 bytes);
+            # lowbit.tensors.all_finite builds none. The column loop: the stacked rows, their permuted working copy
+            # and two uint8 code matrices (10 bytes per weight) beside the factor.
+            factor_step = 4 * rows * in_features + 5 * in_features**2
             loop_step = 10 * rows * in_features + 4 * in_features**2
             workspace = max(workspace, factor_step, loop_step)
     hidden_size = hidden_size or widest
@@ -144,8 +148,15 @@ def estimate_memory(
     fp32_copy = 0 if compute_on_gpu else 4 * widest
     batch_workspace = tokens_per_batch * (4 * widest * itemsize + fp32_copy + 8 * hidden_size * itemsize)
     activations = samples * seqlen * hidden_size * itemsize
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    embedding = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    untied = (head is not None and embedding is not None and getattr(head, "weight", None) is not None
+              and head.weight is not getattr(embedding, "weight", None))
+    head_bytes = _bytes(head, dtype) if untied else 0
+    # the embedding's output, its page-locked staging copy and the masks/position tensors of one batch
+    capture_workspace = tokens_per_batch * 4 * hidden_size * itemsize
     return MemoryEstimate(layer_bytes, hessian_bytes, workspace, batch_workspace, outside, activations,
-                          0 if lazy else total, compute_on_gpu)
+                          0 if lazy else total, compute_on_gpu, head_bytes=head_bytes, capture_workspace=capture_workspace)
 
 
 def plan_memory(estimate: MemoryEstimate, max_gpu_bytes: int | None, max_cpu_bytes: int | None,
