@@ -92,7 +92,7 @@ def test_a_failed_kernel_warm_up_costs_nothing_but_its_time(monkeypatch):
     ids = calibration_ids(vocab=model.config.vocab_size)
     recipe = lowbit.Recipe().updated(**{"weights.group_size": 32})
     expected = lowbit.quantize(tiny_model("llama"), recipe, ids, progress=False)
-    monkeypatch.setattr(sequential, "_start_kernel_warm_up", failed)
+    monkeypatch.setattr(sequential, "start_kernel_warm_up", failed)
     result = lowbit.quantize(model, recipe, ids, progress=False)
     assert "kernel_warm_up" not in result.report.background
     assert "kernel_warm_up_waited" in result.report.background

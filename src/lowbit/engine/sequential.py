@@ -25,7 +25,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -51,6 +50,7 @@ from lowbit.engine.profile import PhaseTimer
 from lowbit.engine.report import LayerRecord, LinearRecord, QuantizationReport
 from lowbit.engine.smoothing import smooth_layer, smoothing_pairs
 from lowbit.engine.transfer import module_to_host, to_host, wait_for_copies
+from lowbit.engine.warm_up import finish_kernel_warm_up, start_kernel_warm_up
 from lowbit.formats.integer import QuantizedWeight, validate_group_size
 from lowbit.formats.owq import OWQWeight
 from lowbit.models.arch import (
@@ -312,44 +312,6 @@ def _layer_record(index: int, seconds: float, records: list[LinearRecord]) -> La
     return LayerRecord(index, seconds, sum(errors) / len(errors) if errors else None, max(dampings) if dampings else None)
 
 
-def _start_kernel_warm_up(plan, recipe: Recipe, device: torch.device) -> Future | None:
-    """On a GPU, compile GPTQ's block kernel (and load cuSOLVER) on a background thread while the calibration inputs
-    are captured, so that the first layer does not wait for it (``lowbit.kernels.gptq.warm_up``)."""
-    from lowbit.algorithms.gptq import _use_kernel
-
-    uses_kernel = (recipe.method == "gptq" and device.type == "cuda" and _use_kernel(device)
-                   and (recipe.gptq.static_groups or recipe.weights.group_size == -1))
-    targets = next((t for t in plan.targets.values() if t), [])
-    if not uses_kernel or not targets:
-        return None
-    from lowbit.kernels.gptq import warm_up
-
-    group_size = recipe.weights.group_size
-    counts = [1 if group_size == -1 else linear_weight(t.module).shape[1] // group_size for t in targets]
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowbit-warm-up")
-    def timed() -> float:
-        start = time.perf_counter()
-        warm_up(device, counts, recipe.gptq.block_size)
-        return time.perf_counter() - start
-
-    future = executor.submit(timed)
-    executor.shutdown(wait=False)
-    return future
-
-
-def _finish_warm_up(future: Future, background: dict[str, float]) -> None:
-    """Wait for the warm-up and record, in ``background``, how long it ran in the background and how long the first
-    layer waited for it. A failure there only costs the time it would have saved (the real call reports any real
-    problem), so it is logged, not raised."""
-    start = time.perf_counter()
-    try:
-        background["kernel_warm_up"] = future.result(timeout=600)
-    except Exception as error:  # noqa: BLE001
-        logger.info("GPTQ kernel warm-up failed or took over 10 minutes (%s: %s); the first layer compiles the "
-                    "kernel itself", type(error).__name__, error)
-    background["kernel_warm_up_waited"] = time.perf_counter() - start
-
-
 def _move_outside_layers(model: nn.Module, decoder: DecoderLayers, device: torch.device,
                          skip: nn.Module | None = None) -> list[tuple[dict, str, Tensor]]:
     """Put the loaded parameters and buffers outside the decoder layers (embeddings, rotary) on ``device``,
@@ -427,7 +389,7 @@ def quantize_model(
     timer = PhaseTimer(device if profile else None)
     report = QuantizationReport(recipe.method, recipe.weights.describe(), linears=list(plan.left_alone), phases=timer.seconds)
     layers = plan.decoder.layers
-    warm_up = _start_kernel_warm_up(plan, recipe, device)
+    warm_up = start_kernel_warm_up(plan, recipe, device)
     activations = None
     model_type = getattr(model.config, "model_type", type(model).__name__)
     observe = recipe.activations is not None or recipe.smoothquant is not None
@@ -492,7 +454,7 @@ def quantize_model(
                             report.transforms.append({"kind": "smoothquant", **asdict(record)})
                 with timer("quantize"):
                     if warm_up is not None:
-                        _finish_warm_up(warm_up, report.background)
+                        finish_kernel_warm_up(warm_up, report.background)
                         warm_up = None
                     weights, records = quantize_layer(targets, recipe, hessians, tokens, device, set_status,
                                                       fuse_shared=device.type == "cuda",
