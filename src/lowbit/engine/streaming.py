@@ -108,10 +108,10 @@ class ShardStore(LayerStore):
     def prepare(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> None:
         """Pack a finished linear on the GPU, where it still is, and queue the packed tensors' copy to the CPU.
 
-        Packing (compressed-tensors' ``pack_to_int32``) on the CPU was the background writer's largest cost (about a
-        second per Llama-3-8B layer on a busy host), enough to make the engine wait for it; on the GPU it takes
-        milliseconds and halves the bytes copied back. Integer arithmetic: the same bits either way. Plain integer
-        weights only (OWQ's extra tensors and fp8 go the CPU way)."""
+        Packing (compressed-tensors' ``pack_to_int32``) on the CPU was the background writer's largest cost (3.6-4 s
+        per Llama-3-8B layer on a busy 2-core host, ``bench/writer_cost.py``), enough to make the engine wait for it;
+        on a GPU it takes milliseconds. Integer arithmetic: the same bits either way. Plain integer weights only
+        (OWQ's extra tensors and fp8 go the CPU way)."""
         if type(weight) is not QuantizedWeight or weight.format != "int" or weight.group_index is not None:
             return
         if not weight.codes.is_cuda:
