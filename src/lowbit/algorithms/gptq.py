@@ -47,9 +47,10 @@ def inverse_hessian_cholesky(
 
     Through the reversal ``J`` (the identity with its columns reversed): the Cholesky factor ``L`` of ``J H_p J``
     gives ``H_p = R R^T`` with ``R = J L J`` upper triangular, so ``H_p^-1 = R^-T R^-1`` and ``U = R^-1 = J L^-1 J``
-    (positive diagonal, hence the unique factor), returned as a column-major view. That is one Cholesky factorisation
-    and one triangular inverse, both in place: 2/3 n^3 flops against 4/3 n^3 for Cholesky, ``cholesky_inverse`` and Cholesky again, whose
-    middle step is also slow on GPUs (about 0.3 s for n = 14336 on an H100), and no extra ``[in, in]`` copies.
+    (positive diagonal, hence the unique factor), returned as a column-major view. That is one Cholesky
+    factorisation and one triangular inverse, both in place: 2/3 n^3 flops against 4/3 n^3 for Cholesky,
+    ``cholesky_inverse`` and Cholesky again, whose middle step is also slow on GPUs (about 0.3 s for n = 14336 on an
+    H100), and no extra ``[in, in]`` copies.
     """
     size = hessian.shape[0]
     order = torch.arange(size, device=hessian.device) if permutation is None else permutation

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.engine.activations import input_quantizer
-from lowbit.formats.integer import QuantizedWeight
+from lowbit.formats.integer import QuantizedWeight, signed_codes
 from lowbit.formats.owq import OWQWeight
 from lowbit.models.arch import iter_linears
 from lowbit.recipe import ActivationScheme
@@ -101,9 +101,7 @@ def _packed_codes(weight: QuantizedWeight, rows_per_step: int | None = None) -> 
 
     if rows_per_step is None:
         rows_per_step = max(1, (1 << 24) // max(1, weight.codes.shape[1]))
-    offset = 1 << (weight.bits - 1)
-    pieces = [pack_to_int32((codes.to(torch.int16) - offset).to(torch.int8), weight.bits)
-              for codes in weight.codes.split(rows_per_step)]
+    pieces = [pack_to_int32(signed_codes(codes, weight.bits), weight.bits) for codes in weight.codes.split(rows_per_step)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 

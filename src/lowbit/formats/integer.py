@@ -68,7 +68,7 @@ class QuantizedWeight:
 
     def signed_codes(self) -> Tensor:
         """Codes shifted to the signed range compressed-tensors stores (int8)."""
-        return (self.codes.to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
+        return signed_codes(self.codes, self.bits)
 
     def signed_zero(self) -> Tensor:
         return (self.zero.round().to(torch.int16) - (1 << (self.bits - 1))).to(torch.int8)
@@ -85,6 +85,11 @@ class QuantizedWeight:
             move(self.codes), move(self.scale), move(self.zero), self.bits, self.symmetric, self.group_size,
             move(self.group_index), self.format,
         )
+
+
+def signed_codes(codes: Tensor, bits: int) -> Tensor:
+    """Unsigned ``bits``-bit codes (uint8) shifted to the signed range compressed-tensors stores (int8)."""
+    return (codes.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
 def validate_group_size(group_size: int, in_features: int, layer_name: str) -> None:
