@@ -247,8 +247,8 @@ def quantize_layer(
             groups.append([target])
     for group in groups:
         set_status(", ".join(t.name.rsplit(".", 2)[-2] + "." + t.name.rsplit(".", 1)[-1] for t in group))
-        for target, (quantized, record) in zip(group, _quantize_linears(group, recipe, hessians.get(group[0].name), device, transforms,
-                                                                                  prepare), strict=True):
+        results = _quantize_linears(group, recipe, hessians.get(group[0].name), device, transforms, prepare)
+        for target, (quantized, record) in zip(group, results, strict=True):
             record.tokens = tokens.get(target.name, 0)
             weights[target.name] = quantized
             records.append(record)
