@@ -90,8 +90,10 @@ def gptq_block(block: Tensor, hinv_block: Tensor, scale: Tensor, zero: Tensor, g
 def warm_up(device: torch.device, group_counts: list[int], block_size: int) -> None:
     """Compile the block kernel for the grid widths a run will use, and load the GPU's linear-algebra libraries.
 
-    Meant for a background thread started before the calibration capture: the first decoder layer otherwise waits
-    for Triton's compilation and cuSOLVER's loading (about 1.5 s on an H200). Launches on tiny tensors with the
+    Meant for a background thread started before the calibration capture, so the first decoder layer need not wait
+    for Triton's compilation and cuSOLVER's loading. On an H200 the first layer took 1.5-3 s longer than the others
+    with and without this warm-up; the report's ``background`` section records its time so the next GPU run can
+    tell what remains (bench/notes/gptq_speed.md). Launches on tiny tensors with the
     shapes' divisibility (what Triton specialises on) of the real calls; a shape it does not anticipate only means
     the real call compiles as before."""
     with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
