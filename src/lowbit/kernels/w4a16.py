@@ -295,6 +295,135 @@ def _w4_gemv_kernel(
 
 
 @triton.jit
+def _wna16_dot_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr, SWAP: tl.constexpr, GATHER: tl.constexpr, DOT_F32: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Tensor-core W{4,8}A16 with one matrix product per K-block, the tile built in feature order.
+
+    The K-block's words are expanded by broadcasting them against the code shifts,
+    ``[BLOCK_N, PACK, WORDS]``, which is already input-feature order (code ``j`` of word ``w`` is
+    feature ``j * WORDS + w``): one reshape, no permutation, one ``tl.dot`` with K = 128 (the
+    slab path of :func:`_wna16_kernel` makes eight products with K = 16, its one-product path a
+    permute). ``GATHER``: every weight element loads its own word instead (the eight loads of a
+    word hit the L1 cache), a tile with no reshape at all. ``SWAP``: ``out^T = W @ x^T`` (small
+    M, the 64-row minimum of ``wgmma`` on N); else ``out = x @ W^T`` (M >= 64). The group of
+    feature ``j * WORDS + w`` depends on ``j`` only (``WORDS`` divides every supported group
+    size), so scales and zeros are ``[BLOCK_N, PACK]`` per K-block.
+    """
+    PACK: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BK // PACK
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n = tl.where(n_mask, offs_n, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_k = tl.arange(0, BK)
+    offs_j = tl.arange(0, PACK)
+    offs_w = tl.arange(0, WORDS)
+
+    num_kb = tl.cdiv(K, BK)
+    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_off = offs_m[None, :] * stride_xm + offs_k[:, None]  # [BK, BLOCK_M]
+        x_mask = m_mask[None, :]
+        g_w_off = offs_n[:, None] * WORDS + (offs_k % WORDS)[None, :]  # GATHER: [BLOCK_N, BK]
+        g_shift = ((offs_k // WORDS) * BITS)[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_off = offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BK]
+        x_mask = m_mask[:, None]
+        g_w_off = offs_n[None, :] * WORDS + (offs_k % WORDS)[:, None]  # GATHER: [BK, BLOCK_N]
+        g_shift = ((offs_k // WORDS) * BITS)[:, None]
+    w_off = offs_n[:, None] * WORDS + offs_w[None, :]  # [BLOCK_N, WORDS]
+    shifts = (offs_j * BITS)[None, :, None]
+
+    channel_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    channel_zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+    if PER_CHANNEL:
+        channel_scale = tl.load(s_ptr + offs_n).to(tl.float32)
+        if HAS_ZERO:
+            channel_zero = tl.load(z_ptr + offs_n).to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    for kb in tl.range(kb_lo, kb_hi, num_stages=NUM_STAGES):
+        base = kb * N * WORDS
+        # (q - zero) * scale; the code is ORed into the mantissa of 2**23 (an exact int-to-float)
+        if GATHER:  # whole-block groups or per channel only (the wrapper checks)
+            q = (tl.load(qw_ptr + base + g_w_off) >> g_shift) & MASK
+            if PER_CHANNEL:
+                zero = channel_zero
+                scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+            else:
+                g = (kb * BK) // GROUP
+                scale = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
+                zero = channel_zero
+                if HAS_ZERO:
+                    zero = tl.load(z_ptr + g * N + offs_n).to(tl.float32)
+            f = (q | 0x4B000000).to(tl.float32, bitcast=True)
+            if SWAP:
+                w_tile = ((f - (8388608.0 + zero)[:, None]) * scale[:, None]).to(dtype)
+            else:
+                w_tile = ((f - (8388608.0 + zero)[None, :]) * scale[None, :]).to(dtype)
+        else:
+            words = tl.load(qw_ptr + base + w_off)
+            q = (words[:, None, :] >> shifts) & MASK  # [BLOCK_N, PACK, WORDS]
+            if PER_CHANNEL:
+                zero = channel_zero[:, None, None]
+                scale = tl.full((BLOCK_N, 1, 1), 1.0, tl.float32)
+            else:
+                g = (kb * BK + offs_j * WORDS) // GROUP  # [PACK]
+                gs = g[None, :] * N + offs_n[:, None]  # [BLOCK_N, PACK]
+                scale = tl.load(s_ptr + gs).to(tl.float32)[:, :, None]
+                zero = channel_zero[:, None, None]
+                if HAS_ZERO:
+                    zero = tl.load(z_ptr + gs).to(tl.float32)[:, :, None]
+            f = (q | 0x4B000000).to(tl.float32, bitcast=True)
+            w_tile = tl.reshape(((f - (8388608.0 + zero)) * scale).to(dtype), (BLOCK_N, BK))
+            if not SWAP:
+                w_tile = tl.trans(w_tile)
+        if EVEN_K:
+            xt = tl.load(x_ptr + kb * BK + x_off, mask=x_mask, other=0.0)
+        elif SWAP:
+            xt = tl.load(x_ptr + kb * BK + x_off, mask=x_mask & (kb * BK + offs_k < K)[:, None], other=0.0)
+        else:
+            xt = tl.load(x_ptr + kb * BK + x_off, mask=x_mask & (kb * BK + offs_k < K)[None, :], other=0.0)
+        if SWAP:
+            a, b = w_tile, xt
+        else:
+            a, b = xt, w_tile
+        if DOT_F32:  # the CPU interpreter (triton 3.9) mis-multiplies bf16 dots
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b, acc)
+
+    counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+    if SWAP:
+        if PER_CHANNEL:
+            acc = acc * channel_scale[:, None]
+        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        _store_split_k(acc, out, ws, M * N, counter, pid_k, n_mask[:, None] & m_mask[None, :], SPLIT_K)
+    else:
+        if PER_CHANNEL:
+            acc = acc * channel_scale[None, :]
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        _store_split_k(acc, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K)
+
+
+@triton.jit
 def _load_x_slab(x_base, x_feature, x_ok, K, J: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr):
     """Activations of code slab ``J`` for ``[BLOCK_M, KBI, WORDS]`` words; zero past M, K and the last K-block."""
     if EVEN_K:
@@ -345,6 +474,10 @@ class WNA16Config:
     packed_math: bool = False  # GEMV in packed bf16x2 inline PTX (4-bit, group >= 128, GPU only)
     prefetch: bool = True  # hand-pipelined weight loads (else Triton's num_stages pipelining)
     kbi: int = 0  # > 0: the multi-K-block 4-bit CUDA-core kernel (block_m 1..8 tokens), KBI K-blocks per step
+    # "" : :func:`_wna16_kernel`; "bcast" / "gather": :func:`_wna16_dot_kernel` (tile built by broadcasting the
+    # words, or by one load per element), with ``swap`` choosing ``out^T = W x^T`` (small M) or ``out = x W^T``
+    dot: str = ""
+    swap: bool = True
 
 
 DENSE = WNA16Config(0, 0, 1)
@@ -373,6 +506,30 @@ def default_config(m: int, n: int, k: int) -> WNA16Config:
 
 def candidate_configs(m: int) -> list[WNA16Config]:
     """Launch configurations worth timing for a given M (benchmarks and tuning)."""
+    return _candidate_configs(m) + (_dot_candidates(m) if m > 8 else [])
+
+
+def _dot_candidates(m: int) -> list[WNA16Config]:
+    """:func:`_wna16_dot_kernel` launches: (block_m, block_n, split_k, warps, stages, swap) for both tile builders."""
+    if m <= 16:
+        shapes = [(16, 64, 4, 4, 3, True), (16, 64, 8, 4, 3, True), (16, 128, 4, 4, 3, True), (16, 128, 8, 8, 3, True)]
+    elif m <= 64:
+        bm = 32 if m <= 32 else 64
+        shapes = [(bm, 128, 2, 4, 3, True), (bm, 128, 4, 4, 3, True), (bm, 64, 4, 4, 3, True)]
+    elif m <= 128:
+        shapes = [(64, 128, 2, 4, 3, False), (64, 128, 4, 4, 3, False), (128, 128, 1, 8, 3, False),
+                  (128, 128, 2, 8, 3, True)]  # fmt: skip
+    else:
+        shapes = [(128, 128, 1, 8, 3, False), (128, 256, 1, 8, 3, False), (64, 128, 1, 4, 4, False),
+                  (128, 128, 1, 8, 4, False)]  # fmt: skip
+    return [
+        WNA16Config(bm, bn, sk, nw, st, dot=dot, swap=swap)
+        for bm, bn, sk, nw, st, swap in shapes
+        for dot in ("bcast", "gather")
+    ]
+
+
+def _candidate_configs(m: int) -> list[WNA16Config]:
     if m == 1:
         gemv = [(64, 4, 2), (128, 8, 4), (256, 8, 4), (128, 16, 4), (64, 8, 2)]
         packed_only = [(32, 4, 1), (32, 8, 1), (64, 2, 2), (64, 16, 2), (128, 4, 4), (32, 16, 1)]
@@ -469,6 +626,13 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
     }
     if cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed):
         _w4_gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, KBI=cfg.kbi, **shared)
+    elif cfg.dot and cfg.block_m >= 16:
+        del shared["PACKED_MATH"], shared["PREFETCH"]
+        _wna16_dot_kernel[grid](
+            *args, BITS=packed.bits, BLOCK_M=cfg.block_m, SWAP=cfg.swap,
+            GATHER=cfg.dot == "gather" and (per_channel or packed.group_size >= BLOCK_K),
+            DOT_F32=interpreting(), NUM_STAGES=cfg.num_stages, **shared,
+        )  # fmt: skip
     else:
         # this kernel's packed-math GEMV reads the activations unmasked: whole K-blocks only
         shared["PACKED_MATH"] = shared["PACKED_MATH"] and k % BLOCK_K == 0
