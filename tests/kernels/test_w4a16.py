@@ -125,22 +125,19 @@ def test_multi_block_gemv(
 @pytest.mark.parametrize(
     "bits,group_size,symmetric,k,config",
     [
-        (4, 128, True, 256, WNA16Config(16, 32, 1, dot="bcast")),
-        (4, 64, False, 448, WNA16Config(32, 32, 2, dot="bcast", swap=False)),  # K padded, split-K
-        (4, 32, False, 256, WNA16Config(16, 32, 1, dot="bcast")),  # four groups per K-block
-        (8, -1, True, 300, WNA16Config(16, 32, 2, dot="bcast")),  # 8-bit per channel, ragged K
-        (8, 32, False, 256, WNA16Config(32, 32, 2, dot="bcast", swap=False)),
-        (4, 128, False, 384, WNA16Config(16, 32, 3, dot="gather")),
-        (4, -1, False, 300, WNA16Config(32, 32, 1, dot="gather", swap=False)),
-        (8, 128, True, 256, WNA16Config(32, 32, 1, dot="gather", swap=False)),
-        (4, 256, False, 512, WNA16Config(16, 32, 2, dot="gather")),  # a group spans two K-blocks
-        (4, 64, True, 256, WNA16Config(16, 32, 1, dot="gather")),  # groups below a K-block: built by broadcast
+        (4, 128, True, 256, WNA16Config(16, 32, 1, dot=True)),
+        (4, 64, False, 448, WNA16Config(32, 32, 2, dot=True, swap=False)),  # K padded, split-K
+        (4, 32, False, 256, WNA16Config(16, 32, 1, dot=True)),  # four groups per K-block
+        (8, -1, True, 300, WNA16Config(16, 32, 2, dot=True)),  # 8-bit per channel, ragged K
+        (8, 32, False, 256, WNA16Config(32, 32, 2, dot=True, swap=False)),
+        (4, 128, False, 384, WNA16Config(16, 32, 3, dot=True)),
+        (4, -1, False, 300, WNA16Config(32, 32, 1, dot=True, swap=False)),  # per channel, asymmetric
+        (4, 256, False, 512, WNA16Config(16, 32, 2, dot=True)),  # a group spans two K-blocks
     ],
-    ids=["b4-g128", "b4-g64-asym-nt", "b4-g32", "b8-pc", "b8-g32-nt", "g4-g128-asym", "g4-pc-nt", "g8-g128-nt",
-         "g4-g256", "g4-g64-fallback"],  # fmt: skip
+    ids=["g128", "g64-asym-nt", "g32", "b8-pc", "b8-g32-nt", "g128-asym-splitk", "pc-asym-nt", "g256"],
 )
 def test_one_product_per_k_block_kernel(bits: int, group_size: int, symmetric: bool, k: int, config) -> None:
-    """The tensor-core kernel that builds each K-block's tile in feature order (both builders, both orientations)."""
+    """The tensor-core kernel that builds each K-block's tile in feature order (both orientations)."""
     n, m = 40, 19  # ragged N and M
     q, scale, zero = random_codes(n, k, bits, group_size, symmetric, torch.bfloat16, seed=k + group_size + bits)
     packed = pack_wna16(q, scale, zero, bits, group_size)

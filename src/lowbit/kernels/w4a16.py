@@ -300,7 +300,7 @@ def _wna16_dot_kernel(
     M, N, K, stride_xm, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
-    EVEN_K: tl.constexpr, SWAP: tl.constexpr, GATHER: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN_K: tl.constexpr, SWAP: tl.constexpr, DOT_F32: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Tensor-core W{4,8}A16 with one matrix product per K-block, the tile built in feature order.
@@ -309,11 +309,15 @@ def _wna16_dot_kernel(
     ``[BLOCK_N, PACK, WORDS]``, which is already input-feature order (code ``j`` of word ``w`` is
     feature ``j * WORDS + w``): one reshape, no permutation, one ``tl.dot`` with K = 128 (the
     slab path of :func:`_wna16_kernel` makes eight products with K = 16, its one-product path a
-    permute). ``GATHER``: every weight element loads its own word instead (the eight loads of a
-    word hit the L1 cache), a tile with no reshape at all. ``SWAP``: ``out^T = W @ x^T`` (small
-    M, the 64-row minimum of ``wgmma`` on N); else ``out = x @ W^T`` (M >= 64). The group of
+    permute). ``SWAP``: ``out^T = W @ x^T`` (the 64-row minimum of ``wgmma`` on N); else
+    ``out = x @ W^T``. The group of
     feature ``j * WORDS + w`` depends on ``j`` only (``WORDS`` divides every supported group
     size), so scales and zeros are ``[BLOCK_N, PACK]`` per K-block.
+
+    Measured on the H200 (bench/notes/kernels.md, session 6): it wins only for M = 17..64 (e.g.
+    4096x4096 at M = 64: 21.9 us against 30.5 us for :func:`_wna16_kernel`'s best), so it is a
+    tuning candidate there only. Building the tile by one load per element (each element
+    loading its word) was slower at every shape and was removed.
     """
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BK // PACK
@@ -339,14 +343,10 @@ def _wna16_dot_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         x_off = offs_m[None, :] * stride_xm + offs_k[:, None]  # [BK, BLOCK_M]
         x_mask = m_mask[None, :]
-        g_w_off = offs_n[:, None] * WORDS + (offs_k % WORDS)[None, :]  # GATHER: [BLOCK_N, BK]
-        g_shift = ((offs_k // WORDS) * BITS)[None, :]
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_off = offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BK]
         x_mask = m_mask[:, None]
-        g_w_off = offs_n[None, :] * WORDS + (offs_k % WORDS)[:, None]  # GATHER: [BK, BLOCK_N]
-        g_shift = ((offs_k // WORDS) * BITS)[:, None]
     w_off = offs_n[:, None] * WORDS + offs_w[None, :]  # [BLOCK_N, WORDS]
     shifts = (offs_j * BITS)[None, :, None]
 
@@ -359,40 +359,23 @@ def _wna16_dot_kernel(
     dtype = x_ptr.dtype.element_ty
     for kb in tl.range(kb_lo, kb_hi, num_stages=NUM_STAGES):
         base = kb * N * WORDS
-        # (q - zero) * scale; the code is ORed into the mantissa of 2**23 (an exact int-to-float)
-        if GATHER:  # whole-block groups or per channel only (the wrapper checks)
-            q = (tl.load(qw_ptr + base + g_w_off) >> g_shift) & MASK
-            if PER_CHANNEL:
-                zero = channel_zero
-                scale = tl.full((BLOCK_N,), 1.0, tl.float32)
-            else:
-                g = (kb * BK) // GROUP
-                scale = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
-                zero = channel_zero
-                if HAS_ZERO:
-                    zero = tl.load(z_ptr + g * N + offs_n).to(tl.float32)
-            f = (q | 0x4B000000).to(tl.float32, bitcast=True)
-            if SWAP:
-                w_tile = ((f - (8388608.0 + zero)[:, None]) * scale[:, None]).to(dtype)
-            else:
-                w_tile = ((f - (8388608.0 + zero)[None, :]) * scale[None, :]).to(dtype)
+        words = tl.load(qw_ptr + base + w_off)
+        q = (words[:, None, :] >> shifts) & MASK  # [BLOCK_N, PACK, WORDS]
+        if PER_CHANNEL:
+            zero = channel_zero[:, None, None]
+            scale = tl.full((BLOCK_N, 1, 1), 1.0, tl.float32)
         else:
-            words = tl.load(qw_ptr + base + w_off)
-            q = (words[:, None, :] >> shifts) & MASK  # [BLOCK_N, PACK, WORDS]
-            if PER_CHANNEL:
-                zero = channel_zero[:, None, None]
-                scale = tl.full((BLOCK_N, 1, 1), 1.0, tl.float32)
-            else:
-                g = (kb * BK + offs_j * WORDS) // GROUP  # [PACK]
-                gs = g[None, :] * N + offs_n[:, None]  # [BLOCK_N, PACK]
-                scale = tl.load(s_ptr + gs).to(tl.float32)[:, :, None]
-                zero = channel_zero[:, None, None]
-                if HAS_ZERO:
-                    zero = tl.load(z_ptr + gs).to(tl.float32)[:, :, None]
-            f = (q | 0x4B000000).to(tl.float32, bitcast=True)
-            w_tile = tl.reshape(((f - (8388608.0 + zero)) * scale).to(dtype), (BLOCK_N, BK))
-            if not SWAP:
-                w_tile = tl.trans(w_tile)
+            g = (kb * BK + offs_j * WORDS) // GROUP  # [PACK]
+            gs = g[None, :] * N + offs_n[:, None]  # [BLOCK_N, PACK]
+            scale = tl.load(s_ptr + gs).to(tl.float32)[:, :, None]
+            zero = channel_zero[:, None, None]
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + gs).to(tl.float32)[:, :, None]
+        # (q - zero) * scale; the code is ORed into the mantissa of 2**23 (an exact int-to-float)
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True)
+        w_tile = tl.reshape(((f - (8388608.0 + zero)) * scale).to(dtype), (BLOCK_N, BK))
+        if not SWAP:
+            w_tile = tl.trans(w_tile)
         if EVEN_K:
             xt = tl.load(x_ptr + kb * BK + x_off, mask=x_mask, other=0.0)
         elif SWAP:
@@ -474,9 +457,8 @@ class WNA16Config:
     packed_math: bool = False  # GEMV in packed bf16x2 inline PTX (4-bit, group >= 128, GPU only)
     prefetch: bool = True  # hand-pipelined weight loads (else Triton's num_stages pipelining)
     kbi: int = 0  # > 0: the multi-K-block 4-bit CUDA-core kernel (block_m 1..8 tokens), KBI K-blocks per step
-    # "" : :func:`_wna16_kernel`; "bcast" / "gather": :func:`_wna16_dot_kernel` (tile built by broadcasting the
-    # words, or by one load per element), with ``swap`` choosing ``out^T = W x^T`` (small M) or ``out = x W^T``
-    dot: str = ""
+    # True: :func:`_wna16_dot_kernel` (block_m >= 16), ``swap`` choosing ``out^T = W x^T`` or ``out = x W^T``
+    dot: bool = False
     swap: bool = True
 
 
@@ -506,27 +488,16 @@ def default_config(m: int, n: int, k: int) -> WNA16Config:
 
 def candidate_configs(m: int) -> list[WNA16Config]:
     """Launch configurations worth timing for a given M (benchmarks and tuning)."""
-    return _candidate_configs(m) + (_dot_candidates(m) if m > 8 else [])
+    return _candidate_configs(m) + _dot_candidates(m)
 
 
 def _dot_candidates(m: int) -> list[WNA16Config]:
-    """:func:`_wna16_dot_kernel` launches: (block_m, block_n, split_k, warps, stages, swap) for both tile builders."""
-    if m <= 16:
-        shapes = [(16, 64, 4, 4, 3, True), (16, 64, 8, 4, 3, True), (16, 128, 4, 4, 3, True), (16, 128, 8, 8, 3, True)]
-    elif m <= 64:
-        bm = 32 if m <= 32 else 64
-        shapes = [(bm, 128, 2, 4, 3, True), (bm, 128, 4, 4, 3, True), (bm, 64, 4, 4, 3, True)]
-    elif m <= 128:
-        shapes = [(64, 128, 2, 4, 3, False), (64, 128, 4, 4, 3, False), (128, 128, 1, 8, 3, False),
-                  (128, 128, 2, 8, 3, True)]  # fmt: skip
-    else:
-        shapes = [(128, 128, 1, 8, 3, False), (128, 256, 1, 8, 3, False), (64, 128, 1, 4, 4, False),
-                  (128, 128, 1, 8, 4, False)]  # fmt: skip
-    return [
-        WNA16Config(bm, bn, sk, nw, st, dot=dot, swap=swap)
-        for bm, bn, sk, nw, st, swap in shapes
-        for dot in ("bcast", "gather")
-    ]
+    """:func:`_wna16_dot_kernel` launches worth timing: only M = 17..64, where it was measured to win."""
+    if not 16 < m <= 64:
+        return []
+    bm = 32 if m <= 32 else 64
+    shapes = [(64, 4), (64, 8), (64, 2), (128, 4)]  # (block_n, split_k)
+    return [WNA16Config(bm, bn, sk, 4, 3, dot=True) for bn, sk in shapes]
 
 
 def _candidate_configs(m: int) -> list[WNA16Config]:
@@ -629,9 +600,8 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
     elif cfg.dot and cfg.block_m >= 16:
         del shared["PACKED_MATH"], shared["PREFETCH"]
         _wna16_dot_kernel[grid](
-            *args, BITS=packed.bits, BLOCK_M=cfg.block_m, SWAP=cfg.swap,
-            GATHER=cfg.dot == "gather" and (per_channel or packed.group_size >= BLOCK_K),
-            DOT_F32=interpreting(), NUM_STAGES=cfg.num_stages, **shared,
+            *args, BITS=packed.bits, BLOCK_M=cfg.block_m, SWAP=cfg.swap, DOT_F32=interpreting(),
+            NUM_STAGES=cfg.num_stages, **shared,
         )  # fmt: skip
     else:
         # this kernel's packed-math GEMV reads the activations unmasked: whole K-blocks only
