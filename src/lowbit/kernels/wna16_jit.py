@@ -1,0 +1,425 @@
+"""The Triton kernels behind :func:`lowbit.kernels.w4a16.wna16_matmul` (launch, tuning and dispatch live there).
+
+* :func:`wna16_kernel`: M up to 255. Each program owns ``BLOCK_N`` output features and a range of the
+  K-blocks of the layout in :mod:`lowbit.kernels.layout`; for small M, split-K over a second grid axis
+  fills the GPU, and the last K-slice of a tile to finish sums the float32 partials (a split-K
+  "fix-up", as in stream-K, Osama et al. 2023, https://arxiv.org/abs/2301.03598). ``BLOCK_M == 1`` is a
+  CUDA-core GEMV (float32 or packed bf16x2 PTX, :func:`lowbit.kernels.dequant.word_dot_bf16x2`);
+  ``BLOCK_M >= 16`` uses tensor cores with the dequantized weight tile as the *first* operand,
+  ``out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ x^T[K, BLOCK_M]``, so the 64-row minimum of Hopper's
+  ``wgmma`` falls on N instead of M (as Marlin, Frantar et al. 2024, https://arxiv.org/abs/2408.11743).
+* :func:`w4_gemv_kernel`: the 4-bit GEMV that reads several K-blocks per step (1 to 8 tokens).
+* :func:`wna16_dot_kernel`: one tensor-core product per K-block, the tile built in feature order.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lowbit.kernels.dequant import code_values, dequant_slab, pack_bf16x2, word_dot_bf16x2
+
+
+@triton.jit
+def wna16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
+    ONE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PACKED_MATH: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):  # fmt: skip
+    PACK: tl.constexpr = 32 // BITS  # codes per int32 word
+    WORDS: tl.constexpr = BK // PACK  # words per row of a K-block = input features per code slab
+    HI: tl.constexpr = 20 if BITS == 4 else 16
+    PER_BLOCK: tl.constexpr = PER_CHANNEL or GROUP >= BK  # one scale per row for a whole K-block
+    dtype = x_ptr.dtype.element_ty
+
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n = tl.where(n_mask, offs_n, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, BK)
+
+    num_kb = tl.cdiv(K, BK)
+    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+
+    w_ptrs = qw_ptr + offs_n[:, None] * WORDS + offs_w[None, :]
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+    if PER_CHANNEL:
+        scale = tl.load(s_ptr + offs_n).to(tl.float32)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + offs_n).to(tl.float32)
+    w_scale = scale  # what multiplies the dequantized tile inside the loop
+    if PER_CHANNEL:
+        w_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+
+    # PREFETCH: software pipelining by hand, the next tile's load is in flight while this one is computed.
+    next_words = tl.load(w_ptrs + tl.minimum(kb_lo, num_kb - 1) * N * WORDS)
+    for kb in range(kb_lo, kb_hi):
+        if PREFETCH:
+            words = next_words
+            next_words = tl.load(w_ptrs + tl.minimum(kb + 1, kb_hi - 1) * N * WORDS)
+        else:  # leave the pipelining to Triton (num_stages)
+            words = tl.load(w_ptrs + kb * N * WORDS)
+        high = words >> HI
+        if PER_BLOCK and not PER_CHANNEL:
+            g = (kb * BK) // GROUP
+            w_scale = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + g * N + offs_n).to(tl.float32)
+        if BLOCK_M == 1 and PACKED_MATH:
+            # CUDA-core GEMV in packed bf16x2 arithmetic (4-bit, one scale per K-block).
+            x_base = x_ptr + pid_m * stride_xm + kb * BK + offs_w
+            x0 = tl.load(x_base + 0 * WORDS)
+            x1 = tl.load(x_base + 1 * WORDS)
+            x2 = tl.load(x_base + 2 * WORDS)
+            x3 = tl.load(x_base + 3 * WORDS)
+            x4 = tl.load(x_base + 4 * WORDS)
+            x5 = tl.load(x_base + 5 * WORDS)
+            x6 = tl.load(x_base + 6 * WORDS)
+            x7 = tl.load(x_base + 7 * WORDS)
+            shape: tl.constexpr = (BLOCK_N, WORDS)
+            nz = pack_bf16x2(-(128.0 + zero), -(128.0 + zero))
+            part = word_dot_bf16x2(
+                words,
+                tl.broadcast_to(pack_bf16x2(x0, x4)[None, :], shape),
+                tl.broadcast_to(pack_bf16x2(x1, x5)[None, :], shape),
+                tl.broadcast_to(pack_bf16x2(x2, x6)[None, :], shape),
+                tl.broadcast_to(pack_bf16x2(x3, x7)[None, :], shape),
+                tl.broadcast_to(nz[:, None], shape),
+            )
+            acc += part * w_scale[:, None]
+        elif BLOCK_M == 1:
+            # CUDA-core GEMV: sum (q - zero) * 2**sh * (x * 2**-sh), scaled once per K-block.
+            part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                k0 = kb * BK + j * WORDS
+                if EVEN_K:
+                    xj = tl.load(x_ptr + pid_m * stride_xm + k0 + offs_w)
+                else:
+                    xj = tl.load(x_ptr + pid_m * stride_xm + k0 + offs_w, mask=k0 + offs_w < K, other=0.0)
+                xj = xj.to(tl.float32)
+                if PER_BLOCK:
+                    x_shifted = xj * (1.0 / (1 << (j * BITS - (HI if j * BITS >= HI else 0))))
+                    part += code_values(words, high, zero, j, BITS) * x_shifted[None, :]
+                else:
+                    part += dequant_slab(words, high, zero, scale, s_ptr, z_ptr, kb, offs_n, N,
+                                  j, BITS, GROUP, BK, False, HAS_ZERO) * xj[None, :]  # fmt: skip
+            if PER_BLOCK:
+                acc += part * w_scale[:, None]
+            else:
+                acc += part
+        elif ONE_DOT:
+            # Dequantize the whole K-block, put the slabs back in feature order, one matrix product.
+            # tl.join stacks on a new innermost axis, so nested joins read their inputs in
+            # bit-reversed order: feeding the slabs bit-reversed yields them in order.
+            if BITS == 4:
+                t = tl.join(
+                    tl.join(tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 0, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 4, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO)),
+                            tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 2, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 6, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO))),
+                    tl.join(tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 1, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 5, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO)),
+                            tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 3, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 7, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO))))  # fmt: skip
+            else:
+                t = tl.join(tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 0, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 2, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO)),
+                            tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 1, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 3, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO)))  # fmt: skip
+            t = tl.reshape(t.to(dtype), (BLOCK_N, WORDS, PACK))  # [n, w, j]: feature j * WORDS + w
+            w_tile = tl.reshape(tl.permute(t, (0, 2, 1)), (BLOCK_N, BK))
+            x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (kb * BK + offs_k)[:, None]
+            if EVEN_K:
+                xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
+            else:
+                xt = tl.load(x_ptrs, mask=m_mask[None, :] & (kb * BK + offs_k < K)[:, None], other=0.0)
+            if DOT_F32:  # the CPU interpreter (triton 3.9) mis-multiplies bf16 dots
+                acc = tl.dot(w_tile.to(tl.float32), xt.to(tl.float32), acc)
+            else:
+                acc = tl.dot(w_tile, xt, acc)
+        else:
+            # One matrix product per code slab (W contiguous input features each).
+            for j in tl.static_range(PACK):
+                w_slab = dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N,
+                               j, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO).to(dtype)  # fmt: skip
+                k0 = kb * BK + j * WORDS
+                x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_w)[:, None]
+                if EVEN_K:
+                    xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
+                else:
+                    xt = tl.load(x_ptrs, mask=m_mask[None, :] & (k0 + offs_w < K)[:, None], other=0.0)
+                if DOT_F32:
+                    acc = tl.dot(w_slab.to(tl.float32), xt.to(tl.float32), acc)
+                else:
+                    acc = tl.dot(w_slab, xt, acc)
+
+    counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+    if BLOCK_M == 1:
+        res = tl.sum(acc, axis=1)
+        if PER_CHANNEL:
+            res = res * scale
+        store_split_k(res, out_ptr + pid_m * stride_om + offs_n, ws_ptr + pid_m * N + offs_n, M * N,
+                       counter, pid_k, n_mask, SPLIT_K)  # fmt: skip
+    else:
+        if PER_CHANNEL:
+            acc = acc * scale[:, None]
+        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        store_split_k(acc, out, ws, M * N, counter, pid_k, n_mask[:, None] & m_mask[None, :], SPLIT_K)
+
+
+@triton.jit
+def w4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_om,
+    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KBI: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr, PACKED_MATH: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """4-bit GEMV for ``BLOCK_M`` (1 to 8) tokens, reading ``KBI`` K-blocks per loop step: a
+    ``[BLOCK_N, KBI, WORDS]`` tile of words, used by every token of the program.
+
+    The one-K-block kernel above keeps at most one small tile per step in flight; at M = 1 the
+    product is a pure memory stream, and a step of ``BLOCK_N x KBI x 64`` bytes (8 KiB for 16 x 8)
+    gives each SM enough loads in flight to approach the memory bandwidth without split-K. The
+    partial sums stay per word until the end (one cross-thread reduction per program). With a few
+    tokens (M = 2..8) the words are read once for all of them, on CUDA cores, where the tensor-core
+    path would pad M to 16. Groups must cover whole K-blocks (``GROUP >= BK``) or be per channel.
+    """
+    WORDS: tl.constexpr = BK // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n = tl.where(n_mask, offs_n, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_i = tl.arange(0, KBI)
+    offs_w = tl.arange(0, WORDS)
+
+    num_kb = tl.cdiv(K, BK)
+    num_steps = tl.cdiv(num_kb, KBI)
+    steps_per_split = tl.cdiv(num_steps, SPLIT_K)
+    step_lo = pid_k * steps_per_split
+    step_hi = tl.minimum(step_lo + steps_per_split, num_steps)
+
+    w_off = offs_i[None, :, None] * (N * WORDS) + offs_n[:, None, None] * WORDS + offs_w[None, None, :]
+    x_feature0 = offs_i[None, :, None] * BK + offs_w[None, None, :]  # feature of code 0 of each word: [1, KBI, W]
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm  # [BLOCK_M, 1, 1]
+    shape: tl.constexpr = (BLOCK_M, BLOCK_N, KBI, WORDS)
+    acc = tl.zeros(shape, dtype=tl.float32)
+    scale = tl.full((BLOCK_N, KBI), 1.0, tl.float32)
+    zero = tl.full((BLOCK_N, KBI), 8.0, tl.float32)
+    if PER_CHANNEL:
+        channel_scale = tl.load(s_ptr + offs_n).to(tl.float32)
+        if HAS_ZERO:
+            zero = tl.broadcast_to(tl.load(z_ptr + offs_n).to(tl.float32)[:, None], (BLOCK_N, KBI))
+    first = tl.minimum(step_lo, num_steps - 1)
+    next_words = tl.load(qw_ptr + first * (KBI * N * WORDS) + w_off, mask=(first * KBI + offs_i < num_kb)[None, :, None],
+                         other=0)  # fmt: skip
+    for step in range(step_lo, step_hi):
+        kb = step * KBI + offs_i
+        kb_ok = kb < num_kb
+        if PREFETCH:  # the next step's words are in flight while this step is computed
+            words = next_words
+            nxt = tl.minimum(step + 1, step_hi - 1)
+            next_words = tl.load(qw_ptr + nxt * (KBI * N * WORDS) + w_off, mask=(nxt * KBI + offs_i < num_kb)[None, :, None],
+                                 other=0)  # fmt: skip
+        else:
+            words = tl.load(qw_ptr + step * (KBI * N * WORDS) + w_off, mask=kb_ok[None, :, None], other=0)
+        if not PER_CHANNEL:
+            g_off = ((kb * BK) // GROUP)[None, :] * N + offs_n[:, None]
+            scale = tl.load(s_ptr + g_off, mask=kb_ok[None, :], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + g_off, mask=kb_ok[None, :], other=0.0).to(tl.float32)
+        x_feature = step * (KBI * BK) + x_feature0
+        x_base = x_rows + x_feature
+        x_ok = m_mask[:, None, None] & kb_ok[None, :, None]
+        if PACKED_MATH:
+            x0 = load_x_slab(x_base, x_feature, x_ok, K, 0, WORDS, EVEN_K)
+            x1 = load_x_slab(x_base, x_feature, x_ok, K, 1, WORDS, EVEN_K)
+            x2 = load_x_slab(x_base, x_feature, x_ok, K, 2, WORDS, EVEN_K)
+            x3 = load_x_slab(x_base, x_feature, x_ok, K, 3, WORDS, EVEN_K)
+            x4 = load_x_slab(x_base, x_feature, x_ok, K, 4, WORDS, EVEN_K)
+            x5 = load_x_slab(x_base, x_feature, x_ok, K, 5, WORDS, EVEN_K)
+            x6 = load_x_slab(x_base, x_feature, x_ok, K, 6, WORDS, EVEN_K)
+            x7 = load_x_slab(x_base, x_feature, x_ok, K, 7, WORDS, EVEN_K)
+            nz = pack_bf16x2(-(128.0 + zero), -(128.0 + zero))
+            part = word_dot_bf16x2(
+                tl.broadcast_to(words[None, :, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x0, x4)[:, None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x1, x5)[:, None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x2, x6)[:, None, :, :], shape),
+                tl.broadcast_to(pack_bf16x2(x3, x7)[:, None, :, :], shape),
+                tl.broadcast_to(nz[None, :, :, None], shape),
+            )
+        else:  # float32 (fp16 activations, and the CPU interpreter, which has no inline PTX)
+            part = tl.zeros(shape, dtype=tl.float32)
+            for j in tl.static_range(8):
+                xj = load_x_slab(x_base, x_feature, x_ok, K, j, WORDS, EVEN_K).to(tl.float32)
+                q = ((words >> (4 * j)) & 15).to(tl.float32) - zero[:, :, None]
+                part += q[None, :, :, :] * xj[:, None, :, :]
+        acc += part * scale[None, :, :, None]
+
+    res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
+    if PER_CHANNEL:
+        res = res * channel_scale[None, :]
+    counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    store_split_k(res, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K)
+
+
+@triton.jit
+def wna16_dot_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr, SWAP: tl.constexpr, DOT_F32: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Tensor-core W{4,8}A16 with one matrix product per K-block, the tile built in feature order.
+
+    The K-block's words are expanded by broadcasting them against the code shifts,
+    ``[BLOCK_N, PACK, WORDS]``, which is already input-feature order (code ``j`` of word ``w`` is
+    feature ``j * WORDS + w``): one reshape, no permutation, one ``tl.dot`` with K = 128 (the
+    slab path of :func:`wna16_kernel` makes eight products with K = 16, its one-product path a
+    permute). ``SWAP``: ``out^T = W @ x^T`` (the 64-row minimum of ``wgmma`` on N); else
+    ``out = x @ W^T``. The group of
+    feature ``j * WORDS + w`` depends on ``j`` only (``WORDS`` divides every supported group
+    size), so scales and zeros are ``[BLOCK_N, PACK]`` per K-block.
+
+    Measured on the H200 (bench/notes/kernels.md, session 6): it wins only for M = 17..64 (e.g.
+    4096x4096 at M = 64: 21.9 us against 30.5 us for :func:`wna16_kernel`'s best), so it is a
+    tuning candidate there only. Building the tile by one load per element (each element
+    loading its word) was slower at every shape and was removed.
+    """
+    PACK: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BK // PACK
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n = tl.where(n_mask, offs_n, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_k = tl.arange(0, BK)
+    offs_j = tl.arange(0, PACK)
+    offs_w = tl.arange(0, WORDS)
+
+    num_kb = tl.cdiv(K, BK)
+    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        x_off = offs_m[None, :] * stride_xm + offs_k[:, None]  # [BK, BLOCK_M]
+        x_mask = m_mask[None, :]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_off = offs_m[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BK]
+        x_mask = m_mask[:, None]
+    w_off = offs_n[:, None] * WORDS + offs_w[None, :]  # [BLOCK_N, WORDS]
+    shifts = (offs_j * BITS)[None, :, None]
+
+    channel_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    channel_zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+    if PER_CHANNEL:
+        channel_scale = tl.load(s_ptr + offs_n).to(tl.float32)
+        if HAS_ZERO:
+            channel_zero = tl.load(z_ptr + offs_n).to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    for kb in tl.range(kb_lo, kb_hi, num_stages=NUM_STAGES):
+        base = kb * N * WORDS
+        words = tl.load(qw_ptr + base + w_off)
+        q = (words[:, None, :] >> shifts) & MASK  # [BLOCK_N, PACK, WORDS]
+        if PER_CHANNEL:
+            zero = channel_zero[:, None, None]
+            scale = tl.full((BLOCK_N, 1, 1), 1.0, tl.float32)
+        else:
+            g = (kb * BK + offs_j * WORDS) // GROUP  # [PACK]
+            gs = g[None, :] * N + offs_n[:, None]  # [BLOCK_N, PACK]
+            scale = tl.load(s_ptr + gs).to(tl.float32)[:, :, None]
+            zero = channel_zero[:, None, None]
+            if HAS_ZERO:
+                zero = tl.load(z_ptr + gs).to(tl.float32)[:, :, None]
+        # (q - zero) * scale; the code is ORed into the mantissa of 2**23 (an exact int-to-float)
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True)
+        w_tile = tl.reshape(((f - (8388608.0 + zero)) * scale).to(dtype), (BLOCK_N, BK))
+        if not SWAP:
+            w_tile = tl.trans(w_tile)
+        if EVEN_K:
+            xt = tl.load(x_ptr + kb * BK + x_off, mask=x_mask, other=0.0)
+        elif SWAP:
+            xt = tl.load(x_ptr + kb * BK + x_off, mask=x_mask & (kb * BK + offs_k < K)[:, None], other=0.0)
+        else:
+            xt = tl.load(x_ptr + kb * BK + x_off, mask=x_mask & (kb * BK + offs_k < K)[None, :], other=0.0)
+        if SWAP:
+            a, b = w_tile, xt
+        else:
+            a, b = xt, w_tile
+        if DOT_F32:  # the CPU interpreter (triton 3.9) mis-multiplies bf16 dots
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b, acc)
+
+    counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+    if SWAP:
+        if PER_CHANNEL:
+            acc = acc * channel_scale[:, None]
+        out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+        store_split_k(acc, out, ws, M * N, counter, pid_k, n_mask[:, None] & m_mask[None, :], SPLIT_K)
+    else:
+        if PER_CHANNEL:
+            acc = acc * channel_scale[None, :]
+        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        store_split_k(acc, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K)
+
+
+@triton.jit
+def load_x_slab(x_base, x_feature, x_ok, K, J: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activations of code slab ``J`` for ``[BLOCK_M, KBI, WORDS]`` words; zero past M, K and the last K-block."""
+    if EVEN_K:
+        mask = x_ok
+    else:
+        mask = x_ok & (x_feature + J * WORDS < K)
+    return tl.load(x_base + J * WORDS, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_split_k(value, out_ptrs, ws_ptrs, split_stride, counter_ptr, pid_k, mask, SPLIT_K: tl.constexpr):
+    """Write the output, or with split-K: the last of the K-slices to arrive sums all partial results.
+
+    Each slice stores its float32 partial in the workspace and counts itself in on the tile's
+    counter; the last one adds the partials in a fixed order (deterministic, unlike atomics on the
+    output, and without the compare-and-swap loops that 16-bit float atomics become) and resets
+    the counter, so the counters stay zero between launches and need no memset.
+    """
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, value.to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptrs + pid_k * split_stride, value, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(value)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptrs + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter_ptr, 0)
