@@ -21,6 +21,29 @@ from lowbit.kernels.dequant import code_values, dequant_slab, pack_bf16x2, word_
 
 
 @triton.jit
+def tile_ranges(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr):
+    """This program's tile: ``(pid_m, pid_k, tile, offs_n, n_mask, offs_m, m_mask, kb_lo, kb_hi)``.
+
+    Grid ``(N tiles, SPLIT_K, M tiles)``; ``tile`` numbers the output tile (its split-K counter);
+    rows past N are clamped to row 0 (loads stay in bounds, stores are masked); the K-slice
+    ``pid_k`` covers K-blocks ``[kb_lo, kb_hi)``.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_n = tl.where(n_mask, offs_n, 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    num_kb = tl.cdiv(K, BK)
+    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
+    kb_lo = pid_k * kb_per_split
+    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
+    return pid_m, pid_k, pid_m * tl.num_programs(0) + pid_n, offs_n, n_mask, offs_m, m_mask, kb_lo, kb_hi
+
+
+@triton.jit
 def wna16_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
     M, N, K, stride_xm, stride_om,
@@ -35,21 +58,9 @@ def wna16_kernel(
     PER_BLOCK: tl.constexpr = PER_CHANNEL or GROUP >= BK  # one scale per row for a whole K-block
     dtype = x_ptr.dtype.element_ty
 
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_n = tl.where(n_mask, offs_n, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    pid_m, pid_k, tile, offs_n, n_mask, offs_m, m_mask, kb_lo, kb_hi = tile_ranges(M, N, K, BLOCK_M, BLOCK_N, SPLIT_K, BK)
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BK)
-
-    num_kb = tl.cdiv(K, BK)
-    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
-    kb_lo = pid_k * kb_per_split
-    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
 
     w_ptrs = qw_ptr + offs_n[:, None] * WORDS + offs_w[None, :]
     if BLOCK_M == 1:
@@ -67,7 +78,7 @@ def wna16_kernel(
         w_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
 
     # PREFETCH: software pipelining by hand, the next tile's load is in flight while this one is computed.
-    next_words = tl.load(w_ptrs + tl.minimum(kb_lo, num_kb - 1) * N * WORDS)
+    next_words = tl.load(w_ptrs + tl.minimum(kb_lo, tl.cdiv(K, BK) - 1) * N * WORDS)
     for kb in range(kb_lo, kb_hi):
         if PREFETCH:
             words = next_words
@@ -162,7 +173,7 @@ def wna16_kernel(
                 else:
                     acc = tl.dot(w_slab, xt, acc)
 
-    counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+    counter = counter_ptr + tile
     if BLOCK_M == 1:
         res = tl.sum(acc, axis=1)
         if PER_CHANNEL:
@@ -196,14 +207,8 @@ def w4_gemv_kernel(
     path would pad M to 16. Groups must cover whole K-blocks (``GROUP >= BK``) or be per channel.
     """
     WORDS: tl.constexpr = BK // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_n = tl.where(n_mask, offs_n, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    # the K-slice here is a range of steps of KBI K-blocks, not tile_ranges' range of K-blocks
+    _, pid_k, tile, offs_n, n_mask, offs_m, m_mask, _, _ = tile_ranges(M, N, K, BLOCK_M, BLOCK_N, SPLIT_K, BK)
     offs_i = tl.arange(0, KBI)
     offs_w = tl.arange(0, WORDS)
 
@@ -274,7 +279,7 @@ def w4_gemv_kernel(
     res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     if PER_CHANNEL:
         res = res * channel_scale[None, :]
-    counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+    counter = counter_ptr + tile
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
     store_split_k(res, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K)
@@ -308,22 +313,10 @@ def wna16_dot_kernel(
     PACK: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BK // PACK
     MASK: tl.constexpr = (1 << BITS) - 1
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_n = tl.where(n_mask, offs_n, 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    pid_m, pid_k, tile, offs_n, n_mask, offs_m, m_mask, kb_lo, kb_hi = tile_ranges(M, N, K, BLOCK_M, BLOCK_N, SPLIT_K, BK)
     offs_k = tl.arange(0, BK)
     offs_j = tl.arange(0, PACK)
     offs_w = tl.arange(0, WORDS)
-
-    num_kb = tl.cdiv(K, BK)
-    kb_per_split = tl.cdiv(num_kb, SPLIT_K)
-    kb_lo = pid_k * kb_per_split
-    kb_hi = tl.minimum(kb_lo + kb_per_split, num_kb)
 
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -377,7 +370,7 @@ def wna16_dot_kernel(
         else:
             acc = tl.dot(a, b, acc)
 
-    counter = counter_ptr + pid_m * tl.num_programs(0) + pid_n
+    counter = counter_ptr + tile
     if SWAP:
         if PER_CHANNEL:
             acc = acc * channel_scale[:, None]
