@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-
+# tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU;
+# with one, these tests run the compiled kernels.
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

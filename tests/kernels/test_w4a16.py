@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-
+# tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU;
+# with one, these tests run the compiled kernels.
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -199,3 +197,23 @@ def test_gpu_packed_math_gemv() -> None:  # pragma: no cover - CI has no GPU
     x3 = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
     ref3 = x3.double() @ dequantize_weight(q, scale, None, 4).cuda().double().T
     assert rel_err(wna16_matmul(x3, packed, WNA16Config(4, 16, 1, 4, 2, packed_math=True, kbi=4)), ref3) < BF16_TOL
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (inline PTX of the packed-bf16x2 dequantization)"
+)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_gpu_packed_dequant_tensor_cores(symmetric: bool, group_size: int) -> None:  # pragma: no cover - CI has no GPU
+    k = 4096 if group_size == 128 else 4000  # 4000: K padded in the layout, the last K-block masked
+    q, scale, zero = random_codes(1024, k, 4, group_size, symmetric, torch.bfloat16, seed=6)
+    packed = pack_wna16(q.cuda(), scale.cuda(), None if zero is None else zero.cuda(), 4, group_size)
+    w = dequantize_weight(q, scale, zero, 4).cuda().double()
+    for m, cfg in (
+        (16, WNA16Config(16, 64, 4, 4, 3, True, packed_math=True)),
+        (16, WNA16Config(16, 64, 4, 4, 3, False, packed_math=True, prefetch=False)),
+        (50, WNA16Config(64, 128, 2, 4, 3, False, packed_math=True)),
+        (128, WNA16Config(128, 128, 1, 8, 3, False, packed_math=True)),
+    ):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(wna16_matmul(x, packed, cfg), x.double() @ w.T) < BF16_TOL, (m, cfg)

@@ -43,7 +43,9 @@ class WNA16Config:
     num_warps: int = 4
     num_stages: int = 3
     one_dot: bool = True
-    packed_math: bool = False  # GEMV in packed bf16x2 inline PTX (4-bit, group >= 128, GPU only)
+    # packed bf16x2 inline PTX (4-bit, bf16, group >= 128, GPU only): the GEMV's dot product
+    # (block_m 1..8), or the tensor-core path's dequantization (block_m >= 16)
+    packed_math: bool = False
     prefetch: bool = True  # hand-pipelined weight loads (else Triton's num_stages pipelining)
     kbi: int = 0  # > 0: the multi-K-block 4-bit CUDA-core kernel (block_m 1..8 tokens), KBI K-blocks per step
     # True: :func:`wna16_dot_kernel` (block_m >= 16), ``swap`` choosing ``out^T = W x^T`` or ``out = x W^T``
@@ -115,8 +117,13 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
             ]
         )
     if m <= 16:
-        tc = [(64, 4, True), (64, 8, True), (128, 8, True), (64, 4, False), (64, 8, False)]
-        tensor_cores = [WNA16Config(16, bn, sk, 4, 3, od, prefetch=pf) for bn, sk, od in tc for pf in (True, False)]
+        tc = [(64, 4, True), (64, 8, True), (128, 8, True), (64, 4, False), (64, 8, False), (64, 16, True), (32, 8, True)]
+        tensor_cores = [
+            WNA16Config(16, bn, sk, 4, 3, od, prefetch=pf, packed_math=pm)
+            for bn, sk, od in tc
+            for pf in (True, False)
+            for pm in (False, True)
+        ]
         if m > 8:
             return tensor_cores
         # a few tokens on CUDA cores, the words read once for BLOCK_M of them: (block_m, block_n, kbi, split_k, warps)
@@ -124,22 +131,31 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
                for bn, kbi, sk, nw in ((16, 4, 1, 4), (16, 8, 1, 4), (32, 4, 1, 8), (8, 8, 1, 4), (16, 4, 2, 4))]
         return tensor_cores + [WNA16Config(bm, bn, sk, nw, 2, packed_math=True, kbi=kbi) for bm, bn, kbi, sk, nw in few]
     if m <= 64:
-        tc = [(32, 128, 4, True), (32, 128, 2, False), (64, 128, 2, False), (64, 128, 4, False)]
+        tc = [(32, 128, 4, True), (32, 128, 2, False), (64, 128, 2, False), (64, 128, 4, False), (64, 64, 4, True),
+              (64, 64, 8, True), (64, 128, 4, True)]  # fmt: skip
         return [
-            WNA16Config(bm, bn, sk, 4, 3, od, prefetch=pf)
+            WNA16Config(bm, bn, sk, 4, 3, od, prefetch=pf, packed_math=pm)
             for bm, bn, sk, od in tc
             if bm >= m or bm == 64
             for pf in (True, False)
-        ]
+            for pm in (False, True)
+        ] + [DENSE]
     if m <= 128:
-        tc = [(64, 128, 2, 4), (64, 128, 4, 4), (128, 128, 2, 8), (128, 128, 1, 8)]
+        tc = [(64, 128, 2, 4, False), (64, 128, 4, 4, False), (128, 128, 2, 8, False), (128, 128, 1, 8, False),
+              (128, 64, 4, 8, True), (128, 64, 2, 4, True), (64, 64, 4, 4, True), (128, 128, 2, 8, True)]  # fmt: skip
         return [
-            WNA16Config(bm, bn, sk, nw, 3, False, prefetch=pf)
-            for bm, bn, sk, nw in tc
+            WNA16Config(bm, bn, sk, nw, 3, od, prefetch=pf, packed_math=pm)
+            for bm, bn, sk, nw, od in tc
             for pf in (True, False)
-        ]
+            for pm in (False, True)
+        ] + [DENSE]
     tc = [(128, 128), (128, 256), (256, 128)]
-    return [WNA16Config(bm, bn, 1, 8, 3, False, prefetch=pf) for bm, bn in tc for pf in (True, False)] + [
+    return [
+        WNA16Config(bm, bn, 1, 8, 3, False, prefetch=pf, packed_math=pm)
+        for bm, bn in tc
+        for pf in (True, False)
+        for pm in (False, True)
+    ] + [
         DENSE
     ]
 
@@ -194,7 +210,7 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
         )  # fmt: skip
     else:
         # this kernel's packed-math GEMV reads the activations unmasked: whole K-blocks only
-        shared["PACKED_MATH"] = shared["PACKED_MATH"] and k % BLOCK_K == 0
+        shared["PACKED_MATH"] = shared["PACKED_MATH"] and (k % BLOCK_K == 0 or cfg.block_m > 1)
         wna16_kernel[grid](
             *args, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting(), **shared
         )

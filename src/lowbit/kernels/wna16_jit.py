@@ -17,7 +17,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lowbit.kernels.dequant import code_values, dequant_slab, pack_bf16x2, word_dot_bf16x2
+from lowbit.kernels.dequant import (
+    code_values,
+    dequant_slab,
+    dequant_slabs,
+    dequant_words_bf16x2,
+    pack_bf16x2,
+    word_dot_bf16x2,
+)
 
 
 @triton.jit
@@ -133,45 +140,51 @@ def wna16_kernel(
                 acc += part * w_scale[:, None]
             else:
                 acc += part
-        elif ONE_DOT:
-            # Dequantize the whole K-block, put the slabs back in feature order, one matrix product.
-            # tl.join stacks on a new innermost axis, so nested joins read their inputs in
-            # bit-reversed order: feeding the slabs bit-reversed yields them in order.
-            if BITS == 4:
-                t = tl.join(
-                    tl.join(tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 0, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 4, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO)),
-                            tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 2, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 6, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO))),
-                    tl.join(tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 1, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 5, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO)),
-                            tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 3, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 7, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO))))  # fmt: skip
-            else:
-                t = tl.join(tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 0, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 2, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO)),
-                            tl.join(dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 1, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO), dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N, 3, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO)))  # fmt: skip
-            t = tl.reshape(t.to(dtype), (BLOCK_N, WORDS, PACK))  # [n, w, j]: feature j * WORDS + w
-            w_tile = tl.reshape(tl.permute(t, (0, 2, 1)), (BLOCK_N, BK))
-            x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (kb * BK + offs_k)[:, None]
-            if EVEN_K:
-                xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
-            else:
-                xt = tl.load(x_ptrs, mask=m_mask[None, :] & (kb * BK + offs_k < K)[:, None], other=0.0)
-            if DOT_F32:  # the CPU interpreter (triton 3.9) mis-multiplies bf16 dots
-                acc = tl.dot(w_tile.to(tl.float32), xt.to(tl.float32), acc)
-            else:
-                acc = tl.dot(w_tile, xt, acc)
         else:
-            # One matrix product per code slab (W contiguous input features each).
-            for j in tl.static_range(PACK):
-                w_slab = dequant_slab(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N,
-                               j, BITS, GROUP, BK, PER_BLOCK, HAS_ZERO).to(dtype)  # fmt: skip
-                k0 = kb * BK + j * WORDS
-                x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_w)[:, None]
+            # Tensor cores: the K-block's code slabs, slab j = input features j*WORDS .. j*WORDS+WORDS-1.
+            if PACKED_MATH:  # packed bf16x2 PTX, 4-bit, one scale per K-block (GPU only)
+                pair: tl.constexpr = (BLOCK_N, WORDS)
+                slabs = dequant_words_bf16x2(
+                    words,
+                    tl.broadcast_to((-(128.0 + zero)).to(tl.bfloat16)[:, None], pair),
+                    tl.broadcast_to(w_scale.to(tl.bfloat16)[:, None], pair),
+                )
+            else:
+                slabs = dequant_slabs(words, high, zero, w_scale, s_ptr, z_ptr, kb, offs_n, N,
+                                      BITS, GROUP, BK, PER_BLOCK, HAS_ZERO, dtype)  # fmt: skip
+            if ONE_DOT:
+                # Put the slabs back in feature order for one matrix product. tl.join stacks on a new
+                # innermost axis, so nested joins read their inputs in bit-reversed order: feeding the
+                # slabs bit-reversed yields them in order.
+                if BITS == 4:
+                    t = tl.join(tl.join(tl.join(slabs[0], slabs[4]), tl.join(slabs[2], slabs[6])),
+                                tl.join(tl.join(slabs[1], slabs[5]), tl.join(slabs[3], slabs[7])))  # fmt: skip
+                else:
+                    t = tl.join(tl.join(slabs[0], slabs[2]), tl.join(slabs[1], slabs[3]))
+                t = tl.reshape(t, (BLOCK_N, WORDS, PACK))  # [n, w, j]: feature j * WORDS + w
+                w_tile = tl.reshape(tl.permute(t, (0, 2, 1)), (BLOCK_N, BK))
+                x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (kb * BK + offs_k)[:, None]
                 if EVEN_K:
                     xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
                 else:
-                    xt = tl.load(x_ptrs, mask=m_mask[None, :] & (k0 + offs_w < K)[:, None], other=0.0)
-                if DOT_F32:
-                    acc = tl.dot(w_slab.to(tl.float32), xt.to(tl.float32), acc)
+                    xt = tl.load(x_ptrs, mask=m_mask[None, :] & (kb * BK + offs_k < K)[:, None], other=0.0)
+                if DOT_F32:  # the CPU interpreter (triton 3.9) mis-multiplies bf16 dots
+                    acc = tl.dot(w_tile.to(tl.float32), xt.to(tl.float32), acc)
                 else:
-                    acc = tl.dot(w_slab, xt, acc)
+                    acc = tl.dot(w_tile, xt, acc)
+            else:
+                # One matrix product per code slab (W contiguous input features each).
+                for j in tl.static_range(PACK):
+                    k0 = kb * BK + j * WORDS
+                    x_ptrs = x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_w)[:, None]
+                    if EVEN_K:
+                        xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
+                    else:
+                        xt = tl.load(x_ptrs, mask=m_mask[None, :] & (k0 + offs_w < K)[:, None], other=0.0)
+                    if DOT_F32:
+                        acc = tl.dot(slabs[j].to(tl.float32), xt.to(tl.float32), acc)
+                    else:
+                        acc = tl.dot(slabs[j], xt, acc)
 
     counter = counter_ptr + tile
     if BLOCK_M == 1:

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 6 on the GPU machine, in one device call: the GPU-only kernel tests (compiled, not interpreted),
+# then the kernel benchmark and/or the decode benchmark, everything into $OUT.
+#
+# Here, once (wheels for the machine's Python 3.12; .whl is git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl/dev \
+#       pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 gguf compressed-tensors==0.19.0
+# Device call: carry [".whl/dev"], command e.g.
+#   KERNELS="--ms 16 64 128" DECODE="" bash bench/device_issue6.sh      (tests + part of the kernel table)
+#   KERNELS="" DECODE="--schemes bf16 w4a16" bash bench/device_issue6.sh  (tests + decode, one harness run)
+# KERNELS / DECODE unset: the full kernel table; no decode. Set either to "skip" to leave it out.
+set -uo pipefail
+OUT="${OUT:-bench/results/issue6}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/dev/*.whl >/dev/null 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD/src"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_w4a16.py tests/kernels/test_w8a8.py -k gpu \
+    2>&1 | tail -15 | tee "$OUT/tests.log"
+if [ "${KERNELS-}" != "skip" ]; then
+    # shellcheck disable=SC2086  # word splitting of the options is intended
+    python3 bench/kernels.py --out "$OUT" ${KERNELS-} > "$OUT/kernels.log" 2>&1
+    tail -40 "$OUT/kernels.log"
+fi
+if [ -n "${DECODE-}" ] && [ "${DECODE}" != "skip" ]; then
+    # shellcheck disable=SC2086
+    python3 bench/decode.py --out "$OUT" $DECODE > "$OUT/decode.log" 2>&1
+    tail -20 "$OUT/decode.log"
+fi
