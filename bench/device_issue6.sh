@@ -10,6 +10,7 @@
 #   KERNELS="--ms 16 64 128" DECODE="" bash bench/device_issue6.sh      (tests + part of the kernel table)
 #   KERNELS="" DECODE="--schemes bf16 w4a16" bash bench/device_issue6.sh  (tests + decode, one harness run)
 # KERNELS / DECODE unset: the full kernel table; no decode. Set either to "skip" to leave it out.
+# PROBE=1: also bench/launch_overhead.py (host time per call, plain against direct launch).
 set -uo pipefail
 OUT="${OUT:-bench/results/issue6}"
 mkdir -p "$OUT"
@@ -19,6 +20,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_w4a16.py tests/kernels/test_w8a8.py -k gpu \
     2>&1 | tail -15 | tee "$OUT/tests.log"
+if [ -n "${PROBE-}" ]; then
+    python3 bench/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log"
+fi
 if [ "${KERNELS-}" != "skip" ]; then
     # shellcheck disable=SC2086  # word splitting of the options is intended
     python3 bench/kernels.py --out "$OUT" ${KERNELS-} > "$OUT/kernels.log" 2>&1

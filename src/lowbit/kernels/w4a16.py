@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 
 from lowbit.kernels.dequant import dequantize_packed
+from lowbit.kernels.launch import launch
 from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 from lowbit.kernels.wna16_jit import w4_gemv_kernel, wna16_dot_kernel, wna16_kernel
 
@@ -142,7 +143,7 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
         ] + [DENSE]
     if m <= 128:
         tc = [(64, 128, 2, 4, False), (64, 128, 4, 4, False), (128, 128, 2, 8, False), (128, 128, 1, 8, False),
-              (128, 64, 4, 8, True), (128, 64, 2, 4, True), (64, 64, 4, 4, True), (128, 128, 2, 8, True)]  # fmt: skip
+              (128, 64, 4, 8, True), (64, 64, 4, 4, True), (128, 128, 2, 8, True)]  # fmt: skip
         return [
             WNA16Config(bm, bn, sk, nw, 3, od, prefetch=pf, packed_math=pm)
             for bm, bn, sk, nw, od in tc
@@ -201,19 +202,16 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
         "num_stages": cfg.num_stages,
     }
     if cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed):
-        w4_gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, KBI=cfg.kbi, **shared)
+        launch(w4_gemv_kernel, grid, args, dict(shared, BLOCK_M=cfg.block_m, KBI=cfg.kbi))
     elif cfg.dot and cfg.block_m >= 16:
         del shared["PACKED_MATH"], shared["PREFETCH"]
-        wna16_dot_kernel[grid](
-            *args, BITS=packed.bits, BLOCK_M=cfg.block_m, SWAP=cfg.swap, DOT_F32=interpreting(),
-            NUM_STAGES=cfg.num_stages, **shared,
-        )  # fmt: skip
+        launch(wna16_dot_kernel, grid, args, dict(shared, BITS=packed.bits, BLOCK_M=cfg.block_m, SWAP=cfg.swap,
+                                                  DOT_F32=interpreting(), NUM_STAGES=cfg.num_stages))  # fmt: skip
     else:
         # this kernel's packed-math GEMV reads the activations unmasked: whole K-blocks only
         shared["PACKED_MATH"] = shared["PACKED_MATH"] and (k % BLOCK_K == 0 or cfg.block_m > 1)
-        wna16_kernel[grid](
-            *args, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting(), **shared
-        )
+        launch(wna16_kernel, grid, args,
+               dict(shared, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting()))  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 

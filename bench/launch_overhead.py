@@ -1,0 +1,57 @@
+"""Host time per W4A16 call, plain ``kernel[grid]`` against lowbit's direct launch (issue 6).
+
+Run on one GPU: ``python3 bench/launch_overhead.py``. For each point it measures the host time of
+300 back-to-back calls (no synchronisation inside), and the ``do_bench`` median, with the direct
+launch off and on; F.linear (cuBLAS) is the reference host cost.
+"""
+
+from __future__ import annotations
+
+import time
+
+import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from lowbit.kernels import w4a16
+from lowbit.kernels.launch import set_fast_launch
+from lowbit.kernels.layout import pack_wna16
+
+
+def host_us(fn, calls: int = 300) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def point(x: torch.Tensor, w: torch.Tensor, packed) -> dict[str, float]:
+    row = {"cublas_host": host_us(lambda: F.linear(x, w)), "cublas_bench": do_bench(lambda: F.linear(x, w)) * 1e3}
+    for fast in (False, True):
+        set_fast_launch(fast)
+        tag = "fast" if fast else "plain"
+        row[f"{tag}_host"] = host_us(lambda: w4a16.wna16_matmul(x, packed))
+        row[f"{tag}_bench"] = do_bench(lambda: w4a16.wna16_matmul(x, packed)) * 1e3
+    return row
+
+
+def main() -> None:
+    for k, n in ((4096, 4096), (4096, 14336)):
+        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+        s = (torch.rand(n, k // 128, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+        packed = pack_wna16(q, s, None, 4, 128)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            print(f"K={k} N={n} M={m}: " + ", ".join(f"{key} {v:.1f}us" for key, v in point(x, w, packed).items()),
+                  flush=True)  # fmt: skip
+    set_fast_launch(True)
+
+
+if __name__ == "__main__":
+    main()
