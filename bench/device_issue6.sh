@@ -21,7 +21,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_w4a16.py tests/kernels/test_w8a8.py -k gpu \
     2>&1 | tail -15 | tee "$OUT/tests.log"
 if [ -n "${PROBE-}" ]; then
-    python3 bench/launch_overhead.py 2>&1 | tee "$OUT/launch_overhead.log"
+    python3 bench/launch_overhead.py ${PROBE_ARGS-} 2>&1 | tee "$OUT/launch_overhead.log"
 fi
 if [ "${KERNELS-}" != "skip" ]; then
     # shellcheck disable=SC2086  # word splitting of the options is intended

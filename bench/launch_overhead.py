@@ -7,6 +7,7 @@ launch off and on; F.linear (cuBLAS) is the reference host cost.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
@@ -40,7 +41,30 @@ def point(x: torch.Tensor, w: torch.Tensor, packed) -> dict[str, float]:
     return row
 
 
+def profile() -> None:
+    """cProfile of 500 host-side W4A16 calls (4096x4096, M=16): where the host time goes."""
+    import cProfile
+    import pstats
+
+    q = torch.randint(0, 16, (4096, 4096), device="cuda", dtype=torch.int16)
+    s = (torch.rand(4096, 32, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
+    packed = pack_wna16(q, s, None, 4, 128)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    w4a16.wna16_matmul(x, packed)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(500):
+        w4a16.wna16_matmul(x, packed)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
 def main() -> None:
+    if "--profile" in sys.argv:
+        profile()
+        return
     for k, n in ((4096, 4096), (4096, 14336)):
         q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
         s = (torch.rand(n, k // 128, device="cuda") * 0.01 + 0.001).to(torch.bfloat16)
