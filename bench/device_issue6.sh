@@ -10,7 +10,8 @@
 #   KERNELS="--ms 16 64 128" DECODE="" bash bench/device_issue6.sh      (tests + part of the kernel table)
 #   KERNELS="" DECODE="--schemes bf16 w4a16" bash bench/device_issue6.sh  (tests + decode, one harness run)
 # KERNELS / DECODE unset: the full kernel table; no decode. Set either to "skip" to leave it out.
-# PROBE=1: also bench/launch_overhead.py (host time per call, plain against direct launch).
+# PROBE=1: also bench/launch_overhead.py (host time per call, plain against direct launch; PROBE_ARGS=--profile
+# for a cProfile of the host path instead). SKIP_TESTS=1 leaves the tests out.
 set -uo pipefail
 OUT="${OUT:-bench/results/issue6}"
 mkdir -p "$OUT"
@@ -18,8 +19,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD/src"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_w4a16.py tests/kernels/test_w8a8.py -k gpu \
-    2>&1 | tail -15 | tee "$OUT/tests.log"
+if [ -z "${SKIP_TESTS-}" ]; then
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_w4a16.py tests/kernels/test_w8a8.py -k gpu \
+        2>&1 | tail -15 | tee "$OUT/tests.log"
+fi
 if [ -n "${PROBE-}" ]; then
     python3 bench/launch_overhead.py ${PROBE_ARGS-} 2>&1 | tee "$OUT/launch_overhead.log"
 fi
