@@ -10,7 +10,7 @@
 #   KERNELS="--ms 16 64 128" DECODE="" bash bench/device_issue6.sh      (tests + part of the kernel table)
 #   KERNELS="" DECODE="--schemes bf16 w4a16" bash bench/device_issue6.sh  (tests + decode, one harness run)
 # KERNELS / DECODE unset: the full kernel table; no decode. Set either to "skip" to leave it out.
-# PROBE=1: also bench/launch_overhead.py (host time per call, plain against direct launch; PROBE_ARGS=--profile
+# PROBE=1: also bench/launch_overhead.py (host time per call against device time; PROBE_ARGS=--profile
 # for a cProfile of the host path instead). SKIP_TESTS=1 leaves the tests out.
 set -uo pipefail
 OUT="${OUT:-bench/results/issue6}"

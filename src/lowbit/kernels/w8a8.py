@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.launch import launch
 from lowbit.kernels.w4a16 import interpreting
 
 
@@ -201,13 +200,19 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     is_int8 = dtype == torch.int8
     # One pass over each row held in registers up to 16384 features; longer rows take two.
     block = min(triton.next_power_of_2(k), 16384)
-    launch(
-        _quantize_rows_kernel,
-        (m,),
-        (x, xq, scale, k, x.stride(0), xq.stride(0)),
-        dict(QMAX=127.0 if is_int8 else 448.0, IS_INT8=is_int8, BLOCK=block, EMULATE_FP8_ROUNDING=interpreting(),
-             num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16)),
-    )  # fmt: skip
+    _quantize_rows_kernel[(m,)](
+        x,
+        xq,
+        scale,
+        k,
+        x.stride(0),
+        xq.stride(0),
+        QMAX=127.0 if is_int8 else 448.0,
+        IS_INT8=is_int8,
+        BLOCK=block,
+        EMULATE_FP8_ROUNDING=interpreting(),
+        num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
+    )
     return xq, scale
 
 
@@ -225,14 +230,28 @@ def w8a8_gemm(
     cfg = config or default_config(m, n, k)
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    launch(
-        _w8a8_kernel,
-        grid,
-        (xq, x_scale, wq, w_scale, out, m, n, k, xq.stride(0), wq.stride(0), out.stride(0)),
-        dict(IS_INT8=xq.dtype == torch.int8, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-             GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, DOT_F32=interpreting(), num_warps=cfg.num_warps,
-             num_stages=cfg.num_stages),
-    )  # fmt: skip
+    _w8a8_kernel[grid](
+        xq,
+        x_scale,
+        wq,
+        w_scale,
+        out,
+        m,
+        n,
+        k,
+        xq.stride(0),
+        wq.stride(0),
+        out.stride(0),
+        IS_INT8=xq.dtype == torch.int8,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        EVEN_K=k % cfg.block_k == 0,
+        DOT_F32=interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out
 
 
