@@ -218,3 +218,17 @@ def test_gpu_packed_dequant_tensor_cores(symmetric: bool, group_size: int) -> No
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         assert rel_err(wna16_matmul(x, packed, cfg), x.double() @ w.T) < BF16_TOL, (m, cfg)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph timing of the tuner)")
+def test_gpu_tuner_device_time() -> None:  # pragma: no cover - CI has no GPU
+    from lowbit.kernels.w4a16 import device_time, tuned_config
+
+    q, scale, _ = random_codes(2048, 2048, 4, 128, True, torch.bfloat16, seed=9)
+    packed = pack_wna16(q.cuda(), scale.cuda(), None, 4, 128)
+    x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+    t = device_time(lambda: wna16_matmul(x, packed, default_config(16, 2048, 2048)))
+    assert 0 < t < 10  # milliseconds per call, flush included
+    cfg = tuned_config(x, packed)
+    ref = x.double() @ dequantize_weight(q, scale, None, 4).cuda().double().T
+    assert rel_err(wna16_matmul(x, packed, cfg), ref) < BF16_TOL
