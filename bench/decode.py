@@ -20,6 +20,7 @@ from pathlib import Path
 import kernel_import  # noqa: E402,F401  (puts src/lowbit on the path, kernels only)
 import torch
 
+from lowbit.kernels import w4a16  # noqa: E402
 from lowbit.kernels.runtime import bench_decode  # noqa: E402
 
 SCHEMES = ["bf16", "w4a16", "w8a16", "int8", "fp8"]
@@ -64,6 +65,13 @@ def main() -> None:
         for r in new:
             print(json.dumps(r), flush=True)
         rows += new
+        if w4a16.TUNING_LOG:  # which launch each W{4,8}A16 shape got, and the runners-up (graph-timed ms)
+            tuning = {str(key): [(round(ms * 1e3, 1), str(cfg)) for ms, cfg in timings[:3]]
+                      for key, timings in w4a16.TUNING_LOG.items()}  # fmt: skip
+            (args.out / f"tuning_{scheme}.json").write_text(json.dumps(tuning, indent=1))
+            for key, best in tuning.items():
+                print(f"  tuned {key}: {best[0] if best else None}", flush=True)
+            w4a16.TUNING_LOG.clear()
         (args.out / "decode.json").write_text(json.dumps(rows, indent=1))
     table = markdown(rows)
     (args.out / "decode.md").write_text(table + "\n")

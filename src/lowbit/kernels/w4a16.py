@@ -218,6 +218,8 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
 
 
 _TUNED: dict[tuple, WNA16Config] = {}
+# (M, N, K, bits, group, symmetric) -> [(ms, config), ...] fastest first: what the tuner measured, for reports
+TUNING_LOG: dict[tuple, list[tuple[float, WNA16Config]]] = {}
 _AUTOTUNE = [True]
 
 
@@ -271,6 +273,7 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16) -> WNA16Config:
             logger.debug("config %s failed: %s", cfg, exc)
     best = min(timings, key=lambda t: t[0])[1] if timings else default_config(m, n, k)
     _TUNED[key] = best
+    TUNING_LOG[key] = sorted(timings, key=lambda t: t[0])
     logger.info("W%dA16 M=%d N=%d K=%d: tuned %s", packed.bits, m, n, k, best)
     return best
 
