@@ -65,7 +65,7 @@ def main() -> None:
         for r in new:
             print(json.dumps(r), flush=True)
         rows += new
-        if w4a16.TUNING_LOG:  # which launch each W{4,8}A16 shape got, and the runners-up (graph-timed ms)
+        if w4a16.TUNING_LOG:  # which launch each W{4,8}A16 shape got, and the runners-up (us per call, 128 MB flush included)
             tuning = {str(key): [(round(ms * 1e3, 1), str(cfg)) for ms, cfg in timings[:3]]
                       for key, timings in w4a16.TUNING_LOG.items()}  # fmt: skip
             (args.out / f"tuning_{scheme}.json").write_text(json.dumps(tuning, indent=1))
