@@ -148,7 +148,17 @@ def test_a_finished_peer_output_is_reused_not_recomputed(monkeypatch, tmp_path):
         return subprocess.CompletedProcess(command, 1, "", "killed")
 
     monkeypatch.setattr(runner_module.subprocess, "run", crashing_run)
-    assert cell(config.methods[1])["status"] == "failed"
+    failed = cell(config.methods[1])
+    assert failed["status"] == "failed" and failed["reason"].startswith("exit code 1 after ")
+    assert failed["reason"].endswith("last output: killed") and failed["log_tail"] == "killed"
     monkeypatch.setattr(runner_module.subprocess, "run", fake_run)
     cell(config.methods[1])  # the interrupted run's folder is not taken for the finished one
     assert len(calls) == 5
+
+
+def test_peer_failure_reason_is_one_line() -> None:
+    from lowbit.bench.runner import peer_failure
+
+    log = "(15/31): Calibrating:  52%|#   | 66/128\r(15/31): Calibrating:  53%|#   | 68/128\r\n"
+    assert peer_failure(-15, 6061.4, log) == "killed by signal 15 after 6061 s; last output: (15/31): Calibrating:  53%|#   | 68/128"
+    assert peer_failure(2, 1.0, "") == "exit code 2 after 1 s; last output: (none)"

@@ -231,8 +231,9 @@ class Bench:
             if completed.returncode != 0:
                 record = json.loads((out / "peer.json").read_text()) if (out / "peer.json").exists() else {}
                 if record.get("status") != "n/a":
-                    return {"status": "failed", "tool": method.peer, "reason": completed.stderr[-2000:],
-                            **self.device_record()}
+                    return {"status": "failed", "tool": method.peer,
+                            "reason": peer_failure(completed.returncode, time.perf_counter() - started, completed.stderr),
+                            "log_tail": completed.stderr[-2000:], **self.device_record()}  # fmt: skip
             (out / PEER_COMMAND).write_text(json.dumps(command))
         seconds = time.perf_counter() - started
         record = json.loads((out / "peer.json").read_text()) if (out / "peer.json").exists() else {}
@@ -245,3 +246,13 @@ class Bench:
                 "device": record.get("device", "cpu"), "device_name": record.get("device_name"),
                 "seconds": record.get("seconds", seconds), "bits_per_weight": nominal_bits_per_weight(scheme),
                 "bits_per_weight_kind": "nominal (codes + fp16 scale + zero point per group)", **metrics}
+
+
+def peer_failure(returncode: int, seconds: float, stderr: str) -> str:
+    """One readable line for a peer run that failed: how it ended, after how long, and its last line of output.
+
+    Progress bars rewrite their line with carriage returns, so the last line is where the run stopped.
+    """
+    lines = [line.strip() for line in re.split(r"[\r\n]+", stderr) if line.strip()]
+    how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+    return f"{how} after {seconds:.0f} s; last output: {lines[-1][:300] if lines else '(none)'}"
