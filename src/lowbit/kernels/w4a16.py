@@ -288,28 +288,24 @@ def device_time(fn, calls: int = 8, samples: int = 5) -> float:
     costs about 40 us of host time (measured on the H200 machine, bench/notes/kernels.md), longer
     than a small W4A16 product runs, so under ``do_bench`` the host's speed leaks into the timing and
     the ranking turned random. Graph replay times the device alone, as decoding (CUDA graphs) runs.
-    Falls back to ``do_bench`` where capture fails.
+    A launch that cannot be captured raises, and the tuner skips it: it could not run inside the
+    decode step's graph either.
     """
     device = torch.device("cuda", torch.cuda.current_device())
     flush = _FLUSH.get(device)
     if flush is None:
         flush = _FLUSH[device] = torch.empty(128 * 2**20, dtype=torch.int8, device=device)
     fn()  # compiled, and the split-K buffers grown, before the capture
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            flush.zero_()
             fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                flush.zero_()
-                fn()
-    except RuntimeError:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=5, rep=20)
     graph.replay()
     times = []
     for _ in range(samples):
