@@ -8,6 +8,8 @@
   ``BLOCK_M >= 16`` uses tensor cores with the dequantized weight tile as the *first* operand,
   ``out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, K] @ x^T[K, BLOCK_M]``, so the 64-row minimum of Hopper's
   ``wgmma`` falls on N instead of M (as Marlin, Frantar et al. 2024, https://arxiv.org/abs/2408.11743).
+  Its weight tile is dequantized in float32 (:func:`lowbit.kernels.dequant.dequant_slabs`) or, with
+  ``PACKED_MATH``, in packed bf16x2 PTX (:func:`lowbit.kernels.dequant.dequant_words_bf16x2`).
 * :func:`w4_gemv_kernel`: the 4-bit GEMV that reads several K-blocks per step (1 to 8 tokens).
 * :func:`wna16_dot_kernel`: one tensor-core product per K-block, the tile built in feature order.
 """
