@@ -33,6 +33,12 @@
 #   SITE            lowbit's site folder (default /tmp/site); PEERS_DIR the peer venvs (default /tmp/peers)
 #   BUDGET_SECONDS  wall seconds for the whole script (default 570: a device call may last 600)
 #   OUT             where results are copied (set by the device machine; default bench/results/device_out)
+#   CONFIG, RESULTS the bench config and its output folder (default the issue-7 matrix). Issue 3's matrix cells
+#                   that a 2-core CPU cannot finish in a session run here with CONFIG=bench/smollm2.yaml
+#                   RESULTS=bench/results/smollm2 LOWBIT_EXTRA="lm_eval==0.4.13 datasets dill multiprocess" and
+#                   --set device=cuda --set zeroshot.task_dir=.carry/smol/zeroshot (the cell records the device)
+#   PEER_NAMES      the peer venvs to build, space-separated (default all: llmcompressor autoround hqq)
+#   LOWBIT_EXTRA    more wheels for lowbit's site folder, e.g. lm-eval and its needs the image lacks (zero-shot)
 set -uo pipefail
 
 STARTED=$SECONDS
@@ -46,8 +52,10 @@ SITE="${SITE:-/tmp/site}"
 PEERS_DIR="${PEERS_DIR:-/tmp/peers}"
 BUDGET_SECONDS="${BUDGET_SECONDS:-570}"
 OUT="${OUT:-bench/results/device_out}"
-CONFIG=bench/smollm2_issue7_gpu.yaml
-RESULTS=bench/results/smollm2_issue7_gpu
+CONFIG="${CONFIG:-bench/smollm2_issue7_gpu.yaml}"
+RESULTS="${RESULTS:-bench/results/smollm2_issue7_gpu}"
+LOWBIT_EXTRA="${LOWBIT_EXTRA:-}"
+PEER_NAMES="${PEER_NAMES:-}"  # the peer venvs to build (default all three)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 mkdir -p "$OUT" "$RESULTS"
 LOG="$OUT/device_issue7.log"
@@ -76,13 +84,13 @@ if [ ! -f "$SITE/.lowbit-installed" ]; then
   for folder in $LOWBIT_WHEELS; do links+=(--find-links "$folder"); done
   python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$SITE" "${links[@]}" \
     transformers==5.23.0 compressed-tensors==0.20.0 pydantic pydantic-core annotated-types typing-inspection \
-    loguru gguf 2>&1 | tee -a "$LOG" || exit 1
+    loguru gguf $LOWBIT_EXTRA 2>&1 | tee -a "$LOG" || exit 1
   touch "$SITE/.lowbit-installed"
 fi
 export PYTHONPATH="$SITE:$ROOT/src"
 python3 -c "import lowbit, transformers, compressed_tensors, gguf; print('lowbit', lowbit.__version__, 'with transformers', transformers.__version__, 'compressed-tensors', compressed_tensors.__version__)" 2>&1 | tee -a "$LOG" || exit 1
 
-env -u PYTHONPATH PEERS_DIR="$PEERS_DIR" bash bench/peers/install_offline.sh "$PEER_WHEELS" 2>&1 | tee -a "$LOG" || exit 1
+env -u PYTHONPATH PEERS_DIR="$PEERS_DIR" bash bench/peers/install_offline.sh "$PEER_WHEELS" $PEER_NAMES 2>&1 | tee -a "$LOG" || exit 1
 echo "== setup done after $((SECONDS - STARTED)) s" | tee -a "$LOG"
 
 # keep 30 s for the report and the copy; `timeout` signals the whole process group (peer drivers included)
