@@ -5,7 +5,8 @@ Run on one GPU (one device call):  ``python bench/decode.py --out bench/results`
 For each scheme and batch size (1 and 16): a 512-token random prompt, then 128 greedy tokens with
 the static KV cache and the CUDA-graph decode step of :mod:`lowbit.kernels.runtime` (compiled with
 ``torch.compile`` for every scheme alike unless ``--no-compile``); decode
-tokens/s counts the replayed steps only. The lm_head stays bf16 in every scheme. Writes
+tokens/s counts the replayed steps only. The lm_head stays bf16 in every scheme; ``--lm-head-quantized`` adds
+a row per quantized scheme with the lm_head in that scheme too (``w4a16+lm_head``). Writes
 ``decode.json`` and ``decode.md`` under ``--out`` and prints the markdown table.
 """
 
@@ -48,14 +49,19 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
+    parser.add_argument("--lm-head-quantized", action="store_true",
+                        help="also run each quantized scheme with its lm_head quantized the same way")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows: list[dict] = []
-    for scheme in args.schemes:
+    runs = [(s, False) for s in args.schemes]
+    if args.lm_head_quantized:
+        runs += [(s, True) for s in args.schemes if s != "bf16"]
+    for scheme, quantized_head in runs:
         try:
             new = bench_decode(scheme, tuple(args.batch_sizes), args.prompt_len, args.new_tokens,
-                               compile_step=not args.no_compile)
+                               compile_step=not args.no_compile, quantize_lm_head=quantized_head)
         except Exception:  # keep the other schemes; the log shows what failed
             traceback.print_exc()
             continue

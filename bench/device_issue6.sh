@@ -11,7 +11,8 @@
 #   KERNELS="" DECODE="--schemes bf16 w4a16" bash bench/device_issue6.sh  (tests + decode, one harness run)
 # KERNELS / DECODE unset: the full kernel table; no decode. Set either to "skip" to leave it out.
 # PROBE=1: also bench/launch_overhead.py (host time per call against device time; PROBE_ARGS=--profile
-# for a cProfile of the host path instead). SKIP_TESTS=1 leaves the tests out.
+# for a cProfile of the host path instead). SKIP_TESTS=1 leaves the tests out. PROFILE="--schemes bf16 w4a16 ...":
+# bench/decode_profile.py (where the decode step's time goes) before the kernel table.
 set -uo pipefail
 OUT="${OUT:-bench/results/issue6}"
 mkdir -p "$OUT"
@@ -25,6 +26,10 @@ if [ -z "${SKIP_TESTS-}" ]; then
 fi
 if [ -n "${PROBE-}" ]; then
     python3 bench/launch_overhead.py ${PROBE_ARGS-} 2>&1 | tee "$OUT/launch_overhead.log"
+fi
+if [ -n "${PROFILE-}" ]; then
+    # shellcheck disable=SC2086
+    python3 bench/decode_profile.py --out "$OUT" $PROFILE 2>&1 | tee "$OUT/decode_profile.log" | grep -v Warning
 fi
 if [ "${KERNELS-}" != "skip" ]; then
     # shellcheck disable=SC2086  # word splitting of the options is intended

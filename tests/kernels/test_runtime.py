@@ -101,3 +101,23 @@ def test_custom_ops_match_the_modules() -> None:
     assert torch.equal(
         layer(x), torch.ops.lowbit.wna16_mm(x, layer.qweight, layer.scale, None, 4, 128, 128, 48)
     )
+
+
+def test_bench_decode_with_a_quantized_lm_head(monkeypatch) -> None:
+    from lowbit.kernels.linear import WNA16Linear
+    from lowbit.kernels.runtime import bench_decode
+
+    monkeypatch.setattr(linear_mod, "kernels_available", lambda device: False)
+    built = []
+    real = random_decoder
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr("lowbit.kernels.runtime.random_decoder", spy)
+    rows = bench_decode("w4a16", (2,), prompt_len=4, new_tokens=3, shape=TINY, device="cpu", quantize_lm_head=True)
+    assert [r["scheme"] for r in rows] == ["w4a16+lm_head"] and rows[0]["tokens_per_s"] > 0
+    assert isinstance(built[0].lm_head, WNA16Linear)
+    plain = bench_decode("bf16", (2,), prompt_len=4, new_tokens=3, shape=TINY, device="cpu", quantize_lm_head=True)
+    assert plain[0]["scheme"] == "bf16" and isinstance(built[1].lm_head, torch.nn.Linear)

@@ -380,22 +380,28 @@ def bench_decode(
     shape: DecoderShape = LLAMA3_8B,
     device: str = "cuda",
     compile_step: bool = False,
+    quantize_lm_head: bool = False,
 ) -> list[dict]:
     """Decode throughput of a random-weight model of ``shape`` (Llama-3-8B by default).
 
     ``scheme``: ``bf16``, ``w4a16`` (g128 symmetric), ``w8a16`` (g128), ``int8`` (W8A8) or ``fp8``
-    (W8A8 e4m3). The lm_head stays bf16 in every scheme. ``compile_step``: see
-    :func:`greedy_decode` (the same for every scheme of a run). Returns one dict per batch size.
+    (W8A8 e4m3). The lm_head stays bf16 unless ``quantize_lm_head`` (then it is of ``scheme`` too, and
+    the rows' scheme reads e.g. ``w4a16+lm_head``). ``compile_step``: see :func:`greedy_decode` (the
+    same for every scheme of a run). Returns one dict per batch size.
     """
     make_linear = linear_factory(scheme, device)
     model = random_decoder(shape, make_linear, device).fuse_projections()
+    label = scheme
+    if quantize_lm_head and scheme != "bf16":
+        model.lm_head = make_linear(shape.hidden_size, shape.vocab_size)
+        label = f"{scheme}+lm_head"
     rows = []
     for batch in batch_sizes:
         prompt = torch.randint(0, shape.vocab_size, (batch, prompt_len), device=device)
         result = greedy_decode(model, prompt, new_tokens, compile_step=compile_step)
         rows.append(
             {
-                "scheme": scheme,
+                "scheme": label,
                 "batch": batch,
                 "prompt_len": prompt_len,
                 "new_tokens": new_tokens,
@@ -405,7 +411,7 @@ def bench_decode(
                 "compiled": result.compiled,
             }
         )
-        logger.info("%s batch %d: %.1f tokens/s", scheme, batch, result.tokens_per_second)
+        logger.info("%s batch %d: %.1f tokens/s", label, batch, result.tokens_per_second)
     return rows
 
 

@@ -1,0 +1,156 @@
+"""Where the decode step's time goes: kernels per step, their device time, and the gaps between them.
+
+Run on one GPU:  ``python bench/decode_profile.py --schemes bf16 w4a16 [--lm-head-quantized]``
+
+For each scheme, the Llama-3-8B-shaped random model of ``bench/decode.py`` is prefilled (512 tokens) and its
+decode step compiled and captured as in :func:`lowbit.kernels.runtime.greedy_decode`. Then:
+
+* the step's time from CUDA-graph replays (CUDA events over 50 replays): what ``bench/decode.py`` measures;
+* the same replays under ``torch.profiler``: the kernels per step, the sum of their device times, and so the
+  idle time between kernels inside the graph (step time minus busy time);
+* the kernels grouped into GEMM/GEMV (the quantized or bf16 projections), lm_head, attention and the rest, with
+  each group's time, and the slowest kernel names.
+
+Prints one summary table and writes ``decode_profile.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lowbit.kernels.runtime import LLAMA3_8B, linear_factory, random_decoder
+
+
+def capture_step(model, prompt: torch.Tensor, new_tokens: int):
+    """Prefill, compile the decode step, capture it as a CUDA graph; returns the graph."""
+    batch, prompt_len = prompt.shape
+    model.setup_cache(batch, prompt_len + new_tokens + 1)
+    ids = model(prompt, torch.arange(prompt_len, device=prompt.device)).argmax(-1, keepdim=True)
+    pos = torch.tensor([prompt_len], device=prompt.device)
+    torch._dynamo.reset()
+    forward = torch.compile(model, dynamic=False)
+
+    def step() -> None:
+        ids.copy_(forward(ids, pos).argmax(-1, keepdim=True))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph, step
+
+
+def classify(name: str) -> str:
+    lowered = name.lower()
+    if "wna16" in lowered or "w4_gemv" in lowered or "w8a8" in lowered or "gemv" in lowered or "gemm" in lowered \
+            or "cutlass" in lowered or "sm90_xmma" in lowered or "nvjet" in lowered or "splitk" in lowered:
+        return "linear"
+    if "softmax" in lowered or "bmm" in lowered:
+        return "attention"
+    return "other"
+
+
+def profile_scheme(scheme: str, batch: int, lm_head_quantized: bool, replays: int = 50) -> dict:
+    make = linear_factory(scheme, "cuda")
+    model = random_decoder(LLAMA3_8B, make, "cuda").fuse_projections()
+    if lm_head_quantized and scheme != "bf16":
+        model.lm_head = make(LLAMA3_8B.hidden_size, LLAMA3_8B.vocab_size)
+    prompt = torch.randint(0, LLAMA3_8B.vocab_size, (batch, 512), device="cuda")
+    graph, step = capture_step(model, prompt, 128)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    step_ms = start.elapsed_time(end) / replays
+
+    def kernels(prof) -> list:
+        return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    in_graph = kernels(prof)
+    source = "graph replays"
+    calls = 10
+    if len(in_graph) < 10:  # kineto saw no kernels inside the graph: profile the compiled step launched eagerly
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                step()
+            torch.cuda.synchronize()
+        in_graph = kernels(prof)
+        source = "eager compiled step"
+    busy_us = sum(e.device_time for e in in_graph) / calls
+    groups: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list[float]] = defaultdict(list)
+    vocab_n = LLAMA3_8B.vocab_size
+    for e in in_graph:
+        groups[classify(e.name)] += e.device_time / calls
+        by_name[e.name].append(e.device_time)
+    top = sorted(((sum(v) / calls, len(v) // calls, k[:90]) for k, v in by_name.items()), reverse=True)[:15]
+    result = {
+        "scheme": scheme + ("+lm_head" if lm_head_quantized and scheme != "bf16" else ""),
+        "batch": batch,
+        "step_ms": step_ms,
+        "tokens_per_s": batch * 1e3 / step_ms,
+        "kernels_per_step": len(in_graph) / calls,
+        "busy_ms": busy_us / 1e3,
+        "idle_ms": step_ms - busy_us / 1e3,
+        "profiled": source,
+        "groups_ms": {k: v / 1e3 for k, v in groups.items()},
+        "top": [{"us_per_step": t, "launches_per_step": n, "name": name} for t, n, name in top],
+        "vocab": vocab_n,
+    }
+    del graph, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--schemes", nargs="*", default=["bf16", "w4a16"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lm-head-quantized", action="store_true", help="also run each non-bf16 scheme with a "
+                        "quantized lm_head")  # fmt: skip
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for scheme in args.schemes:
+        variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
+        for quantized_head in variants:
+            row = profile_scheme(scheme, args.batch, quantized_head)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+            for t in row["top"]:
+                print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:<4d} {t['name']}", flush=True)
+            (args.out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
+    print("| scheme | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        g = r["groups_ms"]
+        print(f"| {r['scheme']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+              f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
+              f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
