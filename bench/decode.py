@@ -21,7 +21,7 @@ from pathlib import Path
 import kernel_import  # noqa: E402,F401  (puts src/lowbit on the path, kernels only)
 import torch
 
-from lowbit.kernels import w4a16  # noqa: E402
+from lowbit.kernels import runtime, w4a16  # noqa: E402
 from lowbit.kernels.runtime import bench_decode  # noqa: E402
 
 SCHEMES = ["bf16", "w4a16", "w8a16", "int8", "fp8"]
@@ -51,7 +51,10 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
     parser.add_argument("--lm-head-quantized", action="store_true",
                         help="also run each quantized scheme with its lm_head quantized the same way")  # fmt: skip
+    parser.add_argument("--attention", choices=["matmul", "sdpa"], default="matmul",
+                        help="the decode step's attention (lowbit.kernels.runtime.ATTENTION)")  # fmt: skip
     args = parser.parse_args()
+    runtime.ATTENTION[0] = args.attention
     args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows: list[dict] = []

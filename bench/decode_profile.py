@@ -26,6 +26,7 @@ import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from lowbit.kernels import runtime
 from lowbit.kernels.runtime import LLAMA3_8B, linear_factory, random_decoder
 
 
@@ -63,7 +64,8 @@ def classify(name: str) -> str:
     return "other"
 
 
-def profile_scheme(scheme: str, batch: int, lm_head_quantized: bool, replays: int = 50) -> dict:
+def profile_scheme(scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50) -> dict:
+    runtime.ATTENTION[0] = attention
     make = linear_factory(scheme, "cuda")
     model = random_decoder(LLAMA3_8B, make, "cuda").fuse_projections()
     if lm_head_quantized and scheme != "bf16":
@@ -108,6 +110,7 @@ def profile_scheme(scheme: str, batch: int, lm_head_quantized: bool, replays: in
     result = {
         "scheme": scheme + ("+lm_head" if lm_head_quantized and scheme != "bf16" else ""),
         "batch": batch,
+        "attention": attention,
         "step_ms": step_ms,
         "tokens_per_s": batch * 1e3 / step_ms,
         "kernels_per_step": len(in_graph) / calls,
@@ -131,23 +134,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lm-head-quantized", action="store_true", help="also run each non-bf16 scheme with a "
                         "quantized lm_head")  # fmt: skip
+    parser.add_argument("--attention", nargs="*", default=["matmul"], choices=["matmul", "sdpa"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for scheme in args.schemes:
         variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
-        for quantized_head in variants:
-            row = profile_scheme(scheme, args.batch, quantized_head)
+        for quantized_head, attention in [(v, a) for v in variants for a in args.attention]:
+            row = profile_scheme(scheme, args.batch, quantized_head, attention)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
             for t in row["top"]:
                 print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:<4d} {t['name']}", flush=True)
             (args.out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
-    print("| scheme | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| scheme | attention | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
-        print(f"| {r['scheme']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['scheme']} | {r['attention']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
               f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} |")  # fmt: skip
 

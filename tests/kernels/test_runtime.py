@@ -27,8 +27,12 @@ TINY = DecoderShape(
 )
 
 
-def test_matches_transformers_greedy() -> None:
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_matches_transformers_greedy(attention: str, monkeypatch) -> None:
+    from lowbit.kernels import runtime
+
     transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(runtime, "ATTENTION", [attention])
     config = transformers.LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0,
@@ -121,3 +125,25 @@ def test_bench_decode_with_a_quantized_lm_head(monkeypatch) -> None:
     assert isinstance(built[0].lm_head, WNA16Linear)
     plain = bench_decode("bf16", (2,), prompt_len=4, new_tokens=3, shape=TINY, device="cpu", quantize_lm_head=True)
     assert plain[0]["scheme"] == "bf16" and isinstance(built[1].lm_head, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_sdpa_attention_matches_the_matmul_path(t: int, monkeypatch) -> None:
+    from lowbit.kernels import runtime
+
+    torch.manual_seed(0)
+    b, kv, group, d, length = 2, 2, 3, 16, 9
+    q = torch.randn(b, kv * group, t, d)
+    k_cache, v_cache = torch.randn(b, kv, length, d), torch.randn(b, kv, length, d)
+    pos = torch.arange(4, 4 + t)
+    mask = torch.arange(length)[None, :] <= pos[:, None]
+    expected = runtime.gqa_attention(q, k_cache, v_cache, mask)
+    monkeypatch.setattr(runtime, "ATTENTION", ["sdpa"])
+    got = runtime.gqa_attention(q, k_cache, v_cache, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # a reference written out head by head: query head i reads key/value head i // group
+    keys = k_cache.repeat_interleave(group, dim=1)
+    values = v_cache.repeat_interleave(group, dim=1)
+    scores = (q @ keys.transpose(-1, -2)) / d**0.5
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    torch.testing.assert_close(got, probs @ values, atol=1e-5, rtol=1e-5)

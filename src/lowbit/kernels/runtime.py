@@ -92,6 +92,9 @@ class Block(nn.Module):
             del self.gate, self.up
 
 
+ATTENTION = ["matmul"]  # "matmul" (below) or "sdpa" (one fused call); bench/decode_profile.py --attention compares them
+
+
 def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> Tensor:
     """Grouped-query attention of ``q`` ``[b, H, t, d]`` over the static caches ``[b, KV, L, d]``.
 
@@ -99,12 +102,19 @@ def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> 
     against that head's cache, so the cache is read once and never repeated per query head (the
     masked SDPA call with ``enable_gqa`` falls back to PyTorch's math path, which copies the cache
     for every query head: about a dozen launches and 10 MB of traffic per layer at 8B / 640
-    positions). ``mask`` ``[t, L]`` is True where a query position may attend. Softmax in float32.
+    positions). ``mask`` ``[t, L]`` is True where a query position may attend.
+
+    ``ATTENTION[0] == "matmul"``: two matrix products around a float32 softmax. ``"sdpa"``: the stacked
+    query rows go to one ``scaled_dot_product_attention`` call (no ``enable_gqa``: each key/value head
+    is one attention "head" whose queries are its group's rows), with the mask repeated per group.
     """
     b, h, t, d = q.shape
     kv, length = k_cache.shape[1], k_cache.shape[2]
     group = h // kv
     qg = q.reshape(b, kv, group * t, d)  # head i reads key/value head i // group, as in transformers
+    if ATTENTION[0] == "sdpa":
+        rows = mask.repeat(group, 1)  # row g * t + i of qg is query position i
+        return F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=rows).view(b, h, t, d)
     scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * d**-0.5
     scores = scores.view(b, kv, group, t, length).masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1).to(q.dtype).view(b, kv, group * t, length)
