@@ -27,7 +27,7 @@ TINY = DecoderShape(
 )
 
 
-@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+@pytest.mark.parametrize("attention", ["matmul", "sdpa", "reduce", "auto"])
 def test_matches_transformers_greedy(attention: str, monkeypatch) -> None:
     from lowbit.kernels import runtime
 
@@ -127,8 +127,9 @@ def test_bench_decode_with_a_quantized_lm_head(monkeypatch) -> None:
     assert plain[0]["scheme"] == "bf16" and isinstance(built[1].lm_head, torch.nn.Linear)
 
 
+@pytest.mark.parametrize("mode", ["sdpa", "reduce"])
 @pytest.mark.parametrize("t", [1, 5])
-def test_sdpa_attention_matches_the_matmul_path(t: int, monkeypatch) -> None:
+def test_attention_modes_match_the_matmul_path(mode: str, t: int, monkeypatch) -> None:
     from lowbit.kernels import runtime
 
     torch.manual_seed(0)
@@ -137,8 +138,9 @@ def test_sdpa_attention_matches_the_matmul_path(t: int, monkeypatch) -> None:
     k_cache, v_cache = torch.randn(b, kv, length, d), torch.randn(b, kv, length, d)
     pos = torch.arange(4, 4 + t)
     mask = torch.arange(length)[None, :] <= pos[:, None]
+    monkeypatch.setattr(runtime, "ATTENTION", ["matmul"])
     expected = runtime.gqa_attention(q, k_cache, v_cache, mask)
-    monkeypatch.setattr(runtime, "ATTENTION", ["sdpa"])
+    monkeypatch.setattr(runtime, "ATTENTION", [mode])
     got = runtime.gqa_attention(q, k_cache, v_cache, mask)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # a reference written out head by head: query head i reads key/value head i // group

@@ -92,7 +92,9 @@ class Block(nn.Module):
             del self.gate, self.up
 
 
-ATTENTION = ["matmul"]  # "matmul" (below) or "sdpa" (one fused call); bench/decode_profile.py --attention compares them
+# "auto": "reduce" for a decode step (at most 16 query rows per key/value head), else "matmul"; "sdpa": one fused call.
+# bench/decode_profile.py --attention compares them (bench/notes/kernels.md, session 8).
+ATTENTION = ["auto"]
 
 
 def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> Tensor:
@@ -104,15 +106,34 @@ def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> 
     for every query head: about a dozen launches and 10 MB of traffic per layer at 8B / 640
     positions). ``mask`` ``[t, L]`` is True where a query position may attend.
 
-    ``ATTENTION[0] == "matmul"``: two matrix products around a float32 softmax. ``"sdpa"``: the stacked
-    query rows go to one ``scaled_dot_product_attention`` call (no ``enable_gqa``: each key/value head
-    is one attention "head" whose queries are its group's rows), with the mask repeated per group.
+    ``ATTENTION[0]``:
+
+    * ``"matmul"``: two matrix products around a float32 softmax. For a decode step (4 query rows per
+      head at 8B) cuBLAS runs them as batched GEMV kernels that reduce the 640 cache positions nearly
+      serially: 26 us per layer on the H200, a quarter of the W4A16 step.
+    * ``"reduce"``: the same arithmetic written as broadcast products summed over ``d`` and over the
+      positions, in float32. Under ``torch.compile`` Inductor turns each into one parallel reduction
+      kernel and fuses the softmax in; eagerly it materializes ``[b, KV, rows, L, d]`` (fine for a few
+      rows, so it is used only up to 16 rows per head).
+    * ``"auto"`` (default): ``"reduce"`` for up to 16 query rows per key/value head, else ``"matmul"``.
+    * ``"sdpa"``: the stacked query rows go to one ``scaled_dot_product_attention`` call (no
+      ``enable_gqa``: each key/value head is one attention "head" whose queries are its group's rows),
+      with the mask repeated per group. On the H200 cuDNN's kernel took 32 us per layer at decode.
     """
     b, h, t, d = q.shape
     kv, length = k_cache.shape[1], k_cache.shape[2]
     group = h // kv
     qg = q.reshape(b, kv, group * t, d)  # head i reads key/value head i // group, as in transformers
-    if ATTENTION[0] == "sdpa":
+    mode = ATTENTION[0]
+    if mode == "auto":
+        mode = "reduce" if group * t <= 16 else "matmul"
+    if mode == "reduce":
+        scores = (qg.unsqueeze(-2).float() * k_cache.unsqueeze(-3).float()).sum(-1) * d**-0.5
+        scores = scores.view(b, kv, group, t, length).masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1).view(b, kv, group * t, length)
+        out = (probs.unsqueeze(-1) * v_cache.unsqueeze(-3).float()).sum(-2)
+        return out.to(q.dtype).view(b, h, t, d)
+    if mode == "sdpa":
         rows = mask.repeat(group, 1)  # row g * t + i of qg is query position i
         return F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=rows).view(b, h, t, d)
     scores = torch.matmul(qg, k_cache.transpose(-1, -2)).float() * d**-0.5
