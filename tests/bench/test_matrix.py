@@ -74,3 +74,24 @@ def test_comparisons_state_ahead_and_behind():
     lines = comparisons(cells)
     assert "m s: lowbit (lowbit-gptq) is ahead" in lines[0] and "-2.00" in lines[0]
     assert "m t: lowbit (lowbit-gptq) is behind" in lines[1] and "+10.00" in lines[1]
+
+
+def test_report_names_the_device_of_each_row_when_devices_differ():
+    from lowbit.bench.report import markdown
+
+    cpu = {"device": "cpu", "device_name": "x86_64"}
+    gpu = {"device": "cuda", "device_name": "NVIDIA H200"}
+    cells = [
+        {"key": "m | fp | fp", "tool": "fp", "status": "ok", "perplexity": 20.0, **cpu},
+        {"key": "m | s | a", "scheme": "s", "method": "lowbit-gptq", "tool": "lowbit", "status": "ok", "perplexity": 30.0, **cpu},
+        {"key": "m | s | b", "scheme": "s", "method": "awq", "tool": "llmcompressor", "status": "ok", "perplexity": 32.0, **gpu},
+        {"key": "m | s | c", "scheme": "s", "method": "ar", "tool": "autoround", "status": "failed",
+         "reason": "killed by signal 15\nlast | output", **cpu},
+    ]  # fmt: skip
+    text = markdown(cells)
+    assert "cpu (x86_64): 3 cells, cuda (NVIDIA H200): 1 cells" in text
+    assert "| 30.00 |" in text and text.count("| x86_64 |") == 2 and text.count("| NVIDIA H200 |") == 1
+    assert "failed (killed by signal 15 last / output)" in text  # one table row, whatever the reason holds
+    assert "best peer (awq, run on NVIDIA H200)" in comparisons(cells)[0]
+    one_device = markdown([c for c in cells if c["device"] == "cpu"])
+    assert "| x86_64 |" not in one_device

@@ -47,8 +47,11 @@ def comparisons(cells: list[dict]) -> list[str]:
             best_peer = min(peers, key=lambda c: c["perplexity"])
             delta = best_ours["perplexity"] - best_peer["perplexity"]
             verdict = "ahead of" if delta < 0 else "behind"
+            where = ""
+            if best_peer.get("device") and best_peer.get("device") != best_ours.get("device"):
+                where = f", run on {best_peer.get('device_name') or best_peer['device']}"
             line = (f"{model} {scheme}: lowbit ({best_ours['method']}) is {verdict} the best peer "
-                    f"({best_peer['method']}) in perplexity: {best_ours['perplexity']:.2f} vs {best_peer['perplexity']:.2f} "
+                    f"({best_peer['method']}{where}) in perplexity: {best_ours['perplexity']:.2f} vs {best_peer['perplexity']:.2f} "
                     f"({delta:+.2f}, {100 * delta / best_peer['perplexity']:+.1f}%)")
             zo, zp = zeroshot_mean(best_ours), zeroshot_mean(best_peer)
             if zo is not None and zp is not None:
@@ -70,14 +73,17 @@ def markdown(cells: list[dict]) -> str:
         if devices:
             out += ["Measured on " + ", ".join(f"{name}: {count} cells" for name, count in devices.items())
                     + " (seconds compare only within one device)", ""]
-        out += ["| scheme | method | tool | status | ppl | KL | top-1 | zero-shot acc | bits/weight | seconds |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+        mixed = len(devices) > 1  # then every row says where it was quantized and evaluated
+        out += ["| scheme | method | tool | status | ppl | KL | top-1 | zero-shot acc | bits/weight | seconds |"
+                + (" device |" if mixed else ""), "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mixed else "")]
         for cell in sorted((c for c in group if c.get("tool") != "fp"), key=lambda c: (c.get("scheme", ""), c.get("method", ""))):
             status = cell.get("status")
-            note = "" if status == "ok" else f" ({(cell.get('reason') or '')[:120]})"
+            reason = " ".join((cell.get("reason") or "").replace("|", "/").split())  # one line, no table breaks
+            note = "" if status == "ok" else f" ({reason[:120]})"
             out.append(f"| {cell.get('scheme')} | {cell.get('method')} | {cell.get('tool', '')} | {status}{note} | "
                        f"{_fmt(cell.get('perplexity'))} | {_fmt(cell.get('kl_divergence'), 4)} | {_fmt(cell.get('top1_agreement'), 3)} | "
-                       f"{_fmt(zeroshot_mean(cell), 4)} | {_fmt(cell.get('bits_per_weight'), 3)} | {_fmt(cell.get('seconds'), 0)} |")
+                       f"{_fmt(zeroshot_mean(cell), 4)} | {_fmt(cell.get('bits_per_weight'), 3)} | {_fmt(cell.get('seconds'), 0)} |"
+                       + (f" {cell.get('device_name') or cell.get('device') or '-'} |" if mixed else ""))
         tasks = sorted({t for c in group for t in (c.get("zeroshot") or {})})
         if tasks:
             out += ["", "Zero-shot (acc; acc_norm where the task has it; LAMBADA ppl):", "",
