@@ -95,3 +95,8 @@ def test_report_names_the_device_of_each_row_when_devices_differ():
     assert "best peer (awq, run on NVIDIA H200)" in comparisons(cells)[0]
     one_device = markdown([c for c in cells if c["device"] == "cpu"])
     assert "| x86_64 |" not in one_device
+    # one peer run in two environments: both version records are shown, each named by its device
+    twice = [dict(cells[2], versions={"torch": "2.11.0"}),
+             dict(cells[2], key="m | t | b", scheme="t", versions={"torch": "2.13.0+cpu"}, **cpu)]  # fmt: skip
+    text = markdown(cells + twice)
+    assert '"llmcompressor (NVIDIA H200)"' in text and '"llmcompressor (x86_64)"' in text

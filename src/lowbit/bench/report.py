@@ -48,7 +48,7 @@ def comparisons(cells: list[dict]) -> list[str]:
             delta = best_ours["perplexity"] - best_peer["perplexity"]
             verdict = "ahead of" if delta < 0 else "behind"
             where = ""
-            if best_peer.get("device") and best_peer.get("device") != best_ours.get("device"):
+            if best_peer.get("device") and best_ours.get("device") and best_peer["device"] != best_ours["device"]:
                 where = f", run on {best_peer.get('device_name') or best_peer['device']}"
             line = (f"{model} {scheme}: lowbit ({best_ours['method']}) is {verdict} the best peer "
                     f"({best_peer['method']}{where}) in perplexity: {best_ours['perplexity']:.2f} vs {best_peer['perplexity']:.2f} "
@@ -101,7 +101,19 @@ def markdown(cells: list[dict]) -> str:
                 out.append(f"| {cell.get('scheme', 'fp')} | {cell.get('method', 'fp')} | " + " | ".join(row) + " |")
         out.append("")
     out += ["## Where lowbit stands", ""] + [f"- {line}" for line in comparisons(cells)] + [""]
-    versions = {c.get("tool"): c.get("versions") for c in cells if c.get("versions")}
+    # one entry per tool and environment: a peer run in two places (its venv on the CPU, the GPU image) shows both
+    seen: dict[str, list[tuple[str, dict]]] = {}
+    for c in cells:
+        if c.get("versions"):
+            label = c.get("device_name") or c.get("device") or "device not recorded"
+            entries = seen.setdefault(c.get("tool"), [])
+            if all(v != c["versions"] for _, v in entries):
+                entries.append((label, c["versions"]))
+    versions: dict[str, dict] = {}
+    for tool, entries in seen.items():
+        for n, (label, found) in enumerate(entries):
+            key = tool if len(entries) == 1 else f"{tool} ({label})"
+            versions[key if key not in versions else f"{key} #{n + 1}"] = found
     if versions:
         out += ["## Tool versions", "", "```", json.dumps(versions, indent=2), "```", ""]
     return "\n".join(out)
