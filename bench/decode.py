@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="eager decode step (no torch.compile)")
     parser.add_argument("--lm-head-quantized", action="store_true",
                         help="also run each quantized scheme with its lm_head quantized the same way")  # fmt: skip
-    parser.add_argument("--attention", choices=["auto", "matmul", "reduce", "sdpa"], default="auto",
+    parser.add_argument("--attention", choices=["auto", "matmul", "reduce", "sdpa", "triton"], default="auto",
                         help="the decode step's attention (lowbit.kernels.runtime.ATTENTION)")  # fmt: skip
     args = parser.parse_args()
     runtime.ATTENTION[0] = args.attention

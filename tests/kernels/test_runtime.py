@@ -27,7 +27,7 @@ TINY = DecoderShape(
 )
 
 
-@pytest.mark.parametrize("attention", ["matmul", "sdpa", "reduce", "auto"])
+@pytest.mark.parametrize("attention", ["matmul", "sdpa", "reduce", "auto", "triton"])
 def test_matches_transformers_greedy(attention: str, monkeypatch) -> None:
     from lowbit.kernels import runtime
 

@@ -73,7 +73,7 @@ class Block(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         self.k_cache.index_copy_(2, pos, k)
         self.v_cache.index_copy_(2, pos, v)
-        attn = gqa_attention(q, self.k_cache, self.v_cache, mask)
+        attn = gqa_attention(q, self.k_cache, self.v_cache, mask, pos)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
         h = F.rms_norm(x, (s.hidden_size,), self.mlp_norm, s.rms_eps)
         if self.gate_up is not None:
@@ -97,7 +97,7 @@ class Block(nn.Module):
 ATTENTION = ["auto"]
 
 
-def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> Tensor:
+def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, pos: Tensor | None = None) -> Tensor:
     """Grouped-query attention of ``q`` ``[b, H, t, d]`` over the static caches ``[b, KV, L, d]``.
 
     The ``H / KV`` query heads that share a key/value head are stacked into one matrix product
@@ -116,6 +116,9 @@ def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> 
       kernel and fuses the softmax in; eagerly it materializes ``[b, KV, rows, L, d]`` (fine for a few
       rows, so it is used only up to 16 rows per head).
     * ``"auto"`` (default): ``"reduce"`` for up to 16 query rows per key/value head, else ``"matmul"``.
+    * ``"triton"``: :func:`lowbit.kernels.attention.decode_attention`, one kernel reading each head's cache
+      once up to ``pos`` (needs ``pos``, the query positions); where the Triton kernels cannot run, and
+      above 16 query rows per head, the ``"auto"`` choice instead.
     * ``"sdpa"``: the stacked query rows go to one ``scaled_dot_product_attention`` call (no
       ``enable_gqa``: each key/value head is one attention "head" whose queries are its group's rows),
       with the mask repeated per group. On the H200 cuDNN's kernel took 32 us per layer at decode.
@@ -125,6 +128,14 @@ def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor) -> 
     group = h // kv
     qg = q.reshape(b, kv, group * t, d)  # head i reads key/value head i // group, as in transformers
     mode = ATTENTION[0]
+    if mode == "triton":
+        from lowbit.kernels.linear import kernels_available
+
+        if pos is not None and group * t <= 16 and kernels_available(q.device):
+            from lowbit.kernels.attention import decode_attention_op
+
+            return decode_attention_op(q, k_cache, v_cache, pos)
+        mode = "auto"
     if mode == "auto":
         mode = "reduce" if group * t <= 16 else "matmul"
     if mode == "reduce":
