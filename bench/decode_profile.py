@@ -37,10 +37,10 @@ def capture_step(model, prompt: torch.Tensor, new_tokens: int):
     ids = model(prompt, torch.arange(prompt_len, device=prompt.device)).argmax(-1, keepdim=True)
     pos = torch.tensor([prompt_len], device=prompt.device)
     torch._dynamo.reset()
-    forward = torch.compile(model, dynamic=False)
+    forward = torch.compile(lambda i, p: model(i, p).argmax(-1, keepdim=True), dynamic=False)  # as greedy_decode
 
     def step() -> None:
-        ids.copy_(forward(ids, pos).argmax(-1, keepdim=True))
+        ids.copy_(forward(ids, pos))
 
     step()  # compiles and tunes the kernels, on the main stream as greedy_decode does
     side = torch.cuda.Stream()
