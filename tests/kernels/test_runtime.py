@@ -82,8 +82,13 @@ def test_decode_table() -> None:
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_matches_eager(caplog) -> None:
-    """torch.compile of the decode step, with the W4A16 kernel as an opaque custom op (interpreter on the CPU)."""
+@pytest.mark.parametrize("attention", ["auto", "triton"])
+def test_compiled_decode_step_matches_eager(attention: str, caplog, monkeypatch) -> None:
+    """torch.compile of the decode step, with the W4A16 kernel (and the decode-attention kernel) as opaque custom
+    ops (interpreter on the CPU); the attention op reads the caches the same step has just written."""
+    from lowbit.kernels import runtime
+
+    monkeypatch.setattr(runtime, "ATTENTION", [attention])
     model = random_decoder(TINY, linear_factory("w4a16", "cpu"), device="cpu").fuse_projections()
     prompt = torch.randint(0, TINY.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
     eager = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False)
