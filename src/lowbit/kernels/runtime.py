@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.kernels.linear import concat_outputs
+from lowbit.kernels.linear import concat_outputs, kernels_available
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,6 @@ def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, pos
     qg = q.reshape(b, kv, group * t, d)  # head i reads key/value head i // group, as in transformers
     mode = ATTENTION[0]
     if mode == "triton":
-        from lowbit.kernels.linear import kernels_available
-
         if pos is not None and group * t <= 16 and kernels_available(q.device):
             from lowbit.kernels.attention import decode_attention_op
 
