@@ -26,7 +26,7 @@ import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lowbit.kernels import runtime
+from lowbit.kernels import runtime, w4a16
 from lowbit.kernels.runtime import LLAMA3_8B, linear_factory, random_decoder
 
 
@@ -64,6 +64,7 @@ def classify(name: str) -> str:
     return "other"
 
 
+@torch.no_grad()  # as greedy_decode: nothing records autograd (the decode-attention kernel has no backward)
 def profile_scheme(scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50) -> dict:
     runtime.ATTENTION[0] = attention
     make = linear_factory(scheme, "cuda")
@@ -120,6 +121,9 @@ def profile_scheme(scheme: str, batch: int, lm_head_quantized: bool, attention: 
         "groups_ms": {k: v / 1e3 for k, v in groups.items()},
         "top": [{"us_per_step": t, "launches_per_step": n, "name": name} for t, n, name in top],
         "vocab": vocab_n,
+        # (M, N, K, bits, group, symmetric) -> the launch the tuner chose, and its device time (ms, with the flush)
+        "tuned": {str(key): [repr(w4a16._TUNED[key]), w4a16.TUNING_LOG[key][0][0] if w4a16.TUNING_LOG.get(key) else None]
+                  for key in w4a16._TUNED},
     }
     del graph, model
     gc.collect()

@@ -12,7 +12,8 @@
 # KERNELS / DECODE unset: the full kernel table; no decode. Set either to "skip" to leave it out.
 # PROBE=1: also bench/launch_overhead.py (host time per call against device time; PROBE_ARGS=--profile
 # for a cProfile of the host path instead). SKIP_TESTS=1 leaves the tests out. PROFILE="--schemes bf16 w4a16 ...":
-# bench/decode_profile.py (where the decode step's time goes) before the kernel table.
+# bench/decode_profile.py (where the decode step's time goes) before the kernel table. SHAPES=1 (or its
+# options): bench/decode_shapes.py, every tuned GEMV launch at the decode shapes and a decode-attention sweep.
 set -uo pipefail
 OUT="${OUT:-bench/results/issue6}"
 mkdir -p "$OUT"
@@ -30,6 +31,10 @@ fi
 if [ -n "${PROFILE-}" ]; then
     # shellcheck disable=SC2086
     python3 bench/decode_profile.py --out "$OUT" $PROFILE 2>&1 | tee "$OUT/decode_profile.log" | grep -v Warning
+fi
+if [ -n "${SHAPES-}" ]; then  # SHAPES="--lengths 641 4097" (or "--skip-gemv ..."); "1" for the defaults
+    # shellcheck disable=SC2086
+    python3 bench/decode_shapes.py --out "$OUT" ${SHAPES#1} 2>&1 | tee "$OUT/decode_shapes.log" | grep -v Warning
 fi
 if [ "${KERNELS-}" != "skip" ]; then
     # shellcheck disable=SC2086  # word splitting of the options is intended

@@ -23,11 +23,18 @@ from torch import Tensor
 @triton.jit
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, ws_ptr, stat_ptr, counter_ptr,
+    kn_ptr, vn_ptr, cos_ptr, sin_ptr,
     L, sm_scale,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-    KV: tl.constexpr, ROWS: tl.constexpr, ROWS_P: tl.constexpr, T: tl.constexpr, D: tl.constexpr,
-    BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_knb, stride_knh, stride_knt, stride_vnb, stride_vnh, stride_vnt,
+    KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
+    BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
 ):  # fmt: skip
+    """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
+    as does ``q``; the kernel applies the rotary embedding (``cos``/``sin`` ``[T, D]``, half-split form),
+    writes the new rows into the caches at ``pos`` (slice 0 only) and attends to them from registers, so
+    the cache loop stops before ``pos[0]`` and never reads a row this launch writes."""
+    ROWS: tl.constexpr = GROUP * T
     bh = tl.program_id(0)  # batch * KV + key/value head
     sp = tl.program_id(1)  # slice of the positions
     b = bh // KV
@@ -35,15 +42,28 @@ def decode_attention_kernel(
     offs_r = tl.arange(0, ROWS_P)
     offs_d = tl.arange(0, D)
     row_ok = offs_r < ROWS
-    # row g * T + i of this head's queries is query position i; it sees cache positions <= pos[i]
-    row_pos = tl.load(pos_ptr + offs_r % T, mask=row_ok, other=-1)
-    limit = tl.minimum(tl.load(pos_ptr + T - 1) + 1, L)  # positions are increasing: nothing past the last one
-    per_split = tl.cdiv(tl.cdiv(L, SPLIT), BLOCK_L) * BLOCK_L
+    row_t = offs_r % T  # row g * T + i of this head's queries is query head h * GROUP + g at position i
+    row_head = h * GROUP + offs_r // T
+    # it sees cache positions <= pos[i]
+    row_pos = tl.load(pos_ptr + row_t, mask=row_ok, other=-1)
+    if NEW:
+        limit = tl.minimum(tl.load(pos_ptr), L)  # the cache up to the first new position; the rest from registers
+    else:
+        limit = tl.minimum(tl.load(pos_ptr + T - 1) + 1, L)  # positions are increasing: nothing past the last
+    per_split = tl.cdiv(tl.cdiv(limit, SPLIT), BLOCK_L) * BLOCK_L  # the slices share the valid positions only
     lo = sp * per_split
     hi = tl.minimum(lo + per_split, limit)
 
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_r[:, None] * D + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # fmt: skip
+    q_rows = q_ptr + b * stride_qb + row_head[:, None] * stride_qh + row_t[:, None] * stride_qt
+    q = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if NEW:
+        half: tl.constexpr = D // 2
+        partner = (offs_d + half) % D  # rotate_half: [-x2, x1]
+        sign = tl.where(offs_d < half, -1.0, 1.0)
+        cos = tl.load(cos_ptr + row_t[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + row_t[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q_p = tl.load(q_rows + partner[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q = (q.to(tl.float32) * cos + sign[None, :] * q_p * sin).to(q_ptr.dtype.element_ty)
     if DOT_F32:  # the CPU interpreter multiplies in float32
         q = q.to(tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
@@ -70,6 +90,37 @@ def decode_attention_kernel(
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
+
+    if NEW:
+        if sp == 0:  # the step's own rows: rotated, written to the caches, attended from registers
+            T_P: tl.constexpr = 16  # the matrix products' minimum
+            offs_t = tl.arange(0, T_P)
+            t_ok = offs_t < T
+            new_pos = tl.load(pos_ptr + offs_t, mask=t_ok, other=0)
+            kn_rows = kn_ptr + b * stride_knb + h * stride_knh + offs_t[:, None] * stride_knt
+            kn = tl.load(kn_rows + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+            kn_p = tl.load(kn_rows + partner[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+            t_cos = tl.load(cos_ptr + offs_t[:, None] * D + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+            t_sin = tl.load(sin_ptr + offs_t[:, None] * D + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+            kn = (kn * t_cos.to(tl.float32) + sign[None, :] * kn_p * t_sin.to(tl.float32)).to(k_ptr.dtype.element_ty)
+            vn = tl.load(vn_ptr + b * stride_vnb + h * stride_vnh + offs_t[:, None] * stride_vnt + offs_d[None, :],
+                         mask=t_ok[:, None], other=0.0).to(v_ptr.dtype.element_ty)  # fmt: skip
+            cache_ok = t_ok[:, None] & (new_pos < L)[:, None]
+            tl.store(k_base + new_pos[:, None] * D + offs_d[None, :], kn, mask=cache_ok)
+            tl.store(v_base + new_pos[:, None] * D + offs_d[None, :], vn, mask=cache_ok)
+            if DOT_F32:
+                kn = kn.to(tl.float32)
+                vn = vn.to(tl.float32)
+            scores = tl.dot(q, tl.trans(kn)) * sm_scale  # [ROWS_P, T_P]
+            visible = (new_pos[None, :] <= row_pos[:, None]) & t_ok[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            denom = denom * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vn.dtype), vn)
+            m = m_new
 
     out_ptrs = out_ptr + bh * ROWS * D + offs_r[:, None] * D + offs_d[None, :]
     if SPLIT == 1:
@@ -117,15 +168,20 @@ def _buffers(device: torch.device, slots: int, d: int, heads: int) -> tuple[Tens
     return ws, stat, counters
 
 
-def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, split: int | None = None, block_l: int = 64
-) -> Tensor:
-    """Grouped-query attention of ``q`` ``[b, H, t, d]`` over ``[b, KV, L, d]`` caches, query position i seeing
-    cache positions ``<= pos[i]`` (``pos`` ``[t]``, increasing, on the device: the value is read by the kernel,
-    so a CUDA graph replays it correctly as ``pos`` advances). Returns ``[b, H, t, d]`` in ``q.dtype``.
+def default_split(heads: int, length: int, block_l: int, device: torch.device) -> int:
+    """Slices per head: up to 32, each slice at least two ``block_l`` steps of the cache, and at most about eight
+    programs per SM (the slices divide the valid positions at run time, so a short prefix leaves the later slices
+    empty). Measured on the H200 at Llama-3-8B's 8 key/value heads (bench/decode_shapes.py, session 9): 641 cache
+    positions, split 8 with ``block_l`` 32 and 2 warps took 7.8 us against 8.9 us for the former (4, 64, 4 warps);
+    4097 positions, split 32: 12.7 us against 23.8 us."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    split = 1
+    while split < 32 and split * 4 * block_l <= length and heads * split * 2 <= 8 * sms:
+        split *= 2
+    return split
 
-    ``split``: slices of the positions per head (default: enough programs for about 2 per SM, at most 16).
-    """
+
+def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[int, int, int, int, int, int]:
     b, h, t, d = q.shape
     kv, length = k_cache.shape[1], k_cache.shape[2]
     if h % kv or d & (d - 1) or d < 16:
@@ -133,26 +189,78 @@ def decode_attention(
                          f"H={h}, KV={kv}, d={d}")  # fmt: skip
     if k_cache.stride(-1) != 1 or k_cache.stride(-2) != d or v_cache.stride(-1) != 1 or v_cache.stride(-2) != d:
         raise ValueError("decode_attention needs caches contiguous in their last two dimensions")
-    rows = (h // kv) * t
-    qg = q.reshape(b, kv, rows, d).contiguous()
+    if q.stride(-1) != 1:
+        raise ValueError("decode_attention needs the queries contiguous in the head dimension")
+    return b, h, t, d, kv, length
+
+
+def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps) -> Tensor:
+    b, h, t, d, kv, length = _check(q, k_cache, v_cache)
     if split is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        split = 1
-        while b * kv * split < 2 * sms and split < 16 and split * 2 * block_l <= length:
-            split *= 2
-    rows_p = max(16, triton.next_power_of_2(rows))
-    out = torch.empty((b, kv, rows, d), dtype=q.dtype, device=q.device)
+        split = default_split(b * kv, length, block_l, q.device)
+    rows_p = max(16, triton.next_power_of_2((h // kv) * t))
+    out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     ws, stat, counters = _buffers(q.device, b * kv * split * rows_p, d, b * kv)
+    k_new, v_new, cos, sin = new if new is not None else (k_cache, v_cache, q, q)
     decode_attention_kernel[(b * kv, split)](
-        qg, k_cache, v_cache, pos, out, ws, stat, counters,
+        q, k_cache, v_cache, pos, out, ws, stat, counters, k_new, v_new, cos, sin,
         length, d**-0.5,
-        qg.stride(0), qg.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        KV=kv, ROWS=rows, ROWS_P=rows_p, T=t, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
+        NEW=new is not None, num_warps=num_warps,
     )  # fmt: skip
-    return out.view(b, h, t, d)
+    return out
 
 
-# As a custom op, torch.compile keeps the launch (its Python-side split choice and buffers) opaque.
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: Tensor,
+    split: int | None = None,
+    block_l: int = 32,
+    num_warps: int = 2,
+) -> Tensor:
+    """Grouped-query attention of ``q`` ``[b, H, t, d]`` over ``[b, KV, L, d]`` caches, query position i seeing
+    cache positions ``<= pos[i]`` (``pos`` ``[t]``, increasing, on the device: the value is read by the kernel,
+    so a CUDA graph replays it correctly as ``pos`` advances). Returns ``[b, H, t, d]`` (contiguous) in ``q.dtype``.
+
+    ``split``: slices of the valid positions per head (default: :func:`default_split`); ``block_l``
+    positions per loop step; ``num_warps`` per program.
+    """
+    return _launch(q, k_cache, v_cache, pos, None, split, block_l, num_warps)
+
+
+def decode_attention_rope(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: Tensor,
+    split: int | None = None,
+    block_l: int = 32,
+    num_warps: int = 2,
+) -> Tensor:
+    """A decode step's whole attention in one launch: the rotary embedding of ``q`` ``[b, H, t, d]`` and of the
+    step's keys ``k`` ``[b, KV, t, d]`` (``cos``/``sin`` ``[t, d]``, the half-split form of
+    :func:`lowbit.kernels.runtime.rotate`), the writes of the rotated keys and of ``v`` into the caches at
+    ``pos`` (in place), and :func:`decode_attention`. ``q``, ``k`` and ``v`` may be strided views of one fused
+    projection's output. ``pos`` must be consecutive positions (a decode step's); the caches are read only
+    before ``pos[0]``, the new rows come from registers. Replaces three elementwise launches per layer.
+    """
+    if k.shape[-1] != q.shape[-1] or k.shape[-2] != q.shape[-2] or v.shape != k.shape:
+        raise ValueError(f"new keys/values {tuple(k.shape)}/{tuple(v.shape)} do not match the queries {tuple(q.shape)}")
+    if q.shape[-2] > 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("decode_attention_rope takes at most 16 new positions, contiguous in the head dimension")
+    cos, sin = cos.contiguous(), sin.contiguous()
+    return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), split, block_l, num_warps)
+
+
+# As custom ops, torch.compile keeps the launches (their Python-side split choice and buffers) opaque.
 @torch.library.custom_op("lowbit::decode_attention", mutates_args=())
 def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> Tensor:
     return decode_attention(q, k_cache, v_cache, pos)
@@ -160,4 +268,16 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
 
 @decode_attention_op.register_fake
 def _(q, k_cache, v_cache, pos):
-    return torch.empty_like(q)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("lowbit::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+def decode_attention_rope_op(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
+) -> Tensor:
+    return decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos)
+
+
+@decode_attention_rope_op.register_fake
+def _(q, k, v, cos, sin, k_cache, v_cache, pos):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)

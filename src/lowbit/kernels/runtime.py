@@ -70,10 +70,16 @@ class Block(nn.Module):
         q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
         k = k.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        self.k_cache.index_copy_(2, pos, k)
-        self.v_cache.index_copy_(2, pos, v)
-        attn = gqa_attention(q, self.k_cache, self.v_cache, mask, pos)
+        if decode_kernel_ok(q, s.num_heads // s.num_kv_heads * t, pos):
+            from lowbit.kernels.attention import decode_attention_rope_op
+
+            # rotary, cache writes and attention in one launch (three fewer per layer)
+            attn = decode_attention_rope_op(q, k, v, cos, sin, self.k_cache, self.v_cache, pos)
+        else:
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            self.k_cache.index_copy_(2, pos, k)
+            self.v_cache.index_copy_(2, pos, v)
+            attn = gqa_attention(q, self.k_cache, self.v_cache, mask, pos)
         x = x + self.o(attn.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
         h = F.rms_norm(x, (s.hidden_size,), self.mlp_norm, s.rms_eps)
         if self.gate_up is not None:
@@ -92,9 +98,22 @@ class Block(nn.Module):
             del self.gate, self.up
 
 
-# "auto": "reduce" for a decode step (at most 16 query rows per key/value head), else "matmul"; "sdpa": one fused call.
-# bench/decode_profile.py --attention compares them (bench/notes/kernels.md, session 8).
+# "auto": the decode-attention kernel on CUDA for a decode step (at most 16 query rows per key/value head), else
+# "reduce" there and "matmul" above; see gqa_attention. bench/decode_profile.py --attention compares them
+# (bench/notes/kernels.md, sessions 8 and 9).
 ATTENTION = ["auto"]
+
+
+def decode_kernel_ok(q: Tensor, rows: int, pos: Tensor | None) -> bool:
+    """Whether :mod:`lowbit.kernels.attention`'s decode kernel serves this step: ``ATTENTION`` is ``"triton"``, or
+    ``"auto"`` on CUDA (on the CPU the kernel runs only in Triton's interpreter, a test vehicle); at most 16 query
+    rows per key/value head; the positions known; no autograd recording (the kernel has no backward)."""
+    mode = ATTENTION[0]
+    if mode not in ("auto", "triton") or pos is None or rows > 16:
+        return False
+    if torch.is_grad_enabled() and q.requires_grad:
+        return False
+    return (mode == "triton" or q.is_cuda) and kernels_available(q.device)
 
 
 def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, pos: Tensor | None = None) -> Tensor:
@@ -115,10 +134,11 @@ def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, pos
       positions, in float32. Under ``torch.compile`` Inductor turns each into one parallel reduction
       kernel and fuses the softmax in; eagerly it materializes ``[b, KV, rows, L, d]`` (fine for a few
       rows, so it is used only up to 16 rows per head).
-    * ``"auto"`` (default): ``"reduce"`` for up to 16 query rows per key/value head, else ``"matmul"``.
     * ``"triton"``: :func:`lowbit.kernels.attention.decode_attention`, one kernel reading each head's cache
-      once up to ``pos`` (needs ``pos``, the query positions); where the Triton kernels cannot run, and
-      above 16 query rows per head, the ``"auto"`` choice instead.
+      once up to ``pos`` (needs ``pos``, the query positions, and no autograd recording). On the H200 it
+      took the W4A16 decode step from 3.09 to 2.60 ms against ``"reduce"`` (bench/notes/kernels.md, session 9).
+    * ``"auto"`` (default): ``"triton"`` for up to 16 query rows per key/value head where the Triton kernels
+      run; else ``"reduce"`` for up to 16 rows, ``"matmul"`` above.
     * ``"sdpa"``: the stacked query rows go to one ``scaled_dot_product_attention`` call (no
       ``enable_gqa``: each key/value head is one attention "head" whose queries are its group's rows),
       with the mask repeated per group. On the H200 cuDNN's kernel took 32 us per layer at decode.
@@ -128,13 +148,11 @@ def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, pos
     group = h // kv
     qg = q.reshape(b, kv, group * t, d)  # head i reads key/value head i // group, as in transformers
     mode = ATTENTION[0]
-    if mode == "triton":
-        if pos is not None and group * t <= 16 and kernels_available(q.device):
-            from lowbit.kernels.attention import decode_attention_op
+    if decode_kernel_ok(q, group * t, pos):
+        from lowbit.kernels.attention import decode_attention_op
 
-            return decode_attention_op(q, k_cache, v_cache, pos)
-        mode = "auto"
-    if mode == "auto":
+        return decode_attention_op(q, k_cache, v_cache, pos)
+    if mode in ("auto", "triton"):
         mode = "reduce" if group * t <= 16 else "matmul"
     if mode == "reduce":
         scores = (qg.unsqueeze(-2).float() * k_cache.unsqueeze(-3).float()).sum(-1) * d**-0.5

@@ -106,6 +106,12 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
             (16, 16, 1, 8),
             (8, 16, 1, 4),
             (32, 4, 2, 4),
+            # more programs for the small shapes (4096x4096: 8 MiB, a few microseconds of reads)
+            (8, 8, 2, 2),
+            (16, 4, 2, 4),
+            (16, 4, 4, 4),
+            (8, 4, 4, 2),
+            (16, 2, 4, 4),
         ]  # (block_n, kbi, split_k, warps)
         return (
             [WNA16Config(1, bn, sk, nw, 2, packed_math=pm) for bn, sk, nw in gemv for pm in (False, True)]
