@@ -56,6 +56,8 @@ def capture_step(model, prompt: torch.Tensor, new_tokens: int):
 
 def classify(name: str) -> str:
     lowered = name.lower()
+    if lowered.startswith("decode_attention"):
+        return "attention"
     if "wna16" in lowered or "w4_gemv" in lowered or "w8a8" in lowered or "gemv" in lowered or "gemm" in lowered \
             or "cutlass" in lowered or "sm90_xmma" in lowered or "nvjet" in lowered or "splitk" in lowered:
         return "linear"

@@ -110,11 +110,14 @@ def test_decode_attention_rope_matches_rotate_write_attend(b, kv, group, t, d, l
 
 
 def test_decode_attention_rope_op_schema() -> None:
-    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
-    cos, sin = torch.ones(1, 16), torch.zeros(1, 16)
-    k_cache, v_cache = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16)
+    def rand(*shape):
+        return torch.randn(*shape, device=DEVICE)
+
+    q, k, v = rand(1, 4, 1, 16), rand(1, 2, 1, 16), rand(1, 2, 1, 16)
+    cos, sin = torch.ones(1, 16, device=DEVICE), torch.zeros(1, 16, device=DEVICE)
+    k_cache, v_cache = rand(1, 2, 8, 16), rand(1, 2, 8, 16)
     torch.library.opcheck(
         torch.ops.lowbit.decode_attention_rope,
-        (q, k, v, cos, sin, k_cache, v_cache, torch.tensor([3])),
+        (q, k, v, cos, sin, k_cache, v_cache, torch.tensor([3], device=DEVICE)),
         test_utils=("test_schema", "test_faketensor"),
     )

@@ -154,3 +154,28 @@ def test_attention_modes_match_the_matmul_path(mode: str, t: int, monkeypatch) -
     scores = (q @ keys.transpose(-1, -2)) / d**0.5
     probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     torch.testing.assert_close(got, probs @ values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_fused_decode_layers_give_the_unfused_tokens(compile_step: bool, monkeypatch) -> None:
+    """With the norms, SwiGLU and residual adds inside the GEMV launches (``FUSE``), greedy decoding gives the same
+    tokens as the separate operations, eagerly and compiled, and the fused op really runs."""
+    from lowbit.kernels import runtime
+
+    model = random_decoder(TINY, linear_factory("w4a16", "cpu"), device="cpu").fuse_projections()
+    model.lm_head = linear_factory("w4a16", "cpu")(TINY.hidden_size, TINY.vocab_size)
+    prompt = torch.randint(0, TINY.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(runtime, "FUSE", ["off"])
+    plain = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False)
+    monkeypatch.setattr(runtime, "FUSE", ["on"])
+    calls = []
+    real = linear_mod.WNA16Linear.fused
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(linear_mod.WNA16Linear, "fused", spy)
+    fused = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False, compile_step=compile_step)
+    assert calls  # 4 per layer + the lm_head per step (traced once when compiled)
+    assert torch.equal(fused.tokens, plain.tokens)

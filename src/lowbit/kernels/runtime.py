@@ -61,10 +61,14 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         s = self.shape
         b, t, _ = x.shape
-        h = F.rms_norm(x, (s.hidden_size,), self.attn_norm, s.rms_eps)
+        fused = fused_gemv_ok(x, [self.qkv, getattr(self, "o", None), self.gate_up, getattr(self, "down", None)])
+        if fused:  # RMSNorm inside the qkv launch
+            qkv = self.qkv.fused(x, norm=self.attn_norm, eps=s.rms_eps)
+        else:
+            h = F.rms_norm(x, (s.hidden_size,), self.attn_norm, s.rms_eps)
         if self.qkv is not None:
             q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-            q, k, v = self.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = (qkv if fused else self.qkv(h)).split([q_size, kv_size, kv_size], dim=-1)
         else:
             q, k, v = self.q(h), self.k(h), self.v(h)
         q = q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
@@ -80,7 +84,12 @@ class Block(nn.Module):
             self.k_cache.index_copy_(2, pos, k)
             self.v_cache.index_copy_(2, pos, v)
             attn = gqa_attention(q, self.k_cache, self.v_cache, mask, pos)
-        x = x + self.o(attn.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim))
+        attn = attn.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim)
+        if fused:  # residual add in the o launch, RMSNorm in gate_up's, SwiGLU and the residual add in down's
+            x = self.o.fused(attn, residual=x)
+            gate_up = self.gate_up.fused(x, norm=self.mlp_norm, eps=s.rms_eps)
+            return self.down.fused(gate_up, swiglu=True, residual=x)
+        x = x + self.o(attn)
         h = F.rms_norm(x, (s.hidden_size,), self.mlp_norm, s.rms_eps)
         if self.gate_up is not None:
             gate, up = self.gate_up(h).chunk(2, dim=-1)
@@ -102,6 +111,29 @@ class Block(nn.Module):
 # "reduce" there and "matmul" above; see gqa_attention. bench/decode_profile.py --attention compares them
 # (bench/notes/kernels.md, sessions 8 and 9).
 ATTENTION = ["auto"]
+
+
+# "auto": a decode step (up to 8 tokens) runs each layer's RMSNorms, SwiGLU and residual adds inside its 4-bit GEMV
+# launches (lowbit.kernels.w4a16.Fusion) on CUDA; "on": also in Triton's interpreter (tests); "off": never.
+FUSE = ["auto"]
+
+
+def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None]) -> bool:
+    """Whether this step's projections run with the elementwise work fused in (see ``FUSE``): all of them
+    4-bit :class:`~lowbit.kernels.linear.WNA16Linear` with groups of at least 128 (fused q/k/v and gate/up), no
+    bias or input permutation, at most 8 tokens, no autograd recording."""
+    from lowbit.kernels.linear import WNA16Linear
+
+    mode = FUSE[0]
+    if mode == "off" or (mode == "auto" and not x.is_cuda) or not kernels_available(x.device):
+        return False
+    if x.shape[0] * x.shape[1] > 8 or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return all(
+        isinstance(m, WNA16Linear) and m.bits == 4 and (m.group_size == -1 or m.group_size >= 128)
+        and m.bias is None and m.input_permutation is None
+        for m in linears
+    )  # fmt: skip
 
 
 def decode_kernel_ok(q: Tensor, rows: int, pos: Tensor | None) -> bool:
@@ -220,6 +252,8 @@ class Decoder(nn.Module):
         mask = self.positions[None, :] <= pos[:, None]
         for block in self.blocks:
             x = block(x, cos, sin, pos, mask)
+        if fused_gemv_ok(x[:, -1:], [self.lm_head]):
+            return self.lm_head.fused(x[:, -1], norm=self.norm, eps=self.shape.rms_eps)
         x = F.rms_norm(x[:, -1], (self.shape.hidden_size,), self.norm, self.shape.rms_eps)
         return self.lm_head(x)
 

@@ -166,25 +166,71 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
     ]
 
 
-def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class Fusion:
+    """Elementwise work fused around the product by :func:`~lowbit.kernels.wna16_jit.w4_gemv_kernel` (a decode
+    step's launches; bench/notes/kernels.md, session 9): ``norm``, RMSNorm of the input with this weight first;
+    ``swiglu``, the input is ``[gate, up]`` and the product takes ``silu(gate) * up``; ``residual``, added to the
+    output."""
+
+    norm: torch.Tensor | None = None
+    eps: float = 1e-6
+    swiglu: bool = False
+    residual: torch.Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        return ("norm" if self.norm is not None else "swiglu" if self.swiglu else "") + (
+            "+res" if self.residual is not None else ""
+        )
+
+    def unfused(self, x: torch.Tensor, packed: PackedWNA16) -> torch.Tensor:
+        """The same computation as separate PyTorch operations around :func:`wna16_matmul` (the reference, and the
+        path wherever the fused kernel does not apply)."""
+        if self.norm is not None:
+            x = F.rms_norm(x, (packed.in_features,), self.norm, self.eps)
+        if self.swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        y = wna16_matmul(x, packed)
+        return y if self.residual is None else y + self.residual.reshape(y.shape)
+
+
+def fusable(cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion) -> bool:
+    """Whether ``cfg`` runs ``fusion`` in the kernel: the multi-K-block 4-bit GEMV, and one K-slice for a norm."""
+    ok = cfg.kbi > 0 and 0 < cfg.block_m <= 8 and m <= 8 and multi_block_ok(packed)
+    return ok and (fusion.norm is None or cfg.split_k == 1) and not (fusion.norm is not None and fusion.swiglu)
+
+
+def wna16_matmul(
+    x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | None = None, fusion: Fusion | None = None
+) -> torch.Tensor:
     """``y = x @ dequant(W).T`` for a packed W4A16 / W8A16 weight (no bias).
 
     Args:
-        x: activations ``[..., K]`` in bf16 or fp16 (the scale dtype).
+        x: activations ``[..., K]`` in bf16 or fp16 (the scale dtype); ``[..., 2K]`` with ``fusion.swiglu``.
         packed: weight in the layout of :func:`lowbit.kernels.layout.pack_wna16`.
-        config: launch configuration; :func:`default_config` when ``None``.
+        config: launch configuration; the tuned one (:func:`tuned_config`) when ``None``.
+        fusion: elementwise work fused around the product (:class:`Fusion`); where the fused kernel does not
+            apply (more than 8 rows, 8-bit codes, groups under 128) it runs as separate operations.
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
     """
     k, n = packed.in_features, packed.out_features
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {k}")
-    x2 = x.reshape(-1, k)
+    fusion = fusion if fusion is not None and fusion.kind else None
+    k_in = 2 * k if fusion is not None and fusion.swiglu else k
+    if x.shape[-1] != k_in:
+        raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {k_in}")
+    x2 = x.reshape(-1, k_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    cfg = config or tuned_config(x2, packed)
+    cfg = config or tuned_config(x2, packed, fusion)
+    if fusion is not None:
+        if not fusable(cfg, packed, m, fusion):
+            return fusion.unfused(x, packed)
+        return _fused_gemv(x, x2, packed, cfg, fusion)
     if cfg.block_m == 0:
         return F.linear(x, dequantize_packed(packed, x.dtype))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -207,7 +253,7 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
         "num_stages": cfg.num_stages,
     }
     if cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed):
-        w4_gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, KBI=cfg.kbi, **shared)
+        w4_gemv_kernel[grid](*args, packed.scale, out, 0.0, out.stride(0), BLOCK_M=cfg.block_m, KBI=cfg.kbi, **shared)
     elif cfg.dot and cfg.block_m >= 16:
         del shared["PACKED_MATH"], shared["PREFETCH"]
         wna16_dot_kernel[grid](
@@ -223,6 +269,32 @@ def wna16_matmul(x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | Non
     return out.reshape(*x.shape[:-1], n)
 
 
+def _fused_gemv(x: torch.Tensor, x2: torch.Tensor, packed: PackedWNA16, cfg: WNA16Config, fusion: Fusion):
+    k, n, m = packed.in_features, packed.out_features, x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    per_channel = packed.group_size == -1
+    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
+    workspace, counters = split_k_buffers(x.device, cfg.split_k * m * n, grid[0] * grid[2])
+    residual = out
+    if fusion.residual is not None:
+        residual = fusion.residual.reshape(m, n)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+    norm = fusion.norm if fusion.norm is not None else packed.scale
+    w4_gemv_kernel[grid](
+        x2, packed.qweight, packed.scale, packed.zero if packed.zero is not None else packed.scale, out,
+        workspace, counters, m, n, k, x2.stride(0), out.stride(0),
+        norm, residual, fusion.eps, residual.stride(0),
+        GROUP=BLOCK_K if per_channel else packed.group_size, PER_CHANNEL=per_channel,
+        HAS_ZERO=packed.zero is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, KBI=cfg.kbi,
+        SPLIT_K=cfg.split_k, BK=BLOCK_K, EVEN_K=k % BLOCK_K == 0,
+        PACKED_MATH=cfg.packed_math and packed_math_ok(packed, x.dtype) and not interpreting(),
+        PREFETCH=cfg.prefetch, PRO=1 if fusion.norm is not None else 2 if fusion.swiglu else 0,
+        RESID=fusion.residual is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
 _TUNED: dict[tuple, WNA16Config] = {}
 # (M, N, K, bits, group, symmetric) -> [(ms, config), ...] fastest first: what the tuner measured, for reports
 TUNING_LOG: dict[tuple, list[tuple[float, WNA16Config]]] = {}
@@ -234,13 +306,20 @@ def set_autotune(enabled: bool) -> None:
     _AUTOTUNE[0] = enabled
 
 
-def tuned_config(x2: torch.Tensor, packed: PackedWNA16) -> WNA16Config:
-    """The fastest candidate configuration for this shape, timed once per (M, N, K, scheme) on CUDA.
+def default_fused_config(m: int) -> WNA16Config:
+    """The fused GEMV's untuned launch (the interpreter, CUDA-graph capture, autotuning off)."""
+    return WNA16Config(max(1, triton.next_power_of_2(m)), 16, 1, 4, 3, packed_math=True, prefetch=False, kbi=8)
+
+
+def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = None) -> WNA16Config:
+    """The fastest candidate configuration for this shape, timed once per (M, N, K, scheme, fusion) on CUDA.
 
     Falls back to :func:`default_config` on the interpreter, while a CUDA graph is being captured
-    (run each shape once before capturing), and when autotuning is off.
+    (run each shape once before capturing), and when autotuning is off. With a ``fusion``, only the launches
+    that run it in the kernel are candidates.
     """
     m, k, n = x2.shape[0], packed.in_features, packed.out_features
+    kind = fusion.kind if fusion is not None else ""
     if m >= DENSE_FROM_M:
         return DENSE
     key = (
@@ -250,7 +329,7 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16) -> WNA16Config:
         packed.bits,
         packed.group_size,
         packed.zero is None,
-    )
+    ) + ((kind,) if kind else ())
     if key in _TUNED:
         return _TUNED[key]
     if (
@@ -259,14 +338,19 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16) -> WNA16Config:
         or interpreting()
         or torch.cuda.is_current_stream_capturing()
     ):
-        return default_config(m, n, k)
-    reference = wna16_matmul(x2, packed, default_config(m, n, k)).float()
+        return default_fused_config(m) if kind and m <= 8 else default_config(m, n, k)
+    if kind:
+        reference = fusion.unfused(x2, packed).float()
+        candidates = [cfg for cfg in candidate_configs(m) if fusable(cfg, packed, m, fusion)]
+    else:
+        reference = wna16_matmul(x2, packed, default_config(m, n, k)).float()
+        candidates = candidate_configs(m)
     timings = []
-    for cfg in candidate_configs(m):
+    for cfg in candidates:
         if cfg.kbi and not multi_block_ok(packed):
             continue  # would run the one-block kernel again under another name
         try:
-            err = (wna16_matmul(x2, packed, cfg).float() - reference).norm() / reference.norm().clamp_min(
+            err = (wna16_matmul(x2, packed, cfg, fusion).float() - reference).norm() / reference.norm().clamp_min(
                 1e-30
             )
             if not err < 2e-2:  # a variant that computes something else is never chosen
@@ -274,10 +358,11 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16) -> WNA16Config:
                     "W%dA16 config %s disagrees with the default (rel. error %.2e)", packed.bits, cfg, err
                 )
                 continue
-            timings.append((device_time(lambda cfg=cfg: wna16_matmul(x2, packed, cfg)), cfg))
+            timings.append((device_time(lambda cfg=cfg: wna16_matmul(x2, packed, cfg, fusion)), cfg))
         except Exception as exc:  # out of shared memory or registers for this shape
             logger.debug("config %s failed: %s", cfg, exc)
-    best = min(timings, key=lambda t: t[0])[1] if timings else default_config(m, n, k)
+    fallback = default_fused_config(m) if kind and m <= 8 else default_config(m, n, k)
+    best = min(timings, key=lambda t: t[0])[1] if timings else fallback
     _TUNED[key] = best
     TUNING_LOG[key] = sorted(timings, key=lambda t: t[0])
     logger.info("W%dA16 M=%d N=%d K=%d: tuned %s", packed.bits, m, n, k, best)

@@ -193,23 +193,25 @@ def wna16_kernel(
         res = tl.sum(acc, axis=1)
         if PER_CHANNEL:
             res = res * scale
-        store_split_k(res, out_ptr + pid_m * stride_om + offs_n, ws_ptr + pid_m * N + offs_n, M * N,
-                       counter, pid_k, n_mask, SPLIT_K)  # fmt: skip
+        out = out_ptr + pid_m * stride_om + offs_n
+        store_split_k(res, out, ws_ptr + pid_m * N + offs_n, M * N, counter, pid_k, n_mask, SPLIT_K, out, False)
     else:
         if PER_CHANNEL:
             acc = acc * scale[:, None]
         out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
-        store_split_k(acc, out, ws, M * N, counter, pid_k, n_mask[:, None] & m_mask[None, :], SPLIT_K)
+        store_split_k(acc, out, ws, M * N, counter, pid_k, n_mask[:, None] & m_mask[None, :], SPLIT_K, out, False)
 
 
 @triton.jit
 def w4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
     M, N, K, stride_xm, stride_om,
+    nw_ptr, res_ptr, eps, stride_rm,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KBI: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr, PACKED_MATH: tl.constexpr, PREFETCH: tl.constexpr,
+    PRO: tl.constexpr = 0, RESID: tl.constexpr = False,
 ):  # fmt: skip
     """4-bit GEMV for ``BLOCK_M`` (1 to 8) tokens, reading ``KBI`` K-blocks per loop step: a
     ``[BLOCK_N, KBI, WORDS]`` tile of words, used by every token of the program.
@@ -220,6 +222,12 @@ def w4_gemv_kernel(
     partial sums stay per word until the end (one cross-thread reduction per program). With a few
     tokens (M = 2..8) the words are read once for all of them, on CUDA cores, where the tensor-core
     path would pad M to 16. Groups must cover whole K-blocks (``GROUP >= BK``) or be per channel.
+
+    Fused around the product (the decode step's elementwise launches, :func:`lowbit.kernels.w4a16.wna16_matmul`):
+    ``PRO == 1``: RMSNorm of the input, ``y = rsqrt(mean(x^2) + eps) * W (x * nw)``, the sum of squares gathered
+    from the activations the loop reads anyway (``SPLIT_K == 1`` only: one program sees all of K); ``PRO == 2``:
+    SwiGLU, the input row is ``[gate, up]`` (``2K`` features) and the product takes ``silu(gate) * up``;
+    ``RESID``: the output adds ``res`` (the residual stream), after the split-K sum.
     """
     WORDS: tl.constexpr = BK // 8
     # the K-slice here is a range of steps of KBI K-blocks, not tile_ranges' range of K-blocks
@@ -244,6 +252,7 @@ def w4_gemv_kernel(
         channel_scale = tl.load(s_ptr + offs_n).to(tl.float32)
         if HAS_ZERO:
             zero = tl.broadcast_to(tl.load(z_ptr + offs_n).to(tl.float32)[:, None], (BLOCK_N, KBI))
+    ssq = tl.zeros((BLOCK_M,), tl.float32)  # PRO == 1: sum of squares of the input row
     first = tl.minimum(step_lo, num_steps - 1)
     next_words = tl.load(qw_ptr + first * (KBI * N * WORDS) + w_off, mask=(first * KBI + offs_i < num_kb)[None, :, None],
                          other=0)  # fmt: skip
@@ -266,14 +275,16 @@ def w4_gemv_kernel(
         x_base = x_rows + x_feature
         x_ok = m_mask[:, None, None] & kb_ok[None, :, None]
         if PACKED_MATH:
-            x0 = load_x_slab(x_base, x_feature, x_ok, K, 0, WORDS, EVEN_K)
-            x1 = load_x_slab(x_base, x_feature, x_ok, K, 1, WORDS, EVEN_K)
-            x2 = load_x_slab(x_base, x_feature, x_ok, K, 2, WORDS, EVEN_K)
-            x3 = load_x_slab(x_base, x_feature, x_ok, K, 3, WORDS, EVEN_K)
-            x4 = load_x_slab(x_base, x_feature, x_ok, K, 4, WORDS, EVEN_K)
-            x5 = load_x_slab(x_base, x_feature, x_ok, K, 5, WORDS, EVEN_K)
-            x6 = load_x_slab(x_base, x_feature, x_ok, K, 6, WORDS, EVEN_K)
-            x7 = load_x_slab(x_base, x_feature, x_ok, K, 7, WORDS, EVEN_K)
+            x0, q0 = load_x_pro(x_base, x_feature, x_ok, K, 0, WORDS, EVEN_K, PRO, nw_ptr)
+            x1, q1 = load_x_pro(x_base, x_feature, x_ok, K, 1, WORDS, EVEN_K, PRO, nw_ptr)
+            x2, q2 = load_x_pro(x_base, x_feature, x_ok, K, 2, WORDS, EVEN_K, PRO, nw_ptr)
+            x3, q3 = load_x_pro(x_base, x_feature, x_ok, K, 3, WORDS, EVEN_K, PRO, nw_ptr)
+            x4, q4 = load_x_pro(x_base, x_feature, x_ok, K, 4, WORDS, EVEN_K, PRO, nw_ptr)
+            x5, q5 = load_x_pro(x_base, x_feature, x_ok, K, 5, WORDS, EVEN_K, PRO, nw_ptr)
+            x6, q6 = load_x_pro(x_base, x_feature, x_ok, K, 6, WORDS, EVEN_K, PRO, nw_ptr)
+            x7, q7 = load_x_pro(x_base, x_feature, x_ok, K, 7, WORDS, EVEN_K, PRO, nw_ptr)
+            if PRO == 1:
+                ssq += tl.sum(tl.sum(q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7, axis=2), axis=1)
             nz = pack_bf16x2(-(128.0 + zero), -(128.0 + zero))
             part = word_dot_bf16x2(
                 tl.broadcast_to(words[None, :, :, :], shape),
@@ -286,7 +297,10 @@ def w4_gemv_kernel(
         else:  # float32 (fp16 activations, and the CPU interpreter, which has no inline PTX)
             part = tl.zeros(shape, dtype=tl.float32)
             for j in tl.static_range(8):
-                xj = load_x_slab(x_base, x_feature, x_ok, K, j, WORDS, EVEN_K).to(tl.float32)
+                xj, qj = load_x_pro(x_base, x_feature, x_ok, K, j, WORDS, EVEN_K, PRO, nw_ptr)
+                xj = xj.to(tl.float32)
+                if PRO == 1:
+                    ssq += tl.sum(tl.sum(qj, axis=2), axis=1)
                 q = ((words >> (4 * j)) & 15).to(tl.float32) - zero[:, :, None]
                 part += q[None, :, :, :] * xj[:, None, :, :]
         acc += part * scale[None, :, :, None]
@@ -294,10 +308,13 @@ def w4_gemv_kernel(
     res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     if PER_CHANNEL:
         res = res * channel_scale[None, :]
+    if PRO == 1:
+        res = res * tl.rsqrt(ssq / K + eps)[:, None]
     counter = counter_ptr + tile
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    store_split_k(res, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K)
+    resid = res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
+    store_split_k(res, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K, resid, RESID)
 
 
 @triton.jit
@@ -391,13 +408,13 @@ def wna16_dot_kernel(
             acc = acc * channel_scale[:, None]
         out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
-        store_split_k(acc, out, ws, M * N, counter, pid_k, n_mask[:, None] & m_mask[None, :], SPLIT_K)
+        store_split_k(acc, out, ws, M * N, counter, pid_k, n_mask[:, None] & m_mask[None, :], SPLIT_K, out, False)
     else:
         if PER_CHANNEL:
             acc = acc * channel_scale[None, :]
         out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        store_split_k(acc, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K)
+        store_split_k(acc, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K, out, False)
 
 
 @triton.jit
@@ -411,15 +428,37 @@ def load_x_slab(x_base, x_feature, x_ok, K, J: tl.constexpr, WORDS: tl.constexpr
 
 
 @triton.jit
-def store_split_k(value, out_ptrs, ws_ptrs, split_stride, counter_ptr, pid_k, mask, SPLIT_K: tl.constexpr):
+def load_x_pro(x_base, x_feature, x_ok, K, J: tl.constexpr, WORDS: tl.constexpr, EVEN_K: tl.constexpr,
+               PRO: tl.constexpr, nw_ptr):  # fmt: skip
+    """:func:`load_x_slab` with :func:`w4_gemv_kernel`'s prologue: ``PRO == 1`` returns ``x * nw`` (the RMSNorm
+    weight; the 1 / rms comes at the end), ``PRO == 2`` ``silu(gate) * up`` with ``up`` ``K`` features after
+    ``gate``; each rounded once to the activation type. Also returns ``x^2`` in float32 (the RMSNorm's sum)."""
+    x = load_x_slab(x_base, x_feature, x_ok, K, J, WORDS, EVEN_K)
+    xf = x.to(tl.float32)
+    if PRO == 1:
+        feature = x_feature + J * WORDS
+        w = tl.load(nw_ptr + feature, mask=feature < K, other=0.0).to(tl.float32)
+        x = (xf * w).to(x.dtype)
+    elif PRO == 2:
+        up = load_x_slab(x_base + K, x_feature, x_ok, K, J, WORDS, EVEN_K).to(tl.float32)
+        x = (xf * tl.sigmoid(xf) * up).to(x.dtype)
+    return x, xf * xf
+
+
+@triton.jit
+def store_split_k(value, out_ptrs, ws_ptrs, split_stride, counter_ptr, pid_k, mask, SPLIT_K: tl.constexpr,
+                  res_ptrs, RESID: tl.constexpr):  # fmt: skip
     """Write the output, or with split-K: the last of the K-slices to arrive sums all partial results.
 
     Each slice stores its float32 partial in the workspace and counts itself in on the tile's
     counter; the last one adds the partials in a fixed order (deterministic, unlike atomics on the
     output, and without the compare-and-swap loops that 16-bit float atomics become) and resets
-    the counter, so the counters stay zero between launches and need no memset.
+    the counter, so the counters stay zero between launches and need no memset. ``RESID``: the output
+    adds ``res_ptrs`` (float32 sum, one rounding).
     """
     if SPLIT_K == 1:
+        if RESID:
+            value += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptrs, value.to(out_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.store(ws_ptrs + pid_k * split_stride, value, mask=mask)
@@ -429,5 +468,7 @@ def store_split_k(value, out_ptrs, ws_ptrs, split_stride, counter_ptr, pid_k, ma
             total = tl.zeros_like(value)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(ws_ptrs + s * split_stride, mask=mask, other=0.0, cache_modifier=".cg")
+            if RESID:
+                total += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
             tl.atomic_xchg(counter_ptr, 0)
