@@ -240,6 +240,7 @@ def test_gpu_tuner_device_time() -> None:  # pragma: no cover - CI has no GPU
 def test_fused_gemv_matches_separate_ops_cpu_and_gpu(m: int, symmetric: bool, group_size: int, kind: str) -> None:
     """The decode step's RMSNorm / SwiGLU / residual add inside the 4-bit GEMV launch equal the separate ops
     (interpreter on the CPU, compiled on a GPU), including split-K with the residual added after the sum."""
+    from lowbit.kernels import w4a16
     from lowbit.kernels.w4a16 import Fusion
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -257,7 +258,9 @@ def test_fused_gemv_matches_separate_ops_cpu_and_gpu(m: int, symmetric: bool, gr
     x = (torch.randn(m, 2 * k if fusion.swiglu else k, generator=gen) * 3).to(device, dtype)
     expected = fusion.unfused(x, packed)
     split = 1 if fusion.norm is not None else 2
-    for config in (None, WNA16Config(4 if m > 1 else 1, 16, split, 4, 3, packed_math=True, prefetch=True, kbi=1)):
+    default = w4a16.default_fused_config(m)  # the tuner's fallback launch (tuning here would take minutes on a GPU)
+    for config in (default, WNA16Config(4 if m > 1 else 1, 16, split, 4, 3, packed_math=True, prefetch=True, kbi=1)):
+        assert w4a16.fusable(config, packed, m, fusion)
         got = wna16_matmul(x, packed, config, fusion)
         assert got.shape == expected.shape
         assert rel_err(got, expected) < (BF16_TOL if dtype == torch.bfloat16 else 1e-5), (config, kind)

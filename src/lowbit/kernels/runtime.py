@@ -114,8 +114,11 @@ ATTENTION = ["auto"]
 
 
 # "auto": a decode step (up to 8 tokens) runs each layer's RMSNorms, SwiGLU and residual adds inside its 4-bit GEMV
-# launches (lowbit.kernels.w4a16.Fusion) on CUDA; "on": also in Triton's interpreter (tests); "off": never.
-FUSE = ["auto"]
+# launches (lowbit.kernels.w4a16.Fusion) on CUDA; "on": also in Triton's interpreter (tests); "off" (default): never.
+# Off because it did not pay on the H200 (bench/notes/kernels.md, session 9): it removed 97 launches per step (0.22
+# ms), but every program of the fused GEMVs redoes the prologue over the whole input row (the norm weight, or a
+# sigmoid per element), and in these issue-bound kernels that cost as much: 2.563 ms per W4A16 step against 2.500.
+FUSE = ["off"]
 
 
 def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None]) -> bool:
