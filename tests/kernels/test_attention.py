@@ -121,3 +121,13 @@ def test_decode_attention_rope_op_schema() -> None:
         (q, k, v, cos, sin, k_cache, v_cache, torch.tensor([3], device=DEVICE)),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_decode_attention_rope_refuses_mismatched_inputs() -> None:
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
+    caches = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16)
+    pos = torch.tensor([3])
+    with pytest.raises(ValueError, match="heads"):
+        decode_attention_rope(q, k[:, :1], v[:, :1], torch.ones(1, 16), torch.zeros(1, 16), *caches, pos)
+    with pytest.raises(ValueError, match="cos/sin"):  # the whole table instead of the step's rows
+        decode_attention_rope(q, k, v, torch.ones(8, 16), torch.zeros(8, 16), *caches, pos)

@@ -112,7 +112,8 @@ def decode_attention_kernel(
                 kn = kn.to(tl.float32)
                 vn = vn.to(tl.float32)
             scores = tl.dot(q, tl.trans(kn)) * sm_scale  # [ROWS_P, T_P]
-            visible = (new_pos[None, :] <= row_pos[:, None]) & t_ok[None, :]
+            # a position past the cache is neither stored nor seen (as the cache-only path leaves it out)
+            visible = (new_pos[None, :] <= row_pos[:, None]) & t_ok[None, :] & (new_pos < L)[None, :]
             scores = tl.where(visible, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -252,8 +253,13 @@ def decode_attention_rope(
     projection's output. ``pos`` must be consecutive positions (a decode step's); the caches are read only
     before ``pos[0]``, the new rows come from registers. Replaces three elementwise launches per layer.
     """
-    if k.shape[-1] != q.shape[-1] or k.shape[-2] != q.shape[-2] or v.shape != k.shape:
-        raise ValueError(f"new keys/values {tuple(k.shape)}/{tuple(v.shape)} do not match the queries {tuple(q.shape)}")
+    b, _, t, d = q.shape
+    if tuple(k.shape) != (b, k_cache.shape[1], t, d) or v.shape != k.shape:
+        raise ValueError(f"new keys/values {tuple(k.shape)}/{tuple(v.shape)} do not match the queries "
+                         f"{tuple(q.shape)} and the caches' {k_cache.shape[1]} heads")  # fmt: skip
+    if tuple(cos.shape) != (t, d) or tuple(sin.shape) != (t, d):
+        raise ValueError(f"cos/sin must be the rows of the step's positions, [{t}, {d}]; got "
+                         f"{tuple(cos.shape)}/{tuple(sin.shape)}")  # fmt: skip
     if q.shape[-2] > 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("decode_attention_rope takes at most 16 new positions, contiguous in the head dimension")
     cos, sin = cos.contiguous(), sin.contiguous()

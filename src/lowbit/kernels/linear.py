@@ -193,7 +193,7 @@ class WNA16Linear(nn.Module):
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         y = self(x)
-        return y if residual is None else y + residual
+        return y if residual is None else (y + residual).to(y.dtype)
 
     def extra_repr(self) -> str:
         return (

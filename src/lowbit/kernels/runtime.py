@@ -158,7 +158,9 @@ def gqa_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, pos
     against that head's cache, so the cache is read once and never repeated per query head (the
     masked SDPA call with ``enable_gqa`` falls back to PyTorch's math path, which copies the cache
     for every query head: about a dozen launches and 10 MB of traffic per layer at 8B / 640
-    positions). ``mask`` ``[t, L]`` is True where a query position may attend.
+    positions). ``mask`` ``[t, L]`` is True where a query position may attend. The decode kernel
+    (``"auto"`` on CUDA, ``"triton"``) does not read ``mask``: it computes the causal mask from ``pos``
+    (``positions <= pos[i]``, what :class:`Decoder` passes); pass ``pos=None`` for any other mask.
 
     ``ATTENTION[0]``:
 

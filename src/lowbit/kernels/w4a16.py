@@ -193,7 +193,7 @@ class Fusion:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         y = wna16_matmul(x, packed)
-        return y if self.residual is None else y + self.residual.reshape(y.shape)
+        return y if self.residual is None else (y + self.residual.reshape(y.shape)).to(y.dtype)
 
 
 def fusable(cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion) -> bool:
@@ -226,6 +226,8 @@ def wna16_matmul(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if fusion is not None and (m > 8 or not multi_block_ok(packed)):
+        return fusion.unfused(x, packed)  # no fused kernel for this shape: nothing to tune
     cfg = config or tuned_config(x2, packed, fusion)
     if fusion is not None:
         if not fusable(cfg, packed, m, fusion):

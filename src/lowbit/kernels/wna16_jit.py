@@ -230,6 +230,7 @@ def w4_gemv_kernel(
     ``RESID``: the output adds ``res`` (the residual stream), after the split-K sum.
     """
     WORDS: tl.constexpr = BK // 8
+    tl.static_assert(PRO != 1 or SPLIT_K == 1, "the fused RMSNorm needs the whole input row in one program")
     # the K-slice here is a range of steps of KBI K-blocks, not tile_ranges' range of K-blocks
     _, pid_k, tile, offs_n, n_mask, offs_m, m_mask, _, _ = tile_ranges(M, N, K, BLOCK_M, BLOCK_N, SPLIT_K, BK)
     offs_i = tl.arange(0, KBI)
