@@ -53,8 +53,11 @@ def main() -> None:
                         help="also run each quantized scheme with its lm_head quantized the same way")  # fmt: skip
     parser.add_argument("--attention", choices=["auto", "matmul", "reduce", "sdpa", "triton"], default="auto",
                         help="the decode step's attention (lowbit.kernels.runtime.ATTENTION)")  # fmt: skip
+    parser.add_argument("--fuse", choices=["off", "auto"], default="off",
+                        help="norms, SwiGLU and residual adds inside the 4-bit GEMVs (lowbit.kernels.runtime.FUSE)")  # fmt: skip
     args = parser.parse_args()
     runtime.ATTENTION[0] = args.attention
+    runtime.FUSE[0] = args.fuse
     args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows: list[dict] = []

@@ -67,8 +67,11 @@ def classify(name: str) -> str:
 
 
 @torch.no_grad()  # as greedy_decode: nothing records autograd (the decode-attention kernel has no backward)
-def profile_scheme(scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50) -> dict:
+def profile_scheme(
+    scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off"
+) -> dict:
     runtime.ATTENTION[0] = attention
+    runtime.FUSE[0] = fuse
     make = linear_factory(scheme, "cuda")
     model = random_decoder(LLAMA3_8B, make, "cuda").fuse_projections()
     if lm_head_quantized and scheme != "bf16":
@@ -114,6 +117,7 @@ def profile_scheme(scheme: str, batch: int, lm_head_quantized: bool, attention: 
         "scheme": scheme + ("+lm_head" if lm_head_quantized and scheme != "bf16" else ""),
         "batch": batch,
         "attention": attention,
+        "fuse": fuse,
         "step_ms": step_ms,
         "tokens_per_s": batch * 1e3 / step_ms,
         "kernels_per_step": len(in_graph) / calls,
@@ -141,23 +145,26 @@ def main() -> None:
     parser.add_argument("--lm-head-quantized", action="store_true", help="also run each non-bf16 scheme with a "
                         "quantized lm_head")  # fmt: skip
     parser.add_argument("--attention", nargs="*", default=["auto"], choices=["auto", "matmul", "reduce", "sdpa", "triton"])
+    parser.add_argument("--fuse", nargs="*", default=["off"], choices=["off", "auto"],
+                        help="lowbit.kernels.runtime.FUSE values to compare (non-bf16 schemes)")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for scheme in args.schemes:
         variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
-        for quantized_head, attention in [(v, a) for v in variants for a in args.attention]:
-            row = profile_scheme(scheme, args.batch, quantized_head, attention)
+        fuses = args.fuse if scheme != "bf16" else ["off"]
+        for quantized_head, attention, fuse in [(v, a, f) for v in variants for a in args.attention for f in fuses]:
+            row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
             for t in row["top"]:
                 print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:<4d} {t['name']}", flush=True)
             (args.out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
-    print("| scheme | attention | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scheme | attention | fuse | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
-        print(f"| {r['scheme']} | {r['attention']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
               f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} |")  # fmt: skip
 
