@@ -229,10 +229,8 @@ def wna16_matmul(
     if fusion is not None and (m > 8 or not multi_block_ok(packed)):
         return fusion.unfused(x, packed)  # no fused kernel for this shape: nothing to tune
     cfg = config or tuned_config(x2, packed, fusion)
-    if fusion is not None:
-        if not fusable(cfg, packed, m, fusion):
-            return fusion.unfused(x, packed)
-        return _fused_gemv(x, x2, packed, cfg, fusion)
+    if fusion is not None and not fusable(cfg, packed, m, fusion):
+        return fusion.unfused(x, packed)
     if cfg.block_m == 0:
         return F.linear(x, dequantize_packed(packed, x.dtype))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -254,8 +252,16 @@ def wna16_matmul(
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }
-    if cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed):
-        w4_gemv_kernel[grid](*args, packed.scale, out, 0.0, out.stride(0), BLOCK_M=cfg.block_m, KBI=cfg.kbi, **shared)
+    if fusion is not None or (cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed)):
+        fusion = fusion or Fusion()
+        residual = out if fusion.residual is None else fusion.residual.reshape(m, n)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        w4_gemv_kernel[grid](
+            *args, fusion.norm if fusion.norm is not None else packed.scale, residual, fusion.eps, residual.stride(0),
+            BLOCK_M=cfg.block_m, KBI=cfg.kbi, PRO=1 if fusion.norm is not None else 2 if fusion.swiglu else 0,
+            RESID=fusion.residual is not None, **shared,
+        )  # fmt: skip
     elif cfg.dot and cfg.block_m >= 16:
         del shared["PACKED_MATH"], shared["PREFETCH"]
         wna16_dot_kernel[grid](
@@ -268,32 +274,6 @@ def wna16_matmul(
         wna16_kernel[grid](
             *args, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting(), **shared
         )
-    return out.reshape(*x.shape[:-1], n)
-
-
-def _fused_gemv(x: torch.Tensor, x2: torch.Tensor, packed: PackedWNA16, cfg: WNA16Config, fusion: Fusion):
-    k, n, m = packed.in_features, packed.out_features, x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    per_channel = packed.group_size == -1
-    grid = (triton.cdiv(n, cfg.block_n), cfg.split_k, triton.cdiv(m, cfg.block_m))
-    workspace, counters = split_k_buffers(x.device, cfg.split_k * m * n, grid[0] * grid[2])
-    residual = out
-    if fusion.residual is not None:
-        residual = fusion.residual.reshape(m, n)
-        if residual.stride(-1) != 1:
-            residual = residual.contiguous()
-    norm = fusion.norm if fusion.norm is not None else packed.scale
-    w4_gemv_kernel[grid](
-        x2, packed.qweight, packed.scale, packed.zero if packed.zero is not None else packed.scale, out,
-        workspace, counters, m, n, k, x2.stride(0), out.stride(0),
-        norm, residual, fusion.eps, residual.stride(0),
-        GROUP=BLOCK_K if per_channel else packed.group_size, PER_CHANNEL=per_channel,
-        HAS_ZERO=packed.zero is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, KBI=cfg.kbi,
-        SPLIT_K=cfg.split_k, BK=BLOCK_K, EVEN_K=k % BLOCK_K == 0,
-        PACKED_MATH=cfg.packed_math and packed_math_ok(packed, x.dtype) and not interpreting(),
-        PREFETCH=cfg.prefetch, PRO=1 if fusion.norm is not None else 2 if fusion.swiglu else 0,
-        RESID=fusion.residual is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 
