@@ -8,8 +8,10 @@ keeps an online softmax per slice, and the last slice of a head to finish merges
 results (the counter scheme of :func:`lowbit.kernels.wna16_jit.store_split_k`): one launch, no
 workspace memset, deterministic. Matrix products run on tensor cores with the rows padded to 16.
 
-Used by :func:`lowbit.kernels.runtime.gqa_attention` when ``ATTENTION[0] == "triton"``; the
-``reduce`` and ``matmul`` paths there are its references.
+:func:`decode_attention_rope` also applies the rotary embedding and writes the step's keys and values
+into the caches, so a decode step's whole attention is one launch per layer. The runtime
+(:class:`lowbit.kernels.runtime.Block`, :func:`lowbit.kernels.runtime.gqa_attention`) uses them for
+``ATTENTION[0]`` ``"auto"`` on CUDA and ``"triton"``; its ``reduce`` and ``matmul`` paths are their references.
 """
 
 from __future__ import annotations
