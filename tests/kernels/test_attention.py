@@ -97,12 +97,13 @@ def test_decode_attention_rope_matches_rotate_write_attend(b, kv, group, t, d, l
     pos = torch.arange(first, first + t, device=DEVICE)
     angles = torch.randn(length, d // 2, device=DEVICE)
     angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos()[pos].to(dtype), angles.sin()[pos].to(dtype)
+    cos_table, sin_table = angles.cos().to(dtype), angles.sin().to(dtype)  # the kernel reads rows pos
+    cos, sin = cos_table[pos], sin_table[pos]
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
     k_expected.index_copy_(2, pos, runtime.rotate(k, cos, sin))
     v_expected.index_copy_(2, pos, v)
     expected = reference(runtime.rotate(q, cos, sin), k_expected, v_expected, pos)
-    got = decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos, split=split, block_l=16)
+    got = decode_attention_rope(q, k, v, cos_table, sin_table, k_cache, v_cache, pos, split=split, block_l=16)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
     torch.testing.assert_close(k_cache, k_expected, atol=tol, rtol=tol)  # rotated in float32 here, in bf16 there
@@ -114,7 +115,7 @@ def test_decode_attention_rope_op_schema() -> None:
         return torch.randn(*shape, device=DEVICE)
 
     q, k, v = rand(1, 4, 1, 16), rand(1, 2, 1, 16), rand(1, 2, 1, 16)
-    cos, sin = torch.ones(1, 16, device=DEVICE), torch.zeros(1, 16, device=DEVICE)
+    cos, sin = torch.ones(8, 16, device=DEVICE), torch.zeros(8, 16, device=DEVICE)
     k_cache, v_cache = rand(1, 2, 8, 16), rand(1, 2, 8, 16)
     torch.library.opcheck(
         torch.ops.lowbit.decode_attention_rope,
@@ -128,6 +129,6 @@ def test_decode_attention_rope_refuses_mismatched_inputs() -> None:
     caches = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16)
     pos = torch.tensor([3])
     with pytest.raises(ValueError, match="heads"):
-        decode_attention_rope(q, k[:, :1], v[:, :1], torch.ones(1, 16), torch.zeros(1, 16), *caches, pos)
-    with pytest.raises(ValueError, match="cos/sin"):  # the whole table instead of the step's rows
-        decode_attention_rope(q, k, v, torch.ones(8, 16), torch.zeros(8, 16), *caches, pos)
+        decode_attention_rope(q, k[:, :1], v[:, :1], torch.ones(8, 16), torch.zeros(8, 16), *caches, pos)
+    with pytest.raises(ValueError, match="cos/sin"):  # a table of another head size
+        decode_attention_rope(q, k, v, torch.ones(8, 32), torch.zeros(8, 32), *caches, pos)

@@ -26,14 +26,15 @@ from torch import Tensor
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, ws_ptr, stat_ptr, counter_ptr,
     kn_ptr, vn_ptr, cos_ptr, sin_ptr,
-    L, sm_scale,
+    L, P, sm_scale,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_knb, stride_knh, stride_knt, stride_vnb, stride_vnh, stride_vnt,
     KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
 ):  # fmt: skip
     """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
-    as does ``q``; the kernel applies the rotary embedding (``cos``/``sin`` ``[T, D]``, half-split form),
+    as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
+    half-split form),
     writes the new rows into the caches at ``pos`` (slice 0 only) and attends to them from registers, so
     the cache loop stops before ``pos[0]`` and never reads a row this launch writes."""
     ROWS: tl.constexpr = GROUP * T
@@ -62,8 +63,9 @@ def decode_attention_kernel(
         half: tl.constexpr = D // 2
         partner = (offs_d + half) % D  # rotate_half: [-x2, x1]
         sign = tl.where(offs_d < half, -1.0, 1.0)
-        cos = tl.load(cos_ptr + row_t[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + row_t[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        in_table = (row_ok & (row_pos < P))[:, None]
+        cos = tl.load(cos_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0).to(tl.float32)
         q_p = tl.load(q_rows + partner[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         q = (q.to(tl.float32) * cos + sign[None, :] * q_p * sin).to(q_ptr.dtype.element_ty)
     if DOT_F32:  # the CPU interpreter multiplies in float32
@@ -102,8 +104,9 @@ def decode_attention_kernel(
             kn_rows = kn_ptr + b * stride_knb + h * stride_knh + offs_t[:, None] * stride_knt
             kn = tl.load(kn_rows + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
             kn_p = tl.load(kn_rows + partner[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
-            t_cos = tl.load(cos_ptr + offs_t[:, None] * D + offs_d[None, :], mask=t_ok[:, None], other=0.0)
-            t_sin = tl.load(sin_ptr + offs_t[:, None] * D + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+            t_in = (t_ok & (new_pos < P))[:, None]
+            t_cos = tl.load(cos_ptr + new_pos[:, None] * D + offs_d[None, :], mask=t_in, other=0.0)
+            t_sin = tl.load(sin_ptr + new_pos[:, None] * D + offs_d[None, :], mask=t_in, other=0.0)
             kn = (kn * t_cos.to(tl.float32) + sign[None, :] * kn_p * t_sin.to(tl.float32)).to(k_ptr.dtype.element_ty)
             vn = tl.load(vn_ptr + b * stride_vnb + h * stride_vnh + offs_t[:, None] * stride_vnt + offs_d[None, :],
                          mask=t_ok[:, None], other=0.0).to(v_ptr.dtype.element_ty)  # fmt: skip
@@ -207,7 +210,7 @@ def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps) -> Tensor:
     k_new, v_new, cos, sin = new if new is not None else (k_cache, v_cache, q, q)
     decode_attention_kernel[(b * kv, split)](
         q, k_cache, v_cache, pos, out, ws, stat, counters, k_new, v_new, cos, sin,
-        length, d**-0.5,
+        length, cos.shape[0], d**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
@@ -249,7 +252,7 @@ def decode_attention_rope(
     num_warps: int = 2,
 ) -> Tensor:
     """A decode step's whole attention in one launch: the rotary embedding of ``q`` ``[b, H, t, d]`` and of the
-    step's keys ``k`` ``[b, KV, t, d]`` (``cos``/``sin`` ``[t, d]``, the half-split form of
+    step's keys ``k`` ``[b, KV, t, d]`` (rows ``pos`` of the tables ``cos``/``sin`` ``[P, d]``, the half-split form of
     :func:`lowbit.kernels.runtime.rotate`), the writes of the rotated keys and of ``v`` into the caches at
     ``pos`` (in place), and :func:`decode_attention`. ``q``, ``k`` and ``v`` may be strided views of one fused
     projection's output. ``pos`` must be consecutive positions (a decode step's); the caches are read only
@@ -259,8 +262,8 @@ def decode_attention_rope(
     if tuple(k.shape) != (b, k_cache.shape[1], t, d) or v.shape != k.shape:
         raise ValueError(f"new keys/values {tuple(k.shape)}/{tuple(v.shape)} do not match the queries "
                          f"{tuple(q.shape)} and the caches' {k_cache.shape[1]} heads")  # fmt: skip
-    if tuple(cos.shape) != (t, d) or tuple(sin.shape) != (t, d):
-        raise ValueError(f"cos/sin must be the rows of the step's positions, [{t}, {d}]; got "
+    if cos.dim() != 2 or cos.shape[1] != d or sin.shape != cos.shape:
+        raise ValueError(f"cos/sin must be rotary tables [positions, {d}] (the kernel reads rows pos); got "
                          f"{tuple(cos.shape)}/{tuple(sin.shape)}")  # fmt: skip
     if q.shape[-2] > 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("decode_attention_rope takes at most 16 new positions, contiguous in the head dimension")

@@ -59,6 +59,8 @@ class Block(nn.Module):
         self.gate_up: nn.Module | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+        """``x`` ``[b, t, hidden]`` at positions ``pos`` ``[t]``; ``cos``/``sin`` are the whole rotary tables
+        ``[max_seq_len, head_dim]`` (rows ``pos`` are used); ``mask`` ``[t, L]`` the causal mask of ``pos``."""
         s = self.shape
         b, t, _ = x.shape
         fused = fused_gemv_ok(x, [self.qkv, getattr(self, "o", None), self.gate_up, getattr(self, "down", None)])
@@ -77,9 +79,10 @@ class Block(nn.Module):
         if decode_kernel_ok(q, s.num_heads // s.num_kv_heads * t, pos):
             from lowbit.kernels.attention import decode_attention_rope_op
 
-            # rotary, cache writes and attention in one launch (three fewer per layer)
+            # rotary (reading rows pos of the tables), cache writes and attention in one launch
             attn = decode_attention_rope_op(q, k, v, cos, sin, self.k_cache, self.v_cache, pos)
         else:
+            cos, sin = cos[pos], sin[pos]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             self.k_cache.index_copy_(2, pos, k)
             self.v_cache.index_copy_(2, pos, v)
@@ -253,10 +256,9 @@ class Decoder(nn.Module):
 
     def forward(self, ids: Tensor, pos: Tensor) -> Tensor:
         x = self.embed(ids)
-        cos, sin = self.cos[pos], self.sin[pos]
         mask = self.positions[None, :] <= pos[:, None]
         for block in self.blocks:
-            x = block(x, cos, sin, pos, mask)
+            x = block(x, self.cos, self.sin, pos, mask)  # the rotary tables; each block reads rows pos
         if fused_gemv_ok(x[:, -1:], [self.lm_head]):
             return self.lm_head.fused(x[:, -1], norm=self.norm, eps=self.shape.rms_eps)
         x = F.rms_norm(x[:, -1], (self.shape.hidden_size,), self.norm, self.shape.rms_eps)
