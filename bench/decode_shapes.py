@@ -33,27 +33,27 @@ def flush_only() -> float:
     return w4a16.device_time(lambda: None)
 
 
-def gemv_rows(top: int) -> list[dict]:
+def gemv_rows(top: int, ms: list[int]) -> list[dict]:
     rows = []
     base = flush_only()
-    for name, k, n in SHAPES:
+    for (name, k, n), m in ((shape, m) for m in ms for shape in SHAPES):
         q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
         scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
         packed = pack_wna16(q, scale, None, 4, 128)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         cublas_us = (w4a16.device_time(lambda x=x, w=w: F.linear(x, w)) - base) * 1e3
         del w
         w4a16.tuned_config(x, packed)
-        key = next(key for key in w4a16.TUNING_LOG if key[:3] == (1, n, k))
-        read = n * k // 2 + scale.numel() * 2 + k * 2
+        key = next(key for key in w4a16.TUNING_LOG if key[:3] == (m, n, k))
+        read = n * k // 2 + scale.numel() * 2 + m * k * 2
         timed = [
             {"us": (ms - base) * 1e3, "gb_s": read / ((ms - base) * 1e-3) / 1e9, "config": repr(cfg)}
             for ms, cfg in w4a16.TUNING_LOG[key]
         ]
-        row = {"shape": name, "k": k, "n": n, "cublas_bf16_us": cublas_us, "candidates": len(timed),
+        row = {"shape": name, "m": m, "k": k, "n": n, "cublas_bf16_us": cublas_us, "candidates": len(timed),
                "best_us": timed[0]["us"], "ratio_vs_cublas": cublas_us / timed[0]["us"], "top": timed[:top]}  # fmt: skip
-        print(f"{name:8s} K={k:6d} N={n:6d}  cuBLAS {cublas_us:7.2f} us  lowbit {timed[0]['us']:7.2f} us "
+        print(f"{name:8s} M={m:2d} K={k:6d} N={n:6d}  cuBLAS {cublas_us:7.2f} us  lowbit {timed[0]['us']:7.2f} us "
               f"({timed[0]['gb_s']:5.0f} GB/s, {row['ratio_vs_cublas']:.2f}x)")  # fmt: skip
         for entry in timed[:top]:
             print(f"    {entry['us']:7.2f} us {entry['gb_s']:6.0f} GB/s  {entry['config']}")
@@ -103,13 +103,16 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--lengths", type=int, nargs="*", default=[641, 4097])
     parser.add_argument("--skip-gemv", action="store_true")
+    parser.add_argument("--ms", type=int, nargs="*", default=[1], help="tokens per GEMV (decode batch sizes)")
+    parser.add_argument("--skip-attention", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     if not args.skip_gemv:
-        result["gemv"] = gemv_rows(args.top)
-    result["attention"] = attention_rows(args.lengths)
+        result["gemv"] = gemv_rows(args.top, args.ms)
+    if not args.skip_attention:
+        result["attention"] = attention_rows(args.lengths)
     (args.out / "decode_shapes.json").write_text(json.dumps(result, indent=1))
 
 

@@ -146,6 +146,44 @@ def test_one_product_per_k_block_kernel(bits: int, group_size: int, symmetric: b
         assert out.shape == (m, n) and rel_err(out, ref) < BF16_TOL, rel_err(out, ref)
 
 
+@pytest.mark.parametrize(
+    "group_size,symmetric,k,m,config",
+    [
+        (128, True, 384, 1, WNA16Config(8, 32, 1, 1, 2, mma=True)),
+        (128, False, 512, 3, WNA16Config(8, 32, 2, 1, 2, mma=True)),  # split-K, asymmetric
+        (256, False, 512, 5, WNA16Config(8, 16, 1, 1, 2, mma=True)),  # a group spans two K-blocks
+        (-1, False, 448, 2, WNA16Config(8, 32, 1, 1, 2, mma=True)),  # per channel, K padded to 512
+        (-1, True, 300, 11, WNA16Config(16, 32, 3, 1, 2, mma=True)),  # ragged K, split-K, 16-token tile
+        (128, True, 256, 20, WNA16Config(16, 32, 1, 1, 2, mma=True)),  # two M tiles
+    ],
+    ids=["g128", "g128-asym-splitk", "g256", "per-channel-padded", "ragged-k-splitk-m11", "m20"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_kernel_codes_undequantized(
+    group_size: int, symmetric: bool, k: int, m: int, config: WNA16Config, dtype: torch.dtype
+) -> None:
+    """Tensor cores fed ``OFFSET + q``, the zero point and offset removed after the product (interpreter: float32)."""
+    n = 40  # not a multiple of BLOCK_N
+    q, scale, zero = random_codes(n, k, 4, group_size, symmetric, dtype, seed=k + group_size + m)
+    packed = pack_wna16(q, scale, zero, 4, group_size)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    ref = wna16_matmul_reference(x.double(), q, scale.double(), zero, 4)
+    for _ in range(2):  # split-K counters back at zero
+        out = wna16_matmul(x, packed, config)
+        assert torch.isfinite(out).all() and out.shape == (m, n)
+        assert rel_err(out, ref) < BF16_TOL, rel_err(out, ref)
+
+
+def test_mma_config_on_a_scheme_without_the_kernel_runs_the_default() -> None:
+    """8-bit codes and groups under a K-block have no tensor-core code kernel: the default launch runs instead."""
+    for bits, group_size in ((8, 128), (4, 32)):
+        q, scale, zero = random_codes(24, 256, bits, group_size, False, torch.bfloat16, seed=bits)
+        packed = pack_wna16(q, scale, zero, bits, group_size)
+        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        ref = wna16_matmul_reference(x.double(), q, scale.double(), zero, bits)
+        assert rel_err(wna16_matmul(x, packed, WNA16Config(8, 32, 1, 1, 2, mma=True)), ref) < BF16_TOL
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, False), (8, -1, True)])
 def test_dequantize_packed(bits: int, group_size: int, symmetric: bool) -> None:
     q, scale, zero = random_codes(33, 320, bits, group_size, symmetric, torch.bfloat16, seed=9)
@@ -218,6 +256,23 @@ def test_gpu_packed_dequant_tensor_cores(symmetric: bool, group_size: int) -> No
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         assert rel_err(wna16_matmul(x, packed, cfg), x.double() @ w.T) < BF16_TOL, (m, cfg)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inline PTX of the raw-code tensor-core kernel)")
+@pytest.mark.parametrize("symmetric, group_size, k", [(True, 128, 4096), (False, 128, 4096), (False, -1, 4000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_mma_kernel(symmetric: bool, group_size: int, k: int, dtype: torch.dtype) -> None:  # pragma: no cover
+    q, scale, zero = random_codes(1024, k, 4, group_size, symmetric, dtype, seed=7)
+    packed = pack_wna16(q.cuda(), scale.cuda(), None if zero is None else zero.cuda(), 4, group_size)
+    w = dequantize_weight(q, scale, zero, 4).cuda().double()
+    for m, cfg in (
+        (1, WNA16Config(8, 128, 4, 2, 3, mma=True)),
+        (3, WNA16Config(8, 64, 1, 1, 2, mma=True)),
+        (16, WNA16Config(16, 256, 2, 4, 3, mma=True)),
+    ):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        err = rel_err(wna16_matmul(x, packed, cfg), x.double() @ w.T)
+        assert err < 2e-3, (m, cfg, err)  # float32 accumulation: well inside bf16 tolerance
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph timing of the tuner)")

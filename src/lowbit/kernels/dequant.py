@@ -13,6 +13,8 @@
   and the products accumulate in packed bf16 over the four pairs of a word before one
   conversion to float32: about 2.6 instructions per weight. The bf16 products round to 8
   significant bits (relative error about 3e-3 on a layer output, within bf16 tolerance).
+* :func:`magic_codes`: the codes of 4-bit words as ``128 + q`` (bf16) or ``1024 + q`` (fp16) in one instruction
+  per weight, for a tensor-core product at M = 1..16 that subtracts the offset and zero point afterwards.
 * :func:`dequantize_packed`: the dense weight, for large M where cuBLAS does the product.
 """
 
@@ -103,6 +105,57 @@ def dequant_words_bf16x2(words, neg_zero, scale):
         is_pure=True,
         pack=2,
     )
+
+
+def _magic_codes_ptx(magic: int) -> str:
+    """PTX for :func:`magic_codes`: two words in (``$8``, ``$9``), their 8 code slabs out as pairs of ``OFFSET + q``.
+
+    Per byte ``k``: one ``prmt`` puts byte ``k`` of the first word in the low half and of the second in the
+    high half, one ``lop3`` masks the low nibbles and ORs in the exponent (code ``2k``), one shift and one
+    ``lop3`` the high nibbles (code ``2k + 1``): one instruction per weight, no arithmetic.
+    """
+    lines = ["{", ".reg .b32 t, u;"]
+    for k in range(4):
+        sel = (4 + k) << 12 | (4 + k) << 8 | k << 4 | k
+        lines += [
+            f"prmt.b32 t, $8, $9, {sel:#06x};",
+            f"lop3.b32 ${2 * k}, t, 0x000F000F, {magic:#010x}, 0xEA;",
+            "shr.u32 u, t, 4;",
+            f"lop3.b32 ${2 * k + 1}, u, 0x000F000F, {magic:#010x}, 0xEA;",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_MAGIC_CODES_BF16_PTX = tl.constexpr(_magic_codes_ptx(0x43004300))  # bf16 128 + q: exponent of 128, ulp 1
+_MAGIC_CODES_FP16_PTX = tl.constexpr(_magic_codes_ptx(0x64006400))  # fp16 1024 + q: exponent of 1024, ulp 1
+
+
+@triton.jit
+def magic_codes(words, dtype: tl.constexpr):
+    """The eight code slabs of 4-bit words as ``OFFSET + q`` in ``dtype``, exact (GPU only).
+
+    ``OFFSET`` is 128 for bf16 and 1024 for fp16 (:func:`magic_offset`): the code ORed into the mantissa of
+    ``OFFSET``, whose unit in the last place is 1. Returns a tuple of eight tensors shaped like ``words``:
+    slab ``j`` holds code ``j`` of every word (input feature ``j * WORDS + w`` of the layout). The zero
+    point is not removed here: a tensor-core product accumulates in float32, where subtracting
+    ``(OFFSET + zero) * sum(x)`` afterwards is exact enough (:func:`lowbit.kernels.wna16_jit.w4_mma_kernel`).
+    """
+    if dtype == tl.float16:
+        return tl.inline_asm_elementwise(_MAGIC_CODES_FP16_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=2)  # fmt: skip
+    else:
+        return tl.inline_asm_elementwise(_MAGIC_CODES_BF16_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)  # fmt: skip
+
+
+@triton.jit
+def magic_offset(dtype: tl.constexpr):
+    """The offset :func:`magic_codes` adds to every code in ``dtype``: 128 (bf16) or 1024 (fp16)."""
+    if dtype == tl.float16:
+        return 1024.0
+    else:
+        return 128.0
 
 
 @triton.jit

@@ -4,7 +4,8 @@ The kernels are in :mod:`lowbit.kernels.wna16_jit`. Which one runs depends on M 
 configuration (:class:`WNA16Config`), timed once per shape on CUDA (:func:`tuned_config`):
 
 * M = 1..8: a CUDA-core GEMV (:func:`~lowbit.kernels.wna16_jit.wna16_kernel` with ``BLOCK_M == 1``, or the
-  multi-K-block :func:`~lowbit.kernels.wna16_jit.w4_gemv_kernel`);
+  multi-K-block :func:`~lowbit.kernels.wna16_jit.w4_gemv_kernel`), or for 4-bit codes tensor cores fed the raw
+  codes (:func:`~lowbit.kernels.wna16_jit.w4_mma_kernel`, also a candidate up to M = 16);
 * M = 9..255: tensor cores (:func:`~lowbit.kernels.wna16_jit.wna16_kernel`, and for M = 17..64 also
   :func:`~lowbit.kernels.wna16_jit.wna16_dot_kernel`);
 * M >= 256: the weight is dequantized once (:func:`lowbit.kernels.dequant.dequantize_packed`) and
@@ -23,7 +24,7 @@ import triton
 
 from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import BLOCK_K, PackedWNA16
-from lowbit.kernels.wna16_jit import w4_gemv_kernel, wna16_dot_kernel, wna16_kernel
+from lowbit.kernels.wna16_jit import w4_gemv_kernel, w4_mma_kernel, wna16_dot_kernel, wna16_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class WNA16Config:
     # True: :func:`wna16_dot_kernel` (block_m >= 16), ``swap`` choosing ``out^T = W x^T`` or ``out = x W^T``
     dot: bool = False
     swap: bool = True
+    # True: :func:`w4_mma_kernel` (4-bit, groups >= 128 or per channel; block_m 8 or 16 tokens per tile)
+    mma: bool = False
 
 
 DENSE = WNA16Config(0, 0, 1)
@@ -79,7 +82,7 @@ def default_config(m: int, n: int, k: int) -> WNA16Config:
 
 def candidate_configs(m: int) -> list[WNA16Config]:
     """Launch configurations worth timing for a given M (benchmarks and tuning)."""
-    return _candidate_configs(m) + _dot_candidates(m)
+    return _candidate_configs(m) + _dot_candidates(m) + _mma_candidates(m)
 
 
 def _dot_candidates(m: int) -> list[WNA16Config]:
@@ -89,6 +92,20 @@ def _dot_candidates(m: int) -> list[WNA16Config]:
     bm = 32 if m <= 32 else 64
     shapes = [(64, 4), (64, 8), (64, 2), (128, 4)]  # (block_n, split_k)
     return [WNA16Config(bm, bn, sk, 4, 3, dot=True) for bn, sk in shapes]
+
+
+def _mma_candidates(m: int) -> list[WNA16Config]:
+    """:func:`w4_mma_kernel` launches for 1 to 16 tokens: (block_n, warps) x split-K x stages."""
+    if m > 16:
+        return []
+    bm = 8 if m <= 8 else 16
+    tiles = [(64, 1), (128, 2), (128, 4), (256, 4), (32, 1)]
+    return [
+        WNA16Config(bm, bn, sk, nw, st, mma=True)
+        for bn, nw in tiles
+        for sk in (1, 2, 4, 8)
+        for st in (2, 3, 4)
+    ]
 
 
 def _candidate_configs(m: int) -> list[WNA16Config]:
@@ -231,6 +248,8 @@ def wna16_matmul(
     cfg = config or tuned_config(x2, packed, fusion)
     if fusion is not None and not fusable(cfg, packed, m, fusion):
         return fusion.unfused(x, packed)
+    if cfg.mma and not multi_block_ok(packed):
+        cfg = default_config(m, n, k)  # groups under a K-block, or 8-bit codes: no such kernel
     if cfg.block_m == 0:
         return F.linear(x, dequantize_packed(packed, x.dtype))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -252,7 +271,10 @@ def wna16_matmul(
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }
-    if fusion is not None or (cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed)):
+    if cfg.mma and multi_block_ok(packed):
+        del shared["PACKED_MATH"], shared["PREFETCH"]
+        w4_mma_kernel[grid](*args, BLOCK_M=cfg.block_m, INTERPRET=interpreting(), **shared)
+    elif fusion is not None or (cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed)):
         fusion = fusion or Fusion()
         residual = out if fusion.residual is None else fusion.residual.reshape(m, n)
         if residual.stride(-1) != 1:
@@ -329,8 +351,8 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
         candidates = candidate_configs(m)
     timings = []
     for cfg in candidates:
-        if cfg.kbi and not multi_block_ok(packed):
-            continue  # would run the one-block kernel again under another name
+        if (cfg.kbi or cfg.mma) and not multi_block_ok(packed):
+            continue  # would run another kernel again under this one's name
         try:
             err = (wna16_matmul(x2, packed, cfg, fusion).float() - reference).norm() / reference.norm().clamp_min(
                 1e-30

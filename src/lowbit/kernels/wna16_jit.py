@@ -12,6 +12,7 @@
   ``PACKED_MATH``, in packed bf16x2 PTX (:func:`lowbit.kernels.dequant.dequant_words_bf16x2`).
 * :func:`w4_gemv_kernel`: the 4-bit GEMV that reads several K-blocks per step (1 to 8 tokens).
 * :func:`wna16_dot_kernel`: one tensor-core product per K-block, the tile built in feature order.
+* :func:`w4_mma_kernel`: tensor cores for 1 to 16 tokens, the codes fed to the product undequantized.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from lowbit.kernels.dequant import (
     dequant_slab,
     dequant_slabs,
     dequant_words_bf16x2,
+    magic_codes,
+    magic_offset,
     pack_bf16x2,
     word_dot_bf16x2,
 )
@@ -416,6 +419,86 @@ def wna16_dot_kernel(
         out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
         store_split_k(acc, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K, out, False)
+
+
+@triton.jit
+def w4_mma_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_om,
+    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """4-bit weights times 1 to 16 tokens on tensor cores, ``out^T[BLOCK_N, BLOCK_M] = W @ x^T``, the codes undequantized.
+
+    The CUDA-core GEMV (:func:`w4_gemv_kernel`) spends about 3.2 instructions per weight (SASS of its loop
+    for sm_90): the packed bf16x2 multiply-adds, their conversion to float32 and the zero point. Here the
+    tensor cores multiply and accumulate, and the weight operand is the raw code read as a float,
+    ``OFFSET + q`` (:func:`lowbit.kernels.dequant.magic_codes`: one ``prmt``/``lop3``/shift per weight,
+    exact): per K-block and row, ``sum_k (OFFSET + q_k) x_k`` accumulates in float32 (the bf16 products
+    are exact there), and the epilogue subtracts ``(OFFSET + zero) * sum_k x_k`` and multiplies by the
+    scale, once per K-block and output. About 1.9 instructions per weight at ``BLOCK_M = 8`` (the
+    ``mma`` tile's smallest N; rows past M are zero). One product per code slab (K = 16, features
+    ``j * WORDS .. j * WORDS + 15``, :mod:`lowbit.kernels.layout`). Groups must cover whole K-blocks
+    (``GROUP >= BK``) or be per channel; bf16 or fp16 activations.
+
+    The float32 correction cancels a sum about ``OFFSET / 8`` times larger than the result: a relative
+    error near ``2**-24 * OFFSET``, far below the bf16 rounding of the output.
+    """
+    WORDS: tl.constexpr = BK // 8
+    dtype = x_ptr.dtype.element_ty
+    pid_m, pid_k, tile, offs_n, n_mask, offs_m, m_mask, kb_lo, kb_hi = tile_ranges(M, N, K, BLOCK_M, BLOCK_N, SPLIT_K, BK)
+    offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, BK)
+    w_ptrs = qw_ptr + offs_n[:, None] * WORDS + offs_w[None, :]
+    x_cols = x_ptr + offs_m[None, :] * stride_xm  # [1, BLOCK_M]: x^T, one column per token
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
+    offset = magic_offset(dtype)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    scale = tl.full((BLOCK_N,), 1.0, tl.float32)
+    bias = tl.full((BLOCK_N,), 8.0, tl.float32) + offset  # OFFSET + zero
+    if PER_CHANNEL:
+        scale = tl.load(s_ptr + offs_n).to(tl.float32)
+        if HAS_ZERO:
+            bias = tl.load(z_ptr + offs_n).to(tl.float32) + offset
+    for kb in range(kb_lo, kb_hi):
+        words = tl.load(w_ptrs + kb * N * WORDS)
+        if not PER_CHANNEL:
+            g = (kb * BK) // GROUP
+            scale = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
+            if HAS_ZERO:
+                bias = tl.load(z_ptr + g * N + offs_n).to(tl.float32) + offset
+        feature = kb * BK + offs_k
+        if EVEN_K:
+            x_block = tl.load(x_rows + feature[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            x_block = tl.load(x_rows + feature[None, :], mask=m_mask[:, None] & (feature < K)[None, :], other=0.0)
+        x_sum = tl.sum(x_block.to(tl.float32), axis=1)  # [BLOCK_M]
+        if not INTERPRET:
+            codes = magic_codes(words, dtype)
+        block = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for j in tl.static_range(8):
+            feature_j = kb * BK + j * WORDS + offs_w
+            if EVEN_K:
+                xt = tl.load(x_cols + feature_j[:, None], mask=m_mask[None, :], other=0.0)
+            else:
+                xt = tl.load(x_cols + feature_j[:, None], mask=m_mask[None, :] & (feature_j < K)[:, None], other=0.0)
+            if INTERPRET:  # no inline PTX; float32 products (the triton 3.9 interpreter mis-multiplies bf16 dots)
+                c = ((words >> (4 * j)) & 15).to(tl.float32) + offset
+                block = tl.dot(c, xt.to(tl.float32), block)
+            else:
+                block = tl.dot(codes[j], xt, block)
+        block -= bias[:, None] * x_sum[None, :]
+        if PER_CHANNEL:
+            acc += block
+        else:
+            acc += block * scale[:, None]
+    if PER_CHANNEL:
+        acc = acc * scale[:, None]
+    counter = counter_ptr + tile
+    out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
+    store_split_k(acc, out, ws, M * N, counter, pid_k, n_mask[:, None] & m_mask[None, :], SPLIT_K, out, False)
 
 
 @triton.jit
