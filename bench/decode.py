@@ -21,7 +21,7 @@ from pathlib import Path
 import kernel_import  # noqa: E402,F401  (puts src/lowbit on the path, kernels only)
 import torch
 
-from lowbit.kernels import runtime, w4a16  # noqa: E402
+from lowbit.kernels import pdl, runtime, w4a16  # noqa: E402
 from lowbit.kernels.runtime import bench_decode  # noqa: E402
 
 SCHEMES = ["bf16", "w4a16", "w8a16", "int8", "fp8"]
@@ -55,9 +55,12 @@ def main() -> None:
                         help="the decode step's attention (lowbit.kernels.runtime.ATTENTION)")  # fmt: skip
     parser.add_argument("--fuse", choices=["off", "auto"], default="off",
                         help="norms, SwiGLU and residual adds inside the 4-bit GEMVs (lowbit.kernels.runtime.FUSE)")  # fmt: skip
+    parser.add_argument("--pdl", choices=["off", "on"], default="off",
+                        help="programmatic dependent launch of lowbit's kernels (lowbit.kernels.pdl.PDL)")  # fmt: skip
     args = parser.parse_args()
     runtime.ATTENTION[0] = args.attention
     runtime.FUSE[0] = args.fuse
+    pdl.PDL[0] = args.pdl
     args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows: list[dict] = []

@@ -26,7 +26,7 @@ import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lowbit.kernels import runtime, w4a16
+from lowbit.kernels import pdl, runtime, w4a16
 from lowbit.kernels.runtime import LLAMA3_8B, linear_factory, random_decoder
 
 
@@ -68,10 +68,12 @@ def classify(name: str) -> str:
 
 @torch.no_grad()  # as greedy_decode: nothing records autograd (the decode-attention kernel has no backward)
 def profile_scheme(
-    scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off"
+    scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off",
+    use_pdl: str = "off",
 ) -> dict:
     runtime.ATTENTION[0] = attention
     runtime.FUSE[0] = fuse
+    pdl.PDL[0] = use_pdl
     make = linear_factory(scheme, "cuda")
     model = random_decoder(LLAMA3_8B, make, "cuda").fuse_projections()
     if lm_head_quantized and scheme != "bf16":
@@ -118,6 +120,8 @@ def profile_scheme(
         "batch": batch,
         "attention": attention,
         "fuse": fuse,
+        "pdl": use_pdl,
+        "prefetch_blocks": pdl.PREFETCH_BLOCKS[0],
         "step_ms": step_ms,
         "tokens_per_s": batch * 1e3 / step_ms,
         "kernels_per_step": len(in_graph) / calls,
@@ -147,24 +151,30 @@ def main() -> None:
     parser.add_argument("--attention", nargs="*", default=["auto"], choices=["auto", "matmul", "reduce", "sdpa", "triton"])
     parser.add_argument("--fuse", nargs="*", default=["off"], choices=["off", "auto"],
                         help="lowbit.kernels.runtime.FUSE values to compare (non-bf16 schemes)")  # fmt: skip
+    parser.add_argument("--pdl", nargs="*", default=["off"], choices=["off", "on"],
+                        help="lowbit.kernels.pdl.PDL values to compare (programmatic dependent launch)")
+    parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
+                        help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")
     args = parser.parse_args()
+    pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for scheme in args.schemes:
         variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
         fuses = args.fuse if scheme != "bf16" else ["off"]
-        for quantized_head, attention, fuse in [(v, a, f) for v in variants for a in args.attention for f in fuses]:
-            row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse)
+        runs = [(v, a, f, p) for v in variants for a in args.attention for f in fuses for p in args.pdl]
+        for quantized_head, attention, fuse, use_pdl in runs:
+            row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse, use_pdl=use_pdl)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
             for t in row["top"]:
                 print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:<4d} {t['name']}", flush=True)
             (args.out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
-    print("| scheme | attention | fuse | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scheme | attention | fuse | pdl | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
-        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
               f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} |")  # fmt: skip
 

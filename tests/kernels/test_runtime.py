@@ -179,3 +179,40 @@ def test_fused_decode_layers_give_the_unfused_tokens(compile_step: bool, monkeyp
     fused = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False, compile_step=compile_step)
     assert calls  # 4 per layer + the lm_head per step (traced once when compiled)
     assert torch.equal(fused.tokens, plain.tokens)
+
+
+def test_pdl_adds_no_launch_options_where_it_cannot_run(monkeypatch) -> None:
+    """Programmatic dependent launch is Hopper-only: off by default, and on the CPU no launch changes even when on."""
+    from lowbit.kernels import pdl
+
+    assert pdl.PDL == ["off"]
+    monkeypatch.setattr(pdl, "PDL", ["on"])
+    assert pdl.launch_options(torch.device("cpu"), 8) == {}
+    monkeypatch.setattr(pdl, "PDL", ["off"])
+    assert pdl.launch_options(torch.device("cuda", 0), 8) == {}
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="needs a Hopper GPU (programmatic dependent launch)",
+)
+@pytest.mark.parametrize("fuse", ["off", "auto"])
+@pytest.mark.parametrize("prefetch_blocks", [0, 128])
+def test_gpu_pdl_decode_gives_the_same_tokens(fuse: str, prefetch_blocks: int, monkeypatch) -> None:  # pragma: no cover
+    """Every lowbit launch of a CUDA-graph decode step overlapping its predecessor (PDL) gives the tokens of the
+    serialized step: nothing reads an activation or writes before its wait."""
+    from lowbit.kernels import pdl, runtime
+
+    assert pdl.supported(torch.device("cuda"))
+    shape = DecoderShape(vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=3, num_heads=8,
+                         num_kv_heads=2, head_dim=64)  # fmt: skip
+    model = random_decoder(shape, linear_factory("w4a16", "cuda"), device="cuda").fuse_projections()
+    model.lm_head = linear_factory("w4a16", "cuda")(shape.hidden_size, shape.vocab_size)
+    prompt = torch.randint(0, shape.vocab_size, (1, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    monkeypatch.setattr(runtime, "FUSE", [fuse])
+    plain = greedy_decode(model, prompt, new_tokens=12)
+    monkeypatch.setattr(pdl, "PDL", ["on"])
+    monkeypatch.setattr(pdl, "PREFETCH_BLOCKS", [prefetch_blocks])
+    assert pdl.launch_options(torch.device("cuda"), 4)["launch_pdl"]
+    overlapped = greedy_decode(model, prompt, new_tokens=12)
+    assert torch.equal(overlapped.tokens, plain.tokens)

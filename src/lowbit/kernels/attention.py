@@ -21,6 +21,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels import pdl
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # Triton without grid dependency control: lowbit.kernels.pdl.supported() is False
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit
 def decode_attention_kernel(
@@ -31,12 +38,18 @@ def decode_attention_kernel(
     stride_knb, stride_knh, stride_knt, stride_vnb, stride_vnh, stride_vnt,
     KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
     as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
     half-split form),
     writes the new rows into the caches at ``pos`` (slice 0 only) and attends to them from registers, so
-    the cache loop stops before ``pos[0]`` and never reads a row this launch writes."""
+    the cache loop stops before ``pos[0]`` and never reads a row this launch writes. ``PDL``: launched before the
+    previous kernel has finished (:mod:`lowbit.kernels.pdl`); the next may start at once, and this one waits
+    for the previous one before reading anything."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     ROWS: tl.constexpr = GROUP * T
     bh = tl.program_id(0)  # batch * KV + key/value head
     sp = tl.program_id(1)  # slice of the positions
@@ -214,7 +227,7 @@ def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps) -> Tensor:
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
-        NEW=new is not None, num_warps=num_warps,
+        NEW=new is not None, num_warps=num_warps, **pdl.launch_options(q.device),
     )  # fmt: skip
     return out
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from lowbit.kernels import pdl
 from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 from lowbit.kernels.wna16_jit import w4_gemv_kernel, w4_mma_kernel, wna16_dot_kernel, wna16_kernel
@@ -271,18 +272,21 @@ def wna16_matmul(
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }
+    num_kb = triton.cdiv(k, BLOCK_K)
     if cfg.mma and multi_block_ok(packed):
         del shared["PACKED_MATH"], shared["PREFETCH"]
-        w4_mma_kernel[grid](*args, BLOCK_M=cfg.block_m, INTERPRET=interpreting(), **shared)
+        launch = pdl.launch_options(x.device, triton.cdiv(num_kb, cfg.split_k))
+        w4_mma_kernel[grid](*args, BLOCK_M=cfg.block_m, INTERPRET=interpreting(), **shared, **launch)
     elif fusion is not None or (cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed)):
         fusion = fusion or Fusion()
         residual = out if fusion.residual is None else fusion.residual.reshape(m, n)
         if residual.stride(-1) != 1:
             residual = residual.contiguous()
+        launch = pdl.launch_options(x.device, triton.cdiv(triton.cdiv(num_kb, cfg.kbi), cfg.split_k) * cfg.kbi)
         w4_gemv_kernel[grid](
             *args, fusion.norm if fusion.norm is not None else packed.scale, residual, fusion.eps, residual.stride(0),
             BLOCK_M=cfg.block_m, KBI=cfg.kbi, PRO=1 if fusion.norm is not None else 2 if fusion.swiglu else 0,
-            RESID=fusion.residual is not None, **shared,
+            RESID=fusion.residual is not None, **shared, **launch,
         )  # fmt: skip
     elif cfg.dot and cfg.block_m >= 16:
         del shared["PACKED_MATH"], shared["PREFETCH"]
@@ -293,9 +297,11 @@ def wna16_matmul(
     else:
         # this kernel's packed-math GEMV reads the activations unmasked: whole K-blocks only
         shared["PACKED_MATH"] = shared["PACKED_MATH"] and (k % BLOCK_K == 0 or cfg.block_m > 1)
+        launch = pdl.launch_options(x.device, triton.cdiv(num_kb, cfg.split_k))
         wna16_kernel[grid](
-            *args, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting(), **shared
-        )
+            *args, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting(), **shared,
+            **launch,
+        )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -31,6 +31,37 @@ from lowbit.kernels.dequant import (
     word_dot_bf16x2,
 )
 
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # Triton without grid dependency control: lowbit.kernels.pdl.supported() is False
+    gdc_launch_dependents = gdc_wait = None
+
+
+_PREFETCH_L2_PTX = tl.constexpr(
+    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }"
+)
+
+
+@triton.jit
+def pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, PF_BLOCKS: tl.constexpr):
+    """Programmatic dependent launch (Hopper): what a kernel does before the previous kernel has finished.
+
+    The launch lets the next kernel start now (its programs can be resident while this one runs), asks
+    the L2 to fetch this program's first ``PF_BLOCKS`` K-blocks of weights (one bulk prefetch each: the
+    weights do not depend on the previous kernel), then waits until the previous kernel has completed
+    and its writes are visible. Nothing that kernel writes may be read, and nothing written, before the
+    wait (activations, outputs, split-K workspace and counters all come after it).
+    """
+    gdc_launch_dependents()
+    if PF_BLOCKS > 0:
+        n0 = tl.program_id(0) * BLOCK_N
+        nbytes = tl.minimum(N - n0, BLOCK_N) * (WORDS * 4)  # this tile's rows of one K-block: contiguous
+        kb = kb_lo + tl.arange(0, PF_BLOCKS)
+        ptrs = qw_ptr + kb.to(tl.int64) * N * WORDS + n0 * WORDS
+        tl.inline_asm_elementwise(_PREFETCH_L2_PTX, "=r,l,r,r", [ptrs, (kb < kb_hi).to(tl.int32), tl.zeros_like(kb) + nbytes],
+                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    gdc_wait()
+
 
 @triton.jit
 def tile_ranges(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr):
@@ -62,7 +93,7 @@ def wna16_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     ONE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PACKED_MATH: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr = False, PF_BLOCKS: tl.constexpr = 0,
 ):  # fmt: skip
     PACK: tl.constexpr = 32 // BITS  # codes per int32 word
     WORDS: tl.constexpr = BK // PACK  # words per row of a K-block = input features per code slab
@@ -74,6 +105,8 @@ def wna16_kernel(
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BK)
 
+    if PDL:
+        pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS, BLOCK_N, PF_BLOCKS)
     w_ptrs = qw_ptr + offs_n[:, None] * WORDS + offs_w[None, :]
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
@@ -214,7 +247,7 @@ def w4_gemv_kernel(
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KBI: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr, PACKED_MATH: tl.constexpr, PREFETCH: tl.constexpr,
-    PRO: tl.constexpr = 0, RESID: tl.constexpr = False,
+    PRO: tl.constexpr = 0, RESID: tl.constexpr = False, PDL: tl.constexpr = False, PF_BLOCKS: tl.constexpr = 0,
 ):  # fmt: skip
     """4-bit GEMV for ``BLOCK_M`` (1 to 8) tokens, reading ``KBI`` K-blocks per loop step: a
     ``[BLOCK_N, KBI, WORDS]`` tile of words, used by every token of the program.
@@ -244,6 +277,8 @@ def w4_gemv_kernel(
     steps_per_split = tl.cdiv(num_steps, SPLIT_K)
     step_lo = pid_k * steps_per_split
     step_hi = tl.minimum(step_lo + steps_per_split, num_steps)
+    if PDL:
+        pdl_prologue(qw_ptr, N, step_lo * KBI, tl.minimum(step_hi * KBI, num_kb), WORDS, BLOCK_N, PF_BLOCKS)
 
     w_off = offs_i[None, :, None] * (N * WORDS) + offs_n[:, None, None] * WORDS + offs_w[None, None, :]
     x_feature0 = offs_i[None, :, None] * BK + offs_w[None, None, :]  # feature of code 0 of each word: [1, KBI, W]
@@ -427,7 +462,7 @@ def w4_mma_kernel(
     M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
-    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False, PF_BLOCKS: tl.constexpr = 0,
 ):  # fmt: skip
     """4-bit weights times 1 to 16 tokens on tensor cores, ``out^T[BLOCK_N, BLOCK_M] = W @ x^T``, the codes undequantized.
 
@@ -453,6 +488,8 @@ def w4_mma_kernel(
     w_ptrs = qw_ptr + offs_n[:, None] * WORDS + offs_w[None, :]
     x_cols = x_ptr + offs_m[None, :] * stride_xm  # [1, BLOCK_M]: x^T, one column per token
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
+    if PDL:
+        pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS, BLOCK_N, PF_BLOCKS)
     offset = magic_offset(dtype)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     scale = tl.full((BLOCK_N,), 1.0, tl.float32)

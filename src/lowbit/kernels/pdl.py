@@ -1,0 +1,59 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for lowbit's decode kernels.
+
+A decode step is a chain of short kernels, each waiting for the one before. With PDL a kernel is launched
+before its predecessor has finished: its programs call ``griddepcontrol.launch_dependents`` first (so the
+next kernel may start too), do the work that does not depend on the predecessor (the W4A16 kernels ask
+the L2 for their first weight blocks, :func:`lowbit.kernels.wna16_jit.pdl_prologue`), then
+``griddepcontrol.wait`` until the predecessor has completed and its writes are visible. Every read of
+an activation and every write comes after the wait. A kernel that is not launched this way (PyTorch's
+or Inductor's) still waits for the whole of its predecessor, so only chains of lowbit kernels overlap:
+all of a step's launches with ``runtime.FUSE`` on, the attention and the output projection without it.
+
+``PDL[0]``: ``"off"`` (default) or ``"on"`` (used where :func:`supported`); ``PREFETCH_BLOCKS[0]``: how many
+K-blocks of 128 features each program prefetches before the wait (0: none, only the early launch).
+bench/decode_profile.py ``--pdl off on`` measures both in one call (bench/notes/kernels.md, session 10).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+PDL = ["off"]
+PREFETCH_BLOCKS = [128]
+
+
+@functools.cache
+def _triton_has_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+@functools.cache
+def _device_has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def supported(device: torch.device) -> bool:
+    """Whether launches on ``device`` may use PDL: CUDA, compute capability 9.0 or later, a Triton with it."""
+    if device.type != "cuda" or not _triton_has_pdl():
+        return False
+    return _device_has_pdl(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(device: torch.device, blocks_per_program: int = 0) -> dict:
+    """Extra launch arguments of a PDL-aware kernel: ``PDL``, ``PF_BLOCKS`` (W4A16 kernels, when
+    ``blocks_per_program`` is given) and Triton's ``launch_pdl``; empty when PDL is off or unsupported."""
+    if PDL[0] != "on" or not supported(device):
+        return {}
+    options: dict = {"PDL": True, "launch_pdl": True}
+    if blocks_per_program:
+        cap = PREFETCH_BLOCKS[0]
+        options["PF_BLOCKS"] = 0 if cap <= 0 else triton.next_power_of_2(min(cap, blocks_per_program))
+    return options
