@@ -55,7 +55,7 @@ def main() -> None:
                         help="the decode step's attention (lowbit.kernels.runtime.ATTENTION)")  # fmt: skip
     parser.add_argument("--fuse", choices=["off", "auto"], default="off",
                         help="norms, SwiGLU and residual adds inside the 4-bit GEMVs (lowbit.kernels.runtime.FUSE)")  # fmt: skip
-    parser.add_argument("--pdl", choices=["off", "on"], default="off",
+    parser.add_argument("--pdl", choices=["off", "early", "late"], default="off",
                         help="programmatic dependent launch of lowbit's kernels (lowbit.kernels.pdl.PDL)")  # fmt: skip
     args = parser.parse_args()
     runtime.ATTENTION[0] = args.attention

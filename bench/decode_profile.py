@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--attention", nargs="*", default=["auto"], choices=["auto", "matmul", "reduce", "sdpa", "triton"])
     parser.add_argument("--fuse", nargs="*", default=["off"], choices=["off", "auto"],
                         help="lowbit.kernels.runtime.FUSE values to compare (non-bf16 schemes)")  # fmt: skip
-    parser.add_argument("--pdl", nargs="*", default=["off"], choices=["off", "on"],
+    parser.add_argument("--pdl", nargs="*", default=["off"], choices=["off", "early", "late"],
                         help="lowbit.kernels.pdl.PDL values to compare (programmatic dependent launch)")
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
                         help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")

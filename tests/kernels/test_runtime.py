@@ -186,7 +186,7 @@ def test_pdl_adds_no_launch_options_where_it_cannot_run(monkeypatch) -> None:
     from lowbit.kernels import pdl
 
     assert pdl.PDL == ["off"]
-    monkeypatch.setattr(pdl, "PDL", ["on"])
+    monkeypatch.setattr(pdl, "PDL", ["early"])
     assert pdl.launch_options(torch.device("cpu"), 8) == {}
     monkeypatch.setattr(pdl, "PDL", ["off"])
     assert pdl.launch_options(torch.device("cuda", 0), 8) == {}
@@ -197,8 +197,8 @@ def test_pdl_adds_no_launch_options_where_it_cannot_run(monkeypatch) -> None:
     reason="needs a Hopper GPU (programmatic dependent launch)",
 )
 @pytest.mark.parametrize("fuse", ["off", "auto"])
-@pytest.mark.parametrize("prefetch_blocks", [0, 128])
-def test_gpu_pdl_decode_gives_the_same_tokens(fuse: str, prefetch_blocks: int, monkeypatch) -> None:  # pragma: no cover
+@pytest.mark.parametrize("mode, prefetch_blocks", [("early", 0), ("early", 128), ("late", 2)])
+def test_gpu_pdl_decode_gives_the_same_tokens(fuse: str, mode: str, prefetch_blocks: int, monkeypatch) -> None:  # pragma: no cover
     """Every lowbit launch of a CUDA-graph decode step overlapping its predecessor (PDL) gives the tokens of the
     serialized step: nothing reads an activation or writes before its wait."""
     from lowbit.kernels import pdl, runtime
@@ -211,7 +211,7 @@ def test_gpu_pdl_decode_gives_the_same_tokens(fuse: str, prefetch_blocks: int, m
     prompt = torch.randint(0, shape.vocab_size, (1, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
     monkeypatch.setattr(runtime, "FUSE", [fuse])
     plain = greedy_decode(model, prompt, new_tokens=12)
-    monkeypatch.setattr(pdl, "PDL", ["on"])
+    monkeypatch.setattr(pdl, "PDL", [mode])
     monkeypatch.setattr(pdl, "PREFETCH_BLOCKS", [prefetch_blocks])
     assert pdl.launch_options(torch.device("cuda"), 4)["launch_pdl"]
     overlapped = greedy_decode(model, prompt, new_tokens=12)

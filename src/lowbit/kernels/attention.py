@@ -38,17 +38,18 @@ def decode_attention_kernel(
     stride_knb, stride_knh, stride_knt, stride_vnb, stride_vnh, stride_vnt,
     KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):  # fmt: skip
     """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
     as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
     half-split form),
     writes the new rows into the caches at ``pos`` (slice 0 only) and attends to them from registers, so
     the cache loop stops before ``pos[0]`` and never reads a row this launch writes. ``PDL``: launched before the
-    previous kernel has finished (:mod:`lowbit.kernels.pdl`); the next may start at once, and this one waits
-    for the previous one before reading anything."""
-    if PDL:
+    previous kernel has finished (:mod:`lowbit.kernels.pdl`); it waits for the previous one before reading
+    anything, and lets the next one start at once (1) or after its main loop (2)."""
+    if PDL == 1:
         gdc_launch_dependents()
+    if PDL:
         gdc_wait()
     ROWS: tl.constexpr = GROUP * T
     bh = tl.program_id(0)  # batch * KV + key/value head
@@ -141,6 +142,8 @@ def decode_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(vn.dtype), vn)
             m = m_new
 
+    if PDL == 2:
+        gdc_launch_dependents()
     out_ptrs = out_ptr + bh * ROWS * D + offs_r[:, None] * D + offs_d[None, :]
     if SPLIT == 1:
         denom = tl.where(row_ok, denom, 1.0)  # padded rows see nothing; keep them finite

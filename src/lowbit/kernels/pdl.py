@@ -9,9 +9,10 @@ an activation and every write comes after the wait. A kernel that is not launche
 or Inductor's) still waits for the whole of its predecessor, so only chains of lowbit kernels overlap:
 all of a step's launches with ``runtime.FUSE`` on, the attention and the output projection without it.
 
-``PDL[0]``: ``"off"`` (default) or ``"on"`` (used where :func:`supported`); ``PREFETCH_BLOCKS[0]``: how many
-K-blocks of 128 features each program prefetches before the wait (0: none, only the early launch).
-bench/decode_profile.py ``--pdl off on`` measures both in one call (bench/notes/kernels.md, session 10).
+``PDL[0]``: ``"off"`` (default), ``"early"`` (each program lets the next kernel launch as it starts) or
+``"late"`` (after its main loop), used where :func:`supported`; ``PREFETCH_BLOCKS[0]``: how many K-blocks of
+128 features each program prefetches before the wait (0: none, only the early launch).
+bench/decode_profile.py ``--pdl off early late`` measures them in one call (bench/notes/kernels.md, session 10).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import triton
 
 PDL = ["off"]
 PREFETCH_BLOCKS = [128]
+MODES = {"early": 1, "late": 2}  # the kernels' PDL constexpr
 
 
 @functools.cache
@@ -50,9 +52,9 @@ def supported(device: torch.device) -> bool:
 def launch_options(device: torch.device, blocks_per_program: int = 0) -> dict:
     """Extra launch arguments of a PDL-aware kernel: ``PDL``, ``PF_BLOCKS`` (W4A16 kernels, when
     ``blocks_per_program`` is given) and Triton's ``launch_pdl``; empty when PDL is off or unsupported."""
-    if PDL[0] != "on" or not supported(device):
+    if PDL[0] not in MODES or not supported(device):
         return {}
-    options: dict = {"PDL": True, "launch_pdl": True}
+    options: dict = {"PDL": MODES[PDL[0]], "launch_pdl": True}
     if blocks_per_program:
         cap = PREFETCH_BLOCKS[0]
         options["PF_BLOCKS"] = 0 if cap <= 0 else triton.next_power_of_2(min(cap, blocks_per_program))

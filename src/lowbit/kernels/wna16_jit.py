@@ -43,16 +43,19 @@ _PREFETCH_L2_PTX = tl.constexpr(
 
 
 @triton.jit
-def pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, PF_BLOCKS: tl.constexpr):
+def pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS: tl.constexpr, BLOCK_N: tl.constexpr, PF_BLOCKS: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
     """Programmatic dependent launch (Hopper): what a kernel does before the previous kernel has finished.
 
-    The launch lets the next kernel start now (its programs can be resident while this one runs), asks
-    the L2 to fetch this program's first ``PF_BLOCKS`` K-blocks of weights (one bulk prefetch each: the
-    weights do not depend on the previous kernel), then waits until the previous kernel has completed
-    and its writes are visible. Nothing that kernel writes may be read, and nothing written, before the
-    wait (activations, outputs, split-K workspace and counters all come after it).
+    ``PDL == 1`` lets the next kernel start now (its programs can be resident while this one runs; ``PDL == 2``
+    does that after the main loop, :func:`pdl_epilogue`). Then the L2 is asked for this program's first
+    ``PF_BLOCKS`` K-blocks of weights (one bulk prefetch each: the weights do not depend on the previous
+    kernel), and the program waits until the previous kernel has completed and its writes are visible.
+    Nothing that kernel writes may be read, and nothing written, before the wait (activations, outputs,
+    split-K workspace and counters all come after it).
     """
-    gdc_launch_dependents()
+    if PDL == 1:
+        gdc_launch_dependents()
     if PF_BLOCKS > 0:
         n0 = tl.program_id(0) * BLOCK_N
         nbytes = tl.minimum(N - n0, BLOCK_N) * (WORDS * 4)  # this tile's rows of one K-block: contiguous
@@ -61,6 +64,13 @@ def pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS: tl.constexpr, BLOCK_N: tl.const
         tl.inline_asm_elementwise(_PREFETCH_L2_PTX, "=r,l,r,r", [ptrs, (kb < kb_hi).to(tl.int32), tl.zeros_like(kb) + nbytes],
                                   dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
     gdc_wait()
+
+
+@triton.jit
+def pdl_epilogue(PDL: tl.constexpr):
+    """``PDL == 2``: the next kernel may launch once every program of this one has finished its main loop."""
+    if PDL == 2:
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -93,7 +103,7 @@ def wna16_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     ONE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PACKED_MATH: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr = False, PF_BLOCKS: tl.constexpr = 0,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr = 0, PF_BLOCKS: tl.constexpr = 0,
 ):  # fmt: skip
     PACK: tl.constexpr = 32 // BITS  # codes per int32 word
     WORDS: tl.constexpr = BK // PACK  # words per row of a K-block = input features per code slab
@@ -106,7 +116,7 @@ def wna16_kernel(
     offs_k = tl.arange(0, BK)
 
     if PDL:
-        pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS, BLOCK_N, PF_BLOCKS)
+        pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS, BLOCK_N, PF_BLOCKS, PDL)
     w_ptrs = qw_ptr + offs_n[:, None] * WORDS + offs_w[None, :]
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
@@ -224,6 +234,7 @@ def wna16_kernel(
                     else:
                         acc = tl.dot(slabs[j], xt, acc)
 
+    pdl_epilogue(PDL)
     counter = counter_ptr + tile
     if BLOCK_M == 1:
         res = tl.sum(acc, axis=1)
@@ -247,7 +258,7 @@ def w4_gemv_kernel(
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KBI: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr, PACKED_MATH: tl.constexpr, PREFETCH: tl.constexpr,
-    PRO: tl.constexpr = 0, RESID: tl.constexpr = False, PDL: tl.constexpr = False, PF_BLOCKS: tl.constexpr = 0,
+    PRO: tl.constexpr = 0, RESID: tl.constexpr = False, PDL: tl.constexpr = 0, PF_BLOCKS: tl.constexpr = 0,
 ):  # fmt: skip
     """4-bit GEMV for ``BLOCK_M`` (1 to 8) tokens, reading ``KBI`` K-blocks per loop step: a
     ``[BLOCK_N, KBI, WORDS]`` tile of words, used by every token of the program.
@@ -278,7 +289,7 @@ def w4_gemv_kernel(
     step_lo = pid_k * steps_per_split
     step_hi = tl.minimum(step_lo + steps_per_split, num_steps)
     if PDL:
-        pdl_prologue(qw_ptr, N, step_lo * KBI, tl.minimum(step_hi * KBI, num_kb), WORDS, BLOCK_N, PF_BLOCKS)
+        pdl_prologue(qw_ptr, N, step_lo * KBI, tl.minimum(step_hi * KBI, num_kb), WORDS, BLOCK_N, PF_BLOCKS, PDL)
 
     w_off = offs_i[None, :, None] * (N * WORDS) + offs_n[:, None, None] * WORDS + offs_w[None, None, :]
     x_feature0 = offs_i[None, :, None] * BK + offs_w[None, None, :]  # feature of code 0 of each word: [1, KBI, W]
@@ -344,6 +355,7 @@ def w4_gemv_kernel(
                 part += q[None, :, :, :] * xj[:, None, :, :]
         acc += part * scale[None, :, :, None]
 
+    pdl_epilogue(PDL)
     res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     if PER_CHANNEL:
         res = res * channel_scale[None, :]
@@ -462,7 +474,7 @@ def w4_mma_kernel(
     M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
-    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False, PF_BLOCKS: tl.constexpr = 0,
+    EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = 0, PF_BLOCKS: tl.constexpr = 0,
 ):  # fmt: skip
     """4-bit weights times 1 to 16 tokens on tensor cores, ``out^T[BLOCK_N, BLOCK_M] = W @ x^T``, the codes undequantized.
 
@@ -489,7 +501,7 @@ def w4_mma_kernel(
     x_cols = x_ptr + offs_m[None, :] * stride_xm  # [1, BLOCK_M]: x^T, one column per token
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BLOCK_M, 1]
     if PDL:
-        pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS, BLOCK_N, PF_BLOCKS)
+        pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS, BLOCK_N, PF_BLOCKS, PDL)
     offset = magic_offset(dtype)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     scale = tl.full((BLOCK_N,), 1.0, tl.float32)
@@ -532,6 +544,7 @@ def w4_mma_kernel(
             acc += block * scale[:, None]
     if PER_CHANNEL:
         acc = acc * scale[:, None]
+    pdl_epilogue(PDL)
     counter = counter_ptr + tile
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
