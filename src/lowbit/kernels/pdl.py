@@ -13,6 +13,12 @@ all of a step's launches with ``runtime.FUSE`` on, the attention and the output 
 ``"late"`` (after its main loop), used where :func:`supported`; ``PREFETCH_BLOCKS[0]``: how many K-blocks of
 128 features each program prefetches before the wait (0: none, only the early launch).
 bench/decode_profile.py ``--pdl off early late`` measures them in one call (bench/notes/kernels.md, session 10).
+
+Off by default because it did not pay on the H200 (Llama-3-8B-shaped W4A16 step, batch 1): ``"early"`` made the
+step slower (2.437 -> 2.554 ms without prefetch, 3.539 ms with whole-range prefetch: the early programs and
+their prefetches compete with the running kernel for the memory system); ``"late"`` was within noise without
+``FUSE`` (2.443 -> 2.438 ms) and recovered most of ``FUSE``'s loss (2.559 -> 2.470 ms) without beating the
+unfused step. It stays as an option, tested for exactness (tests/kernels/test_runtime.py).
 """
 
 from __future__ import annotations
