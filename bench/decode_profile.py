@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
@@ -66,6 +67,35 @@ def classify(name: str) -> str:
     return "other"
 
 
+def tuned_ms(shape: tuple[int, int, int], kind: str, cfg) -> float | None:
+    """The tuner's device time (ms, flush included) of launch ``cfg`` for ``(M, N, K)`` and fusion ``kind``."""
+    for key, timings in w4a16.TUNING_LOG.items():  # keys: (M, N, K, bits, group, symmetric) + (kind,) when fused
+        if key[:3] == shape and (key[6] if len(key) > 6 else "") == kind:
+            return next((ms for ms, c in timings if c == cfg), None)
+    return None
+
+
+@contextmanager
+def recorded_launches():
+    """Yield a dict that fills with the W4A16 launches chosen while the block runs (warm-up and capture of a step):
+    ``str((M, N, K, fusion))`` -> ``[config, tuned ms]`` (ms None where the launch was not timed)."""
+    used: dict[str, list] = {}
+    real = w4a16.tuned_config
+
+    def recording(x2, packed, fusion=None):
+        cfg = real(x2, packed, fusion)
+        kind = fusion.kind if fusion is not None else ""
+        shape = (x2.shape[0], packed.out_features, packed.in_features)
+        used[str((*shape, kind))] = [repr(cfg), tuned_ms(shape, kind, cfg)]
+        return cfg
+
+    w4a16.tuned_config = recording
+    try:
+        yield used
+    finally:
+        w4a16.tuned_config = real
+
+
 @torch.no_grad()  # as greedy_decode: nothing records autograd (the decode-attention kernel has no backward)
 def profile_scheme(
     scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off",
@@ -79,7 +109,8 @@ def profile_scheme(
     if lm_head_quantized and scheme != "bf16":
         model.lm_head = make(LLAMA3_8B.hidden_size, LLAMA3_8B.vocab_size)
     prompt = torch.randint(0, LLAMA3_8B.vocab_size, (batch, 512), device="cuda")
-    graph, step = capture_step(model, prompt, 128)
+    with recorded_launches() as used:
+        graph, step = capture_step(model, prompt, 128)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -131,9 +162,9 @@ def profile_scheme(
         "groups_ms": {k: v / 1e3 for k, v in groups.items()},
         "top": [{"us_per_step": t, "launches_per_step": n, "name": name} for t, n, name in top],
         "vocab": vocab_n,
-        # (M, N, K, bits, group, symmetric) -> the launch the tuner chose, and its device time (ms, with the flush)
-        "tuned": {str(key): [repr(w4a16._TUNED[key]), w4a16.TUNING_LOG[key][0][0] if w4a16.TUNING_LOG.get(key) else None]
-                  for key in w4a16._TUNED},
+        # (M, N, K, fusion) of each W4A16 launch in this row's step -> its launch, and the tuner's device time for it
+        # (ms, with the flush; None where the launch was not timed, e.g. the untuned default inside a capture)
+        "tuned": used,
     }
     del graph, model
     gc.collect()
