@@ -57,7 +57,10 @@ def main() -> None:
                         help="norms, SwiGLU and residual adds inside the 4-bit GEMVs (lowbit.kernels.runtime.FUSE)")  # fmt: skip
     parser.add_argument("--pdl", choices=["off", "early", "late"], default="off",
                         help="programmatic dependent launch of lowbit's kernels (lowbit.kernels.pdl.PDL)")  # fmt: skip
+    parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
+                        help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")
     args = parser.parse_args()
+    pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     runtime.ATTENTION[0] = args.attention
     runtime.FUSE[0] = args.fuse
     pdl.PDL[0] = args.pdl

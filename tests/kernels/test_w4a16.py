@@ -272,7 +272,9 @@ def test_gpu_mma_kernel(symmetric: bool, group_size: int, k: int, dtype: torch.d
     ):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         err = rel_err(wna16_matmul(x, packed, cfg), x.double() @ w.T)
-        assert err < 2e-3, (m, cfg, err)  # float32 accumulation: well inside bf16 tolerance
+        # float32 accumulation: the output's own rounding dominates (about 1.6e-3 in bf16, 2e-4 in fp16), so an
+        # error from cancelling the 1024 offset in fp16 would show
+        assert err < (2e-3 if dtype == torch.bfloat16 else 5e-4), (m, cfg, err)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph timing of the tuner)")

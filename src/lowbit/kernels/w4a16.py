@@ -98,9 +98,10 @@ def _dot_candidates(m: int) -> list[WNA16Config]:
 def _mma_candidates(m: int) -> list[WNA16Config]:
     """:func:`w4_mma_kernel` launches for 1 to 16 tokens: (block_n, warps) x split-K, three stages.
 
-    Pruned after session 10's sweep on the H200 (60 launches per shape, bench/notes/kernels.md): at every decode shape
-    the best launch with three stages was within 0.5% of the best ``mma`` launch, two stages never placed in a top
-    six, and each candidate is one more compilation the first time a shape is tuned.
+    Pruned after session 10's sweep on the H200 (60 launches per shape, bench/notes/kernels.md): wherever ``mma``
+    launches placed in a shape's stored top six (the lm_head at M = 1 and 16, every shape at M = 16), a three-stage
+    launch was within 0.5% of the best of them and two stages never placed; each candidate is one more
+    compilation the first time a shape is tuned.
     """
     if m > 16:
         return []
