@@ -22,11 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels import pdl
-
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # Triton without grid dependency control: lowbit.kernels.pdl.supported() is False
-    gdc_launch_dependents = gdc_wait = None
+from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit

@@ -28,6 +28,11 @@ import functools
 import torch
 import triton
 
+try:  # the device functions, for the kernels (only traced when their PDL constexpr is set)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # Triton without grid dependency control: supported() is False
+    gdc_launch_dependents = gdc_wait = None
+
 PDL = ["off"]
 PREFETCH_BLOCKS = [0]  # whole-range prefetch (128) measured worst, 3.539 ms against 2.437 ms
 MODES = {"early": 1, "late": 2}  # the kernels' PDL constexpr
@@ -37,10 +42,9 @@ MODES = {"early": 1, "late": 2}  # the kernels' PDL constexpr
 def _triton_has_pdl() -> bool:
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra.cuda import gdc_wait  # noqa: F401
     except ImportError:
         return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+    return gdc_wait is not None and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 @functools.cache

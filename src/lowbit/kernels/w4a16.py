@@ -274,7 +274,7 @@ def wna16_matmul(
         "num_stages": cfg.num_stages,
     }
     num_kb = triton.cdiv(k, BLOCK_K)
-    if cfg.mma and multi_block_ok(packed):
+    if cfg.mma:  # multi_block_ok: checked above
         del shared["PACKED_MATH"], shared["PREFETCH"]
         launch = pdl.launch_options(x.device, triton.cdiv(num_kb, cfg.split_k))
         w4_mma_kernel[grid](*args, BLOCK_M=cfg.block_m, INTERPRET=interpreting(), **shared, **launch)

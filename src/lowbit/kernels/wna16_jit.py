@@ -30,12 +30,7 @@ from lowbit.kernels.dequant import (
     pack_bf16x2,
     word_dot_bf16x2,
 )
-
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # Triton without grid dependency control: lowbit.kernels.pdl.supported() is False
-    gdc_launch_dependents = gdc_wait = None
-
+from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 _PREFETCH_L2_PTX = tl.constexpr(
     "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }"
