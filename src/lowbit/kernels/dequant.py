@@ -69,18 +69,26 @@ def _dequant_word_ptx() -> str:
     the float32 reference rounds once). Two instructions per weight plus a quarter each for
     ``prmt`` and ``shr``, against about five for the float32 magic-number route.
     """
-    lines = ["{", ".reg .b32 t, u, a, d, one, mz;", "mov.b32 one, 0x3F803F80;", "mov.b32 mz, 0x80008000;"]
+    return _byte_pair_ptx(
+        0x43004300,
+        [".reg .b32 a, d, one, mz;", "mov.b32 one, 0x3F803F80;", "mov.b32 mz, 0x80008000;"],
+        lambda c: ("a", ["fma.rn.bf16x2 d, a, one, $10;", f"fma.rn.bf16x2 ${c}, d, $11, mz;"]),
+    )
+
+
+def _byte_pair_ptx(magic: int, header: list[str], per_code) -> str:
+    """The loop both PTX routines share: for byte ``k`` of two words (``$8``, ``$9``), one ``prmt`` pairs them,
+    and codes ``2k`` (low nibbles) and ``2k + 1`` (after one shift) each get one ``lop3`` that masks them and ORs
+    in ``magic``. ``per_code(c)`` gives the ``lop3``'s destination and the lines that follow it for code ``c``."""
+    lines = ["{", ".reg .b32 t, u;", *header]
     for k in range(4):
         sel = (4 + k) << 12 | (4 + k) << 8 | k << 4 | k
         lines.append(f"prmt.b32 t, $8, $9, {sel:#06x};")
         for half, src in ((0, "t"), (1, "u")):
             if half:
                 lines.append("shr.u32 u, t, 4;")
-            lines += [
-                f"lop3.b32 a, {src}, 0x000F000F, 0x43004300, 0xEA;",
-                "fma.rn.bf16x2 d, a, one, $10;",
-                f"fma.rn.bf16x2 ${2 * k + half}, d, $11, mz;",
-            ]
+            dst, after = per_code(2 * k + half)
+            lines += [f"lop3.b32 {dst}, {src}, 0x000F000F, {magic:#010x}, 0xEA;", *after]
     lines.append("}")
     return "\n".join(lines)
 
@@ -114,17 +122,7 @@ def _magic_codes_ptx(magic: int) -> str:
     high half, one ``lop3`` masks the low nibbles and ORs in the exponent (code ``2k``), one shift and one
     ``lop3`` the high nibbles (code ``2k + 1``): one instruction per weight, no arithmetic.
     """
-    lines = ["{", ".reg .b32 t, u;"]
-    for k in range(4):
-        sel = (4 + k) << 12 | (4 + k) << 8 | k << 4 | k
-        lines += [
-            f"prmt.b32 t, $8, $9, {sel:#06x};",
-            f"lop3.b32 ${2 * k}, t, 0x000F000F, {magic:#010x}, 0xEA;",
-            "shr.u32 u, t, 4;",
-            f"lop3.b32 ${2 * k + 1}, u, 0x000F000F, {magic:#010x}, 0xEA;",
-        ]
-    lines.append("}")
-    return "\n".join(lines)
+    return _byte_pair_ptx(magic, [], lambda c: (f"${c}", []))
 
 
 _MAGIC_CODES_BF16_PTX = tl.constexpr(_magic_codes_ptx(0x43004300))  # bf16 128 + q: exponent of 128, ulp 1
