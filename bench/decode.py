@@ -21,7 +21,7 @@ from pathlib import Path
 import kernel_import  # noqa: E402,F401  (puts src/lowbit on the path, kernels only)
 import torch
 
-from lowbit.kernels import pdl, runtime, w4a16  # noqa: E402
+from lowbit.kernels import pdl, prefetch, runtime, w4a16  # noqa: E402
 from lowbit.kernels.runtime import bench_decode  # noqa: E402
 
 SCHEMES = ["bf16", "w4a16", "w8a16", "int8", "fp8"]
@@ -59,8 +59,12 @@ def main() -> None:
                         help="programmatic dependent launch of lowbit's kernels (lowbit.kernels.pdl.PDL)")  # fmt: skip
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
                         help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")
+    parser.add_argument("--l2-next-mb", type=float, default=prefetch.NEXT_MB[0],
+                        help="MB of the next projection's weights each lowbit kernel prefetches into the L2 "
+                        "(lowbit.kernels.prefetch.NEXT_MB; 0: off)")  # fmt: skip
     args = parser.parse_args()
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
+    prefetch.NEXT_MB[0] = args.l2_next_mb
     runtime.ATTENTION[0] = args.attention
     runtime.FUSE[0] = args.fuse
     pdl.PDL[0] = args.pdl
@@ -81,6 +85,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         for r in new:
+            r["l2_next_mb"] = prefetch.NEXT_MB[0]
             print(json.dumps(r), flush=True)
         rows += new
         if w4a16.TUNING_LOG:  # which launch each W{4,8}A16 shape got, and the runners-up (us per call, 128 MB flush included)

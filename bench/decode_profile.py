@@ -27,7 +27,7 @@ import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lowbit.kernels import pdl, runtime, w4a16
+from lowbit.kernels import pdl, prefetch, runtime, w4a16
 from lowbit.kernels.runtime import LLAMA3_8B, linear_factory, random_decoder
 
 
@@ -99,11 +99,12 @@ def recorded_launches():
 @torch.no_grad()  # as greedy_decode: nothing records autograd (the decode-attention kernel has no backward)
 def profile_scheme(
     scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off",
-    use_pdl: str = "off",
+    use_pdl: str = "off", l2_next_mb: float = 0.0,
 ) -> dict:
     runtime.ATTENTION[0] = attention
     runtime.FUSE[0] = fuse
     pdl.PDL[0] = use_pdl
+    prefetch.NEXT_MB[0] = l2_next_mb
     make = linear_factory(scheme, "cuda")
     model = random_decoder(LLAMA3_8B, make, "cuda").fuse_projections()
     if lm_head_quantized and scheme != "bf16":
@@ -146,6 +147,17 @@ def profile_scheme(
         groups[classify(e.name)] += e.device_time_total / calls
         by_name[e.name].append(e.device_time_total)
     top = sorted(((sum(v) / calls, len(v) // calls, k[:90]) for k, v in by_name.items()), reverse=True)[:15]
+    # the projections' launches in step order: with 4 per layer (q/k/v, o, gate/up, down) and the lm_head last,
+    # their mean time per position in the layer
+    linear = sorted((e for e in in_graph if classify(e.name) == "linear"), key=lambda e: e.time_range.start)
+    per_step = len(linear) // calls
+    layers = LLAMA3_8B.num_layers
+    slots = None
+    if per_step == 4 * layers + 1:
+        durations = [[e.device_time_total for e in linear[i * per_step:(i + 1) * per_step]] for i in range(calls)]
+        slots = {name: sum(sum(d[j] for j in range(slot, 4 * layers, 4)) for d in durations) / (calls * layers)
+                 for slot, name in enumerate(["qkv", "o", "gate_up", "down"])}  # fmt: skip
+        slots["lm_head"] = sum(d[-1] for d in durations) / calls
     result = {
         "scheme": scheme + ("+lm_head" if lm_head_quantized and scheme != "bf16" else ""),
         "batch": batch,
@@ -153,6 +165,8 @@ def profile_scheme(
         "fuse": fuse,
         "pdl": use_pdl,
         "prefetch_blocks": pdl.PREFETCH_BLOCKS[0],
+        "l2_next_mb": l2_next_mb,
+        "linear_us_by_projection": slots,
         "step_ms": step_ms,
         "tokens_per_s": batch * 1e3 / step_ms,
         "kernels_per_step": len(in_graph) / calls,
@@ -186,6 +200,8 @@ def main() -> None:
                         help="lowbit.kernels.pdl.PDL values to compare (programmatic dependent launch)")
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
                         help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")
+    parser.add_argument("--l2-next-mb", nargs="*", type=float, default=[0.0],
+                        help="lowbit.kernels.prefetch.NEXT_MB values to compare (L2 prefetch of the next weight)")
     args = parser.parse_args()
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     args.out.mkdir(parents=True, exist_ok=True)
@@ -193,19 +209,23 @@ def main() -> None:
     for scheme in args.schemes:
         variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
         fuses = args.fuse if scheme != "bf16" else ["off"]
-        runs = [(v, a, f, p) for v in variants for a in args.attention for f in fuses for p in args.pdl]
-        for quantized_head, attention, fuse, use_pdl in runs:
-            row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse, use_pdl=use_pdl)
+        runs = [(v, a, f, p, mb) for v in variants for a in args.attention for f in fuses for p in args.pdl
+                for mb in args.l2_next_mb]  # fmt: skip
+        for quantized_head, attention, fuse, use_pdl, mb in runs:
+            row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse, use_pdl=use_pdl,
+                                 l2_next_mb=mb)  # fmt: skip
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+            if row["linear_us_by_projection"]:
+                print("    per launch, us: " + ", ".join(f"{k} {v:.2f}" for k, v in row["linear_us_by_projection"].items()))
             for t in row["top"]:
                 print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:<4d} {t['name']}", flush=True)
             (args.out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
-    print("| scheme | attention | fuse | pdl | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scheme | attention | fuse | pdl | L2 next MB | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
-        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['l2_next_mb']:g} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
               f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} |")  # fmt: skip
 

@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels import pdl
+from lowbit.kernels import pdl, prefetch
 from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
+from lowbit.kernels.prefetch import l2_prefetch_next
 
 
 @triton.jit
@@ -34,7 +35,7 @@ def decode_attention_kernel(
     stride_knb, stride_knh, stride_knt, stride_vnb, stride_vnh, stride_vnt,
     KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0, L2_NEXT: tl.constexpr = 0,
 ):  # fmt: skip
     """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
     as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
@@ -42,9 +43,13 @@ def decode_attention_kernel(
     writes the new rows into the caches at ``pos`` (slice 0 only) and attends to them from registers, so
     the cache loop stops before ``pos[0]`` and never reads a row this launch writes. ``PDL``: launched before the
     previous kernel has finished (:mod:`lowbit.kernels.pdl`); it waits for the previous one before reading
-    anything, and lets the next one start at once (1) or after its main loop (2)."""
+    anything, and lets the next one start at once (1) or after its main loop (2). ``L2_NEXT``: first, the
+    programs ask the L2 for the next projection's weights (:mod:`lowbit.kernels.prefetch`), read while this
+    kernel, which moves little memory, runs."""
     if PDL == 1:
         gdc_launch_dependents()
+    if L2_NEXT:
+        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
     if PDL:
         gdc_wait()
     ROWS: tl.constexpr = GROUP * T
@@ -212,7 +217,7 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[int, int, int, 
     return b, h, t, d, kv, length
 
 
-def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps) -> Tensor:
+def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps, l2_next=None) -> Tensor:
     b, h, t, d, kv, length = _check(q, k_cache, v_cache)
     if split is None:
         split = default_split(b * kv, length, block_l, q.device)
@@ -227,6 +232,7 @@ def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps) -> Tensor:
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
         NEW=new is not None, num_warps=num_warps, **pdl.launch_options(q.device),
+        **prefetch.launch_args(l2_next, q.device),
     )  # fmt: skip
     return out
 
@@ -262,6 +268,7 @@ def decode_attention_rope(
     split: int | None = None,
     block_l: int = 32,
     num_warps: int = 2,
+    l2_next: list[Tensor] | None = None,
 ) -> Tensor:
     """A decode step's whole attention in one launch: the rotary embedding of ``q`` ``[b, H, t, d]`` and of the
     step's keys ``k`` ``[b, KV, t, d]`` (rows ``pos`` of the tables ``cos``/``sin`` ``[P, d]``, the half-split form of
@@ -269,6 +276,7 @@ def decode_attention_rope(
     ``pos`` (in place), and :func:`decode_attention`. ``q``, ``k`` and ``v`` may be strided views of one fused
     projection's output. ``pos`` must be consecutive positions (a decode step's); the caches are read only
     before ``pos[0]``, the new rows come from registers. Replaces three elementwise launches per layer.
+    ``l2_next``: the next projection's weights, prefetched into the L2 meanwhile (:mod:`lowbit.kernels.prefetch`).
     """
     b, _, t, d = q.shape
     if tuple(k.shape) != (b, k_cache.shape[1], t, d) or v.shape != k.shape:
@@ -280,7 +288,7 @@ def decode_attention_rope(
     if q.shape[-2] > 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("decode_attention_rope takes at most 16 new positions, contiguous in the head dimension")
     cos, sin = cos.contiguous(), sin.contiguous()
-    return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), split, block_l, num_warps)
+    return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), split, block_l, num_warps, l2_next)
 
 
 # As custom ops, torch.compile keeps the launches (their Python-side split choice and buffers) opaque.
@@ -296,11 +304,13 @@ def _(q, k_cache, v_cache, pos):
 
 @torch.library.custom_op("lowbit::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
 def decode_attention_rope_op(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor
-) -> Tensor:
-    return decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos)
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
+    next_codes: Tensor | None = None, next_scales: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    l2_next = [t for t in (next_codes, next_scales) if t is not None]
+    return decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos, l2_next=l2_next)
 
 
 @decode_attention_rope_op.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, pos):
+def _(q, k, v, cos, sin, k_cache, v_cache, pos, next_codes=None, next_scales=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)

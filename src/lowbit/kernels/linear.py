@@ -48,35 +48,43 @@ def kernels_available(device: torch.device) -> bool:
     "lowbit::wna16_mm",
     mutates_args=(),
     schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int group_size, "
-    "int in_features, int out_features) -> Tensor",
+    "int in_features, int out_features, Tensor? next_codes=None, Tensor? next_scales=None) -> Tensor",
 )
-def _wna16_mm(x, qweight, scale, zero, bits, group_size, in_features, out_features):
+def _wna16_mm(x, qweight, scale, zero, bits, group_size, in_features, out_features, next_codes=None, next_scales=None):
     from lowbit.kernels.w4a16 import wna16_matmul
 
     packed = PackedWNA16(qweight, scale, zero, bits, group_size, in_features, out_features)
-    return wna16_matmul(x, packed)
+    return wna16_matmul(x, packed, l2_next=_present(next_codes, next_scales))
 
 
 @_wna16_mm.register_fake
-def _(x, qweight, scale, zero, bits, group_size, in_features, out_features):
+def _(x, qweight, scale, zero, bits, group_size, in_features, out_features, next_codes=None, next_scales=None):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _present(*tensors: Tensor | None) -> list[Tensor]:
+    return [t for t in tensors if t is not None]
 
 
 @torch.library.custom_op(
     "lowbit::wna16_mm_fused",
     mutates_args=(),
     schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int group_size, "
-    "int in_features, int out_features, Tensor? norm, float eps, bool swiglu, Tensor? residual) -> Tensor",
+    "int in_features, int out_features, Tensor? norm, float eps, bool swiglu, Tensor? residual, "
+    "Tensor? next_codes=None, Tensor? next_scales=None) -> Tensor",
 )
-def _wna16_mm_fused(x, qweight, scale, zero, bits, group_size, in_features, out_features, norm, eps, swiglu, residual):
+def _wna16_mm_fused(x, qweight, scale, zero, bits, group_size, in_features, out_features, norm, eps, swiglu, residual,
+                    next_codes=None, next_scales=None):  # fmt: skip
     from lowbit.kernels.w4a16 import Fusion, wna16_matmul
 
     packed = PackedWNA16(qweight, scale, zero, bits, group_size, in_features, out_features)
-    return wna16_matmul(x, packed, fusion=Fusion(norm, eps, swiglu, residual))
+    fusion = Fusion(norm, eps, swiglu, residual)
+    return wna16_matmul(x, packed, fusion=fusion, l2_next=_present(next_codes, next_scales))
 
 
 @_wna16_mm_fused.register_fake
-def _(x, qweight, scale, zero, bits, group_size, in_features, out_features, norm, eps, swiglu, residual):
+def _(x, qweight, scale, zero, bits, group_size, in_features, out_features, norm, eps, swiglu, residual,
+      next_codes=None, next_scales=None):  # fmt: skip
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -136,6 +144,9 @@ class WNA16Linear(nn.Module):
         self.register_buffer("zero", packed.zero)
         self.register_buffer("bias", bias)
         self.register_buffer("input_permutation", input_permutation)
+        # the next projection's weights, prefetched into the L2 after this product (lowbit.kernels.prefetch;
+        # set by runtime.Decoder.link_prefetch; plain attributes, not buffers: they belong to that module)
+        self.l2_next: list[Tensor] = []
 
     @property
     def packed(self) -> PackedWNA16:
@@ -164,7 +175,7 @@ class WNA16Linear(nn.Module):
         if kernels_available(x.device):
             y = torch.ops.lowbit.wna16_mm(
                 x, self.qweight, self.scale, self.zero, self.bits, self.group_size,
-                self.in_features, self.out_features,
+                self.in_features, self.out_features, *self.l2_next[:2],
             )  # fmt: skip
         else:
             q, scale, zero = unpack_wna16(self.packed)
@@ -185,7 +196,7 @@ class WNA16Linear(nn.Module):
         if kernels_available(x.device) and self.input_permutation is None and self.bias is None:
             return torch.ops.lowbit.wna16_mm_fused(
                 x, self.qweight, self.scale, self.zero, self.bits, self.group_size,
-                self.in_features, self.out_features, norm, eps, swiglu, residual,
+                self.in_features, self.out_features, norm, eps, swiglu, residual, *self.l2_next[:2],
             )  # fmt: skip
         if norm is not None:
             x = F.rms_norm(x, (self.in_features,), norm, eps)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.kernels import prefetch
 from lowbit.kernels.linear import concat_outputs, kernels_available
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ class Block(nn.Module):
         self.v_cache: Tensor | None = None
         self.qkv: nn.Module | None = None
         self.gate_up: nn.Module | None = None
+        self.attn_next: list[Tensor] = []  # what the attention prefetches into the L2: the o projection's weights
+
+    def projections(self) -> list[nn.Module]:
+        """The projections in the order a forward pass runs them."""
+        names = ["qkv"] if self.qkv is not None else ["q", "k", "v"]
+        names += ["o"] + (["gate_up"] if self.gate_up is not None else ["gate", "up"]) + ["down"]
+        return [getattr(self, name) for name in names]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
         """``x`` ``[b, t, hidden]`` at positions ``pos`` ``[t]``; ``cos``/``sin`` are the whole rotary tables
@@ -80,7 +88,7 @@ class Block(nn.Module):
             from lowbit.kernels.attention import decode_attention_rope_op
 
             # rotary (reading rows pos of the tables), cache writes and attention in one launch
-            attn = decode_attention_rope_op(q, k, v, cos, sin, self.k_cache, self.v_cache, pos)
+            attn = decode_attention_rope_op(q, k, v, cos, sin, self.k_cache, self.v_cache, pos, *self.attn_next[:2])
         else:
             cos, sin = cos[pos], sin[pos]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -236,6 +244,7 @@ class Decoder(nn.Module):
     ) -> None:
         """Allocate the static KV cache and the rotary tables (``rope`` overrides the plain RoPE tables)."""
         s, dtype, device = self.shape, self.norm.dtype, self.norm.device
+        self.link_prefetch()
         for block in self.blocks:
             shape = (batch_size, s.num_kv_heads, max_seq_len, s.head_dim)
             block.k_cache = torch.zeros(shape, dtype=dtype, device=device)
@@ -247,6 +256,17 @@ class Decoder(nn.Module):
             rope = (angles.cos(), angles.sin())
         self.cos, self.sin = (r[:max_seq_len].to(dtype) for r in rope)
         self.positions = torch.arange(max_seq_len, device=device)
+
+    def link_prefetch(self) -> None:
+        """Tell each 4-bit projection, and each layer's attention, whose weights come next in a forward pass, for
+        the L2 prefetch of :mod:`lowbit.kernels.prefetch` (which does nothing while ``prefetch.NEXT_MB`` is 0). The
+        chain wraps around: the lm_head prefetches the first layer's q/k/v for the next decode step."""
+        chain = [m for block in self.blocks for m in block.projections()] + [self.lm_head]
+        for i, module in enumerate(chain):
+            if hasattr(module, "l2_next"):
+                module.l2_next = prefetch.targets(chain[(i + 1) % len(chain)])
+        for block in self.blocks:
+            block.attn_next = prefetch.targets(block.o)
 
     def fuse_projections(self) -> Decoder:
         """Fuse q/k/v and gate/up of every block (fewer, larger GEMM launches); returns ``self``."""

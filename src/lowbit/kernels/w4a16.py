@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from lowbit.kernels import pdl
+from lowbit.kernels import pdl, prefetch
 from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 from lowbit.kernels.wna16_jit import w4_gemv_kernel, w4_mma_kernel, wna16_dot_kernel, wna16_kernel
@@ -222,7 +222,11 @@ def fusable(cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion) -> bo
 
 
 def wna16_matmul(
-    x: torch.Tensor, packed: PackedWNA16, config: WNA16Config | None = None, fusion: Fusion | None = None
+    x: torch.Tensor,
+    packed: PackedWNA16,
+    config: WNA16Config | None = None,
+    fusion: Fusion | None = None,
+    l2_next: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``y = x @ dequant(W).T`` for a packed W4A16 / W8A16 weight (no bias).
 
@@ -232,6 +236,8 @@ def wna16_matmul(
         config: launch configuration; the tuned one (:func:`tuned_config`) when ``None``.
         fusion: elementwise work fused around the product (:class:`Fusion`); where the fused kernel does not
             apply (more than 8 rows, 8-bit codes, groups under 128) it runs as separate operations.
+        l2_next: the next projection's weight tensors (:func:`lowbit.kernels.prefetch.targets`), whose first
+            ``prefetch.NEXT_MB`` megabytes the kernel asks the L2 for after its own loads (off at 0, the default).
 
     Returns:
         ``[..., N]`` in ``x.dtype``.
@@ -274,10 +280,13 @@ def wna16_matmul(
         "num_stages": cfg.num_stages,
     }
     num_kb = triton.cdiv(k, BLOCK_K)
+    l2 = prefetch.launch_args(l2_next, x.device)
+    if l2:  # the weight stream makes way for the prefetched lines
+        l2["EVICT"] = "evict_first"
     if cfg.mma:  # multi_block_ok: checked above
         del shared["PACKED_MATH"], shared["PREFETCH"]
         launch = pdl.launch_options(x.device, triton.cdiv(num_kb, cfg.split_k))
-        w4_mma_kernel[grid](*args, BLOCK_M=cfg.block_m, INTERPRET=interpreting(), **shared, **launch)
+        w4_mma_kernel[grid](*args, BLOCK_M=cfg.block_m, INTERPRET=interpreting(), **shared, **launch, **l2)
     elif fusion is not None or (cfg.block_m <= 8 and cfg.kbi and multi_block_ok(packed)):
         fusion = fusion or Fusion()
         residual = out if fusion.residual is None else fusion.residual.reshape(m, n)
@@ -287,7 +296,7 @@ def wna16_matmul(
         w4_gemv_kernel[grid](
             *args, fusion.norm if fusion.norm is not None else packed.scale, residual, fusion.eps, residual.stride(0),
             BLOCK_M=cfg.block_m, KBI=cfg.kbi, PRO=1 if fusion.norm is not None else 2 if fusion.swiglu else 0,
-            RESID=fusion.residual is not None, **shared, **launch,
+            RESID=fusion.residual is not None, **shared, **launch, **l2,
         )  # fmt: skip
     elif cfg.dot and cfg.block_m >= 16:
         del shared["PACKED_MATH"], shared["PREFETCH"]
@@ -301,7 +310,7 @@ def wna16_matmul(
         launch = pdl.launch_options(x.device, triton.cdiv(num_kb, cfg.split_k))
         wna16_kernel[grid](
             *args, BITS=packed.bits, BLOCK_M=cfg.block_m, ONE_DOT=cfg.one_dot, DOT_F32=interpreting(), **shared,
-            **launch,
+            **launch, **l2,
         )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
 

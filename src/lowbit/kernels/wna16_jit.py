@@ -31,6 +31,7 @@ from lowbit.kernels.dequant import (
     word_dot_bf16x2,
 )
 from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
+from lowbit.kernels.prefetch import l2_prefetch_next
 
 _PREFETCH_L2_PTX = tl.constexpr(
     "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }"
@@ -99,6 +100,7 @@ def wna16_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     ONE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PACKED_MATH: tl.constexpr,
     PREFETCH: tl.constexpr, PDL: tl.constexpr = 0, PF_BLOCKS: tl.constexpr = 0,
+    nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0, L2_NEXT: tl.constexpr = 0, EVICT: tl.constexpr = "",
 ):  # fmt: skip
     PACK: tl.constexpr = 32 // BITS  # codes per int32 word
     WORDS: tl.constexpr = BK // PACK  # words per row of a K-block = input features per code slab
@@ -128,13 +130,13 @@ def wna16_kernel(
         w_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
 
     # PREFETCH: software pipelining by hand, the next tile's load is in flight while this one is computed.
-    next_words = tl.load(w_ptrs + tl.minimum(kb_lo, tl.cdiv(K, BK) - 1) * N * WORDS)
+    next_words = tl.load(w_ptrs + tl.minimum(kb_lo, tl.cdiv(K, BK) - 1) * N * WORDS, eviction_policy=EVICT)
     for kb in range(kb_lo, kb_hi):
         if PREFETCH:
             words = next_words
-            next_words = tl.load(w_ptrs + tl.minimum(kb + 1, kb_hi - 1) * N * WORDS)
+            next_words = tl.load(w_ptrs + tl.minimum(kb + 1, kb_hi - 1) * N * WORDS, eviction_policy=EVICT)
         else:  # leave the pipelining to Triton (num_stages)
-            words = tl.load(w_ptrs + kb * N * WORDS)
+            words = tl.load(w_ptrs + kb * N * WORDS, eviction_policy=EVICT)
         high = words >> HI
         if PER_BLOCK and not PER_CHANNEL:
             g = (kb * BK) // GROUP
@@ -230,6 +232,8 @@ def wna16_kernel(
                         acc = tl.dot(slabs[j], xt, acc)
 
     pdl_epilogue(PDL)
+    if L2_NEXT:
+        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
     counter = counter_ptr + tile
     if BLOCK_M == 1:
         res = tl.sum(acc, axis=1)
@@ -254,6 +258,7 @@ def w4_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KBI: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr, PACKED_MATH: tl.constexpr, PREFETCH: tl.constexpr,
     PRO: tl.constexpr = 0, RESID: tl.constexpr = False, PDL: tl.constexpr = 0, PF_BLOCKS: tl.constexpr = 0,
+    nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0, L2_NEXT: tl.constexpr = 0, EVICT: tl.constexpr = "",
 ):  # fmt: skip
     """4-bit GEMV for ``BLOCK_M`` (1 to 8) tokens, reading ``KBI`` K-blocks per loop step: a
     ``[BLOCK_N, KBI, WORDS]`` tile of words, used by every token of the program.
@@ -300,7 +305,7 @@ def w4_gemv_kernel(
     ssq = tl.zeros((BLOCK_M,), tl.float32)  # PRO == 1: sum of squares of the input row
     first = tl.minimum(step_lo, num_steps - 1)
     next_words = tl.load(qw_ptr + first * (KBI * N * WORDS) + w_off, mask=(first * KBI + offs_i < num_kb)[None, :, None],
-                         other=0)  # fmt: skip
+                         other=0, eviction_policy=EVICT)  # fmt: skip
     for step in range(step_lo, step_hi):
         kb = step * KBI + offs_i
         kb_ok = kb < num_kb
@@ -308,9 +313,10 @@ def w4_gemv_kernel(
             words = next_words
             nxt = tl.minimum(step + 1, step_hi - 1)
             next_words = tl.load(qw_ptr + nxt * (KBI * N * WORDS) + w_off, mask=(nxt * KBI + offs_i < num_kb)[None, :, None],
-                                 other=0)  # fmt: skip
+                                 other=0, eviction_policy=EVICT)  # fmt: skip
         else:
-            words = tl.load(qw_ptr + step * (KBI * N * WORDS) + w_off, mask=kb_ok[None, :, None], other=0)
+            words = tl.load(qw_ptr + step * (KBI * N * WORDS) + w_off, mask=kb_ok[None, :, None], other=0,
+                            eviction_policy=EVICT)  # fmt: skip
         if not PER_CHANNEL:
             g_off = ((kb * BK) // GROUP)[None, :] * N + offs_n[:, None]
             scale = tl.load(s_ptr + g_off, mask=kb_ok[None, :], other=0.0).to(tl.float32)
@@ -351,6 +357,8 @@ def w4_gemv_kernel(
         acc += part * scale[None, :, :, None]
 
     pdl_epilogue(PDL)
+    if L2_NEXT:
+        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
     res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     if PER_CHANNEL:
         res = res * channel_scale[None, :]
@@ -470,6 +478,7 @@ def w4_mma_kernel(
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = 0, PF_BLOCKS: tl.constexpr = 0,
+    nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0, L2_NEXT: tl.constexpr = 0, EVICT: tl.constexpr = "",
 ):  # fmt: skip
     """4-bit weights times 1 to 16 tokens on tensor cores, ``out^T[BLOCK_N, BLOCK_M] = W @ x^T``, the codes undequantized.
 
@@ -508,7 +517,7 @@ def w4_mma_kernel(
         if HAS_ZERO:
             bias = tl.load(z_ptr + offs_n).to(tl.float32) + offset
     for kb in range(kb_lo, kb_hi):
-        words = tl.load(w_ptrs + kb * N * WORDS)
+        words = tl.load(w_ptrs + kb * N * WORDS, eviction_policy=EVICT)
         if not PER_CHANNEL:
             g = (kb * BK) // GROUP
             scale = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
@@ -542,6 +551,8 @@ def w4_mma_kernel(
     if PER_CHANNEL:
         acc = acc * scale[:, None]
     pdl_epilogue(PDL)
+    if L2_NEXT:
+        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
     counter = counter_ptr + tile
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]

@@ -1,0 +1,112 @@
+"""Prefetching the next projection's weights into the L2 cache while a decode step's other work runs.
+
+A batch-1 decode step is a chain of dependent launches: the 4-bit GEMVs stream weights from memory, and between
+them the attention, norms and the GEMVs' own ramps and tails leave the memory system idle (the attention reads
+1.3 MB in about 7 us at Llama-3-8B). Each W4A16 kernel and the decode attention can therefore ask the L2 for
+the first ``NEXT_MB`` megabytes of the *next* projection's weights (``cp.async.bulk.prefetch.L2``, Hopper):
+its programs share the range and issue the requests after their own work (GEMVs) or before it (the
+attention). The prefetch is a hint, never waited for; the next kernel finds the lines in the L2, or in
+flight. To keep them there while the current GEMV streams its own weights, those loads are marked
+``evict_first`` and the prefetches ``evict_last``.
+
+What follows what is set once per model (:meth:`lowbit.kernels.runtime.Decoder.link_prefetch`): q/k/v's GEMV
+and the attention prefetch the output projection, which prefetches gate/up, which prefetches down, which
+prefetches the next layer's q/k/v (the last one the lm_head, the lm_head the first layer's q/k/v). Only the
+prefix of each weight is asked for, in memory order: the packed layout is K-block-major
+(:mod:`lowbit.kernels.layout`), so the prefix holds the first K-blocks of every output row, which all of the
+next kernel's programs read first, or (for the codes past the first wave) soon.
+
+``NEXT_MB[0]``: megabytes of the next weight's codes to prefetch (its scales in proportion); 0 turns it off.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from lowbit.kernels import pdl
+
+NEXT_MB = [0.0]
+
+# $1 address, $2 nonzero to issue, $3 bytes, $4 the piece's index: only thread $4 issues it. A small tensor is
+# replicated across a program's threads (thread t holds element t mod size in Triton's blocked layout), and each
+# copy would otherwise send the same request again.
+_PREFETCH_PTX = tl.constexpr(
+    "{ .reg .pred p; .reg .b32 t; .reg .b64 pol; mov.u32 t, %tid.x; setp.ne.b32 p, $2, 0; "
+    "setp.eq.and.b32 p, t, $4, p; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
+    "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $3, pol; mov.u32 $0, 0; }"
+)
+
+
+@triton.jit
+def l2_prefetch_share(ptr, nbytes, PIECES: tl.constexpr):
+    """This program's share of bytes ``[0, nbytes)`` at ``ptr`` (a byte pointer, 16-byte aligned; ``nbytes`` a
+    multiple of 16), requested from the L2 in ``PIECES`` bulk prefetches. The shares are contiguous, split over
+    all programs of the grid in launch order."""
+    axis1 = tl.num_programs(1)
+    pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + axis1 * tl.program_id(2))
+    programs = tl.num_programs(0) * axis1 * tl.num_programs(2)
+    unit: tl.constexpr = 16 * PIECES
+    share = tl.cdiv(tl.cdiv(nbytes, programs), unit) * unit
+    piece = share // PIECES
+    index = tl.arange(0, PIECES)
+    start = pid * share + index * piece
+    size = tl.minimum(tl.maximum(nbytes - start, 0), piece)
+    tl.inline_asm_elementwise(_PREFETCH_PTX, "=r,l,r,r,r", [ptr + start, (size > 0).to(tl.int32), size, index],
+                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes):
+    """This program's share of the next weight's codes and scales (:func:`launch_args`)."""
+    l2_prefetch_share(nx_ptr, nx_bytes, 8)
+    l2_prefetch_share(ns_ptr, ns_bytes, 1)
+
+
+def targets(module: nn.Module | None) -> list[Tensor]:
+    """The tensors a kernel prefetches for ``module`` as the next projection: codes first, then scales."""
+    if module is None:
+        return []
+    if hasattr(module, "qweight"):  # WNA16Linear
+        return [module.qweight, module.scale]
+    if hasattr(module, "weight_scale"):  # W8A8Linear
+        return [module.weight, module.weight_scale]
+    weight = getattr(module, "weight", None)
+    return [weight] if isinstance(weight, Tensor) else []
+
+
+def _byte_view(t: Tensor) -> Tensor:
+    return t.reshape(-1).view(torch.int8)
+
+
+def launch_args(next_tensors: list[Tensor] | None, device: torch.device) -> dict:
+    """Kernel arguments that prefetch the first ``NEXT_MB`` MB of ``next_tensors[0]`` (and the same fraction of
+    ``next_tensors[1]``), with ``L2_NEXT`` set; empty (nothing prefetched) when off, when there is no next
+    weight, or where the PTX cannot run (not CUDA, before Hopper, Triton's interpreter)."""
+    budget = NEXT_MB[0] * 2**20
+    if budget <= 0 or not next_tensors or not _supported(device):
+        return {}
+    tensors = [t for t in next_tensors[:2] if t.is_contiguous() and t.device == device]
+    if len(tensors) != len(next_tensors[:2]):
+        return {}
+    codes = tensors[0]
+    fraction = min(1.0, budget / (codes.numel() * codes.element_size()))
+    scales = tensors[1] if len(tensors) > 1 else codes
+    sizes = [int(fraction * t.numel() * t.element_size()) // 16 * 16 for t in (codes, scales)]
+    if len(tensors) == 1:
+        sizes[1] = 0
+    return {"nx_ptr": _byte_view(codes), "nx_bytes": sizes[0], "ns_ptr": _byte_view(scales), "ns_bytes": sizes[1],
+            "L2_NEXT": 1}  # fmt: skip
+
+
+def no_args(anchor: Tensor) -> dict:
+    """The same arguments with prefetching off (the kernels' ``L2_NEXT`` constexpr at 0 removes the code)."""
+    return {"nx_ptr": anchor, "nx_bytes": 0, "ns_ptr": anchor, "ns_bytes": 0, "L2_NEXT": 0}
+
+
+def _supported(device: torch.device) -> bool:
+    from lowbit.kernels.w4a16 import interpreting
+
+    return pdl.supported(device) and not interpreting()

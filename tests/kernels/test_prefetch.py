@@ -1,0 +1,120 @@
+"""L2 prefetch of the next projection's weights (lowbit.kernels.prefetch): the chain, and exactness on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.kernels import prefetch
+from lowbit.kernels.runtime import DecoderShape, greedy_decode, linear_factory, random_decoder
+
+TINY = DecoderShape(vocab_size=96, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=32)  # fmt: skip
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+def test_off_by_default_and_nothing_where_it_cannot_run(monkeypatch) -> None:
+    codes = torch.zeros(4, 64, 16, dtype=torch.int32)
+    assert prefetch.NEXT_MB == [0.0]
+    assert prefetch.launch_args([codes], torch.device("cpu")) == {}
+    monkeypatch.setattr(prefetch, "NEXT_MB", [8.0])
+    assert prefetch.launch_args([codes], torch.device("cpu")) == {}  # CPU / interpreter: no PTX
+    assert prefetch.launch_args([], torch.device("cuda")) == {}
+
+
+def test_targets_are_codes_then_scales() -> None:
+    w4 = linear_factory("w4a16", "cpu")(128, 64)
+    int8 = linear_factory("int8", "cpu")(128, 64)
+    dense = linear_factory("bf16", "cpu")(128, 64)
+    assert [t is u for t, u in zip(prefetch.targets(w4), [w4.qweight, w4.scale], strict=True)] == [True, True]
+    assert [t is u for t, u in zip(prefetch.targets(int8), [int8.weight, int8.weight_scale], strict=True)] == [True] * 2
+    assert prefetch.targets(dense)[0] is dense.weight
+    assert prefetch.targets(None) == []
+
+
+def test_link_prefetch_follows_the_forward_order_and_wraps() -> None:
+    make = linear_factory("w4a16", "cpu")
+    model = random_decoder(TINY, make, device="cpu").fuse_projections()
+    model.lm_head = make(TINY.hidden_size, TINY.vocab_size)
+    model.link_prefetch()
+    chain = [m for block in model.blocks for m in block.projections()] + [model.lm_head]
+    assert len(chain) == 4 * TINY.num_layers + 1
+    for module, following in zip(chain, chain[1:] + chain[:1], strict=True):
+        assert module.l2_next[0] is following.qweight and module.l2_next[1] is following.scale
+    for block in model.blocks:
+        assert block.attn_next[0] is block.o.qweight
+
+
+def test_ops_accept_the_next_weights() -> None:
+    layer = linear_factory("w4a16", "cpu")(128, 48)
+    following = linear_factory("w4a16", "cpu")(128, 128)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    args = (x, layer.qweight, layer.scale, None, 4, 128, 128, 48, following.qweight, following.scale)
+    torch.library.opcheck(torch.ops.lowbit.wna16_mm, args, test_utils=("test_schema", "test_faketensor"))
+    assert torch.equal(torch.ops.lowbit.wna16_mm(*args), torch.ops.lowbit.wna16_mm(*args[:8]))
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (cp.async.bulk.prefetch.L2)")
+def test_gpu_prefetching_launches_are_bitwise_unchanged(monkeypatch) -> None:  # pragma: no cover
+    """A CUDA graph of dependent W4A16 launches through every prefetching kernel (raw-code tensor cores, multi-block
+    and one-block GEMVs, with and without split-K), each prefetching the next one's weight, gives the outputs of
+    the same graph without prefetching, bit for bit."""
+    from lowbit.kernels.layout import pack_wna16
+    from lowbit.kernels.w4a16 import WNA16Config, wna16_matmul
+
+    k = 2048
+    gen = torch.Generator().manual_seed(5)
+    weights = []
+    for _ in range(2):
+        q = torch.randint(0, 16, (k, k), generator=gen, dtype=torch.int16)
+        scale = (torch.rand(k, k // 128, generator=gen) * 0.003 + 0.005).to(torch.bfloat16)  # keeps |y| near |x|
+        weights.append(pack_wna16(q.cuda(), scale.cuda(), None, 4, 128))
+    configs = [
+        WNA16Config(8, 64, 4, 1, 3, mma=True),
+        WNA16Config(1, 16, 2, 4, 3, packed_math=True, prefetch=False, kbi=4),
+        WNA16Config(1, 64, 2, 2, 2, packed_math=True),
+        WNA16Config(8, 128, 1, 2, 3, mma=True),
+        WNA16Config(1, 16, 1, 4, 3, packed_math=True, prefetch=False, kbi=8),
+        WNA16Config(1, 128, 16, 4, 2, packed_math=True),
+    ] * 2
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+
+    def chain() -> torch.Tensor:
+        y = x
+        for i, cfg in enumerate(configs):
+            following = weights[(i + 1) % 2]
+            y = wna16_matmul(y, weights[i % 2], cfg, l2_next=[following.qweight, following.scale])
+        return y
+
+    def replayed() -> torch.Tensor:
+        chain()  # compiled, split-K buffers grown
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        return out.clone()
+
+    plain = replayed()
+    assert torch.isfinite(plain).all() and plain.abs().max() > 0
+    for megabytes in (0.5, 64.0):  # part of the next weight, and all of it
+        monkeypatch.setattr(prefetch, "NEXT_MB", [megabytes])
+        assert prefetch.launch_args([x], x.device)["L2_NEXT"] == 1
+        assert torch.equal(replayed(), plain)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (cp.async.bulk.prefetch.L2)")
+@pytest.mark.parametrize("fuse", ["off", "auto"])
+def test_gpu_prefetching_decode_gives_the_same_tokens(fuse: str, monkeypatch) -> None:  # pragma: no cover
+    from lowbit.kernels import runtime
+
+    shape = DecoderShape(vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=3, num_heads=8,
+                         num_kv_heads=2, head_dim=64)  # fmt: skip
+    model = random_decoder(shape, linear_factory("w4a16", "cuda"), device="cuda").fuse_projections()
+    model.lm_head = linear_factory("w4a16", "cuda")(shape.hidden_size, shape.vocab_size)
+    prompt = torch.randint(0, shape.vocab_size, (1, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    monkeypatch.setattr(runtime, "FUSE", [fuse])
+    plain = greedy_decode(model, prompt, new_tokens=12, compile_step=True)
+    monkeypatch.setattr(prefetch, "NEXT_MB", [4.0])
+    prefetched = greedy_decode(model, prompt, new_tokens=12, compile_step=True)
+    assert prefetched.compiled and torch.equal(prefetched.tokens, plain.tokens)
