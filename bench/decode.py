@@ -62,9 +62,12 @@ def main() -> None:
     parser.add_argument("--l2-next-mb", type=float, default=prefetch.NEXT_MB[0],
                         help="MB of the next projection's weights each lowbit kernel prefetches into the L2 "
                         "(lowbit.kernels.prefetch.NEXT_MB; 0: off)")  # fmt: skip
+    parser.add_argument("--l2-attention-mb", type=float, default=prefetch.ATTENTION_MB[0],
+                        help="MB of the o and gate/up weights the decode attention prefetches into the L2 "
+                        "(lowbit.kernels.prefetch.ATTENTION_MB; 0: off)")  # fmt: skip
     args = parser.parse_args()
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
-    prefetch.NEXT_MB[0] = args.l2_next_mb
+    prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = args.l2_next_mb, args.l2_attention_mb
     runtime.ATTENTION[0] = args.attention
     runtime.FUSE[0] = args.fuse
     pdl.PDL[0] = args.pdl
@@ -85,7 +88,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         for r in new:
-            r["l2_next_mb"] = prefetch.NEXT_MB[0]
+            r["l2_next_mb"], r["l2_attention_mb"] = prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0]
             print(json.dumps(r), flush=True)
         rows += new
         if w4a16.TUNING_LOG:  # which launch each W{4,8}A16 shape got, and the runners-up (us per call, 128 MB flush included)

@@ -99,12 +99,12 @@ def recorded_launches():
 @torch.no_grad()  # as greedy_decode: nothing records autograd (the decode-attention kernel has no backward)
 def profile_scheme(
     scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off",
-    use_pdl: str = "off", l2_next_mb: float = 0.0,
+    use_pdl: str = "off", l2_mb: tuple[float, float] = (0.0, 0.0),
 ) -> dict:
     runtime.ATTENTION[0] = attention
     runtime.FUSE[0] = fuse
     pdl.PDL[0] = use_pdl
-    prefetch.NEXT_MB[0] = l2_next_mb
+    prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = l2_mb
     make = linear_factory(scheme, "cuda")
     model = random_decoder(LLAMA3_8B, make, "cuda").fuse_projections()
     if lm_head_quantized and scheme != "bf16":
@@ -165,7 +165,8 @@ def profile_scheme(
         "fuse": fuse,
         "pdl": use_pdl,
         "prefetch_blocks": pdl.PREFETCH_BLOCKS[0],
-        "l2_next_mb": l2_next_mb,
+        "l2_next_mb": l2_mb[0],
+        "l2_attention_mb": l2_mb[1],
         "linear_us_by_projection": slots,
         "step_ms": step_ms,
         "tokens_per_s": batch * 1e3 / step_ms,
@@ -200,8 +201,9 @@ def main() -> None:
                         help="lowbit.kernels.pdl.PDL values to compare (programmatic dependent launch)")
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
                         help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")
-    parser.add_argument("--l2-next-mb", nargs="*", type=float, default=[0.0],
-                        help="lowbit.kernels.prefetch.NEXT_MB values to compare (L2 prefetch of the next weight)")
+    parser.add_argument("--l2-prefetch", nargs="*", default=["0:0"],
+                        help="GEMV:attention megabytes pairs to compare: lowbit.kernels.prefetch.NEXT_MB and "
+                        "ATTENTION_MB (L2 prefetch of the next weights)")  # fmt: skip
     args = parser.parse_args()
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,10 +212,10 @@ def main() -> None:
         variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
         fuses = args.fuse if scheme != "bf16" else ["off"]
         runs = [(v, a, f, p, mb) for v in variants for a in args.attention for f in fuses for p in args.pdl
-                for mb in args.l2_next_mb]  # fmt: skip
+                for mb in args.l2_prefetch]  # fmt: skip
         for quantized_head, attention, fuse, use_pdl, mb in runs:
             row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse, use_pdl=use_pdl,
-                                 l2_next_mb=mb)  # fmt: skip
+                                 l2_mb=tuple(float(v) for v in mb.split(":")))  # fmt: skip
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
             if row["linear_us_by_projection"]:
@@ -221,11 +223,11 @@ def main() -> None:
             for t in row["top"]:
                 print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:<4d} {t['name']}", flush=True)
             (args.out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
-    print("| scheme | attention | fuse | pdl | L2 next MB | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
+    print("| scheme | attention | fuse | pdl | L2 MB (GEMV:attention) | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
-        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['l2_next_mb']:g} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['l2_next_mb']:g}:{r['l2_attention_mb']:g} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
               f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} |")  # fmt: skip
 

@@ -16,10 +16,25 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 
 def test_off_by_default_and_nothing_where_it_cannot_run(monkeypatch) -> None:
     codes = torch.zeros(4, 64, 16, dtype=torch.int32)
     assert prefetch.NEXT_MB == [0.0]
-    assert prefetch.launch_args([codes], torch.device("cpu")) == {}
+    assert prefetch.launch_args([[codes]], torch.device("cpu")) == {}
     monkeypatch.setattr(prefetch, "NEXT_MB", [8.0])
-    assert prefetch.launch_args([codes], torch.device("cpu")) == {}  # CPU / interpreter: no PTX
+    assert prefetch.launch_args([[codes]], torch.device("cpu")) == {}  # CPU / interpreter: no PTX
     assert prefetch.launch_args([], torch.device("cuda")) == {}
+
+
+def test_the_budget_fills_the_weights_in_order(monkeypatch) -> None:
+    """Codes first weight first, each weight's scales in proportion to its codes prefetched, 16-byte multiples."""
+    monkeypatch.setattr(prefetch, "_supported", lambda device: True)
+    codes, scales = torch.zeros(8, 1024, 16, dtype=torch.int32), torch.zeros(64, 1024, dtype=torch.bfloat16)  # 512/128 KiB
+    codes2, scales2 = torch.zeros(8, 4096, 16, dtype=torch.int32), torch.zeros(64, 4096, dtype=torch.bfloat16)
+    mib = 2**20
+    args = prefetch.launch_args([[codes, scales]], codes.device, 0.25)
+    assert (args["L2_NEXT"], args["nx_bytes"], args["ns_bytes"]) == (1, mib // 4, 64 * 1024)  # half of each
+    args = prefetch.launch_args([[codes, scales], [codes2, scales2]], codes.device, 1.0)
+    assert (args["L2_NEXT"], args["nx_bytes"], args["ns_bytes"]) == (2, mib // 2, 128 * 1024)  # all of the first
+    assert (args["nx2_bytes"], args["ns2_bytes"]) == (mib // 2, 128 * 1024)  # the rest: a quarter of the second
+    assert prefetch.launch_args([[codes, scales], [codes2, scales2]], codes.device, 0.5)["L2_NEXT"] == 1
+    assert args["nx_ptr"].dtype == torch.int8 and args["nx_ptr"].numel() == codes.numel() * 4
 
 
 def test_targets_are_codes_then_scales() -> None:
@@ -41,8 +56,9 @@ def test_link_prefetch_follows_the_forward_order_and_wraps() -> None:
     assert len(chain) == 4 * TINY.num_layers + 1
     for module, following in zip(chain, chain[1:] + chain[:1], strict=True):
         assert module.l2_next[0] is following.qweight and module.l2_next[1] is following.scale
-    for block in model.blocks:
-        assert block.attn_next[0] is block.o.qweight
+    for block in model.blocks:  # the attention: o's weights, then gate/up's
+        expected = [block.o.qweight, block.o.scale, block.gate_up.qweight, block.gate_up.scale]
+        assert [t is u for t, u in zip(block.attn_next, expected, strict=True)] == [True] * 4
 
 
 def test_ops_accept_the_next_weights() -> None:
@@ -99,7 +115,7 @@ def test_gpu_prefetching_launches_are_bitwise_unchanged(monkeypatch) -> None:  #
     assert torch.isfinite(plain).all() and plain.abs().max() > 0
     for megabytes in (0.5, 64.0):  # part of the next weight, and all of it
         monkeypatch.setattr(prefetch, "NEXT_MB", [megabytes])
-        assert prefetch.launch_args([x], x.device)["L2_NEXT"] == 1
+        assert prefetch.launch_args([[x]], x.device)["L2_NEXT"] == 1
         assert torch.equal(replayed(), plain)
 
 
@@ -116,5 +132,6 @@ def test_gpu_prefetching_decode_gives_the_same_tokens(fuse: str, monkeypatch) ->
     monkeypatch.setattr(runtime, "FUSE", [fuse])
     plain = greedy_decode(model, prompt, new_tokens=12, compile_step=True)
     monkeypatch.setattr(prefetch, "NEXT_MB", [4.0])
+    monkeypatch.setattr(prefetch, "ATTENTION_MB", [6.0])  # all of o (0.25 MiB here) and gate/up (0.5 MiB)
     prefetched = greedy_decode(model, prompt, new_tokens=12, compile_step=True)
     assert prefetched.compiled and torch.equal(prefetched.tokens, plain.tokens)

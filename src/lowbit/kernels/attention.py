@@ -35,7 +35,8 @@ def decode_attention_kernel(
     stride_knb, stride_knh, stride_knt, stride_vnb, stride_vnh, stride_vnt,
     KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
-    PDL: tl.constexpr = 0, nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0, L2_NEXT: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0,
+    nx2_ptr=None, nx2_bytes=0, ns2_ptr=None, ns2_bytes=0, L2_NEXT: tl.constexpr = 0,
 ):  # fmt: skip
     """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
     as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
@@ -44,12 +45,14 @@ def decode_attention_kernel(
     the cache loop stops before ``pos[0]`` and never reads a row this launch writes. ``PDL``: launched before the
     previous kernel has finished (:mod:`lowbit.kernels.pdl`); it waits for the previous one before reading
     anything, and lets the next one start at once (1) or after its main loop (2). ``L2_NEXT``: first, the
-    programs ask the L2 for the next projection's weights (:mod:`lowbit.kernels.prefetch`), read while this
-    kernel, which moves little memory, runs."""
+    programs ask the L2 for the next projections' weights (one or two, :mod:`lowbit.kernels.prefetch`), read
+    while this kernel, which moves little memory, runs."""
     if PDL == 1:
         gdc_launch_dependents()
-    if L2_NEXT:
+    if L2_NEXT >= 1:
         l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
+    if L2_NEXT >= 2:
+        l2_prefetch_next(nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes)
     if PDL:
         gdc_wait()
     ROWS: tl.constexpr = GROUP * T
@@ -232,7 +235,7 @@ def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps, l2_next=No
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
         NEW=new is not None, num_warps=num_warps, **pdl.launch_options(q.device),
-        **prefetch.launch_args(l2_next, q.device),
+        **prefetch.launch_args(l2_next, q.device, prefetch.ATTENTION_MB[0]),
     )  # fmt: skip
     return out
 
@@ -268,7 +271,7 @@ def decode_attention_rope(
     split: int | None = None,
     block_l: int = 32,
     num_warps: int = 2,
-    l2_next: list[Tensor] | None = None,
+    l2_next: list[list[Tensor]] | None = None,
 ) -> Tensor:
     """A decode step's whole attention in one launch: the rotary embedding of ``q`` ``[b, H, t, d]`` and of the
     step's keys ``k`` ``[b, KV, t, d]`` (rows ``pos`` of the tables ``cos``/``sin`` ``[P, d]``, the half-split form of
@@ -276,7 +279,8 @@ def decode_attention_rope(
     ``pos`` (in place), and :func:`decode_attention`. ``q``, ``k`` and ``v`` may be strided views of one fused
     projection's output. ``pos`` must be consecutive positions (a decode step's); the caches are read only
     before ``pos[0]``, the new rows come from registers. Replaces three elementwise launches per layer.
-    ``l2_next``: the next projection's weights, prefetched into the L2 meanwhile (:mod:`lowbit.kernels.prefetch`).
+    ``l2_next``: the next projections' weights (``[codes, scales]`` each, at most two), of which
+    ``prefetch.ATTENTION_MB`` megabytes are prefetched into the L2 meanwhile (:mod:`lowbit.kernels.prefetch`).
     """
     b, _, t, d = q.shape
     if tuple(k.shape) != (b, k_cache.shape[1], t, d) or v.shape != k.shape:
@@ -305,12 +309,15 @@ def _(q, k_cache, v_cache, pos):
 @torch.library.custom_op("lowbit::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
 def decode_attention_rope_op(
     q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor,
-    next_codes: Tensor | None = None, next_scales: Tensor | None = None,
+    next_codes: Tensor | None = None, next_scales: Tensor | None = None, next2_codes: Tensor | None = None,
+    next2_scales: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    l2_next = [t for t in (next_codes, next_scales) if t is not None]
+    weights = [[t for t in pair if t is not None] for pair in ((next_codes, next_scales), (next2_codes, next2_scales))]
+    l2_next = [pair for pair in weights if pair]
     return decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos, l2_next=l2_next)
 
 
 @decode_attention_rope_op.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, pos, next_codes=None, next_scales=None):
+def _(q, k, v, cos, sin, k_cache, v_cache, pos, next_codes=None, next_scales=None, next2_codes=None,
+      next2_scales=None):  # fmt: skip
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)

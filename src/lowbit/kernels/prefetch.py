@@ -16,7 +16,9 @@ prefix of each weight is asked for, in memory order: the packed layout is K-bloc
 (:mod:`lowbit.kernels.layout`), so the prefix holds the first K-blocks of every output row, which all of the
 next kernel's programs read first, or (for the codes past the first wave) soon.
 
-``NEXT_MB[0]``: megabytes of the next weight's codes to prefetch (its scales in proportion); 0 turns it off.
+``NEXT_MB[0]``: megabytes of the next weight's codes each GEMV prefetches (its scales in proportion); 0 turns it
+off. ``ATTENTION_MB[0]``: the same for the attention, which runs longer and reaches two weights ahead: all of the
+output projection's first, then the prefix of gate/up.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from lowbit.kernels import pdl
 
 NEXT_MB = [0.0]
+ATTENTION_MB = [0.0]
 
 # $1 address, $2 nonzero to issue, $3 bytes, $4 the piece's index: only thread $4 issues it. A small tensor is
 # replicated across a program's threads (thread t holds element t mod size in Triton's blocked layout), and each
@@ -66,7 +69,8 @@ def l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes):
 
 
 def targets(module: nn.Module | None) -> list[Tensor]:
-    """The tensors a kernel prefetches for ``module`` as the next projection: codes first, then scales."""
+    """The tensors a kernel prefetches for ``module`` as the next projection: ``[codes, scales]``, or ``[weight]``
+    for a float ``nn.Linear``, or ``[]``."""
     if module is None:
         return []
     if hasattr(module, "qweight"):  # WNA16Linear
@@ -81,29 +85,29 @@ def _byte_view(t: Tensor) -> Tensor:
     return t.reshape(-1).view(torch.int8)
 
 
-def launch_args(next_tensors: list[Tensor] | None, device: torch.device) -> dict:
-    """Kernel arguments that prefetch the first ``NEXT_MB`` MB of ``next_tensors[0]`` (and the same fraction of
-    ``next_tensors[1]``), with ``L2_NEXT`` set; empty (nothing prefetched) when off, when there is no next
-    weight, or where the PTX cannot run (not CUDA, before Hopper, Triton's interpreter)."""
-    budget = NEXT_MB[0] * 2**20
-    if budget <= 0 or not next_tensors or not _supported(device):
+def launch_args(weights: list[list[Tensor]] | None, device: torch.device, megabytes: float | None = None) -> dict:
+    """Kernel arguments that prefetch ``megabytes`` (default ``NEXT_MB[0]``) of the next weights' codes, the first
+    weight's prefix first, each weight's scales in proportion to its codes; ``weights`` holds ``[codes, scales]``
+    (or ``[codes]``) per weight, at most two (arguments ``nx``/``ns`` and ``nx2``/``ns2``; ``L2_NEXT`` says how
+    many). Empty, so that nothing is prefetched, when off, with no next weight, or where the PTX cannot run (not
+    CUDA, before Hopper, Triton's interpreter)."""
+    budget = (NEXT_MB[0] if megabytes is None else megabytes) * 2**20
+    if budget <= 0 or not weights or not _supported(device):
         return {}
-    tensors = [t for t in next_tensors[:2] if t.is_contiguous() and t.device == device]
-    if len(tensors) != len(next_tensors[:2]):
-        return {}
-    codes = tensors[0]
-    fraction = min(1.0, budget / (codes.numel() * codes.element_size()))
-    scales = tensors[1] if len(tensors) > 1 else codes
-    sizes = [int(fraction * t.numel() * t.element_size()) // 16 * 16 for t in (codes, scales)]
-    if len(tensors) == 1:
-        sizes[1] = 0
-    return {"nx_ptr": _byte_view(codes), "nx_bytes": sizes[0], "ns_ptr": _byte_view(scales), "ns_bytes": sizes[1],
-            "L2_NEXT": 1}  # fmt: skip
-
-
-def no_args(anchor: Tensor) -> dict:
-    """The same arguments with prefetching off (the kernels' ``L2_NEXT`` constexpr at 0 removes the code)."""
-    return {"nx_ptr": anchor, "nx_bytes": 0, "ns_ptr": anchor, "ns_bytes": 0, "L2_NEXT": 0}
+    args: dict = {}
+    for slot, tensors in zip(("", "2"), weights[:2], strict=False):
+        if budget < 16:
+            break
+        if not tensors or any(not t.is_contiguous() or t.device != device for t in tensors):
+            return {}
+        codes, scales = tensors[0], tensors[-1]
+        code_bytes = codes.numel() * codes.element_size()
+        fraction = min(1.0, budget / code_bytes)
+        budget -= fraction * code_bytes
+        scale_bytes = int(fraction * scales.numel() * scales.element_size()) // 16 * 16 if len(tensors) > 1 else 0
+        args |= {f"nx{slot}_ptr": _byte_view(codes), f"nx{slot}_bytes": int(fraction * code_bytes) // 16 * 16,
+                 f"ns{slot}_ptr": _byte_view(scales), f"ns{slot}_bytes": scale_bytes, "L2_NEXT": 1 + len(slot)}  # fmt: skip
+    return args
 
 
 def _supported(device: torch.device) -> bool:

@@ -58,7 +58,9 @@ class Block(nn.Module):
         self.v_cache: Tensor | None = None
         self.qkv: nn.Module | None = None
         self.gate_up: nn.Module | None = None
-        self.attn_next: list[Tensor] = []  # what the attention prefetches into the L2: the o projection's weights
+        # what the attention prefetches into the L2 (lowbit.kernels.prefetch): the o and gate/up projections' weights,
+        # each as [codes, scales] or [] (4 tensors or fewer, as the decode_attention_rope op takes them)
+        self.attn_next: list[Tensor | None] = []
 
     def projections(self) -> list[nn.Module]:
         """The projections in the order a forward pass runs them."""
@@ -88,7 +90,7 @@ class Block(nn.Module):
             from lowbit.kernels.attention import decode_attention_rope_op
 
             # rotary (reading rows pos of the tables), cache writes and attention in one launch
-            attn = decode_attention_rope_op(q, k, v, cos, sin, self.k_cache, self.v_cache, pos, *self.attn_next[:2])
+            attn = decode_attention_rope_op(q, k, v, cos, sin, self.k_cache, self.v_cache, pos, *self.attn_next)
         else:
             cos, sin = cos[pos], sin[pos]
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -266,7 +268,9 @@ class Decoder(nn.Module):
             if hasattr(module, "l2_next"):
                 module.l2_next = prefetch.targets(chain[(i + 1) % len(chain)])
         for block in self.blocks:
-            block.attn_next = prefetch.targets(block.o)
+            mlp = block.gate_up if block.gate_up is not None else block.gate
+            pairs = [prefetch.targets(block.o), prefetch.targets(mlp)]
+            block.attn_next = [(pair + [None, None])[i] for pair in pairs for i in range(2)] if pairs[0] else []
 
     def fuse_projections(self) -> Decoder:
         """Fuse q/k/v and gate/up of every block (fewer, larger GEMM launches); returns ``self``."""

@@ -280,7 +280,7 @@ def wna16_matmul(
         "num_stages": cfg.num_stages,
     }
     num_kb = triton.cdiv(k, BLOCK_K)
-    l2 = prefetch.launch_args(l2_next, x.device)
+    l2 = prefetch.launch_args([l2_next] if l2_next else None, x.device)
     if l2:  # the weight stream makes way for the prefetched lines
         l2["EVICT"] = "evict_first"
     if cfg.mma:  # multi_block_ok: checked above
