@@ -17,8 +17,11 @@ Prints one summary table and writes ``decode_profile.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import gc
 import json
+import re
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +32,20 @@ from torch.profiler import ProfilerActivity, profile
 
 from lowbit.kernels import pdl, prefetch, runtime, w4a16
 from lowbit.kernels.runtime import LLAMA3_8B, linear_factory, random_decoder
+
+
+def load_tuned(path: Path) -> int:
+    """Seed the W4A16 tuner with launches measured before (``{"(M, N, K, bits, group, symmetric)": "WNA16Config(...)"}``,
+    e.g. a profile row's ``tuned``), so a device call does not spend minutes compiling and timing every candidate
+    again. Returns how many shapes were seeded."""
+    fields = {f.name: f.type for f in dataclasses.fields(w4a16.WNA16Config)}
+    for key, text in json.loads(path.read_text()).items():
+        text = text[0] if isinstance(text, list) else text
+        body = re.fullmatch(r"WNA16Config\((.*)\)", text).group(1)
+        values = dict(item.split("=") for item in body.split(", "))
+        cfg = w4a16.WNA16Config(**{name: ast.literal_eval(values[name]) for name in fields if name in values})
+        w4a16._TUNED[ast.literal_eval(key)] = cfg
+    return len(w4a16._TUNED)
 
 
 def capture_step(model, prompt: torch.Tensor, new_tokens: int):
@@ -194,6 +211,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--lm-head-quantized", action="store_true", help="also run each non-bf16 scheme with a "
                         "quantized lm_head")  # fmt: skip
+    parser.add_argument("--quantized-head-only", action="store_true", help="with --lm-head-quantized: only the "
+                        "rows with the quantized lm_head")  # fmt: skip
     parser.add_argument("--attention", nargs="*", default=["auto"], choices=["auto", "matmul", "reduce", "sdpa", "triton"])
     parser.add_argument("--fuse", nargs="*", default=["off"], choices=["off", "auto"],
                         help="lowbit.kernels.runtime.FUSE values to compare (non-bf16 schemes)")  # fmt: skip
@@ -204,12 +223,17 @@ def main() -> None:
     parser.add_argument("--l2-prefetch", nargs="*", default=["0:0"],
                         help="GEMV:attention megabytes pairs to compare: lowbit.kernels.prefetch.NEXT_MB and "
                         "ATTENTION_MB (L2 prefetch of the next weights)")  # fmt: skip
+    parser.add_argument("--tuned", type=Path, help="seed the tuner with these launches (see load_tuned)")
     args = parser.parse_args()
+    if args.tuned:
+        print(f"seeded {load_tuned(args.tuned)} tuned shapes from {args.tuned}", flush=True)
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for scheme in args.schemes:
         variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
+        if args.quantized_head_only and scheme != "bf16":
+            variants = [True]
         fuses = args.fuse if scheme != "bf16" else ["off"]
         runs = [(v, a, f, p, mb) for v in variants for a in args.attention for f in fuses for p in args.pdl
                 for mb in args.l2_prefetch]  # fmt: skip
