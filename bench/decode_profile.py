@@ -116,12 +116,13 @@ def recorded_launches():
 @torch.no_grad()  # as greedy_decode: nothing records autograd (the decode-attention kernel has no backward)
 def profile_scheme(
     scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off",
-    use_pdl: str = "off", l2_mb: tuple[float, float] = (0.0, 0.0),
+    use_pdl: str = "off", l2_mb: tuple[float, float] = (0.0, 0.0), late_attention_prefetch: bool = False,
 ) -> dict:
     runtime.ATTENTION[0] = attention
     runtime.FUSE[0] = fuse
     pdl.PDL[0] = use_pdl
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = l2_mb
+    prefetch.ATTENTION_LATE[0] = late_attention_prefetch
     make = linear_factory(scheme, "cuda")
     model = random_decoder(LLAMA3_8B, make, "cuda").fuse_projections()
     if lm_head_quantized and scheme != "bf16":
@@ -184,6 +185,7 @@ def profile_scheme(
         "prefetch_blocks": pdl.PREFETCH_BLOCKS[0],
         "l2_next_mb": l2_mb[0],
         "l2_attention_mb": l2_mb[1],
+        "l2_attention_late": late_attention_prefetch,
         "linear_us_by_projection": slots,
         "step_ms": step_ms,
         "tokens_per_s": batch * 1e3 / step_ms,
@@ -222,7 +224,8 @@ def main() -> None:
                         help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")
     parser.add_argument("--l2-prefetch", nargs="*", default=["0:0"],
                         help="GEMV:attention megabytes pairs to compare: lowbit.kernels.prefetch.NEXT_MB and "
-                        "ATTENTION_MB (L2 prefetch of the next weights)")  # fmt: skip
+                        "ATTENTION_MB (L2 prefetch of the next weights); a trailing L: the attention "
+                        "prefetches after its work (ATTENTION_LATE)")  # fmt: skip
     parser.add_argument("--tuned", type=Path, help="seed the tuner with these launches (see load_tuned)")
     args = parser.parse_args()
     if args.tuned:
@@ -239,7 +242,8 @@ def main() -> None:
                 for mb in args.l2_prefetch]  # fmt: skip
         for quantized_head, attention, fuse, use_pdl, mb in runs:
             row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse, use_pdl=use_pdl,
-                                 l2_mb=tuple(float(v) for v in mb.split(":")))  # fmt: skip
+                                 l2_mb=(float(mb.split(":")[0]), float(mb.split(":")[1].rstrip("L"))),
+                                 late_attention_prefetch=mb.endswith("L"))  # fmt: skip
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
             if row["linear_us_by_projection"]:
@@ -251,7 +255,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
-        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['l2_next_mb']:g}:{r['l2_attention_mb']:g} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['l2_next_mb']:g}:{r['l2_attention_mb']:g}{'L' if r['l2_attention_late'] else ''} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
               f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} |")  # fmt: skip
 

@@ -27,6 +27,14 @@ from lowbit.kernels.prefetch import l2_prefetch_next
 
 
 @triton.jit
+def l2_prefetch_two(nx_ptr, nx_bytes, ns_ptr, ns_bytes, nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes, L2_NEXT: tl.constexpr):
+    if L2_NEXT >= 1:
+        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
+    if L2_NEXT >= 2:
+        l2_prefetch_next(nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes)
+
+
+@triton.jit
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, ws_ptr, stat_ptr, counter_ptr,
     kn_ptr, vn_ptr, cos_ptr, sin_ptr,
@@ -36,7 +44,7 @@ def decode_attention_kernel(
     KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
     BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
     PDL: tl.constexpr = 0, nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0,
-    nx2_ptr=None, nx2_bytes=0, ns2_ptr=None, ns2_bytes=0, L2_NEXT: tl.constexpr = 0,
+    nx2_ptr=None, nx2_bytes=0, ns2_ptr=None, ns2_bytes=0, L2_NEXT: tl.constexpr = 0, L2_LATE: tl.constexpr = False,
 ):  # fmt: skip
     """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
     as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
@@ -46,13 +54,12 @@ def decode_attention_kernel(
     previous kernel has finished (:mod:`lowbit.kernels.pdl`); it waits for the previous one before reading
     anything, and lets the next one start at once (1) or after its main loop (2). ``L2_NEXT``: first, the
     programs ask the L2 for the next projections' weights (one or two, :mod:`lowbit.kernels.prefetch`), read
-    while this kernel, which moves little memory, runs."""
+    while this kernel, which moves little memory, runs (``L2_LATE``: after its main loop, so that its own loads
+    do not queue behind them)."""
     if PDL == 1:
         gdc_launch_dependents()
-    if L2_NEXT >= 1:
-        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
-    if L2_NEXT >= 2:
-        l2_prefetch_next(nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes)
+    if not L2_LATE:
+        l2_prefetch_two(nx_ptr, nx_bytes, ns_ptr, ns_bytes, nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes, L2_NEXT)
     if PDL:
         gdc_wait()
     ROWS: tl.constexpr = GROUP * T
@@ -148,6 +155,8 @@ def decode_attention_kernel(
 
     if PDL == 2:
         gdc_launch_dependents()
+    if L2_LATE:
+        l2_prefetch_two(nx_ptr, nx_bytes, ns_ptr, ns_bytes, nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes, L2_NEXT)
     out_ptrs = out_ptr + bh * ROWS * D + offs_r[:, None] * D + offs_d[None, :]
     if SPLIT == 1:
         denom = tl.where(row_ok, denom, 1.0)  # padded rows see nothing; keep them finite
@@ -235,7 +244,7 @@ def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps, l2_next=No
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
         NEW=new is not None, num_warps=num_warps, **pdl.launch_options(q.device),
-        **prefetch.launch_args(l2_next, q.device, prefetch.ATTENTION_MB[0]),
+        **prefetch.attention_args(l2_next, q.device),
     )  # fmt: skip
     return out
 

@@ -18,7 +18,7 @@ next kernel's programs read first, or (for the codes past the first wave) soon.
 
 ``NEXT_MB[0]``: megabytes of the next weight's codes each GEMV prefetches (its scales in proportion); 0 turns it
 off. ``ATTENTION_MB[0]``: the same for the attention, which runs longer and reaches two weights ahead: all of the
-output projection's first, then the prefix of gate/up.
+output projection's first, then the prefix of gate/up; ``ATTENTION_LATE[0]``: it asks after its own work, not before.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from lowbit.kernels import pdl
 
 NEXT_MB = [0.0]
 ATTENTION_MB = [0.0]
+ATTENTION_LATE = [False]
 
 # $1 address, $2 nonzero to issue, $3 bytes, $4 the piece's index: only thread $4 issues it. A small tensor is
 # replicated across a program's threads (thread t holds element t mod size in Triton's blocked layout), and each
@@ -81,6 +82,12 @@ def targets(module: nn.Module | None) -> list[Tensor]:
     return [weight] if isinstance(weight, Tensor) else []
 
 
+def attention_args(weights: list[list[Tensor]] | None, device: torch.device) -> dict:
+    """:func:`launch_args` for the decode attention: ``ATTENTION_MB``, issued first or (``ATTENTION_LATE``) last."""
+    args = launch_args(weights, device, ATTENTION_MB[0])
+    return args | {"L2_LATE": ATTENTION_LATE[0]} if args else args
+
+
 def _byte_view(t: Tensor) -> Tensor:
     return t.reshape(-1).view(torch.int8)
 
@@ -98,8 +105,8 @@ def launch_args(weights: list[list[Tensor]] | None, device: torch.device, megaby
     for slot, tensors in zip(("", "2"), weights[:2], strict=False):
         if budget < 16:
             break
-        if not tensors or any(not t.is_contiguous() or t.device != device for t in tensors):
-            return {}
+        if not tensors or any(not t.is_contiguous() or t.device != device or t.data_ptr() % 16 for t in tensors):
+            return {}  # the bulk prefetch takes 16-byte aligned addresses
         codes, scales = tensors[0], tensors[-1]
         code_bytes = codes.numel() * codes.element_size()
         fraction = min(1.0, budget / code_bytes)
