@@ -120,8 +120,8 @@ def test_gpu_prefetching_launches_are_bitwise_unchanged(monkeypatch) -> None:  #
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (cp.async.bulk.prefetch.L2)")
-@pytest.mark.parametrize("fuse", ["off", "auto"])
-def test_gpu_prefetching_decode_gives_the_same_tokens(fuse: str, monkeypatch) -> None:  # pragma: no cover
+@pytest.mark.parametrize("fuse, late", [("off", False), ("auto", False), ("off", True)])
+def test_gpu_prefetching_decode_gives_the_same_tokens(fuse: str, late: bool, monkeypatch) -> None:  # pragma: no cover
     from lowbit.kernels import runtime
 
     shape = DecoderShape(vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=3, num_heads=8,
@@ -133,5 +133,6 @@ def test_gpu_prefetching_decode_gives_the_same_tokens(fuse: str, monkeypatch) ->
     plain = greedy_decode(model, prompt, new_tokens=12, compile_step=True)
     monkeypatch.setattr(prefetch, "NEXT_MB", [4.0])
     monkeypatch.setattr(prefetch, "ATTENTION_MB", [6.0])  # all of o (0.25 MiB here) and gate/up (0.5 MiB)
+    monkeypatch.setattr(prefetch, "ATTENTION_LATE", [late])
     prefetched = greedy_decode(model, prompt, new_tokens=12, compile_step=True)
     assert prefetched.compiled and torch.equal(prefetched.tokens, plain.tokens)
