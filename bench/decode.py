@@ -65,7 +65,13 @@ def main() -> None:
     parser.add_argument("--l2-attention-mb", type=float, default=prefetch.ATTENTION_MB[0],
                         help="MB of the o and gate/up weights the decode attention prefetches into the L2 "
                         "(lowbit.kernels.prefetch.ATTENTION_MB; 0: off)")  # fmt: skip
+    parser.add_argument("--tuned", type=Path, help="seed the W4A16 tuner with these launches "
+                        "(decode_profile.load_tuned); shapes not in the file are tuned as usual")  # fmt: skip
     args = parser.parse_args()
+    if args.tuned:
+        from decode_profile import load_tuned
+
+        print(f"seeded {load_tuned(args.tuned)} tuned shapes from {args.tuned}", flush=True)
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = args.l2_next_mb, args.l2_attention_mb
     runtime.ATTENTION[0] = args.attention
