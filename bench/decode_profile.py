@@ -76,6 +76,8 @@ def classify(name: str) -> str:
     lowered = name.lower()
     if lowered.startswith("decode_attention"):
         return "attention"
+    if lowered.startswith("triton_"):  # Inductor's fused elementwise kernels (named after the ops around them)
+        return "other"
     if "wna16" in lowered or "w4_gemv" in lowered or "w8a8" in lowered or "gemv" in lowered or "gemm" in lowered \
             or "cutlass" in lowered or "sm90_xmma" in lowered or "nvjet" in lowered or "splitk" in lowered:
         return "linear"
@@ -226,12 +228,22 @@ def main() -> None:
                         help="GEMV:attention megabytes pairs to compare: lowbit.kernels.prefetch.NEXT_MB and "
                         "ATTENTION_MB (L2 prefetch of the next weights); a trailing L: the attention "
                         "prefetches after its work (ATTENTION_LATE)")  # fmt: skip
-    parser.add_argument("--tuned", type=Path, help="seed the tuner with these launches (see load_tuned)")
+    parser.add_argument("--tuned", type=Path, nargs="*", default=[],
+                        help="seed the tuner with these launches (see load_tuned); several files: one set of rows "
+                        "per file, each with only that file's launches seeded")  # fmt: skip
     args = parser.parse_args()
-    if args.tuned:
-        print(f"seeded {load_tuned(args.tuned)} tuned shapes from {args.tuned}", flush=True)
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seeds in args.tuned or [None]:
+        if seeds is not None:
+            w4a16._TUNED.clear()
+            print(f"seeded {load_tuned(seeds)} tuned shapes from {seeds}", flush=True)
+        rows += profile_all(args, seeds)
+    print_table(rows)
+
+
+def profile_all(args: argparse.Namespace, seeds: Path | None) -> list[dict]:
     rows = []
     for scheme in args.schemes:
         variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
@@ -250,14 +262,20 @@ def main() -> None:
                 print("    per launch, us: " + ", ".join(f"{k} {v:.2f}" for k, v in row["linear_us_by_projection"].items()))
             for t in row["top"]:
                 print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:<4d} {t['name']}", flush=True)
-            (args.out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
-    print("| scheme | attention | fuse | pdl | L2 MB (GEMV:attention) | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            row["seeded_from"] = str(seeds) if seeds else None
+            done = json.loads(path.read_text()) if (path := args.out / "decode_profile.json").exists() else []
+            path.write_text(json.dumps(done + [row], indent=1))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| scheme | attention | fuse | pdl | L2 MB (GEMV:attention) | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms | seeded from |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
         print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['l2_next_mb']:g}:{r['l2_attention_mb']:g}{'L' if r['l2_attention_late'] else ''} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
-              f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} |")  # fmt: skip
+              f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} | {r.get('seeded_from')} |")  # fmt: skip
 
 
 if __name__ == "__main__":
