@@ -78,7 +78,7 @@ def classify(name: str) -> str:
         return "attention"
     if lowered.startswith("triton_"):  # Inductor's fused elementwise kernels (named after the ops around them)
         return "other"
-    if "wna16" in lowered or "w4_gemv" in lowered or "w8a8" in lowered or "gemv" in lowered or "gemm" in lowered \
+    if "wna16" in lowered or "w4_gemv" in lowered or "w4_mma" in lowered or "w8a8" in lowered or "gemv" in lowered or "gemm" in lowered \
             or "cutlass" in lowered or "sm90_xmma" in lowered or "nvjet" in lowered or "splitk" in lowered:
         return "linear"
     if "softmax" in lowered or "bmm" in lowered:
@@ -173,7 +173,7 @@ def profile_scheme(
     per_step = len(linear) // calls
     layers = LLAMA3_8B.num_layers
     slots = None
-    if per_step == 4 * layers + 1:
+    if per_step == 4 * layers + 1:  # (a bf16 lm_head is cuBLAS's, also classified "linear")
         durations = [[e.device_time_total for e in linear[i * per_step:(i + 1) * per_step]] for i in range(calls)]
         slots = {name: sum(sum(d[j] for j in range(slot, 4 * layers, 4)) for d in durations) / (calls * layers)
                  for slot, name in enumerate(["qkv", "o", "gate_up", "down"])}  # fmt: skip

@@ -62,9 +62,10 @@ def test_link_prefetch_follows_the_forward_order_and_wraps() -> None:
 
 
 def test_ops_accept_the_next_weights() -> None:
-    layer = linear_factory("w4a16", "cpu")(128, 48)
-    following = linear_factory("w4a16", "cpu")(128, 128)
-    x = torch.randn(2, 128).to(torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the op runs Triton: compiled, or the CPU interpreter
+    layer = linear_factory("w4a16", device)(128, 48)
+    following = linear_factory("w4a16", device)(128, 128)
+    x = torch.randn(2, 128, device=device).to(torch.bfloat16)
     args = (x, layer.qweight, layer.scale, None, 4, 128, 128, 48, following.qweight, following.scale)
     torch.library.opcheck(torch.ops.lowbit.wna16_mm, args, test_utils=("test_schema", "test_faketensor"))
     assert torch.equal(torch.ops.lowbit.wna16_mm(*args), torch.ops.lowbit.wna16_mm(*args[:8]))
