@@ -10,11 +10,18 @@ flight. To keep them there while the current GEMV streams its own weights, those
 ``evict_first`` and the prefetches ``evict_last``.
 
 What follows what is set once per model (:meth:`lowbit.kernels.runtime.Decoder.link_prefetch`): q/k/v's GEMV
-and the attention prefetch the output projection, which prefetches gate/up, which prefetches down, which
+prefetches the output projection (the attention: o, then gate/up), which prefetches gate/up, which prefetches down, which
 prefetches the next layer's q/k/v (the last one the lm_head, the lm_head the first layer's q/k/v). Only the
 prefix of each weight is asked for, in memory order: the packed layout is K-block-major
 (:mod:`lowbit.kernels.layout`), so the prefix holds the first K-blocks of every output row, which all of the
 next kernel's programs read first, or (for the codes past the first wave) soon.
+
+Measured on the H200 (Llama-3-8B-shaped W4A16 step, batch 1; bench/notes/kernels.md, session 11), it does not pay,
+so everything is off by default: with the attention prefetching 24 MB per layer, the GEMVs that read those bytes from
+the L2 gained only 1.9 us per layer (the small per-layer GEMVs are bound by their latency, not by bandwidth), while
+the attention, whose loads queue behind the prefetches, lost 4.4 us (the step went from 2.270 to 2.377 ms); the
+GEMVs' tail prefetch alone moved time from one kernel to the next (2.274 ms). It is exact either way
+(tests/kernels/test_prefetch.py).
 
 ``NEXT_MB[0]``: megabytes of the next weight's codes each GEMV prefetches (its scales in proportion); 0 turns it
 off. ``ATTENTION_MB[0]``: the same for the attention, which runs longer and reaches two weights ahead: all of the

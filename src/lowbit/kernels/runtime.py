@@ -244,7 +244,8 @@ class Decoder(nn.Module):
     def setup_cache(
         self, batch_size: int, max_seq_len: int, rope: tuple[Tensor, Tensor] | None = None
     ) -> None:
-        """Allocate the static KV cache and the rotary tables (``rope`` overrides the plain RoPE tables)."""
+        """Allocate the static KV cache and the rotary tables (``rope`` overrides the plain RoPE tables); link the
+        projections for the L2 prefetch (:meth:`link_prefetch`, inert while it is off)."""
         s, dtype, device = self.shape, self.norm.dtype, self.norm.device
         self.link_prefetch()
         for block in self.blocks:
