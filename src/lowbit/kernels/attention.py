@@ -23,15 +23,7 @@ from torch import Tensor
 
 from lowbit.kernels import pdl, prefetch
 from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
-from lowbit.kernels.prefetch import l2_prefetch_next
-
-
-@triton.jit
-def l2_prefetch_two(nx_ptr, nx_bytes, ns_ptr, ns_bytes, nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes, L2_NEXT: tl.constexpr):
-    if L2_NEXT >= 1:
-        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
-    if L2_NEXT >= 2:
-        l2_prefetch_next(nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes)
+from lowbit.kernels.prefetch import l2_prefetch_two
 
 
 @triton.jit

@@ -76,6 +76,15 @@ def l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes):
     l2_prefetch_share(ns_ptr, ns_bytes, 1)
 
 
+@triton.jit
+def l2_prefetch_two(nx_ptr, nx_bytes, ns_ptr, ns_bytes, nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes, L2_NEXT: tl.constexpr):
+    """This program's share of the next ``L2_NEXT`` (0 to 2) weights (the attention's two weights ahead)."""
+    if L2_NEXT >= 1:
+        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
+    if L2_NEXT >= 2:
+        l2_prefetch_next(nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes)
+
+
 def targets(module: nn.Module | None) -> list[Tensor]:
     """The tensors a kernel prefetches for ``module`` as the next projection: ``[codes, scales]``, or ``[weight]``
     for a float ``nn.Linear``, or ``[]``."""
