@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.kernels.gpu_chains import chain_configs, chain_weights, graph_replay, small_w4_decoder
 
 from lowbit.kernels import prefetch
 from lowbit.kernels.runtime import DecoderShape, greedy_decode, linear_factory, random_decoder
@@ -76,25 +77,11 @@ def test_gpu_prefetching_launches_are_bitwise_unchanged(monkeypatch) -> None:  #
     """A CUDA graph of dependent W4A16 launches through every prefetching kernel (raw-code tensor cores, multi-block
     and one-block GEMVs, with and without split-K), each prefetching the next one's weight, gives the outputs of
     the same graph without prefetching, bit for bit."""
-    from lowbit.kernels.layout import pack_wna16
     from lowbit.kernels.w4a16 import WNA16Config, wna16_matmul
 
-    k = 2048
-    gen = torch.Generator().manual_seed(5)
-    weights = []
-    for _ in range(2):
-        q = torch.randint(0, 16, (k, k), generator=gen, dtype=torch.int16)
-        scale = (torch.rand(k, k // 128, generator=gen) * 0.003 + 0.005).to(torch.bfloat16)  # keeps |y| near |x|
-        weights.append(pack_wna16(q.cuda(), scale.cuda(), None, 4, 128))
-    configs = [
-        WNA16Config(8, 64, 4, 1, 3, mma=True),
-        WNA16Config(1, 16, 2, 4, 3, packed_math=True, prefetch=False, kbi=4),
-        WNA16Config(1, 64, 2, 2, 2, packed_math=True),
-        WNA16Config(8, 128, 1, 2, 3, mma=True),
-        WNA16Config(1, 16, 1, 4, 3, packed_math=True, prefetch=False, kbi=8),
-        WNA16Config(1, 128, 16, 4, 2, packed_math=True),
-    ] * 2
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    weights = chain_weights(2048, 2)
+    configs = (chain_configs() + [WNA16Config(1, 128, 16, 4, 2, packed_math=True)]) * 2
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
 
     def chain() -> torch.Tensor:
         y = x
@@ -103,21 +90,12 @@ def test_gpu_prefetching_launches_are_bitwise_unchanged(monkeypatch) -> None:  #
             y = wna16_matmul(y, weights[i % 2], cfg, l2_next=[following.qweight, following.scale])
         return y
 
-    def replayed() -> torch.Tensor:
-        chain()  # compiled, split-K buffers grown
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain()
-        graph.replay()
-        torch.cuda.synchronize()
-        return out.clone()
-
-    plain = replayed()
+    plain = graph_replay(chain)
     assert torch.isfinite(plain).all() and plain.abs().max() > 0
     for megabytes in (0.5, 64.0):  # part of the next weight, and all of it
         monkeypatch.setattr(prefetch, "NEXT_MB", [megabytes])
         assert prefetch.launch_args([[x]], x.device)["L2_NEXT"] == 1
-        assert torch.equal(replayed(), plain)
+        assert torch.equal(graph_replay(chain), plain)
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU (cp.async.bulk.prefetch.L2)")
@@ -125,11 +103,7 @@ def test_gpu_prefetching_launches_are_bitwise_unchanged(monkeypatch) -> None:  #
 def test_gpu_prefetching_decode_gives_the_same_tokens(fuse: str, late: bool, monkeypatch) -> None:  # pragma: no cover
     from lowbit.kernels import runtime
 
-    shape = DecoderShape(vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=3, num_heads=8,
-                         num_kv_heads=2, head_dim=64)  # fmt: skip
-    model = random_decoder(shape, linear_factory("w4a16", "cuda"), device="cuda").fuse_projections()
-    model.lm_head = linear_factory("w4a16", "cuda")(shape.hidden_size, shape.vocab_size)
-    prompt = torch.randint(0, shape.vocab_size, (1, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    model, prompt = small_w4_decoder()
     monkeypatch.setattr(runtime, "FUSE", [fuse])
     plain = greedy_decode(model, prompt, new_tokens=12, compile_step=True)
     monkeypatch.setattr(prefetch, "NEXT_MB", [4.0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 # with one, these tests run the compiled kernels.
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tests.kernels.gpu_chains import chain_configs, chain_weights, graph_replay, small_w4_decoder  # noqa: E402
 
 from lowbit.kernels import linear as linear_mod  # noqa: E402
 from lowbit.kernels.runtime import (  # noqa: E402
@@ -203,11 +204,7 @@ def test_gpu_pdl_decode_gives_the_same_tokens(fuse: str, mode: str, prefetch_blo
     from lowbit.kernels import pdl, runtime
 
     assert pdl.supported(torch.device("cuda"))
-    shape = DecoderShape(vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=3, num_heads=8,
-                         num_kv_heads=2, head_dim=64)  # fmt: skip
-    model = random_decoder(shape, linear_factory("w4a16", "cuda"), device="cuda").fuse_projections()
-    model.lm_head = linear_factory("w4a16", "cuda")(shape.hidden_size, shape.vocab_size)
-    prompt = torch.randint(0, shape.vocab_size, (1, 33), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    model, prompt = small_w4_decoder()
     monkeypatch.setattr(runtime, "FUSE", [fuse])
     plain = greedy_decode(model, prompt, new_tokens=12)
     monkeypatch.setattr(pdl, "PDL", [mode])
@@ -227,22 +224,11 @@ def test_gpu_pdl_chained_launches_are_bitwise_unchanged(mode: str, prefetch_bloc
     kernel (raw-code tensor cores, multi-block GEMV and one-block GEMV, with and without split-K, whose workspace
     and counters are shared), gives bit-identical outputs when every launch overlaps its predecessor."""
     from lowbit.kernels import pdl
-    from lowbit.kernels.layout import pack_wna16
-    from lowbit.kernels.w4a16 import WNA16Config, wna16_matmul
+    from lowbit.kernels.w4a16 import wna16_matmul
 
-    k = 2048
-    gen = torch.Generator().manual_seed(5)
-    q = torch.randint(0, 16, (k, k), generator=gen, dtype=torch.int16)
-    scale = (torch.rand(k, k // 128, generator=gen) * 0.003 + 0.005).to(torch.bfloat16)  # keeps |y| near |x|
-    packed = pack_wna16(q.cuda(), scale.cuda(), None, 4, 128)
-    configs = [
-        WNA16Config(8, 64, 4, 1, 3, mma=True),
-        WNA16Config(1, 16, 2, 4, 3, packed_math=True, prefetch=False, kbi=4),
-        WNA16Config(1, 64, 2, 2, 2, packed_math=True),
-        WNA16Config(8, 128, 1, 2, 3, mma=True),
-        WNA16Config(1, 16, 1, 4, 3, packed_math=True, prefetch=False, kbi=8),
-    ] * 3
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    packed = chain_weights(2048, 1)[0]
+    configs = chain_configs() * 3
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
 
     def chain() -> torch.Tensor:
         y = x
@@ -250,19 +236,10 @@ def test_gpu_pdl_chained_launches_are_bitwise_unchanged(mode: str, prefetch_bloc
             y = wna16_matmul(y, packed, cfg)
         return y
 
-    def replayed() -> torch.Tensor:
-        chain()  # compiled, split-K buffers grown
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain()
-        graph.replay()
-        torch.cuda.synchronize()
-        return out.clone()
-
-    serial = replayed()
+    serial = graph_replay(chain)
     assert torch.isfinite(serial).all() and serial.abs().max() > 0
     monkeypatch.setattr(pdl, "PDL", [mode])
     monkeypatch.setattr(pdl, "PREFETCH_BLOCKS", [prefetch_blocks])
     assert pdl.launch_options(x.device, 16)["PDL"] == pdl.MODES[mode]
     for _ in range(3):
-        assert torch.equal(replayed(), serial)
+        assert torch.equal(graph_replay(chain), serial)
