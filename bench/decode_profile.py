@@ -11,6 +11,11 @@ decode step compiled and captured as in :func:`lowbit.kernels.runtime.greedy_dec
 * the kernels grouped into GEMM/GEMV (the quantized or bf16 projections), lm_head, attention and the rest, with
   each group's time, and the slowest kernel names.
 
+Options compare launch settings in one call (``--fuse``, ``--pdl``, ``--l2-prefetch GEMV:ATTENTION[L]``) and
+``--tuned FILE ...`` seeds the W4A16 tuner with saved launches (``bench/notes/decode_tuned_*.json``, one set of rows
+per file), so that a device call neither recompiles nor times every candidate again. With four projections per
+layer the rows also give each projection's mean time inside the graph.
+
 Prints one summary table and writes ``decode_profile.json`` under ``--out``.
 """
 
