@@ -41,7 +41,13 @@ NEXT_MB = [0.0]
 ATTENTION_MB = [0.0]
 ATTENTION_LATE = [False]
 
-# $1 address, $2 nonzero to issue, $3 bytes, $4 the piece's index: only thread $4 issues it. A small tensor is
+# Both bulk L2 prefetches of the W4A16 kernels. $1 address, $2 nonzero to issue, $3 bytes.
+# PDL_PREFETCH_PTX: a program's own first K-blocks before its PDL wait (lowbit.kernels.pdl), every thread that
+# holds an element issuing it, default cache policy (as measured in session 10).
+PDL_PREFETCH_PTX = tl.constexpr(
+    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }"
+)
+# _PREFETCH_PTX: the next weight's share; $4 the piece's index: only thread $4 issues it. A small tensor is
 # replicated across a program's threads (thread t holds element t mod size in Triton's blocked layout), and each
 # copy would otherwise send the same request again.
 _PREFETCH_PTX = tl.constexpr(

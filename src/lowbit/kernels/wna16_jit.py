@@ -31,11 +31,7 @@ from lowbit.kernels.dequant import (
     word_dot_bf16x2,
 )
 from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
-from lowbit.kernels.prefetch import l2_prefetch_next
-
-_PREFETCH_L2_PTX = tl.constexpr(
-    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }"
-)
+from lowbit.kernels.prefetch import PDL_PREFETCH_PTX, l2_prefetch_next
 
 
 @triton.jit
@@ -57,7 +53,7 @@ def pdl_prologue(qw_ptr, N, kb_lo, kb_hi, WORDS: tl.constexpr, BLOCK_N: tl.const
         nbytes = tl.minimum(N - n0, BLOCK_N) * (WORDS * 4)  # this tile's rows of one K-block: contiguous
         kb = kb_lo + tl.arange(0, PF_BLOCKS)
         ptrs = qw_ptr + kb.to(tl.int64) * N * WORDS + n0 * WORDS
-        tl.inline_asm_elementwise(_PREFETCH_L2_PTX, "=r,l,r,r", [ptrs, (kb < kb_hi).to(tl.int32), tl.zeros_like(kb) + nbytes],
+        tl.inline_asm_elementwise(PDL_PREFETCH_PTX, "=r,l,r,r", [ptrs, (kb < kb_hi).to(tl.int32), tl.zeros_like(kb) + nbytes],
                                   dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
     gdc_wait()
 
