@@ -43,7 +43,7 @@ def load_tuned(path: Path) -> int:
     """Seed the W4A16 tuner with launches measured before (``{"(M, N, K, bits, group, symmetric)": "WNA16Config(...)"}``,
     e.g. a profile row's ``tuned``), so a device call does not spend minutes compiling and timing every candidate
     again. Returns how many shapes were seeded."""
-    fields = {f.name: f.type for f in dataclasses.fields(w4a16.WNA16Config)}
+    fields = [f.name for f in dataclasses.fields(w4a16.WNA16Config)]
     for key, text in json.loads(path.read_text()).items():
         text = text[0] if isinstance(text, list) else text
         body = re.fullmatch(r"WNA16Config\((.*)\)", text).group(1)
@@ -244,12 +244,18 @@ def main() -> None:
         if seeds is not None:
             w4a16._TUNED.clear()
             print(f"seeded {load_tuned(seeds)} tuned shapes from {seeds}", flush=True)
-        rows += profile_all(args, seeds)
+        profile_all(args, seeds, rows)
     print_table(rows)
 
 
-def profile_all(args: argparse.Namespace, seeds: Path | None) -> list[dict]:
-    rows = []
+def parse_l2(pair: str) -> tuple[tuple[float, float], bool]:
+    """``"GEMV:ATTENTION[L]"`` megabytes -> ``((gemv, attention), late)``."""
+    gemv, attention = pair.split(":")
+    return (float(gemv), float(attention.rstrip("L"))), attention.endswith("L")
+
+
+def profile_all(args: argparse.Namespace, seeds: Path | None, rows: list[dict]) -> None:
+    """Profile every requested variant, appending to ``rows`` and rewriting the JSON after each."""
     for scheme in args.schemes:
         variants = [False, True] if args.lm_head_quantized and scheme != "bf16" else [False]
         if args.quantized_head_only and scheme != "bf16":
@@ -258,19 +264,17 @@ def profile_all(args: argparse.Namespace, seeds: Path | None) -> list[dict]:
         runs = [(v, a, f, p, mb) for v in variants for a in args.attention for f in fuses for p in args.pdl
                 for mb in args.l2_prefetch]  # fmt: skip
         for quantized_head, attention, fuse, use_pdl, mb in runs:
+            l2_mb, late = parse_l2(mb)
             row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse, use_pdl=use_pdl,
-                                 l2_mb=(float(mb.split(":")[0]), float(mb.split(":")[1].rstrip("L"))),
-                                 late_attention_prefetch=mb.endswith("L"))  # fmt: skip
+                                 l2_mb=l2_mb, late_attention_prefetch=late)  # fmt: skip
+            row["seeded_from"] = str(seeds) if seeds else None
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
             if row["linear_us_by_projection"]:
                 print("    per launch, us: " + ", ".join(f"{k} {v:.2f}" for k, v in row["linear_us_by_projection"].items()))
             for t in row["top"]:
                 print(f"    {t['us_per_step']:9.1f} us  x{t['launches_per_step']:<4d} {t['name']}", flush=True)
-            row["seeded_from"] = str(seeds) if seeds else None
-            done = json.loads(path.read_text()) if (path := args.out / "decode_profile.json").exists() else []
-            path.write_text(json.dumps(done + [row], indent=1))
-    return rows
+            (args.out / "decode_profile.json").write_text(json.dumps(rows, indent=1))
 
 
 def print_table(rows: list[dict]) -> None:
