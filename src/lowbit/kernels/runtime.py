@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.kernels import prefetch
+from lowbit.kernels import persistent, prefetch
 from lowbit.kernels.linear import concat_outputs, kernels_available
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class Block(nn.Module):
             self.v_cache.index_copy_(2, pos, v)
             attn = gqa_attention(q, self.k_cache, self.v_cache, mask, pos)
         attn = attn.transpose(1, 2).reshape(b, t, s.num_heads * s.head_dim)
+        mlp = (getattr(self, "o", None), self.gate_up, getattr(self, "down", None))
+        if persistent.mlp_block_ok(x, *mlp, self.mlp_norm):  # o, norm, gate/up, SwiGLU, down: one launch
+            return persistent.mlp_block_op(attn, x, *mlp, self.mlp_norm, s.rms_eps)
         if fused:  # residual add in the o launch, RMSNorm in gate_up's, SwiGLU and the residual add in down's
             x = self.o.fused(attn, residual=x)
             gate_up = self.gate_up.fused(x, norm=self.mlp_norm, eps=s.rms_eps)

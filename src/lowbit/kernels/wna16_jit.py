@@ -276,9 +276,6 @@ def w4_gemv_kernel(
     tl.static_assert(PRO != 1 or SPLIT_K == 1, "the fused RMSNorm needs the whole input row in one program")
     # the K-slice here is a range of steps of KBI K-blocks, not tile_ranges' range of K-blocks
     _, pid_k, tile, offs_n, n_mask, offs_m, m_mask, _, _ = tile_ranges(M, N, K, BLOCK_M, BLOCK_N, SPLIT_K, BK)
-    offs_i = tl.arange(0, KBI)
-    offs_w = tl.arange(0, WORDS)
-
     num_kb = tl.cdiv(K, BK)
     num_steps = tl.cdiv(num_kb, KBI)
     steps_per_split = tl.cdiv(num_steps, SPLIT_K)
@@ -287,6 +284,32 @@ def w4_gemv_kernel(
     if PDL:
         pdl_prologue(qw_ptr, N, step_lo * KBI, tl.minimum(step_hi * KBI, num_kb), WORDS, BLOCK_N, PF_BLOCKS, PDL)
 
+    res = w4_rows_dot(x_ptr, stride_xm, qw_ptr, s_ptr, z_ptr, nw_ptr, offs_n, offs_m, m_mask, N, K, eps, step_lo, step_hi,
+                      GROUP, PER_CHANNEL, HAS_ZERO, BLOCK_M, BLOCK_N, KBI, BK, EVEN_K, PACKED_MATH, PREFETCH, PRO, EVICT)  # fmt: skip
+    pdl_epilogue(PDL)
+    if L2_NEXT:
+        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
+    counter = counter_ptr + tile
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    resid = res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
+    store_split_k(res, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K, resid, RESID)
+
+
+@triton.jit
+def w4_rows_dot(x_ptr, stride_xm, qw_ptr, s_ptr, z_ptr, nw_ptr, offs_n, offs_m, m_mask, N, K, eps, step_lo, step_hi,
+                GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, KBI: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                PACKED_MATH: tl.constexpr, PREFETCH: tl.constexpr, PRO: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
+    """The main loop of :func:`w4_gemv_kernel`: rows ``offs_n`` (any ``BLOCK_N`` rows of the weight, not necessarily
+    contiguous) times the ``BLOCK_M`` input rows ``offs_m`` over loop steps ``[step_lo, step_hi)`` of ``KBI``
+    K-blocks each. Returns the float32 ``[BLOCK_M, BLOCK_N]`` product (per-channel scale applied; with ``PRO == 1``
+    the RMSNorm's ``rsqrt(mean(x^2) + eps)``, which needs all of K in the range)."""
+    WORDS: tl.constexpr = BK // 8
+    offs_i = tl.arange(0, KBI)
+    offs_w = tl.arange(0, WORDS)
+    num_kb = tl.cdiv(K, BK)
+    num_steps = tl.cdiv(num_kb, KBI)
     w_off = offs_i[None, :, None] * (N * WORDS) + offs_n[:, None, None] * WORDS + offs_w[None, None, :]
     x_feature0 = offs_i[None, :, None] * BK + offs_w[None, None, :]  # feature of code 0 of each word: [1, KBI, W]
     x_rows = x_ptr + offs_m[:, None, None] * stride_xm  # [BLOCK_M, 1, 1]
@@ -352,19 +375,12 @@ def w4_gemv_kernel(
                 part += q[None, :, :, :] * xj[:, None, :, :]
         acc += part * scale[None, :, :, None]
 
-    pdl_epilogue(PDL)
-    if L2_NEXT:
-        l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes)
     res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     if PER_CHANNEL:
         res = res * channel_scale[None, :]
     if PRO == 1:
         res = res * tl.rsqrt(ssq / K + eps)[:, None]
-    counter = counter_ptr + tile
-    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-    resid = res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
-    store_split_k(res, out, ws, M * N, counter, pid_k, m_mask[:, None] & n_mask[None, :], SPLIT_K, resid, RESID)
+    return res
 
 
 @triton.jit

@@ -1,0 +1,409 @@
+"""The second half of a decoder layer at batch 1 as one persistent launch, grid-wide barriers in place of kernel
+boundaries.
+
+After the attention, a batch-1 decode step runs the output projection (plus the residual), the MLP's RMSNorm,
+gate/up, SwiGLU and down (plus the residual): five to six dependent launches, each of which pays its own ramp (the
+first loads' latency) and tail (the last programs finishing) while the memory system idles. Measured on the H200
+(bench/notes/kernels.md, sessions 10-11), those fixed costs, not bandwidth, are what the per-layer 4-bit GEMVs
+spend their time on. Here one launch of as many programs as the GPU holds at once runs three phases:
+
+0. ``h = x + o(attn)``: the output projection and the residual add;
+1. ``act = silu(gate) * up`` of ``gate_up(rms_norm(h))``: each program owns rows of gate *and* the matching rows of
+   up, so SwiGLU is an epilogue; every program gathers the norm's sum of squares from the activations its loop
+   reads anyway (:func:`lowbit.kernels.wna16_jit.w4_rows_dot`, ``PRO == 1``);
+2. ``out = h + down(act)``.
+
+Between phases every program arrives at a grid barrier (an atomic counter, release/acquire at GPU scope), asks
+the L2 for the first K-blocks of its next phase's weights (they do not depend on the barrier), then waits: the
+next phase starts with its weights in the L2 or in flight. The barrier needs every program resident at once,
+so the grid is the number of SMs times the programs one SM holds with this kernel's registers and shared memory
+(:func:`resident_programs`, from the compiled kernel), and the kernel runs on one stream with nothing else beside
+it (the decode step's CUDA graph). The last program out resets the counters, so they are zero between launches.
+Results are deterministic: no atomics touch data, each output row is one program's sum in a fixed order.
+
+Triton's CPU interpreter runs programs one after another, where a barrier would wait forever: there the phases
+are three launches (``PHASE`` 0, 1, 2) of the same kernel, which is how the CPU tests check its arithmetic.
+
+``PERSISTENT[0]``: ``"off"`` (default until it is measured to pay), ``"auto"`` (CUDA) or ``"on"`` (also the
+interpreter: tests). Applies at one token, 4-bit weights with groups of at least 128 or per channel, bf16 or fp16.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowbit.kernels.layout import BLOCK_K
+from lowbit.kernels.prefetch import l2_prefetch_pieces
+from lowbit.kernels.wna16_jit import w4_rows_dot
+
+logger = logging.getLogger(__name__)
+
+PERSISTENT = ["off"]
+
+
+@triton.jit
+def grid_arrive(bar_ptr):
+    """Count this program in at the grid barrier once all its threads' writes are issued (release: they are
+    visible, GPU-wide, to whoever acquires the count)."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def grid_wait(bar_ptr, target):
+    """Spin until ``target`` programs have arrived in total (acquire: their writes are visible after it)."""
+    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def tile_rows(tile, ROWS, BN: tl.constexpr, GATED: tl.constexpr):
+    """The weight rows of output tile ``tile`` (and whether each is a real row): ``BN`` consecutive rows, or with
+    ``GATED`` those ``BN`` rows of gate followed by the same rows of up (``ROWS`` below them)."""
+    if GATED:
+        r = tl.arange(0, 2 * BN)
+        out_row = tile * BN + r % BN
+        ok = out_row < ROWS
+        return tl.where(ok, out_row + (r // BN) * ROWS, 0), ok
+    out_row = tile * BN + tl.arange(0, BN)
+    ok = out_row < ROWS
+    return tl.where(ok, out_row, 0), ok
+
+
+@triton.jit
+def prefetch_tile(qw_ptr, N, K, tile, ROWS, BN: tl.constexpr, GATED: tl.constexpr, PF_KB: tl.constexpr):
+    """Ask the L2 for the first ``PF_KB`` K-blocks of a tile's codes: per K-block one contiguous run of the tile's
+    rows (two with ``GATED``: its gate rows and its up rows, ``ROWS`` further)."""
+    if PF_KB > 0:
+        WORDS: tl.constexpr = BLOCK_K // 8
+        HALVES: tl.constexpr = 2 if GATED else 1
+        i = tl.arange(0, PF_KB * HALVES)
+        kb = i % PF_KB
+        rows = tl.minimum(ROWS - tile * BN, BN)
+        ptrs = qw_ptr + kb.to(tl.int64) * N * WORDS + (tile * BN + (i // PF_KB) * ROWS) * WORDS
+        l2_prefetch_pieces(ptrs, (kb < tl.cdiv(K, BLOCK_K)) & (rows > 0), rows * (WORDS * 4), PF_KB * HALVES)
+
+
+@triton.jit
+def rows_phase(x_ptr, qw_ptr, s_ptr, z_ptr, nw_ptr, out_ptr, res_ptr, N, K, ROWS, eps,
+               GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, PACKED_MATH: tl.constexpr,
+               BN: tl.constexpr, KBI: tl.constexpr, PRO: tl.constexpr, GATED: tl.constexpr, RESID: tl.constexpr):  # fmt: skip
+    """One phase: this program's output tiles (round robin over the grid), ``ROWS`` outputs of ``BN`` per tile,
+    each the product of the ``N x K`` weight with the one input row at ``x_ptr``; SwiGLU of gate/up pairs
+    (``GATED``) and the residual ``res`` (``RESID``) in the epilogue, each rounded as the unfused step rounds."""
+    dtype = out_ptr.dtype.element_ty
+    BLOCK: tl.constexpr = 2 * BN if GATED else BN
+    offs_m = tl.arange(0, 1)
+    m_mask = offs_m < 1
+    num_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), KBI)
+    for tile in range(tl.program_id(0), tl.cdiv(ROWS, BN), tl.num_programs(0)):
+        rows, ok = tile_rows(tile, ROWS, BN, GATED)
+        res = w4_rows_dot(x_ptr, 0, qw_ptr, s_ptr, z_ptr, nw_ptr, rows, offs_m, m_mask, N, K, eps, 0, num_steps,
+                          GROUP, PER_CHANNEL, HAS_ZERO, 1, BLOCK, KBI, BLOCK_K, True, PACKED_MATH, True, PRO, "")  # fmt: skip
+        y = tl.reshape(res, (BLOCK,)).to(dtype).to(tl.float32)  # the projection's output, rounded
+        out_row = tile * BN + tl.arange(0, BN)
+        if GATED:
+            pair = tl.reshape(y, (2, BN))
+            first = (tl.arange(0, 2) == 0)[:, None]
+            gate = tl.sum(tl.where(first, pair, 0.0), axis=0)
+            up = tl.sum(tl.where(first, 0.0, pair), axis=0)
+            y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
+            ok = out_row < ROWS
+        if RESID:
+            y += tl.load(res_ptr + out_row, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + out_row, y.to(dtype), mask=ok)
+
+
+@triton.jit
+def mlp_block_kernel(
+    attn_ptr, x_ptr, h_ptr, act_ptr, out_ptr, bar_ptr,
+    o_qw, o_s, o_z, gu_qw, gu_s, gu_z, d_qw, d_s, d_z, nw_ptr, eps, H, INTER,
+    GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, PACKED_MATH: tl.constexpr,
+    BN_O: tl.constexpr, KBI_O: tl.constexpr, BN_GU: tl.constexpr, KBI_GU: tl.constexpr, BN_D: tl.constexpr,
+    KBI_D: tl.constexpr, PF_KB: tl.constexpr, PHASE: tl.constexpr,
+):  # fmt: skip
+    """``out = h + down(silu(gate) * up)`` with ``[gate, up] = gate_up(rms_norm(h))`` and ``h = x + o(attn)``, one
+    token. ``PHASE < 0``: all three phases with grid barriers (every program resident); ``PHASE`` 0, 1 or 2: that
+    phase alone (the interpreter). ``h_ptr``/``act_ptr``: scratch rows; ``bar_ptr``: two zeroed int32 counters."""
+    BARRIER: tl.constexpr = PHASE < 0
+    programs = tl.num_programs(0)
+    if BARRIER or PHASE == 0:
+        rows_phase(attn_ptr, o_qw, o_s, o_z, nw_ptr, h_ptr, x_ptr, H, H, H, eps,
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_O, KBI_O, 0, False, True)  # fmt: skip
+    if BARRIER:
+        grid_arrive(bar_ptr)
+        prefetch_tile(gu_qw, 2 * INTER, H, tl.program_id(0), INTER, BN_GU, True, PF_KB)
+        grid_wait(bar_ptr, programs)
+    if BARRIER or PHASE == 1:
+        rows_phase(h_ptr, gu_qw, gu_s, gu_z, nw_ptr, act_ptr, x_ptr, 2 * INTER, H, INTER, eps,
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_GU, KBI_GU, 1, True, False)  # fmt: skip
+    if BARRIER:
+        grid_arrive(bar_ptr)
+        prefetch_tile(d_qw, H, INTER, tl.program_id(0), H, BN_D, False, PF_KB)
+        grid_wait(bar_ptr, 2 * programs)
+    if BARRIER or PHASE == 2:
+        rows_phase(act_ptr, d_qw, d_s, d_z, nw_ptr, out_ptr, h_ptr, H, INTER, H, eps,
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_D, KBI_D, 0, False, True)  # fmt: skip
+    if BARRIER:
+        # every program is past its last wait: the last one out zeroes both counters for the next launch
+        tl.debug_barrier()
+        done = tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        if done == programs - 1:
+            tl.atomic_xchg(bar_ptr, 0)
+            tl.atomic_xchg(bar_ptr + 1, 0)
+
+
+@dataclass(frozen=True)
+class MLPBlockConfig:
+    """Launch of :func:`mlp_block_kernel`: warps per program, programs per SM (capped by what fits), rows per tile and
+    K-blocks per loop step of each phase, and the K-blocks of its next tile each program prefetches at a barrier."""
+
+    num_warps: int = 4
+    per_sm: int = 2
+    bn_o: int = 16
+    kbi_o: int = 8
+    bn_gu: int = 8
+    kbi_gu: int = 8
+    bn_d: int = 16
+    kbi_d: int = 8
+    prefetch_kb: int = 16
+
+
+def candidate_configs() -> list[MLPBlockConfig]:
+    """Launches the tuner times (each is one compilation the first time)."""
+    tiles = [(16, 8, 8, 8, 16, 8), (8, 8, 8, 8, 8, 8), (16, 8, 16, 4, 16, 8), (16, 16, 8, 16, 16, 16)]
+    return [
+        MLPBlockConfig(warps, per_sm, *t, prefetch_kb=pf)
+        for warps, per_sm in ((4, 2), (4, 4), (8, 1), (8, 2))
+        for t in tiles
+        for pf in (0, 16)
+    ]
+
+
+def mlp_block_ok(x: Tensor, o, gate_up, down, norm: Tensor) -> bool:
+    """Whether :func:`mlp_block` serves this step (see ``PERSISTENT``): one token, 4-bit
+    :class:`~lowbit.kernels.linear.WNA16Linear` projections of one group size and zero-point kind (gate/up fused),
+    groups of at least 128 or per channel, no bias or input permutation, sizes in whole K-blocks, bf16 or fp16,
+    no autograd recording."""
+    from lowbit.kernels.linear import WNA16Linear, kernels_available
+
+    mode = PERSISTENT[0]
+    if mode == "off" or (mode == "auto" and not x.is_cuda) or not kernels_available(x.device):
+        return False
+    if x.numel() != x.shape[-1] or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    mods = (o, gate_up, down)
+    if not all(isinstance(m, WNA16Linear) for m in mods):
+        return False
+    first = mods[0]
+    same = all(
+        m.bits == 4 and m.group_size == first.group_size and (m.zero is None) == (first.zero is None)
+        and m.bias is None and m.input_permutation is None and m.scale.dtype == x.dtype
+        for m in mods
+    )  # fmt: skip
+    h, inter = x.shape[-1], down.in_features
+    shapes = (o.in_features, o.out_features, gate_up.in_features, gate_up.out_features, down.out_features)
+    return (
+        same
+        and (first.group_size == -1 or first.group_size >= BLOCK_K)
+        and shapes == (h, h, h, 2 * inter, h)
+        and h % BLOCK_K == 0
+        and inter % BLOCK_K == 0
+        and norm.numel() == h
+    )
+
+
+_SCRATCH: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _scratch(device: torch.device, dtype: torch.dtype, h: int, inter: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``h`` and ``act`` rows and the two barrier counters, reused by every launch on the device and dtype (the
+    launches of one stream run one after another); grown on demand, so run each shape once before a CUDA-graph
+    capture."""
+    key = (device, dtype)
+    hid, act, bar = _SCRATCH.get(key, (None, None, None))
+    if hid is None or hid.numel() < h:
+        hid = torch.empty(h, dtype=dtype, device=device)
+    if act is None or act.numel() < inter:
+        act = torch.empty(inter, dtype=dtype, device=device)
+    if bar is None:
+        bar = torch.zeros(2, dtype=torch.int32, device=device)
+    _SCRATCH[key] = (hid, act, bar)
+    return hid, act, bar
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def _device_limits(index: int) -> tuple[int, int, int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return (
+        props.multi_processor_count,
+        getattr(props, "regs_per_multiprocessor", 65536),
+        getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
+        getattr(props, "max_threads_per_multi_processor", 2048),
+    )
+
+
+def resident_programs(compiled, num_warps: int, device: torch.device) -> int:
+    """How many programs of ``compiled`` (a Triton ``CompiledKernel``) the whole GPU holds at once: SMs times the
+    programs per SM that its registers (allocated per warp in units of 256), shared memory (plus the 1 KiB the
+    driver reserves per block) and threads allow."""
+    sms, regs, smem, threads = _device_limits(_index(device))
+    per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256
+    by_regs = regs // (per_warp * num_warps)
+    shared = getattr(compiled.metadata, "shared", 0)
+    by_smem = smem // (shared + 1024)
+    by_threads = threads // (32 * num_warps)
+    return sms * max(0, min(by_regs, by_smem, by_threads, 32))
+
+
+def mlp_block(
+    attn: Tensor,
+    x: Tensor,
+    o,
+    gate_up,
+    down,
+    norm: Tensor,
+    eps: float,
+    config: MLPBlockConfig | None = None,
+    phased: bool = False,
+) -> Tensor:
+    """``h + down(silu(gate) * up)``, ``[gate, up] = gate_up(rms_norm(h, norm, eps))``, ``h = x + o(attn)`` for one
+    token (``attn`` and ``x`` of ``H`` features each; ``o``/``gate_up``/``down`` :class:`WNA16Linear` modules or
+    :class:`~lowbit.kernels.layout.PackedWNA16`, as :func:`mlp_block_ok` requires). Returns ``x``'s shape.
+    ``phased``: the three phases as three launches without barriers (as on the interpreter; the GPU tests'
+    reference for the barriers)."""
+    from lowbit.kernels.w4a16 import interpreting, packed_math_ok
+
+    packs = [m.packed if hasattr(m, "packed") else m for m in (o, gate_up, down)]
+    h, inter = x.shape[-1], packs[2].in_features
+    cfg = config or tuned_config(attn, x, packs, norm, eps)
+    hid, act, bar = _scratch(x.device, x.dtype, h, inter)
+    out = torch.empty_like(x)
+    per_channel = packs[0].group_size == -1
+    args = [attn.reshape(-1), x.reshape(-1), hid, act, out.reshape(-1), bar]
+    for p in packs:
+        args += [p.qweight, p.scale, p.zero if p.zero is not None else p.scale]
+    args += [norm, eps, h, inter]
+    meta = {
+        "GROUP": BLOCK_K if per_channel else packs[0].group_size,
+        "PER_CHANNEL": per_channel,
+        "HAS_ZERO": packs[0].zero is not None,
+        "PACKED_MATH": packed_math_ok(packs[0], x.dtype) and not interpreting(),
+        "BN_O": cfg.bn_o, "KBI_O": cfg.kbi_o, "BN_GU": cfg.bn_gu, "KBI_GU": cfg.kbi_gu, "BN_D": cfg.bn_d,
+        "KBI_D": cfg.kbi_d, "PF_KB": triton.next_power_of_2(cfg.prefetch_kb) if cfg.prefetch_kb > 0 else 0,
+        "num_warps": cfg.num_warps,
+    }  # fmt: skip
+    if phased or interpreting() or not x.is_cuda:
+        grid = _device_limits(_index(x.device))[0] if x.is_cuda and not interpreting() else 3
+        for phase in range(3):  # the interpreter runs programs one after another: no barrier could be passed
+            mlp_block_kernel[(grid,)](*args, PHASE=phase, **meta)
+        return out
+    grid = _grid(cfg, args, meta, x.device)
+    mlp_block_kernel[(grid,)](*args, PHASE=-1, **meta)
+    return out
+
+
+_GRIDS: dict[tuple, int] = {}
+
+
+def _grid(cfg: MLPBlockConfig, args: list, meta: dict, device: torch.device) -> int:
+    """Programs to launch: ``per_sm`` per SM, capped by what the compiled kernel lets one SM hold at once (the
+    barriers would otherwise wait for programs that cannot start)."""
+    key = (cfg, device, *sorted((k, v) for k, v in meta.items() if k != "num_warps"), args[1].dtype)
+    if key not in _GRIDS:
+        compiled = mlp_block_kernel.warmup(*args, PHASE=-1, **meta, grid=(1,))
+        resident = resident_programs(compiled, cfg.num_warps, device)
+        sms = _device_limits(_index(device))[0]
+        if resident < sms:
+            raise RuntimeError(
+                f"mlp_block_kernel {cfg}: not one program per SM fits ({compiled.n_regs} registers)"
+            )
+        _GRIDS[key] = min(resident, sms * cfg.per_sm)
+        logger.debug("mlp_block %s: %d programs (%d registers)", cfg, _GRIDS[key], compiled.n_regs)
+    return _GRIDS[key]
+
+
+_TUNED: dict[tuple, MLPBlockConfig] = {}
+# (H, INTER, group, symmetric, dtype) -> [(ms, config), ...] fastest first
+TUNING_LOG: dict[tuple, list[tuple[float, MLPBlockConfig]]] = {}
+
+
+def tuned_config(attn: Tensor, x: Tensor, packs: list, norm: Tensor, eps: float) -> MLPBlockConfig:
+    """The fastest of :func:`candidate_configs` for this shape, timed once on CUDA by graph replay (the default on
+    the interpreter, during a capture, or with the W4A16 autotuning off); a candidate whose output differs from the
+    default launch's is never chosen."""
+    from lowbit.kernels.w4a16 import _AUTOTUNE, device_time, interpreting
+
+    key = (x.shape[-1], packs[2].in_features, packs[0].group_size, packs[0].zero is None, x.dtype)
+    if key in _TUNED:
+        return _TUNED[key]
+    if not _AUTOTUNE[0] or not x.is_cuda or interpreting() or torch.cuda.is_current_stream_capturing():
+        return MLPBlockConfig()
+    reference = mlp_block(attn, x, *packs, norm, eps, MLPBlockConfig()).float()
+    timings = []
+    for cfg in candidate_configs():
+        try:
+            got = mlp_block(attn, x, *packs, norm, eps, cfg).float()
+            err = (got - reference).norm() / reference.norm().clamp_min(1e-30)
+            if not err < 1e-2:  # a launch that computes something else is never chosen
+                logger.warning("mlp_block config %s disagrees with the default launch", cfg)
+                continue
+            timings.append((device_time(lambda cfg=cfg: mlp_block(attn, x, *packs, norm, eps, cfg)), cfg))
+        except Exception as exc:  # out of registers or shared memory for this shape
+            logger.debug("mlp_block config %s failed: %s", cfg, exc)
+    best = min(timings, key=lambda t: t[0])[1] if timings else MLPBlockConfig()
+    _TUNED[key] = best
+    TUNING_LOG[key] = sorted(timings, key=lambda t: t[0])
+    logger.info("mlp_block H=%d I=%d: tuned %s", key[0], key[1], best)
+    return best
+
+
+@torch.library.custom_op(
+    "lowbit::mlp_block",
+    mutates_args=(),
+    schema="(Tensor attn, Tensor x, Tensor o_qweight, Tensor o_scale, Tensor? o_zero, Tensor gu_qweight, "
+    "Tensor gu_scale, Tensor? gu_zero, Tensor d_qweight, Tensor d_scale, Tensor? d_zero, int group_size, "
+    "Tensor norm, float eps) -> Tensor",
+)
+def _mlp_block_op(attn, x, o_qweight, o_scale, o_zero, gu_qweight, gu_scale, gu_zero, d_qweight, d_scale, d_zero,
+                  group_size, norm, eps):  # fmt: skip
+    from lowbit.kernels.layout import PackedWNA16
+
+    h = x.shape[-1]
+    inter = gu_scale.shape[1] // 2
+    packs = [
+        PackedWNA16(o_qweight, o_scale, o_zero, 4, group_size, h, h),
+        PackedWNA16(gu_qweight, gu_scale, gu_zero, 4, group_size, h, 2 * inter),
+        PackedWNA16(d_qweight, d_scale, d_zero, 4, group_size, inter, h),
+    ]
+    return mlp_block(attn, x, *packs, norm, eps)
+
+
+@_mlp_block_op.register_fake
+def _(attn, x, o_qweight, o_scale, o_zero, gu_qweight, gu_scale, gu_zero, d_qweight, d_scale, d_zero, group_size,
+      norm, eps):  # fmt: skip
+    return torch.empty_like(x)
+
+
+def mlp_block_op(attn: Tensor, x: Tensor, o, gate_up, down, norm: Tensor, eps: float) -> Tensor:
+    """:func:`mlp_block` through the ``lowbit::mlp_block`` custom op (opaque to torch.compile) for
+    :class:`WNA16Linear` modules."""
+    return torch.ops.lowbit.mlp_block(
+        attn, x, o.qweight, o.scale, o.zero, gate_up.qweight, gate_up.scale, gate_up.zero, down.qweight, down.scale,
+        down.zero, o.group_size, norm, eps,
+    )  # fmt: skip
