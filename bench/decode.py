@@ -21,7 +21,7 @@ from pathlib import Path
 import kernel_import  # noqa: E402,F401  (puts src/lowbit on the path, kernels only)
 import torch
 
-from lowbit.kernels import pdl, prefetch, runtime, w4a16  # noqa: E402
+from lowbit.kernels import pdl, persistent, prefetch, runtime, w4a16  # noqa: E402
 from lowbit.kernels.runtime import bench_decode  # noqa: E402
 
 SCHEMES = ["bf16", "w4a16", "w8a16", "int8", "fp8"]
@@ -55,6 +55,9 @@ def main() -> None:
                         help="the decode step's attention (lowbit.kernels.runtime.ATTENTION)")  # fmt: skip
     parser.add_argument("--fuse", choices=["off", "auto"], default="off",
                         help="norms, SwiGLU and residual adds inside the 4-bit GEMVs (lowbit.kernels.runtime.FUSE)")  # fmt: skip
+    parser.add_argument("--persistent", choices=["off", "auto"], default=persistent.PERSISTENT[0],
+                        help="o, norm, gate/up, SwiGLU and down as one launch at batch 1 "
+                        "(lowbit.kernels.persistent.PERSISTENT)")  # fmt: skip
     parser.add_argument("--pdl", choices=["off", "early", "late"], default="off",
                         help="programmatic dependent launch of lowbit's kernels (lowbit.kernels.pdl.PDL)")  # fmt: skip
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
@@ -76,6 +79,7 @@ def main() -> None:
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = args.l2_next_mb, args.l2_attention_mb
     runtime.ATTENTION[0] = args.attention
     runtime.FUSE[0] = args.fuse
+    persistent.PERSISTENT[0] = args.persistent
     pdl.PDL[0] = args.pdl
     args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -95,6 +99,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         for r in new:
             r["l2_next_mb"], r["l2_attention_mb"] = prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0]
+            r["persistent"] = persistent.PERSISTENT[0]
             print(json.dumps(r), flush=True)
         rows += new
         if w4a16.TUNING_LOG:  # which launch each W{4,8}A16 shape got, and the runners-up (us per call, 128 MB flush included)

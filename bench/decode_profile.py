@@ -35,7 +35,7 @@ import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lowbit.kernels import pdl, prefetch, runtime, w4a16
+from lowbit.kernels import pdl, persistent, prefetch, runtime, w4a16
 from lowbit.kernels.runtime import LLAMA3_8B, linear_factory, random_decoder
 
 
@@ -83,7 +83,7 @@ def classify(name: str) -> str:
         return "attention"
     if lowered.startswith("triton_"):  # Inductor's fused elementwise kernels (named after the ops around them)
         return "other"
-    if "wna16" in lowered or "w4_gemv" in lowered or "w4_mma" in lowered or "w8a8" in lowered or "gemv" in lowered or "gemm" in lowered \
+    if "wna16" in lowered or "mlp_block" in lowered or "w4_gemv" in lowered or "w4_mma" in lowered or "w8a8" in lowered or "gemv" in lowered or "gemm" in lowered \
             or "cutlass" in lowered or "sm90_xmma" in lowered or "nvjet" in lowered or "splitk" in lowered:
         return "linear"
     if "softmax" in lowered or "bmm" in lowered:
@@ -124,8 +124,10 @@ def recorded_launches():
 def profile_scheme(
     scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off",
     use_pdl: str = "off", l2_mb: tuple[float, float] = (0.0, 0.0), late_attention_prefetch: bool = False,
+    persistent_mode: str = "off",
 ) -> dict:
     runtime.ATTENTION[0] = attention
+    persistent.PERSISTENT[0] = persistent_mode
     runtime.FUSE[0] = fuse
     pdl.PDL[0] = use_pdl
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = l2_mb
@@ -178,10 +180,12 @@ def profile_scheme(
     per_step = len(linear) // calls
     layers = LLAMA3_8B.num_layers
     slots = None
-    if per_step == 4 * layers + 1:  # (a bf16 lm_head is cuBLAS's, also classified "linear")
+    names = {4: ["qkv", "o", "gate_up", "down"], 2: ["qkv", "mlp_block"]}.get((per_step - 1) // layers)
+    if names and per_step == len(names) * layers + 1:  # (a bf16 lm_head is cuBLAS's, also classified "linear")
+        n = len(names)
         durations = [[e.device_time_total for e in linear[i * per_step:(i + 1) * per_step]] for i in range(calls)]
-        slots = {name: sum(sum(d[j] for j in range(slot, 4 * layers, 4)) for d in durations) / (calls * layers)
-                 for slot, name in enumerate(["qkv", "o", "gate_up", "down"])}  # fmt: skip
+        slots = {name: sum(sum(d[j] for j in range(slot, n * layers, n)) for d in durations) / (calls * layers)
+                 for slot, name in enumerate(names)}  # fmt: skip
         slots["lm_head"] = sum(d[-1] for d in durations) / calls
     result = {
         "scheme": scheme + ("+lm_head" if lm_head_quantized and scheme != "bf16" else ""),
@@ -189,6 +193,8 @@ def profile_scheme(
         "attention": attention,
         "fuse": fuse,
         "pdl": use_pdl,
+        "persistent": persistent_mode,
+        "persistent_config": {repr(k): repr(v) for k, v in persistent._TUNED.items()},
         "prefetch_blocks": pdl.PREFETCH_BLOCKS[0],
         "l2_next_mb": l2_mb[0],
         "l2_attention_mb": l2_mb[1],
@@ -225,6 +231,9 @@ def main() -> None:
     parser.add_argument("--attention", nargs="*", default=["auto"], choices=["auto", "matmul", "reduce", "sdpa", "triton"])
     parser.add_argument("--fuse", nargs="*", default=["off"], choices=["off", "auto"],
                         help="lowbit.kernels.runtime.FUSE values to compare (non-bf16 schemes)")  # fmt: skip
+    parser.add_argument("--persistent", nargs="*", default=["off"], choices=["off", "auto"],
+                        help="lowbit.kernels.persistent.PERSISTENT values to compare (o, norm, gate/up, SwiGLU and "
+                        "down as one launch; non-bf16 schemes)")  # fmt: skip
     parser.add_argument("--pdl", nargs="*", default=["off"], choices=["off", "early", "late"],
                         help="lowbit.kernels.pdl.PDL values to compare (programmatic dependent launch)")
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
@@ -261,12 +270,13 @@ def profile_all(args: argparse.Namespace, seeds: Path | None, rows: list[dict]) 
         if args.quantized_head_only and scheme != "bf16":
             variants = [True]
         fuses = args.fuse if scheme != "bf16" else ["off"]
-        runs = [(v, a, f, p, mb) for v in variants for a in args.attention for f in fuses for p in args.pdl
-                for mb in args.l2_prefetch]  # fmt: skip
-        for quantized_head, attention, fuse, use_pdl, mb in runs:
+        persistents = args.persistent if scheme != "bf16" else ["off"]
+        runs = [(v, a, f, p, mb, pm) for v in variants for a in args.attention for f in fuses for p in args.pdl
+                for mb in args.l2_prefetch for pm in persistents]  # fmt: skip
+        for quantized_head, attention, fuse, use_pdl, mb, pm in runs:
             l2_mb, late = parse_l2(mb)
             row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse, use_pdl=use_pdl,
-                                 l2_mb=l2_mb, late_attention_prefetch=late)  # fmt: skip
+                                 l2_mb=l2_mb, late_attention_prefetch=late, persistent_mode=pm)  # fmt: skip
             row["seeded_from"] = str(seeds) if seeds else None
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
@@ -278,11 +288,11 @@ def profile_all(args: argparse.Namespace, seeds: Path | None, rows: list[dict]) 
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| scheme | attention | fuse | pdl | L2 MB (GEMV:attention) | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms | seeded from |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scheme | attention | fuse | persistent | pdl | L2 MB (GEMV:attention) | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms | seeded from |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
-        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r['pdl']} | {r['l2_next_mb']:g}:{r['l2_attention_mb']:g}{'L' if r['l2_attention_late'] else ''} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r.get('persistent', 'off')} | {r['pdl']} | {r['l2_next_mb']:g}:{r['l2_attention_mb']:g}{'L' if r['l2_attention_late'] else ''} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
               f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} | {r.get('seeded_from')} |")  # fmt: skip
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from lowbit.kernels import persistent  # noqa: E402
 from lowbit.kernels.layout import unpack_wna16  # noqa: E402
-from lowbit.kernels.linear import WNA16Linear, WeightOnly, concat_outputs  # noqa: E402
+from lowbit.kernels.linear import WeightOnly, WNA16Linear, concat_outputs  # noqa: E402
 from lowbit.kernels.reference import dequantize_weight  # noqa: E402
 from lowbit.kernels.runtime import DecoderShape, greedy_decode, linear_factory, random_decoder  # noqa: E402
 
@@ -110,6 +110,9 @@ def test_only_where_it_applies(monkeypatch) -> None:
 @pytest.mark.parametrize("compile_step", [False, True])
 def test_decoder_gives_the_tokens_of_the_unfused_step(compile_step: bool, monkeypatch) -> None:
     """Greedy decoding with the persistent launch gives the separate operations' tokens, and the op really runs."""
+    from lowbit.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "_AUTOTUNE", [False])  # default launches: a GPU run does not time every candidate
     model = random_decoder(TINY, linear_factory("w4a16", DEVICE), device=DEVICE).fuse_projections()
     prompt = torch.randint(0, TINY.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     plain = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False)
