@@ -18,6 +18,7 @@ Writes ``mlp_block.json`` under ``--out`` and prints a table with each launch's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def graph_ms(fn, replays: int = 20) -> float:
 
 
 def parse_config(text: str) -> persistent.MLPBlockConfig:
-    """``"warps,per_sm,bn_o,kbi_o,bn_gu,kbi_gu,bn_d,kbi_d,prefetch_kb"``."""
+    """``"warps,per_sm,bn_o,kbi_o,bn_gu,kbi_gu,bn_d,kbi_d,ahead"``."""
     return persistent.MLPBlockConfig(*(int(v) for v in text.split(",")))
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tuned", type=Path, help="seed the W4A16 tuner (decode_profile.load_tuned)")
     parser.add_argument("--configs", nargs="*", default=[], help="more launches: warps,per_sm,bn_o,kbi_o,bn_gu,"
-                        "kbi_gu,bn_d,kbi_d,prefetch_kb")  # fmt: skip
+                        "kbi_gu,bn_d,kbi_d,ahead")  # fmt: skip
     parser.add_argument("--only", action="store_true", help="only the --configs launches, not the candidates")
     args = parser.parse_args()
     if args.tuned:
@@ -130,10 +131,14 @@ def main() -> None:
             rows.append({"launch": repr(cfg), "error": str(exc)})
             continue
         grid = next((g for key, g in persistent._GRIDS.items() if key[0] == cfg), None)
-        row = {"launch": repr(cfg), "us_per_layer": ms * 1e3, "ratio": base_ms / ms, "rel_err": err, "grid": grid}
+        row = {"launch": repr(cfg), "us_per_layer": ms * 1e3, "ratio": base_ms / ms, "rel_err": err, "grid": grid,
+               "csv": ",".join(str(v) for v in dataclasses.astuple(cfg))}
         rows.append(row)
         print(f"{cfg}: {ms * 1e3:.2f} us per layer ({base_ms / ms:.3f}x), grid {grid}, rel. error {err:.2e}", flush=True)
         (args.out / "mlp_block.json").write_text(json.dumps(rows, indent=1))
+    timed = [r for r in rows[1:] if "us_per_layer" in r]
+    if timed:  # for --persistent-config of bench/decode_profile.py
+        (args.out / "mlp_block_best.txt").write_text(min(timed, key=lambda r: r["us_per_layer"])["csv"] + "\n")
     print("| launch | grid | us per layer | vs unfused | rel. error |")
     print("|---|---|---|---|---|")
     for r in sorted((r for r in rows if "us_per_layer" in r), key=lambda r: r["us_per_layer"]):

@@ -21,6 +21,14 @@ TINY = DecoderShape(vocab_size=96, hidden_size=128, intermediate_size=256, num_l
                     head_dim=32)  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def untuned(monkeypatch):
+    """Default launches (W4A16 and this kernel): a GPU run would otherwise compile and time every candidate per shape."""
+    from lowbit.kernels import w4a16
+
+    monkeypatch.setattr(w4a16, "_AUTOTUNE", [False])
+
+
 def mlp_modules(h: int, inter: int, scheme: WeightOnly, dtype: torch.dtype, seed: int = 0):
     """o, fused gate/up and down as 4-bit modules, with weights whose products keep activations near unit size."""
     torch.manual_seed(seed)
@@ -110,9 +118,6 @@ def test_only_where_it_applies(monkeypatch) -> None:
 @pytest.mark.parametrize("compile_step", [False, True])
 def test_decoder_gives_the_tokens_of_the_unfused_step(compile_step: bool, monkeypatch) -> None:
     """Greedy decoding with the persistent launch gives the separate operations' tokens, and the op really runs."""
-    from lowbit.kernels import w4a16
-
-    monkeypatch.setattr(w4a16, "_AUTOTUNE", [False])  # default launches: a GPU run does not time every candidate
     model = random_decoder(TINY, linear_factory("w4a16", DEVICE), device=DEVICE).fuse_projections()
     prompt = torch.randint(0, TINY.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     plain = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False)
@@ -135,7 +140,7 @@ gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: grid barriers (the i
 
 @gpu
 @pytest.mark.parametrize("config", [persistent.MLPBlockConfig(), persistent.MLPBlockConfig(8, 1, 16, 16, 8, 16, 16, 16, 0),
-                                    persistent.MLPBlockConfig(4, 4, 8, 8, 8, 8, 8, 8, 16)])  # fmt: skip
+                                    persistent.MLPBlockConfig(4, 8, 8, 8, 8, 8, 8, 8, 2)])  # fmt: skip
 def test_gpu_barriers_give_the_phased_result_bitwise(config) -> None:  # pragma: no cover
     """One launch with grid barriers equals three separate launches bitwise, in a CUDA graph of 12 chained launches
     (Llama-3-8B's sizes: the counters must reset themselves between launches)."""

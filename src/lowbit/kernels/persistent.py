@@ -78,32 +78,45 @@ def tile_rows(tile, ROWS, BN: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
-def prefetch_tile(qw_ptr, N, K, tile, ROWS, BN: tl.constexpr, GATED: tl.constexpr, PF_KB: tl.constexpr):
-    """Ask the L2 for the first ``PF_KB`` K-blocks of a tile's codes: per K-block one contiguous run of the tile's
-    rows (two with ``GATED``: its gate rows and its up rows, ``ROWS`` further)."""
-    if PF_KB > 0:
-        WORDS: tl.constexpr = BK // 8
-        HALVES: tl.constexpr = 2 if GATED else 1
-        i = tl.arange(0, PF_KB * HALVES)
-        kb = i % PF_KB
-        rows = tl.minimum(ROWS - tile * BN, BN)
-        ptrs = qw_ptr + kb.to(tl.int64) * N * WORDS + (tile * BN + (i // PF_KB) * ROWS) * WORDS
-        l2_prefetch_pieces(ptrs, (kb < tl.cdiv(K, BK)) & (rows > 0), rows * (WORDS * 4), PF_KB * HALVES)
+def prefetch_tile(qw_ptr, N, K, tile, ROWS, BN: tl.constexpr, GATED: tl.constexpr, NKB: tl.constexpr):
+    """Ask the L2 for all of a tile's codes (``NKB``: a power of two, at least the K-blocks of ``K``): per K-block one
+    contiguous run of the tile's rows (two with ``GATED``: its gate rows and its up rows, ``ROWS`` further). A tile
+    past the last is nothing."""
+    WORDS: tl.constexpr = BK // 8
+    HALVES: tl.constexpr = 2 if GATED else 1
+    i = tl.arange(0, NKB * HALVES)
+    kb = i % NKB
+    rows = tl.minimum(ROWS - tile * BN, BN)
+    ptrs = qw_ptr + kb.to(tl.int64) * N * WORDS + (tile * BN + (i // NKB) * ROWS) * WORDS
+    l2_prefetch_pieces(ptrs, (kb < tl.cdiv(K, BK)) & (rows > 0), rows * (WORDS * 4), NKB * HALVES)
+
+
+@triton.jit
+def prefetch_first(qw_ptr, N, K, ROWS, BN: tl.constexpr, GATED: tl.constexpr, NKB: tl.constexpr, AHEAD: tl.constexpr):
+    """This program's first ``AHEAD`` tiles of a phase, into the L2 (before the phase's barrier releases it)."""
+    for a in tl.static_range(AHEAD):
+        prefetch_tile(qw_ptr, N, K, tl.program_id(0) + a * tl.num_programs(0), ROWS, BN, GATED, NKB)
 
 
 @triton.jit
 def rows_phase(x_ptr, qw_ptr, s_ptr, z_ptr, nw_ptr, out_ptr, res_ptr, N, K, ROWS, eps,
                GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, PACKED_MATH: tl.constexpr,
-               BN: tl.constexpr, KBI: tl.constexpr, PRO: tl.constexpr, GATED: tl.constexpr, RESID: tl.constexpr):  # fmt: skip
+               BN: tl.constexpr, KBI: tl.constexpr, PRO: tl.constexpr, GATED: tl.constexpr, RESID: tl.constexpr,
+               NKB: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
     """One phase: this program's output tiles (round robin over the grid), ``ROWS`` outputs of ``BN`` per tile,
     each the product of the ``N x K`` weight with the one input row at ``x_ptr``; SwiGLU of gate/up pairs
-    (``GATED``) and the residual ``res`` (``RESID``) in the epilogue, each rounded as the unfused step rounds."""
+    (``GATED``) and the residual ``res`` (``RESID``) in the epilogue, each rounded as the unfused step rounds.
+    ``AHEAD > 0``: as a tile starts, the tile ``AHEAD`` further along is asked from the L2 (the first ``AHEAD``
+    were asked before the phase, :func:`prefetch_first`): a few programs per SM then keep as many bytes in flight
+    as the thousands of programs of a separate launch."""
     dtype = out_ptr.dtype.element_ty
     BLOCK: tl.constexpr = 2 * BN if GATED else BN
     offs_m = tl.arange(0, 1)
     m_mask = offs_m < 1
     num_steps = tl.cdiv(tl.cdiv(K, BK), KBI)
     for tile in range(tl.program_id(0), tl.cdiv(ROWS, BN), tl.num_programs(0)):
+        if AHEAD > 0:
+            prefetch_tile(qw_ptr, N, K, tile + AHEAD * tl.num_programs(0), ROWS, BN, GATED, NKB)
         rows, ok = tile_rows(tile, ROWS, BN, GATED)
         res = w4_rows_dot(x_ptr, 0, qw_ptr, s_ptr, z_ptr, nw_ptr, rows, offs_m, m_mask, N, K, eps, 0, num_steps,
                           GROUP, PER_CHANNEL, HAS_ZERO, 1, BLOCK, KBI, BK, True, PACKED_MATH, True, PRO, "")  # fmt: skip
@@ -127,30 +140,34 @@ def mlp_block_kernel(
     o_qw, o_s, o_z, gu_qw, gu_s, gu_z, d_qw, d_s, d_z, nw_ptr, eps, H, INTER,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, PACKED_MATH: tl.constexpr,
     BN_O: tl.constexpr, KBI_O: tl.constexpr, BN_GU: tl.constexpr, KBI_GU: tl.constexpr, BN_D: tl.constexpr,
-    KBI_D: tl.constexpr, PF_KB: tl.constexpr, PHASE: tl.constexpr,
+    KBI_D: tl.constexpr, NKB_H: tl.constexpr, NKB_I: tl.constexpr, AHEAD: tl.constexpr, PHASE: tl.constexpr,
 ):  # fmt: skip
     """``out = h + down(silu(gate) * up)`` with ``[gate, up] = gate_up(rms_norm(h))`` and ``h = x + o(attn)``, one
     token. ``PHASE < 0``: all three phases with grid barriers (every program resident); ``PHASE`` 0, 1 or 2: that
-    phase alone (the interpreter). ``h_ptr``/``act_ptr``: scratch rows; ``bar_ptr``: two zeroed int32 counters."""
+    phase alone (the interpreter). ``h_ptr``/``act_ptr``: scratch rows; ``bar_ptr``: two zeroed int32 counters.
+    ``NKB_H``/``NKB_I``: powers of two covering the K-blocks of ``H`` and ``INTER``; ``AHEAD``: tiles prefetched
+    into the L2 ahead of each program's loop (0: none; the interpreter has no prefetch)."""
     BARRIER: tl.constexpr = PHASE < 0
+    FETCH: tl.constexpr = AHEAD if BARRIER else 0
     programs = tl.num_programs(0)
     if BARRIER or PHASE == 0:
+        prefetch_first(o_qw, H, H, H, BN_O, False, NKB_H, FETCH)
         rows_phase(attn_ptr, o_qw, o_s, o_z, nw_ptr, h_ptr, x_ptr, H, H, H, eps,
-                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_O, KBI_O, 0, False, True)  # fmt: skip
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_O, KBI_O, 0, False, True, NKB_H, FETCH)  # fmt: skip
     if BARRIER:
         grid_arrive(bar_ptr)
-        prefetch_tile(gu_qw, 2 * INTER, H, tl.program_id(0), INTER, BN_GU, True, PF_KB)
+        prefetch_first(gu_qw, 2 * INTER, H, INTER, BN_GU, True, NKB_H, FETCH)
         grid_wait(bar_ptr, programs)
     if BARRIER or PHASE == 1:
         rows_phase(h_ptr, gu_qw, gu_s, gu_z, nw_ptr, act_ptr, x_ptr, 2 * INTER, H, INTER, eps,
-                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_GU, KBI_GU, 1, True, False)  # fmt: skip
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_GU, KBI_GU, 1, True, False, NKB_H, FETCH)  # fmt: skip
     if BARRIER:
         grid_arrive(bar_ptr)
-        prefetch_tile(d_qw, H, INTER, tl.program_id(0), H, BN_D, False, PF_KB)
+        prefetch_first(d_qw, H, INTER, H, BN_D, False, NKB_I, FETCH)
         grid_wait(bar_ptr, 2 * programs)
     if BARRIER or PHASE == 2:
         rows_phase(act_ptr, d_qw, d_s, d_z, nw_ptr, out_ptr, h_ptr, H, INTER, H, eps,
-                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_D, KBI_D, 0, False, True)  # fmt: skip
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_D, KBI_D, 0, False, True, NKB_I, FETCH)  # fmt: skip
     if BARRIER:
         # every program is past its last wait: the last one out zeroes both counters for the next launch
         tl.debug_barrier()
@@ -163,7 +180,7 @@ def mlp_block_kernel(
 @dataclass(frozen=True)
 class MLPBlockConfig:
     """Launch of :func:`mlp_block_kernel`: warps per program, programs per SM (capped by what fits), rows per tile and
-    K-blocks per loop step of each phase, and the K-blocks of its next tile each program prefetches at a barrier."""
+    K-blocks per loop step of each phase, and how many tiles ahead each program asks the L2 for its weights."""
 
     num_warps: int = 4
     per_sm: int = 2
@@ -173,15 +190,17 @@ class MLPBlockConfig:
     kbi_gu: int = 8
     bn_d: int = 16
     kbi_d: int = 8
-    prefetch_kb: int = 16
+    ahead: int = 1
 
 
 def candidate_configs() -> list[MLPBlockConfig]:
-    """Launches the tuner times (each is one compilation the first time): warps x programs per SM x tile shapes, the
-    barrier prefetch on (and once off)."""
-    tiles = [(16, 8, 8, 8, 16, 8), (8, 8, 8, 8, 8, 8), (16, 16, 8, 16, 16, 16)]
-    launches = [MLPBlockConfig(warps, per_sm, *t) for warps, per_sm in ((4, 2), (4, 4), (8, 1), (8, 2)) for t in tiles]
-    return launches + [MLPBlockConfig(prefetch_kb=0)]
+    """Launches the tuner times (each is one compilation the first time): programs per SM x tile shapes x tiles
+    prefetched ahead. Session 12's first sweep (bench/notes/kernels.md): 4 warps and as many programs per SM as fit
+    won, 8 warps or one program per SM lost by 1.2-2x."""
+    tiles = [(8, 8, 8, 8, 8, 8), (16, 8, 8, 8, 16, 8), (8, 8, 4, 8, 8, 8), (8, 16, 8, 8, 8, 16)]
+    return [MLPBlockConfig(4, per_sm, *t, ahead=a) for per_sm in (4, 8) for t in tiles for a in (1, 2)] + [
+        MLPBlockConfig(4, 4, 8, 8, 8, 8, 8, 8, ahead=0)
+    ]
 
 
 def mlp_block_ok(x: Tensor, o, gate_up, down, norm: Tensor) -> bool:
@@ -290,6 +309,9 @@ def mlp_block(
     hid, act, bar = _scratch(x.device, x.dtype, h, inter)
     out = torch.empty_like(x)
     per_channel = packs[0].group_size == -1
+    nkb_h, nkb_i = triton.next_power_of_2(h // BLOCK_K), triton.next_power_of_2(inter // BLOCK_K)
+    # one thread issues each K-block's prefetch: more pieces than threads would leave some unasked
+    ahead = cfg.ahead if max(2 * nkb_h, nkb_i) <= 32 * cfg.num_warps else 0
     args = [attn.reshape(-1), x.reshape(-1), hid, act, out.reshape(-1), bar]
     for p in packs:
         args += [p.qweight, p.scale, p.zero if p.zero is not None else p.scale]
@@ -300,7 +322,7 @@ def mlp_block(
         "HAS_ZERO": packs[0].zero is not None,
         "PACKED_MATH": packed_math_ok(packs[0], x.dtype) and not interpreting(),
         "BN_O": cfg.bn_o, "KBI_O": cfg.kbi_o, "BN_GU": cfg.bn_gu, "KBI_GU": cfg.kbi_gu, "BN_D": cfg.bn_d,
-        "KBI_D": cfg.kbi_d, "PF_KB": triton.next_power_of_2(cfg.prefetch_kb) if cfg.prefetch_kb > 0 else 0,
+        "KBI_D": cfg.kbi_d, "NKB_H": nkb_h, "NKB_I": nkb_i, "AHEAD": ahead,
         "num_warps": cfg.num_warps,
     }  # fmt: skip
     if phased or interpreting() or not x.is_cuda:
