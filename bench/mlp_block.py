@@ -75,8 +75,9 @@ def graph_ms(fn, replays: int = 20) -> float:
 
 
 def parse_config(text: str) -> persistent.MLPBlockConfig:
-    """``"warps,per_sm,bn_o,kbi_o,bn_gu,kbi_gu,bn_d,kbi_d,ahead"``."""
-    return persistent.MLPBlockConfig(*(int(v) for v in text.split(",")))
+    """``"warps,per_sm,bn_o,kbi_o,bn_gu,kbi_gu,bn_d,kbi_d,ahead[,norm_split]"`` (as ``dataclasses.astuple``)."""
+    values = [int(v == "True") if v in ("True", "False") else int(v) for v in text.split(",")]
+    return persistent.MLPBlockConfig(*values[:9], *(bool(v) for v in values[9:]))
 
 
 @torch.no_grad()
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=[], help="more launches: warps,per_sm,bn_o,kbi_o,bn_gu,"
                         "kbi_gu,bn_d,kbi_d,ahead")  # fmt: skip
     parser.add_argument("--only", action="store_true", help="only the --configs launches, not the candidates")
+    parser.add_argument("--breakdown", type=int, default=2, help="for the fastest N launches, also time the phases "
+                        "as separate launches and each phase alone")  # fmt: skip
     args = parser.parse_args()
     if args.tuned:
         from decode_profile import load_tuned
@@ -108,10 +111,10 @@ def main() -> None:
 
     chain_unfused = torch.compile(eager_chain, dynamic=False)  # one graph of all layers, as the decode step
 
-    def chain(cfg) -> torch.Tensor:
+    def chain(cfg, phases=None) -> torch.Tensor:
         x = x0
         for o, gate_up, down, norm in layers:
-            x = persistent.mlp_block(attn, x, o, gate_up, down, norm, EPS, cfg)
+            x = persistent.mlp_block(attn, x, o, gate_up, down, norm, EPS, cfg, phases=phases)
         return x
 
     reference = chain_unfused().float()
@@ -136,9 +139,17 @@ def main() -> None:
         rows.append(row)
         print(f"{cfg}: {ms * 1e3:.2f} us per layer ({base_ms / ms:.3f}x), grid {grid}, rel. error {err:.2e}", flush=True)
         (args.out / "mlp_block.json").write_text(json.dumps(rows, indent=1))
-    timed = [r for r in rows[1:] if "us_per_layer" in r]
+    timed = sorted((r for r in rows[1:] if "us_per_layer" in r), key=lambda r: r["us_per_layer"])
     if timed:  # for --persistent-config of bench/decode_profile.py
-        (args.out / "mlp_block_best.txt").write_text(min(timed, key=lambda r: r["us_per_layer"])["csv"] + "\n")
+        (args.out / "mlp_block_best.txt").write_text(timed[0]["csv"] + "\n")
+    for r in timed[: args.breakdown]:  # where the time goes: the phases as separate launches, and each alone
+        cfg = parse_config(r["csv"])
+        phases = persistent.all_phases(cfg)
+        r["phased_us"] = graph_ms(lambda cfg=cfg, p=phases: chain(cfg, p)) / args.layers * 1e3
+        r["phase_us"] = {p: graph_ms(lambda cfg=cfg, p=p: chain(cfg, (p,))) / args.layers * 1e3 for p in phases}
+        print(f"{cfg}: barriers {r['us_per_layer']:.2f} us, phases as launches {r['phased_us']:.2f} us, each alone "
+              + ", ".join(f"{p}: {us:.2f}" for p, us in r["phase_us"].items()), flush=True)  # fmt: skip
+    (args.out / "mlp_block.json").write_text(json.dumps(rows, indent=1))
     print("| launch | grid | us per layer | vs unfused | rel. error |")
     print("|---|---|---|---|---|")
     for r in sorted((r for r in rows if "us_per_layer" in r), key=lambda r: r["us_per_layer"]):

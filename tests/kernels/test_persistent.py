@@ -96,6 +96,20 @@ def test_matches_the_unfused_step(scheme: WeightOnly, dtype: torch.dtype) -> Non
     assert rel(wrong, exact) > 5 * bound
 
 
+def test_the_norm_in_each_gate_up_tile_gives_the_same_result() -> None:
+    """``norm_split=False`` (each gate/up tile normalizes what it reads) agrees with the norm as its own phase."""
+    h, inter, eps = 128, 256, 1e-5
+    o, gate_up, down = mlp_modules(h, inter, WeightOnly(4, 128, True), torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    attn, x = (torch.randn(1, 1, h, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    norm = (torch.rand(h, generator=gen) + 0.5).to(DEVICE, torch.bfloat16)
+    split = persistent.mlp_block(attn, x, o, gate_up, down, norm, eps, persistent.MLPBlockConfig(norm_split=True))
+    inline = persistent.mlp_block(attn, x, o, gate_up, down, norm, eps, persistent.MLPBlockConfig(norm_split=False))
+    exact = float64_mlp(attn, x, o, gate_up, down, norm, eps)
+    assert rel(split, exact) < (5e-3 if GPU else 1.5e-2)
+    assert rel(inline, exact) < (5e-3 if GPU else 1.5e-2)
+
+
 def test_only_where_it_applies(monkeypatch) -> None:
     o, gate_up, down = mlp_modules(128, 256, WeightOnly(4, 128, True), torch.bfloat16)
     x = torch.randn(1, 1, 128, dtype=torch.bfloat16, device=DEVICE)
@@ -140,7 +154,7 @@ gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: grid barriers (the i
 
 @gpu
 @pytest.mark.parametrize("config", [persistent.MLPBlockConfig(), persistent.MLPBlockConfig(8, 1, 16, 16, 8, 16, 16, 16, 0),
-                                    persistent.MLPBlockConfig(4, 8, 8, 8, 8, 8, 8, 8, 2)])  # fmt: skip
+                                    persistent.MLPBlockConfig(4, 8, 8, 8, 8, 8, 8, 8, 2, norm_split=False)])  # fmt: skip
 def test_gpu_barriers_give_the_phased_result_bitwise(config) -> None:  # pragma: no cover
     """One launch with grid barriers equals three separate launches bitwise, in a CUDA graph of 12 chained launches
     (Llama-3-8B's sizes: the counters must reset themselves between launches)."""
@@ -153,8 +167,9 @@ def test_gpu_barriers_give_the_phased_result_bitwise(config) -> None:  # pragma:
 
     def chain(phased: bool) -> torch.Tensor:
         x = x0
+        phases = persistent.all_phases(config) if phased else None
         for _ in range(12):
-            x = persistent.mlp_block(attn, x, o, gate_up, down, norm, eps, config, phased=phased)
+            x = persistent.mlp_block(attn, x, o, gate_up, down, norm, eps, config, phases=phases)
             x = x / x.float().norm().to(x.dtype) * h**0.5  # keep the chained activations at unit size
         return x
 

@@ -135,18 +135,39 @@ def rows_phase(x_ptr, qw_ptr, s_ptr, z_ptr, nw_ptr, out_ptr, res_ptr, N, K, ROWS
 
 
 @triton.jit
+def norm_phase(h_ptr, nw_ptr, hn_ptr, H, eps, CH: tl.constexpr):
+    """``hn = rms_norm(h) * nw``, rounded once: every program sums the squares of all of ``h`` (``H`` values from the
+    L2) and writes its round-robin ``CH``-element slices of ``hn``."""
+    offs = tl.arange(0, CH)
+    ssq = tl.zeros((CH,), tl.float32)
+    for start in range(0, H, CH):
+        v = tl.load(h_ptr + start + offs, mask=start + offs < H, other=0.0).to(tl.float32)
+        ssq += v * v
+    r = tl.rsqrt(tl.sum(ssq, axis=0) / H + eps)
+    for start in range(tl.program_id(0) * CH, H, tl.num_programs(0) * CH):
+        mask = start + offs < H
+        v = tl.load(h_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(nw_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(hn_ptr + start + offs, (v * r * w).to(hn_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def mlp_block_kernel(
-    attn_ptr, x_ptr, h_ptr, act_ptr, out_ptr, bar_ptr,
+    attn_ptr, x_ptr, h_ptr, hn_ptr, act_ptr, out_ptr, bar_ptr,
     o_qw, o_s, o_z, gu_qw, gu_s, gu_z, d_qw, d_s, d_z, nw_ptr, eps, H, INTER,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, PACKED_MATH: tl.constexpr,
     BN_O: tl.constexpr, KBI_O: tl.constexpr, BN_GU: tl.constexpr, KBI_GU: tl.constexpr, BN_D: tl.constexpr,
-    KBI_D: tl.constexpr, NKB_H: tl.constexpr, NKB_I: tl.constexpr, AHEAD: tl.constexpr, PHASE: tl.constexpr,
+    KBI_D: tl.constexpr, NKB_H: tl.constexpr, NKB_I: tl.constexpr, AHEAD: tl.constexpr, NORM_SPLIT: tl.constexpr,
+    PHASE: tl.constexpr,
 ):  # fmt: skip
     """``out = h + down(silu(gate) * up)`` with ``[gate, up] = gate_up(rms_norm(h))`` and ``h = x + o(attn)``, one
-    token. ``PHASE < 0``: all three phases with grid barriers (every program resident); ``PHASE`` 0, 1 or 2: that
-    phase alone (the interpreter). ``h_ptr``/``act_ptr``: scratch rows; ``bar_ptr``: two zeroed int32 counters.
-    ``NKB_H``/``NKB_I``: powers of two covering the K-blocks of ``H`` and ``INTER``; ``AHEAD``: tiles prefetched
-    into the L2 ahead of each program's loop (0: none; the interpreter has no prefetch)."""
+    token, in phases: 0 ``h``; 1 (``NORM_SPLIT``) ``hn = rms_norm(h)``, its own phase, else each gate/up tile
+    normalizes the activations it reads (:func:`lowbit.kernels.wna16_jit.w4_rows_dot`'s ``PRO == 1``); 2 gate/up and
+    SwiGLU; 3 down. ``PHASE < 0``: all of them with grid barriers between (every program resident); ``PHASE >= 0``:
+    that phase alone (the interpreter, and the tests' reference). ``h_ptr``/``hn_ptr``/``act_ptr``: scratch rows;
+    ``bar_ptr``: two zeroed int32 counters. ``NKB_H``/``NKB_I``: powers of two covering the K-blocks of ``H`` and
+    ``INTER``; ``AHEAD``: tiles prefetched into the L2 ahead of each program's loop (0: none; the interpreter has no
+    prefetch)."""
     BARRIER: tl.constexpr = PHASE < 0
     FETCH: tl.constexpr = AHEAD if BARRIER else 0
     programs = tl.num_programs(0)
@@ -158,14 +179,20 @@ def mlp_block_kernel(
         grid_arrive(bar_ptr)
         prefetch_first(gu_qw, 2 * INTER, H, INTER, BN_GU, True, NKB_H, FETCH)
         grid_wait(bar_ptr, programs)
-    if BARRIER or PHASE == 1:
-        rows_phase(h_ptr, gu_qw, gu_s, gu_z, nw_ptr, act_ptr, x_ptr, 2 * INTER, H, INTER, eps,
-                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_GU, KBI_GU, 1, True, False, NKB_H, FETCH)  # fmt: skip
+    if NORM_SPLIT and (BARRIER or PHASE == 1):
+        norm_phase(h_ptr, nw_ptr, hn_ptr, H, eps, 64)
+        if BARRIER:
+            grid_arrive(bar_ptr)
+            grid_wait(bar_ptr, 2 * programs)
+    if BARRIER or PHASE == 2:
+        rows_phase(hn_ptr if NORM_SPLIT else h_ptr, gu_qw, gu_s, gu_z, nw_ptr, act_ptr, x_ptr, 2 * INTER, H, INTER, eps,
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_GU, KBI_GU, 0 if NORM_SPLIT else 1, True, False,
+                   NKB_H, FETCH)  # fmt: skip
     if BARRIER:
         grid_arrive(bar_ptr)
         prefetch_first(d_qw, H, INTER, H, BN_D, False, NKB_I, FETCH)
-        grid_wait(bar_ptr, 2 * programs)
-    if BARRIER or PHASE == 2:
+        grid_wait(bar_ptr, (3 if NORM_SPLIT else 2) * programs)
+    if BARRIER or PHASE == 3:
         rows_phase(act_ptr, d_qw, d_s, d_z, nw_ptr, out_ptr, h_ptr, H, INTER, H, eps,
                    GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_D, KBI_D, 0, False, True, NKB_I, FETCH)  # fmt: skip
     if BARRIER:
@@ -180,7 +207,8 @@ def mlp_block_kernel(
 @dataclass(frozen=True)
 class MLPBlockConfig:
     """Launch of :func:`mlp_block_kernel`: warps per program, programs per SM (capped by what fits), rows per tile and
-    K-blocks per loop step of each phase, and how many tiles ahead each program asks the L2 for its weights."""
+    K-blocks per loop step of each phase, how many tiles ahead each program asks the L2 for its weights, and whether
+    the MLP's RMSNorm is a phase of its own (else every gate/up tile redoes it over the whole input row)."""
 
     num_warps: int = 4
     per_sm: int = 2
@@ -190,17 +218,16 @@ class MLPBlockConfig:
     kbi_gu: int = 8
     bn_d: int = 16
     kbi_d: int = 8
-    ahead: int = 1
+    ahead: int = 0
+    norm_split: bool = True
 
 
 def candidate_configs() -> list[MLPBlockConfig]:
-    """Launches the tuner times (each is one compilation the first time): programs per SM x tile shapes x tiles
-    prefetched ahead. Session 12's first sweep (bench/notes/kernels.md): 4 warps and as many programs per SM as fit
-    won, 8 warps or one program per SM lost by 1.2-2x."""
-    tiles = [(8, 8, 8, 8, 8, 8), (16, 8, 8, 8, 16, 8), (8, 8, 4, 8, 8, 8), (8, 16, 8, 8, 8, 16)]
-    return [MLPBlockConfig(4, per_sm, *t, ahead=a) for per_sm in (4, 8) for t in tiles for a in (1, 2)] + [
-        MLPBlockConfig(4, 4, 8, 8, 8, 8, 8, 8, ahead=0)
-    ]
+    """Launches the tuner times (each is one compilation the first time). Session 12's H200 sweeps
+    (bench/notes/kernels.md): 4 warps and as many programs per SM as fit won, 8 warps or one program per SM lost by
+    1.2-2x, and the L2 prefetch of tiles ahead lost 20-30%."""
+    tiles = [(8, 8, 8, 8, 8, 8), (16, 8, 8, 8, 16, 8), (8, 8, 4, 8, 8, 8), (8, 4, 8, 4, 8, 8), (16, 8, 16, 8, 16, 8)]
+    return [MLPBlockConfig(4, 4, *t, norm_split=n) for t in tiles for n in (True, False)]
 
 
 def mlp_block_ok(x: Tensor, o, gate_up, down, norm: Tensor) -> bool:
@@ -238,23 +265,24 @@ def mlp_block_ok(x: Tensor, o, gate_up, down, norm: Tensor) -> bool:
     )
 
 
-_SCRATCH: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+_SCRATCH: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
-def _scratch(device: torch.device, dtype: torch.dtype, h: int, inter: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``h`` and ``act`` rows and the two barrier counters, reused by every launch on the device and dtype (the
+def _scratch(device: torch.device, dtype: torch.dtype, h: int, inter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ``h``, ``hn`` and ``act`` rows and the two barrier counters, reused by every launch on the device and dtype (the
     launches of one stream run one after another); grown on demand, so run each shape once before a CUDA-graph
     capture."""
     key = (device, dtype)
-    hid, act, bar = _SCRATCH.get(key, (None, None, None))
+    hid, normed, act, bar = _SCRATCH.get(key, (None, None, None, None))
     if hid is None or hid.numel() < h:
         hid = torch.empty(h, dtype=dtype, device=device)
+        normed = torch.empty(h, dtype=dtype, device=device)
     if act is None or act.numel() < inter:
         act = torch.empty(inter, dtype=dtype, device=device)
     if bar is None:
         bar = torch.zeros(2, dtype=torch.int32, device=device)
-    _SCRATCH[key] = (hid, act, bar)
-    return hid, act, bar
+    _SCRATCH[key] = (hid, normed, act, bar)
+    return hid, normed, act, bar
 
 
 def _index(device: torch.device) -> int:
@@ -294,25 +322,25 @@ def mlp_block(
     norm: Tensor,
     eps: float,
     config: MLPBlockConfig | None = None,
-    phased: bool = False,
+    phases: tuple[int, ...] | None = None,
 ) -> Tensor:
     """``h + down(silu(gate) * up)``, ``[gate, up] = gate_up(rms_norm(h, norm, eps))``, ``h = x + o(attn)`` for one
     token (``attn`` and ``x`` of ``H`` features each; ``o``/``gate_up``/``down`` :class:`WNA16Linear` modules or
     :class:`~lowbit.kernels.layout.PackedWNA16`, as :func:`mlp_block_ok` requires). Returns ``x``'s shape.
-    ``phased``: the three phases as three launches without barriers (as on the interpreter; the GPU tests'
-    reference for the barriers)."""
+    ``phases``: launch only these phases, one launch each, without barriers (the kernel's ``PHASE``; the
+    interpreter runs all of them so, and the GPU tests use it as the reference for the barriers)."""
     from lowbit.kernels.w4a16 import interpreting, packed_math_ok
 
     packs = [m.packed if hasattr(m, "packed") else m for m in (o, gate_up, down)]
     h, inter = x.shape[-1], packs[2].in_features
     cfg = config or tuned_config(attn, x, packs, norm, eps)
-    hid, act, bar = _scratch(x.device, x.dtype, h, inter)
+    hid, normed, act, bar = _scratch(x.device, x.dtype, h, inter)
     out = torch.empty_like(x)
     per_channel = packs[0].group_size == -1
     nkb_h, nkb_i = triton.next_power_of_2(h // BLOCK_K), triton.next_power_of_2(inter // BLOCK_K)
     # one thread issues each K-block's prefetch: more pieces than threads would leave some unasked
     ahead = cfg.ahead if max(2 * nkb_h, nkb_i) <= 32 * cfg.num_warps else 0
-    args = [attn.reshape(-1), x.reshape(-1), hid, act, out.reshape(-1), bar]
+    args = [attn.reshape(-1), x.reshape(-1), hid, normed, act, out.reshape(-1), bar]
     for p in packs:
         args += [p.qweight, p.scale, p.zero if p.zero is not None else p.scale]
     args += [norm, eps, h, inter]
@@ -322,17 +350,24 @@ def mlp_block(
         "HAS_ZERO": packs[0].zero is not None,
         "PACKED_MATH": packed_math_ok(packs[0], x.dtype) and not interpreting(),
         "BN_O": cfg.bn_o, "KBI_O": cfg.kbi_o, "BN_GU": cfg.bn_gu, "KBI_GU": cfg.kbi_gu, "BN_D": cfg.bn_d,
-        "KBI_D": cfg.kbi_d, "NKB_H": nkb_h, "NKB_I": nkb_i, "AHEAD": ahead,
+        "KBI_D": cfg.kbi_d, "NKB_H": nkb_h, "NKB_I": nkb_i, "AHEAD": ahead, "NORM_SPLIT": cfg.norm_split,
         "num_warps": cfg.num_warps,
     }  # fmt: skip
-    if phased or interpreting() or not x.is_cuda:
+    if phases is None and (interpreting() or not x.is_cuda):
+        phases = all_phases(cfg)  # the interpreter runs programs one after another: no barrier could be passed
+    if phases is not None:
         grid = _device_limits(_index(x.device))[0] if x.is_cuda and not interpreting() else 3
-        for phase in range(3):  # the interpreter runs programs one after another: no barrier could be passed
+        for phase in phases:
             mlp_block_kernel[(grid,)](*args, PHASE=phase, **meta)
         return out
     grid = _grid(cfg, args, meta, x.device)
     mlp_block_kernel[(grid,)](*args, PHASE=-1, **meta)
     return out
+
+
+def all_phases(cfg: MLPBlockConfig) -> tuple[int, ...]:
+    """The kernel's phases for ``cfg`` (``PHASE`` values), in order."""
+    return (0, 1, 2, 3) if cfg.norm_split else (0, 2, 3)
 
 
 _GRIDS: dict[tuple, int] = {}
