@@ -135,9 +135,11 @@ def main() -> None:
             continue
         grid = next((g for key, g in persistent._GRIDS.items() if key[0] == cfg), None)
         row = {"launch": repr(cfg), "us_per_layer": ms * 1e3, "ratio": base_ms / ms, "rel_err": err, "grid": grid,
+               "registers": persistent.REGISTERS.get(cfg),
                "csv": ",".join(str(v) for v in dataclasses.astuple(cfg))}
         rows.append(row)
-        print(f"{cfg}: {ms * 1e3:.2f} us per layer ({base_ms / ms:.3f}x), grid {grid}, rel. error {err:.2e}", flush=True)
+        print(f"{cfg}: {ms * 1e3:.2f} us per layer ({base_ms / ms:.3f}x), grid {grid}, {row['registers']} registers, "
+              f"rel. error {err:.2e}", flush=True)  # fmt: skip
         (args.out / "mlp_block.json").write_text(json.dumps(rows, indent=1))
     timed = sorted((r for r in rows[1:] if "us_per_layer" in r), key=lambda r: r["us_per_layer"])
     if timed:  # for --persistent-config of bench/decode_profile.py

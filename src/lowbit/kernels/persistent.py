@@ -355,8 +355,8 @@ def mlp_block(
     }  # fmt: skip
     if phases is None and (interpreting() or not x.is_cuda):
         phases = all_phases(cfg)  # the interpreter runs programs one after another: no barrier could be passed
-    if phases is not None:
-        grid = _device_limits(_index(x.device))[0] if x.is_cuda and not interpreting() else 3
+    if phases is not None:  # on a GPU the same grid as with barriers, so that the two compare
+        grid = _grid(cfg, args, meta, x.device) if x.is_cuda and not interpreting() else 3
         for phase in phases:
             mlp_block_kernel[(grid,)](*args, PHASE=phase, **meta)
         return out
@@ -371,6 +371,7 @@ def all_phases(cfg: MLPBlockConfig) -> tuple[int, ...]:
 
 
 _GRIDS: dict[tuple, int] = {}
+REGISTERS: dict[MLPBlockConfig, int] = {}  # registers per thread of each compiled launch (reports)
 
 
 def _grid(cfg: MLPBlockConfig, args: list, meta: dict, device: torch.device) -> int:
@@ -388,6 +389,7 @@ def _grid(cfg: MLPBlockConfig, args: list, meta: dict, device: torch.device) -> 
                 f"mlp_block_kernel {cfg}: not one program per SM fits ({compiled.n_regs} registers)"
             )
         _GRIDS[key] = min(resident, sms * cfg.per_sm)
+        REGISTERS[cfg] = compiled.n_regs
         logger.debug("mlp_block %s: %d programs (%d registers)", cfg, _GRIDS[key], compiled.n_regs)
     return _GRIDS[key]
 
