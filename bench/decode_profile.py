@@ -235,7 +235,7 @@ def main() -> None:
                         help="lowbit.kernels.persistent.PERSISTENT values to compare (o, norm, gate/up, SwiGLU and "
                         "down as one launch; non-bf16 schemes)")  # fmt: skip
     parser.add_argument("--persistent-config", help="the persistent launch for Llama-3-8B's W4A16 g128 shape instead "
-                        "of tuning it: warps,per_sm,bn_o,kbi_o,bn_gu,kbi_gu,bn_d,kbi_d,ahead,norm_split (bench/mlp_block.py)")  # fmt: skip
+                        "of tuning it: warps,per_sm,bn_o,kbi_o,bn_gu,kbi_gu,bn_d,kbi_d,split_o,split_d,norm_split (bench/mlp_block.py)")  # fmt: skip
     parser.add_argument("--pdl", nargs="*", default=["off"], choices=["off", "early", "late"],
                         help="lowbit.kernels.pdl.PDL values to compare (programmatic dependent launch)")
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],

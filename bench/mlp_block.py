@@ -75,9 +75,10 @@ def graph_ms(fn, replays: int = 20) -> float:
 
 
 def parse_config(text: str) -> persistent.MLPBlockConfig:
-    """``"warps,per_sm,bn_o,kbi_o,bn_gu,kbi_gu,bn_d,kbi_d,ahead[,norm_split]"`` (as ``dataclasses.astuple``)."""
-    values = [int(v == "True") if v in ("True", "False") else int(v) for v in text.split(",")]
-    return persistent.MLPBlockConfig(*values[:9], *(bool(v) for v in values[9:]))
+    """A launch from its field values in order, comma-separated (as ``dataclasses.astuple`` gives them)."""
+    fields = dataclasses.fields(persistent.MLPBlockConfig)
+    values = [v == "True" if f.type in (bool, "bool") else int(v) for f, v in zip(fields, text.split(","), strict=False)]
+    return persistent.MLPBlockConfig(*values)
 
 
 @torch.no_grad()
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tuned", type=Path, help="seed the W4A16 tuner (decode_profile.load_tuned)")
     parser.add_argument("--configs", nargs="*", default=[], help="more launches: warps,per_sm,bn_o,kbi_o,bn_gu,"
-                        "kbi_gu,bn_d,kbi_d,ahead")  # fmt: skip
+                        "kbi_gu,bn_d,kbi_d,split_o,split_d,norm_split")  # fmt: skip
     parser.add_argument("--only", action="store_true", help="only the --configs launches, not the candidates")
     parser.add_argument("--breakdown", type=int, default=2, help="for the fastest N launches, also time the phases "
                         "as separate launches and each phase alone")  # fmt: skip

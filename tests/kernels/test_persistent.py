@@ -96,18 +96,25 @@ def test_matches_the_unfused_step(scheme: WeightOnly, dtype: torch.dtype) -> Non
     assert rel(wrong, exact) > 5 * bound
 
 
-def test_the_norm_in_each_gate_up_tile_gives_the_same_result() -> None:
-    """``norm_split=False`` (each gate/up tile normalizes what it reads) agrees with the norm as its own phase."""
-    h, inter, eps = 128, 256, 1e-5
+@pytest.mark.parametrize(
+    "config",
+    [persistent.MLPBlockConfig(norm_split=False), persistent.MLPBlockConfig(split_o=2, split_d=4)],
+    ids=["norm-in-gate-up-tiles", "split-k"],
+)
+def test_launch_options_agree(config) -> None:
+    """The norm inside every gate/up tile (``norm_split=False``) and the o and down phases split over K-slices (the
+    last slice of a tile sums the partials) agree with the default launch and with float64 math."""
+    h, inter, eps = 128, 512, 1e-5
     o, gate_up, down = mlp_modules(h, inter, WeightOnly(4, 128, True), torch.bfloat16)
     gen = torch.Generator().manual_seed(3)
     attn, x = (torch.randn(1, 1, h, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
     norm = (torch.rand(h, generator=gen) + 0.5).to(DEVICE, torch.bfloat16)
-    split = persistent.mlp_block(attn, x, o, gate_up, down, norm, eps, persistent.MLPBlockConfig(norm_split=True))
-    inline = persistent.mlp_block(attn, x, o, gate_up, down, norm, eps, persistent.MLPBlockConfig(norm_split=False))
+    default = persistent.mlp_block(attn, x, o, gate_up, down, norm, eps, persistent.MLPBlockConfig())
+    got = persistent.mlp_block(attn, x, o, gate_up, down, norm, eps, config)
     exact = float64_mlp(attn, x, o, gate_up, down, norm, eps)
-    assert rel(split, exact) < (5e-3 if GPU else 1.5e-2)
-    assert rel(inline, exact) < (5e-3 if GPU else 1.5e-2)
+    bound = 5e-3 if GPU else 1.5e-2
+    assert rel(got, exact) < bound and rel(default, exact) < bound
+    assert rel(got, default) < bound
 
 
 def test_only_where_it_applies(monkeypatch) -> None:
@@ -153,8 +160,8 @@ gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU: grid barriers (the i
 
 
 @gpu
-@pytest.mark.parametrize("config", [persistent.MLPBlockConfig(), persistent.MLPBlockConfig(8, 1, 16, 16, 8, 16, 16, 16, 0),
-                                    persistent.MLPBlockConfig(4, 8, 8, 8, 8, 8, 8, 8, 2, norm_split=False)])  # fmt: skip
+@pytest.mark.parametrize("config", [persistent.MLPBlockConfig(), persistent.MLPBlockConfig(8, 1, 16, 16, 8, 16, 16, 16),
+                                    persistent.MLPBlockConfig(4, 5, 16, 8, 8, 8, 16, 8, 2, 4, norm_split=False)])  # fmt: skip
 def test_gpu_barriers_give_the_phased_result_bitwise(config) -> None:  # pragma: no cover
     """One launch with grid barriers equals three separate launches bitwise, in a CUDA graph of 12 chained launches
     (Llama-3-8B's sizes: the counters must reset themselves between launches)."""

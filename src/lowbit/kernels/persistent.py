@@ -40,8 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.layout import BLOCK_K
-from lowbit.kernels.prefetch import l2_prefetch_pieces
-from lowbit.kernels.wna16_jit import w4_rows_dot
+from lowbit.kernels.wna16_jit import store_split_k, w4_rows_dot
 
 logger = logging.getLogger(__name__)
 
@@ -78,60 +77,48 @@ def tile_rows(tile, ROWS, BN: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
-def prefetch_tile(qw_ptr, N, K, tile, ROWS, BN: tl.constexpr, GATED: tl.constexpr, NKB: tl.constexpr):
-    """Ask the L2 for all of a tile's codes (``NKB``: a power of two, at least the K-blocks of ``K``): per K-block one
-    contiguous run of the tile's rows (two with ``GATED``: its gate rows and its up rows, ``ROWS`` further). A tile
-    past the last is nothing."""
-    WORDS: tl.constexpr = BK // 8
-    HALVES: tl.constexpr = 2 if GATED else 1
-    i = tl.arange(0, NKB * HALVES)
-    kb = i % NKB
-    rows = tl.minimum(ROWS - tile * BN, BN)
-    ptrs = qw_ptr + kb.to(tl.int64) * N * WORDS + (tile * BN + (i // NKB) * ROWS) * WORDS
-    l2_prefetch_pieces(ptrs, (kb < tl.cdiv(K, BK)) & (rows > 0), rows * (WORDS * 4), NKB * HALVES)
-
-
-@triton.jit
-def prefetch_first(qw_ptr, N, K, ROWS, BN: tl.constexpr, GATED: tl.constexpr, NKB: tl.constexpr, AHEAD: tl.constexpr):
-    """This program's first ``AHEAD`` tiles of a phase, into the L2 (before the phase's barrier releases it)."""
-    for a in tl.static_range(AHEAD):
-        prefetch_tile(qw_ptr, N, K, tl.program_id(0) + a * tl.num_programs(0), ROWS, BN, GATED, NKB)
-
-
-@triton.jit
-def rows_phase(x_ptr, qw_ptr, s_ptr, z_ptr, nw_ptr, out_ptr, res_ptr, N, K, ROWS, eps,
+def rows_phase(x_ptr, qw_ptr, s_ptr, z_ptr, nw_ptr, out_ptr, res_ptr, ws_ptr, cnt_ptr, N, K, ROWS, eps,
                GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, PACKED_MATH: tl.constexpr,
-               BN: tl.constexpr, KBI: tl.constexpr, PRO: tl.constexpr, GATED: tl.constexpr, RESID: tl.constexpr,
-               NKB: tl.constexpr, AHEAD: tl.constexpr):  # fmt: skip
-    """One phase: this program's output tiles (round robin over the grid), ``ROWS`` outputs of ``BN`` per tile,
-    each the product of the ``N x K`` weight with the one input row at ``x_ptr``; SwiGLU of gate/up pairs
-    (``GATED``) and the residual ``res`` (``RESID``) in the epilogue, each rounded as the unfused step rounds.
-    ``AHEAD > 0``: as a tile starts, the tile ``AHEAD`` further along is asked from the L2 (the first ``AHEAD``
-    were asked before the phase, :func:`prefetch_first`): a few programs per SM then keep as many bytes in flight
-    as the thousands of programs of a separate launch."""
+               BN: tl.constexpr, KBI: tl.constexpr, SPLIT: tl.constexpr, PRO: tl.constexpr, GATED: tl.constexpr,
+               RESID: tl.constexpr):  # fmt: skip
+    """One phase: ``ROWS`` outputs in tiles of ``BN``, each the product of the ``N x K`` weight with the one input
+    row at ``x_ptr``, split over ``SPLIT`` K-slices; the work items (tile, K-slice) go round robin over the grid.
+    SwiGLU of gate/up pairs (``GATED``) and the residual ``res`` (``RESID``) in the epilogue, each rounded as the
+    unfused step rounds. With ``SPLIT > 1`` each slice stores its float32 partial in ``ws`` and the last of a
+    tile's slices to arrive (its counter in ``cnt``) sums them in a fixed order and adds the residual
+    (:func:`lowbit.kernels.wna16_jit.store_split_k`): more work items, so every program has a long K-loop's worth
+    of loads in flight even where the tiles are fewer than the programs."""
+    tl.static_assert(SPLIT == 1 or not (GATED or PRO == 1), "SwiGLU and the norm need whole rows")
     dtype = out_ptr.dtype.element_ty
     BLOCK: tl.constexpr = 2 * BN if GATED else BN
     offs_m = tl.arange(0, 1)
     m_mask = offs_m < 1
     num_steps = tl.cdiv(tl.cdiv(K, BK), KBI)
-    for tile in range(tl.program_id(0), tl.cdiv(ROWS, BN), tl.num_programs(0)):
-        if AHEAD > 0:
-            prefetch_tile(qw_ptr, N, K, tile + AHEAD * tl.num_programs(0), ROWS, BN, GATED, NKB)
+    steps_per = tl.cdiv(num_steps, SPLIT)
+    for item in range(tl.program_id(0), tl.cdiv(ROWS, BN) * SPLIT, tl.num_programs(0)):
+        tile = item // SPLIT
+        part = item % SPLIT
         rows, ok = tile_rows(tile, ROWS, BN, GATED)
-        res = w4_rows_dot(x_ptr, 0, qw_ptr, s_ptr, z_ptr, nw_ptr, rows, offs_m, m_mask, N, K, eps, 0, num_steps,
-                          GROUP, PER_CHANNEL, HAS_ZERO, 1, BLOCK, KBI, BK, True, PACKED_MATH, True, PRO, "")  # fmt: skip
-        y = tl.reshape(res, (BLOCK,)).to(dtype).to(tl.float32)  # the projection's output, rounded
+        step_lo = part * steps_per
+        res = w4_rows_dot(x_ptr, 0, qw_ptr, s_ptr, z_ptr, nw_ptr, rows, offs_m, m_mask, N, K, eps, step_lo,
+                          tl.minimum(step_lo + steps_per, num_steps), GROUP, PER_CHANNEL, HAS_ZERO, 1, BLOCK, KBI, BK,
+                          True, PACKED_MATH, True, PRO, "")  # fmt: skip
         out_row = tile * BN + tl.arange(0, BN)
-        if GATED:
-            pair = tl.reshape(y, (2, BN))
-            first = (tl.arange(0, 2) == 0)[:, None]
-            gate = tl.sum(tl.where(first, pair, 0.0), axis=0)
-            up = tl.sum(tl.where(first, 0.0, pair), axis=0)
-            y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
-            ok = out_row < ROWS
-        if RESID:
-            y += tl.load(res_ptr + out_row, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + out_row, y.to(dtype), mask=ok)
+        if SPLIT > 1:
+            store_split_k(tl.reshape(res, (BN,)), out_ptr + out_row, ws_ptr + out_row, ROWS, cnt_ptr + tile, part, ok,
+                          SPLIT, res_ptr + out_row, RESID)  # fmt: skip
+        else:
+            y = tl.reshape(res, (BLOCK,)).to(dtype).to(tl.float32)  # the projection's output, rounded
+            if GATED:
+                pair = tl.reshape(y, (2, BN))
+                first = (tl.arange(0, 2) == 0)[:, None]
+                gate = tl.sum(tl.where(first, pair, 0.0), axis=0)
+                up = tl.sum(tl.where(first, 0.0, pair), axis=0)
+                y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up
+                ok = out_row < ROWS
+            if RESID:
+                y += tl.load(res_ptr + out_row, mask=ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + out_row, y.to(dtype), mask=ok)
 
 
 @triton.jit
@@ -153,31 +140,26 @@ def norm_phase(h_ptr, nw_ptr, hn_ptr, H, eps, CH: tl.constexpr):
 
 @triton.jit
 def mlp_block_kernel(
-    attn_ptr, x_ptr, h_ptr, hn_ptr, act_ptr, out_ptr, bar_ptr,
+    attn_ptr, x_ptr, h_ptr, hn_ptr, act_ptr, out_ptr, bar_ptr, ws_ptr, cnt_ptr,
     o_qw, o_s, o_z, gu_qw, gu_s, gu_z, d_qw, d_s, d_z, nw_ptr, eps, H, INTER,
     GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr, PACKED_MATH: tl.constexpr,
     BN_O: tl.constexpr, KBI_O: tl.constexpr, BN_GU: tl.constexpr, KBI_GU: tl.constexpr, BN_D: tl.constexpr,
-    KBI_D: tl.constexpr, NKB_H: tl.constexpr, NKB_I: tl.constexpr, AHEAD: tl.constexpr, NORM_SPLIT: tl.constexpr,
-    PHASE: tl.constexpr,
+    KBI_D: tl.constexpr, SPLIT_O: tl.constexpr, SPLIT_D: tl.constexpr, NORM_SPLIT: tl.constexpr, PHASE: tl.constexpr,
 ):  # fmt: skip
     """``out = h + down(silu(gate) * up)`` with ``[gate, up] = gate_up(rms_norm(h))`` and ``h = x + o(attn)``, one
     token, in phases: 0 ``h``; 1 (``NORM_SPLIT``) ``hn = rms_norm(h)``, its own phase, else each gate/up tile
     normalizes the activations it reads (:func:`lowbit.kernels.wna16_jit.w4_rows_dot`'s ``PRO == 1``); 2 gate/up and
     SwiGLU; 3 down. ``PHASE < 0``: all of them with grid barriers between (every program resident); ``PHASE >= 0``:
     that phase alone (the interpreter, and the tests' reference). ``h_ptr``/``hn_ptr``/``act_ptr``: scratch rows;
-    ``bar_ptr``: two zeroed int32 counters. ``NKB_H``/``NKB_I``: powers of two covering the K-blocks of ``H`` and
-    ``INTER``; ``AHEAD``: tiles prefetched into the L2 ahead of each program's loop (0: none; the interpreter has no
-    prefetch)."""
+    ``bar_ptr``: two zeroed int32 counters; ``ws_ptr``/``cnt_ptr``: the split-K workspace and zeroed tile counters
+    of the o (``SPLIT_O``) and down (``SPLIT_D``) phases."""
     BARRIER: tl.constexpr = PHASE < 0
-    FETCH: tl.constexpr = AHEAD if BARRIER else 0
     programs = tl.num_programs(0)
     if BARRIER or PHASE == 0:
-        prefetch_first(o_qw, H, H, H, BN_O, False, NKB_H, FETCH)
-        rows_phase(attn_ptr, o_qw, o_s, o_z, nw_ptr, h_ptr, x_ptr, H, H, H, eps,
-                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_O, KBI_O, 0, False, True, NKB_H, FETCH)  # fmt: skip
+        rows_phase(attn_ptr, o_qw, o_s, o_z, nw_ptr, h_ptr, x_ptr, ws_ptr, cnt_ptr, H, H, H, eps,
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_O, KBI_O, SPLIT_O, 0, False, True)  # fmt: skip
     if BARRIER:
         grid_arrive(bar_ptr)
-        prefetch_first(gu_qw, 2 * INTER, H, INTER, BN_GU, True, NKB_H, FETCH)
         grid_wait(bar_ptr, programs)
     if NORM_SPLIT and (BARRIER or PHASE == 1):
         norm_phase(h_ptr, nw_ptr, hn_ptr, H, eps, 64)
@@ -185,16 +167,15 @@ def mlp_block_kernel(
             grid_arrive(bar_ptr)
             grid_wait(bar_ptr, 2 * programs)
     if BARRIER or PHASE == 2:
-        rows_phase(hn_ptr if NORM_SPLIT else h_ptr, gu_qw, gu_s, gu_z, nw_ptr, act_ptr, x_ptr, 2 * INTER, H, INTER, eps,
-                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_GU, KBI_GU, 0 if NORM_SPLIT else 1, True, False,
-                   NKB_H, FETCH)  # fmt: skip
+        rows_phase(hn_ptr if NORM_SPLIT else h_ptr, gu_qw, gu_s, gu_z, nw_ptr, act_ptr, x_ptr, ws_ptr, cnt_ptr,
+                   2 * INTER, H, INTER, eps, GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_GU, KBI_GU, 1,
+                   0 if NORM_SPLIT else 1, True, False)  # fmt: skip
     if BARRIER:
         grid_arrive(bar_ptr)
-        prefetch_first(d_qw, H, INTER, H, BN_D, False, NKB_I, FETCH)
         grid_wait(bar_ptr, (3 if NORM_SPLIT else 2) * programs)
     if BARRIER or PHASE == 3:
-        rows_phase(act_ptr, d_qw, d_s, d_z, nw_ptr, out_ptr, h_ptr, H, INTER, H, eps,
-                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_D, KBI_D, 0, False, True, NKB_I, FETCH)  # fmt: skip
+        rows_phase(act_ptr, d_qw, d_s, d_z, nw_ptr, out_ptr, h_ptr, ws_ptr, cnt_ptr, H, INTER, H, eps,
+                   GROUP, PER_CHANNEL, HAS_ZERO, PACKED_MATH, BN_D, KBI_D, SPLIT_D, 0, False, True)  # fmt: skip
     if BARRIER:
         # every program is past its last wait: the last one out zeroes both counters for the next launch
         tl.debug_barrier()
@@ -207,27 +188,31 @@ def mlp_block_kernel(
 @dataclass(frozen=True)
 class MLPBlockConfig:
     """Launch of :func:`mlp_block_kernel`: warps per program, programs per SM (capped by what fits), rows per tile and
-    K-blocks per loop step of each phase, how many tiles ahead each program asks the L2 for its weights, and whether
-    the MLP's RMSNorm is a phase of its own (else every gate/up tile redoes it over the whole input row)."""
+    K-blocks per loop step of each phase, the K-slices of the o and down phases, and whether the MLP's RMSNorm is a
+    phase of its own (else every gate/up tile redoes it over the whole input row). The defaults: the fastest of
+    session 12's first sweeps on the H200 (bench/notes/kernels.md)."""
 
     num_warps: int = 4
-    per_sm: int = 2
-    bn_o: int = 16
+    per_sm: int = 4
+    bn_o: int = 8
     kbi_o: int = 8
     bn_gu: int = 8
     kbi_gu: int = 8
-    bn_d: int = 16
+    bn_d: int = 8
     kbi_d: int = 8
-    ahead: int = 0
+    split_o: int = 1
+    split_d: int = 1
     norm_split: bool = True
 
 
 def candidate_configs() -> list[MLPBlockConfig]:
     """Launches the tuner times (each is one compilation the first time). Session 12's H200 sweeps
-    (bench/notes/kernels.md): 4 warps and as many programs per SM as fit won, 8 warps or one program per SM lost by
-    1.2-2x, and the L2 prefetch of tiles ahead lost 20-30%."""
-    tiles = [(8, 8, 8, 8, 8, 8), (16, 8, 8, 8, 16, 8), (8, 8, 4, 8, 8, 8), (8, 4, 8, 4, 8, 8), (16, 8, 16, 8, 16, 8)]
-    return [MLPBlockConfig(4, 4, *t, norm_split=n) for t in tiles for n in (True, False)]
+    (bench/notes/kernels.md): 4 warps and as many programs per SM as fit won; 8 warps, one program per SM, 16-block
+    steps and asking the L2 for the tiles ahead (cp.async.bulk.prefetch) all lost; the norm as its own phase was
+    as fast as the norm in every gate/up tile."""
+    shapes = [(8, 8, 8, 8, 8, 8, 1, 1), (16, 8, 8, 8, 16, 8, 2, 2), (16, 8, 8, 8, 16, 8, 2, 4), (8, 8, 8, 8, 8, 8, 2, 2),
+              (16, 8, 8, 8, 16, 8, 1, 2), (8, 8, 8, 8, 16, 8, 1, 4)]  # fmt: skip
+    return [MLPBlockConfig(4, per_sm, *t) for t in shapes for per_sm in (4, 5)]
 
 
 def mlp_block_ok(x: Tensor, o, gate_up, down, norm: Tensor) -> bool:
@@ -289,6 +274,21 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+MAX_SPLIT = 16
+_SPLIT: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _split_buffers(device: torch.device, h: int) -> tuple[Tensor, Tensor]:
+    """Float32 workspace for ``MAX_SPLIT`` partial rows of ``h`` outputs and ``h`` zeroed tile counters (the o and
+    down phases share them: a barrier separates the phases, and the last slice of a tile zeroes its counter)."""
+    ws, counters = _SPLIT.get(device, (None, None))
+    if ws is None or ws.numel() < MAX_SPLIT * h:
+        ws = torch.empty(MAX_SPLIT * h, dtype=torch.float32, device=device)
+        counters = torch.zeros(h, dtype=torch.int32, device=device)
+        _SPLIT[device] = (ws, counters)
+    return ws, counters
+
+
 @functools.cache
 def _device_limits(index: int) -> tuple[int, int, int, int]:
     props = torch.cuda.get_device_properties(index)
@@ -337,10 +337,10 @@ def mlp_block(
     hid, normed, act, bar = _scratch(x.device, x.dtype, h, inter)
     out = torch.empty_like(x)
     per_channel = packs[0].group_size == -1
-    nkb_h, nkb_i = triton.next_power_of_2(h // BLOCK_K), triton.next_power_of_2(inter // BLOCK_K)
-    # one thread issues each K-block's prefetch: more pieces than threads would leave some unasked
-    ahead = cfg.ahead if max(2 * nkb_h, nkb_i) <= 32 * cfg.num_warps else 0
-    args = [attn.reshape(-1), x.reshape(-1), hid, normed, act, out.reshape(-1), bar]
+    if max(cfg.split_o, cfg.split_d) > MAX_SPLIT:
+        raise ValueError(f"{cfg}: at most {MAX_SPLIT} K-slices")
+    ws, counters = _split_buffers(x.device, h)
+    args = [attn.reshape(-1), x.reshape(-1), hid, normed, act, out.reshape(-1), bar, ws, counters]
     for p in packs:
         args += [p.qweight, p.scale, p.zero if p.zero is not None else p.scale]
     args += [norm, eps, h, inter]
@@ -350,7 +350,7 @@ def mlp_block(
         "HAS_ZERO": packs[0].zero is not None,
         "PACKED_MATH": packed_math_ok(packs[0], x.dtype) and not interpreting(),
         "BN_O": cfg.bn_o, "KBI_O": cfg.kbi_o, "BN_GU": cfg.bn_gu, "KBI_GU": cfg.kbi_gu, "BN_D": cfg.bn_d,
-        "KBI_D": cfg.kbi_d, "NKB_H": nkb_h, "NKB_I": nkb_i, "AHEAD": ahead, "NORM_SPLIT": cfg.norm_split,
+        "KBI_D": cfg.kbi_d, "SPLIT_O": cfg.split_o, "SPLIT_D": cfg.split_d, "NORM_SPLIT": cfg.norm_split,
         "num_warps": cfg.num_warps,
     }  # fmt: skip
     if phases is None and (interpreting() or not x.is_cuda):
