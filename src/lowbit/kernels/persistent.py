@@ -5,27 +5,39 @@ After the attention, a batch-1 decode step runs the output projection (plus the 
 gate/up, SwiGLU and down (plus the residual): five to six dependent launches, each of which pays its own ramp (the
 first loads' latency) and tail (the last programs finishing) while the memory system idles. Measured on the H200
 (bench/notes/kernels.md, sessions 10-11), those fixed costs, not bandwidth, are what the per-layer 4-bit GEMVs
-spend their time on. Here one launch of as many programs as the GPU holds at once runs three phases:
+spend their time on. Here one launch of as many programs as the GPU holds at once runs four phases:
 
 0. ``h = x + o(attn)``: the output projection and the residual add;
-1. ``act = silu(gate) * up`` of ``gate_up(rms_norm(h))``: each program owns rows of gate *and* the matching rows of
-   up, so SwiGLU is an epilogue; every program gathers the norm's sum of squares from the activations its loop
-   reads anyway (:func:`lowbit.kernels.wna16_jit.w4_rows_dot`, ``PRO == 1``);
-2. ``out = h + down(act)``.
+1. ``hn = rms_norm(h)``: every program sums the squares of all of ``h`` and writes its slices of ``hn`` (with
+   ``norm_split=False`` there is no such phase: each gate/up tile normalizes the activations it reads,
+   :func:`lowbit.kernels.wna16_jit.w4_rows_dot`'s ``PRO == 1``);
+2. ``act = silu(gate) * up`` of ``gate_up(hn)``: each tile holds rows of gate *and* the matching rows of up, so
+   SwiGLU is an epilogue;
+3. ``out = h + down(act)``.
 
-Between phases every program arrives at a grid barrier (an atomic counter, release/acquire at GPU scope), asks
-the L2 for the first K-blocks of its next phase's weights (they do not depend on the barrier), then waits: the
-next phase starts with its weights in the L2 or in flight. The barrier needs every program resident at once,
-so the grid is the number of SMs times the programs one SM holds with this kernel's registers and shared memory
-(:func:`resident_programs`, from the compiled kernel), and the kernel runs on one stream with nothing else beside
-it (the decode step's CUDA graph). The last program out resets the counters, so they are zero between launches.
-Results are deterministic: no atomics touch data, each output row is one program's sum in a fixed order.
+Work items (a tile of output rows, and for o and down optionally a K-slice of it, whose partials the last slice
+to arrive sums) go round robin over the programs. Between phases every program arrives at a grid barrier (an
+atomic counter, release/acquire at GPU scope) and waits for all the others. The barrier needs every program
+resident at once, so the grid is the number of SMs times the programs one SM holds with this kernel's registers
+and shared memory (:func:`resident_programs`, from the compiled kernel), and the kernel runs on one stream with
+nothing else beside it (the decode step's CUDA graph). The last program out resets the counters, so they are zero
+between launches. Results are deterministic: no atomics touch data, and every sum runs in a fixed order.
 
 Triton's CPU interpreter runs programs one after another, where a barrier would wait forever: there the phases
-are three launches (``PHASE`` 0, 1, 2) of the same kernel, which is how the CPU tests check its arithmetic.
+are separate launches (``PHASE`` 0 to 3) of the same kernel, which is how the CPU tests check its arithmetic; on a
+GPU the same phase-by-phase launch is the tests' bitwise reference for the barriers.
 
-``PERSISTENT[0]``: ``"off"`` (default until it is measured to pay), ``"auto"`` (CUDA) or ``"on"`` (also the
-interpreter: tests). Applies at one token, 4-bit weights with groups of at least 128 or per channel, bf16 or fp16.
+``PERSISTENT[0]``: ``"off"`` (default), ``"auto"`` (CUDA) or ``"on"`` (also the interpreter: tests). Applies at one
+token, 4-bit weights with groups of at least 128 or per channel, bf16 or fp16.
+
+Off by default because it did not pay on the H200 (Llama-3-8B's sizes, W4A16 g128, eight layers chained; bench/notes/
+kernels.md, session 12): the fastest launch took 59.5 us per layer against 50.1 us for the separate launches, each
+tuned for its shape (``bench/mlp_block.py``). The barriers are not the cost: the same phases launched apart on the
+same grid take 58.4 us. Each phase streams its weights slower than the launch tuned for that projection alone (o
+8.6 against 6.3 us, gate/up 27.4 against 24.2, down 16.3 against 14.2), and the norm as a phase costs 5 us, twice
+Inductor's fused norm kernel (about 2.5 us); inside every gate/up tile instead it is no cheaper. What did not help: asking the L2 for each program's next tile ahead (20-30%
+slower), 8 warps or one program per SM (1.2-2x slower), split-K for o and down (within 1%). It stays as an option,
+exact and tested (tests/kernels/test_persistent.py).
 """
 
 from __future__ import annotations
