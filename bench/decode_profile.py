@@ -65,16 +65,20 @@ def capture_step(model, prompt: torch.Tensor, new_tokens: int):
     def step() -> None:
         ids.copy_(forward(ids, pos))
 
-    step()  # compiles and tunes the kernels, on the main stream as greedy_decode does
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph, step
+    return w4a16.captured(step), step  # compiled and tuned on the main stream first, as greedy_decode does
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """Mean ms of one replay of ``graph`` over ``replays`` back-to-back replays (CUDA events), after one untimed."""
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def classify(name: str) -> str:
@@ -139,15 +143,7 @@ def profile_scheme(
     prompt = torch.randint(0, LLAMA3_8B.vocab_size, (batch, 512), device="cuda")
     with recorded_launches() as used:
         graph, step = capture_step(model, prompt, 128)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    step_ms = start.elapsed_time(end) / replays
+    step_ms = replay_ms(graph, replays)
 
     def kernels(prof) -> list:
         return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -26,7 +26,7 @@ import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import persistent
+from lowbit.kernels import persistent, w4a16
 from lowbit.kernels.linear import WeightOnly, WNA16Linear, concat_outputs
 
 H, INTER, EPS = 4096, 14336, 1e-5
@@ -55,23 +55,9 @@ def unfused(attn, x, o, gate_up, down, norm):
 
 def graph_ms(fn, replays: int = 20) -> float:
     """Device ms of one ``fn()`` from CUDA-graph replays (after a warm-up on a side stream)."""
-    fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    from decode_profile import replay_ms
+
+    return replay_ms(w4a16.captured(fn), replays)
 
 
 def parse_config(text: str) -> persistent.MLPBlockConfig:

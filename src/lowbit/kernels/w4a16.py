@@ -406,17 +406,13 @@ def device_time(fn, calls: int = 8, samples: int = 5) -> float:
     flush = _FLUSH.get(device)
     if flush is None:
         flush = _FLUSH[device] = torch.empty(128 * 2**20, dtype=torch.int8, device=device)
-    fn()  # compiled, and the split-K buffers grown, before the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def body() -> None:
         for _ in range(calls):
             flush.zero_()
             fn()
+
+    graph = captured(fn, body)
     graph.replay()
     times = []
     for _ in range(samples):
@@ -428,6 +424,21 @@ def device_time(fn, calls: int = 8, samples: int = 5) -> float:
         times.append(start.elapsed_time(end) / calls)
     del graph
     return sorted(times)[len(times) // 2]
+
+
+def captured(fn, body=None) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``body`` (default ``fn``), captured after ``fn`` has run once on the current stream and once on a
+    side stream (so that compilation, tuning and buffer growth happen before the capture, as PyTorch advises)."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        (body or fn)()
+    return graph
 
 
 _SPLIT_K_BUFFERS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
