@@ -136,7 +136,7 @@ def test_only_where_it_applies(monkeypatch) -> None:
     assert not persistent.mlp_block_ok(x, o, mixed[1], down, norm)  # symmetric and asymmetric together
 
 
-@pytest.mark.parametrize("compile_step", [False, True])
+@pytest.mark.parametrize("compile_step", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_decoder_gives_the_tokens_of_the_unfused_step(compile_step: bool, monkeypatch) -> None:
     """Greedy decoding with the persistent launch gives the separate operations' tokens, and the op really runs."""
     model = random_decoder(TINY, linear_factory("w4a16", DEVICE), device=DEVICE).fuse_projections()
