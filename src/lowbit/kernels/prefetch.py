@@ -71,15 +71,7 @@ def l2_prefetch_share(ptr, nbytes, PIECES: tl.constexpr):
     index = tl.arange(0, PIECES)
     start = pid * share + index * piece
     size = tl.minimum(tl.maximum(nbytes - start, 0), piece)
-    l2_prefetch_pieces(ptr + start, size > 0, size, PIECES)
-
-
-@triton.jit
-def l2_prefetch_pieces(ptrs, ok, nbytes, PIECES: tl.constexpr):
-    """One bulk L2 prefetch (``evict_last``) of ``nbytes`` (a scalar, or one per piece; 16-byte multiples) at each of
-    the ``PIECES`` pointers ``ptrs`` (16-byte aligned) where ``ok``; piece ``i`` is issued by thread ``i`` alone."""
-    index = tl.arange(0, PIECES)
-    tl.inline_asm_elementwise(_PREFETCH_PTX, "=r,l,r,r,r", [ptrs, ok.to(tl.int32), tl.zeros_like(index) + nbytes, index],
+    tl.inline_asm_elementwise(_PREFETCH_PTX, "=r,l,r,r,r", [ptr + start, (size > 0).to(tl.int32), size, index],
                               dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
