@@ -11,10 +11,12 @@ decode step compiled and captured as in :func:`lowbit.kernels.runtime.greedy_dec
 * the kernels grouped into GEMM/GEMV (the quantized or bf16 projections), lm_head, attention and the rest, with
   each group's time, and the slowest kernel names.
 
-Options compare launch settings in one call (``--fuse``, ``--pdl``, ``--l2-prefetch GEMV:ATTENTION[L]``) and
-``--tuned FILE ...`` seeds the W4A16 tuner with saved launches (``bench/notes/decode_tuned_*.json``, one set of rows
-per file), so that a device call neither recompiles nor times every candidate again. With four projections per
-layer the rows also give each projection's mean time inside the graph.
+Options compare launch settings in one call (``--fuse``, ``--persistent``, ``--pdl``, ``--l2-prefetch
+GEMV:ATTENTION[L]``) and ``--tuned FILE ...`` seeds the W4A16 tuner with saved launches
+(``bench/notes/decode_tuned_*.json``, one set of rows per file), so that a device call neither recompiles nor times
+every candidate again; ``--persistent-config`` gives the persistent launch instead of tuning it (``bench/mlp_block.py``
+writes the fastest as ``mlp_block_best.txt``). With four projection launches per layer (or q/k/v and the persistent
+launch) the rows also give each launch's mean time inside the graph.
 
 Prints one summary table and writes ``decode_profile.json`` under ``--out``.
 """
