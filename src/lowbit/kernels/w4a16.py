@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from lowbit.kernels import pdl, prefetch
+from lowbit.kernels import cuda_gemv, pdl, prefetch
 from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 from lowbit.kernels.wna16_jit import w4_gemv_kernel, w4_mma_kernel, wna16_dot_kernel, wna16_kernel
@@ -55,6 +55,12 @@ class WNA16Config:
     swap: bool = True
     # True: :func:`w4_mma_kernel` (4-bit, groups >= 128 or per channel; block_m 8 or 16 tokens per tile)
     mma: bool = False
+    # True: the CUDA C GEMV (:mod:`lowbit.kernels.cuda_gemv`, one bf16 token): ``block_n // 8`` rows per thread,
+    # ``num_warps``, ``kbi`` K-blocks per load batch, ``split_k``
+    cuda: bool = False
+
+    def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
+        return cuda_gemv.CudaGemvConfig(self.block_n // 8, self.num_warps, self.kbi, self.split_k)
 
 
 DENSE = WNA16Config(0, 0, 1)
@@ -83,7 +89,16 @@ def default_config(m: int, n: int, k: int) -> WNA16Config:
 
 def candidate_configs(m: int) -> list[WNA16Config]:
     """Launch configurations worth timing for a given M (benchmarks and tuning)."""
-    return _candidate_configs(m) + _dot_candidates(m) + _mma_candidates(m)
+    return _candidate_configs(m) + _dot_candidates(m) + _mma_candidates(m) + _cuda_candidates(m)
+
+
+def _cuda_candidates(m: int) -> list[WNA16Config]:
+    """CUDA C GEMV launches (:mod:`lowbit.kernels.cuda_gemv`) for one token: (rows per thread, warps, K-blocks per
+    load batch) x split-K. Only timed where :func:`lowbit.kernels.cuda_gemv.supported`."""
+    if m != 1:
+        return []
+    shapes = [(1, 8, 4), (1, 8, 2), (1, 4, 4), (1, 4, 8), (2, 8, 2), (2, 4, 4), (1, 8, 8), (4, 4, 2)]
+    return [WNA16Config(1, 8 * rows, sk, nw, kbi=kbi, cuda=True) for rows, nw, kbi in shapes for sk in (1, 2, 4)]
 
 
 def _dot_candidates(m: int) -> list[WNA16Config]:
@@ -217,7 +232,7 @@ class Fusion:
 
 def fusable(cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion) -> bool:
     """Whether ``cfg`` runs ``fusion`` in the kernel: the multi-K-block 4-bit GEMV, and one K-slice for a norm."""
-    ok = cfg.kbi > 0 and 0 < cfg.block_m <= 8 and m <= 8 and multi_block_ok(packed)
+    ok = cfg.kbi > 0 and 0 < cfg.block_m <= 8 and m <= 8 and multi_block_ok(packed) and not cfg.cuda
     return ok and (fusion.norm is None or cfg.split_k == 1) and not (fusion.norm is not None and fusion.swiglu)
 
 
@@ -258,6 +273,10 @@ def wna16_matmul(
         return fusion.unfused(x, packed)
     if cfg.mma and not multi_block_ok(packed):
         cfg = default_config(m, n, k)  # groups under a K-block, or 8-bit codes: no such kernel
+    if cfg.cuda:
+        if cuda_gemv.supported(x2, packed) and not interpreting():
+            return cuda_gemv.gemv(x2, packed, cfg.cuda_config()).reshape(*x.shape[:-1], n)
+        cfg = default_config(m, n, k)  # not a bf16 token on a CUDA 9.0+ device: the Triton kernels
     if cfg.block_m == 0:
         return F.linear(x, dequantize_packed(packed, x.dtype))
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -369,6 +388,8 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
     for cfg in candidates:
         if (cfg.kbi or cfg.mma) and not multi_block_ok(packed):
             continue  # would run another kernel again under this one's name
+        if cfg.cuda and not cuda_gemv.supported(x2, packed):
+            continue
         try:
             err = (wna16_matmul(x2, packed, cfg, fusion).float() - reference).norm() / reference.norm().clamp_min(
                 1e-30

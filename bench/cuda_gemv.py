@@ -1,0 +1,184 @@
+"""The CUDA C GEMV (:mod:`lowbit.kernels.cuda_gemv`) against the Triton GEMV and cuBLAS at the decode shapes (issue 6).
+
+Run on one GPU:  ``python bench/cuda_gemv.py --out DIR [--seed-triton bench/notes/decode_tuned_h200_session10.json]``
+
+For each Llama-3-8B decode shape at one token: every CUDA launch shape in the sweep (checked against a float32
+reference first), the Triton launch the seed file names (the tuned one of an earlier session; else the tuner runs),
+cuBLAS bf16, and a CUDA kernel that only reads the packed codes with the GEMV's own access pattern (the read floor
+of this access pattern). Times are :func:`lowbit.kernels.w4a16.device_time` (CUDA-graph replays with the L2 flushed)
+minus the flush alone. Writes ``cuda_gemv.json`` and ``cuda_tuned.json``: the faster of the seeded Triton launch and
+the best CUDA launch per shape, in the format ``bench/decode_profile.py --tuned`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
+import torch
+import torch.nn.functional as F
+from decode_profile import load_tuned
+
+from lowbit.kernels import cuda_gemv, w4a16
+from lowbit.kernels.dequant import dequantize_packed
+from lowbit.kernels.layout import pack_wna16
+
+SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096),
+          ("lm_head", 4096, 128256)]  # fmt: skip
+
+READ_ONLY = r"""
+extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink, int N, int K) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int quad = lane & 3, row = lane >> 2;
+    const int n = min(blockIdx.x * 8 + row, N - 1);
+    const int num_kb = K >> 7;
+    unsigned acc = 0;
+    for (int kb0 = warp; kb0 < num_kb; kb0 += NWARPS * UNROLL) {
+        uint4 words[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = kb0 + u * NWARPS;
+            if (kb < num_kb) {
+                asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                    : "=r"(words[u].x), "=r"(words[u].y), "=r"(words[u].z), "=r"(words[u].w)
+                    : "l"(qweight + ((size_t)kb * N + n) * 4 + quad));
+            } else {
+                words[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) acc ^= words[u].x ^ words[u].y ^ words[u].z ^ words[u].w;
+    }
+    if (acc == 0x12345678u) sink[0] = acc;  // keeps the loads
+}
+"""
+
+
+def sweep() -> list[cuda_gemv.CudaGemvConfig]:
+    grid = itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4, 8), (1, 2, 4, 8))
+    return [cuda_gemv.CudaGemvConfig(r, w, u, s) for r, w, u, s in grid if r * u <= 16]
+
+
+def reference(x: torch.Tensor, packed) -> torch.Tensor:
+    return x.float() @ dequantize_packed(packed, torch.float32).t()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def read_floor(packed, flush_ms: float) -> float:
+    n, k = packed.out_features, packed.in_features
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    best = float("inf")
+    for warps, unroll in ((8, 4), (4, 8), (8, 2), (16, 2)):
+        kernel = torch.cuda._compile_kernel(f"#define NWARPS {warps}\n#define UNROLL {unroll}\n" + READ_ONLY,
+                                            "lowbit_read_codes")  # fmt: skip
+
+        def run(kernel=kernel, warps=warps) -> None:
+            kernel(grid=(-(-n // 8), 1, 1), block=(32 * warps, 1, 1), args=[packed.qweight, sink, n, k])
+
+        best = min(best, w4a16.device_time(run) - flush_ms)
+    return best * 1e3
+
+
+def check_schemes() -> list[dict]:
+    """Asymmetric, per-channel and 256-feature groups, with split-K: relative error against float32."""
+    rows = []
+    n, k = 1000, 2048
+    for group, asym, split in itertools.product((128, 256, -1), (False, True), (1, 3)):
+        groups = 1 if group == -1 else k // group
+        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+        scale = (torch.rand(n, groups, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
+        zero = torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.int16) if asym else None
+        packed = pack_wna16(q, scale, zero, 4, group)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        err = rel_err(
+            cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(2, 4, 2, split)), reference(x, packed)
+        )
+        rows.append({"group": group, "asymmetric": asym, "split": split, "rel_err": err})
+        print(f"check group={group:4d} asymmetric={asym!s:5} split={split}: rel err {err:.2e}")
+    return rows
+
+
+def shape_row(name: str, k: int, n: int, flush_ms: float, top: int) -> tuple[dict, str]:
+    """One shape's timings; also the faster launch (seeded Triton or best CUDA) as a tuned-config repr."""
+    q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+    scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
+    packed = pack_wna16(q, scale, None, 4, 128)
+    del q
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = reference(x, packed)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    cublas_us = (w4a16.device_time(lambda: F.linear(x, w)) - flush_ms) * 1e3
+    w = None  # frees the bf16 weight (the closure above keeps the name)
+    triton_cfg = w4a16.tuned_config(x, packed)
+    if triton_cfg.cuda:  # the tuner ran with the CUDA candidates: time the best Triton launch it found
+        key = next(key for key in w4a16.TUNING_LOG if key[:3] == (1, n, k))
+        triton_cfg = next(cfg for _, cfg in w4a16.TUNING_LOG[key] if not cfg.cuda)
+    triton_err = rel_err(w4a16.wna16_matmul(x, packed, triton_cfg), ref)
+    triton_us = (w4a16.device_time(lambda: w4a16.wna16_matmul(x, packed, triton_cfg)) - flush_ms) * 1e3
+    timed = []
+    for cfg in sweep():
+        if cfg.split > 1 and (k // 128) // cfg.split < cfg.warps // 2:
+            continue  # fewer K-blocks per block than half its warps
+        try:
+            err = rel_err(cuda_gemv.gemv(x, packed, cfg), ref)
+            us = (w4a16.device_time(lambda cfg=cfg: cuda_gemv.gemv(x, packed, cfg)) - flush_ms) * 1e3
+        except Exception as exc:  # a launch shape past the registers
+            print(f"  {name} {cfg}: {exc!r:.100}")
+            continue
+        timed.append({"us": us, "rel_err": err, "config": cfg.__dict__})
+    timed.sort(key=lambda t: t["us"])
+    good = [t for t in timed if t["rel_err"] < 1e-2]
+    best = good[0]
+    floor_us = read_floor(packed, flush_ms)
+    read_bytes = n * k // 2 + scale.numel() * 2
+    row = {"shape": name, "k": k, "n": n, "cublas_bf16_us": cublas_us, "triton_us": triton_us,
+           "triton_config": repr(triton_cfg), "triton_rel_err": triton_err, "cuda_us": best["us"],
+           "cuda_rel_err": best["rel_err"], "cuda_config": best["config"], "read_only_us": floor_us,
+           "cuda_gb_s": read_bytes / best["us"] / 1e3, "wrong": len(timed) - len(good), "top": timed[:top]}  # fmt: skip
+    print(f"{name:8s} K={k:6d} N={n:6d} cuBLAS {cublas_us:7.2f}  Triton {triton_us:7.2f} ({cublas_us / triton_us:.2f}x)"
+          f"  CUDA {best['us']:7.2f} ({cublas_us / best['us']:.2f}x, {row['cuda_gb_s']:.0f} GB/s, err {best['rel_err']:.1e})"
+          f"  read-only {floor_us:6.2f} us  CUDA/Triton {triton_us / best['us']:.2f}x  wrong {row['wrong']}", flush=True)  # fmt: skip
+    for t in timed[:top]:
+        print(f"    {t['us']:7.2f} us  err {t['rel_err']:.1e}  {t['config']}")
+    c = cuda_gemv.CudaGemvConfig(**best["config"])
+    cuda_cfg = w4a16.WNA16Config(1, 8 * c.rows, c.split, c.warps, kbi=c.unroll, cuda=True)
+    return row, repr(cuda_cfg if best["us"] < triton_us else triton_cfg)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--seed-triton", type=Path, help="tuned Triton launches (bench/notes/decode_tuned_*.json)"
+    )
+    parser.add_argument("--shapes", nargs="*", default=[s[0] for s in SHAPES])
+    parser.add_argument("--top", type=int, default=6)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    if args.seed_triton:
+        load_tuned(args.seed_triton)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "checks": check_schemes(),
+        "shapes": [],
+    }
+    tuned = {}
+    flush_ms = w4a16.device_time(lambda: None)
+    for name, k, n in (s for s in SHAPES if s[0] in args.shapes):
+        row, tuned[str((1, n, k, 4, 128, True))] = shape_row(name, k, n, flush_ms, args.top)
+        result["shapes"].append(row)
+        (args.out / "cuda_gemv.json").write_text(json.dumps(result, indent=1))
+    (args.out / "cuda_tuned.json").write_text(json.dumps(tuned, indent=1))
+
+
+if __name__ == "__main__":
+    main()

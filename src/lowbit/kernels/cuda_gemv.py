@@ -1,0 +1,286 @@
+"""A CUDA C 4-bit GEMV for decoding (one token), compiled at run time with NVRTC.
+
+Why CUDA and not Triton: sessions 9-12 of issue 6 (bench/notes/kernels.md) found the decode step's small GEMVs
+(8-59 MB of codes, 6-24 us each) bound by their latency structure, not by bandwidth or arithmetic, and every
+Triton-level lever failed to move them. Here every thread issues all the 16-byte weight loads of its K-blocks (and
+their scales) before it computes anything, so a launch keeps as many bytes in flight as its resident threads can
+hold, with no pipelining decisions left to a compiler.
+
+Layout: the packed weight of :func:`lowbit.kernels.layout.pack_wna16` unchanged (4-bit codes, K-blocks of 128
+features, ``[K / 128, N, 16]`` int32, code ``j`` of word ``w`` is feature ``16 j + w``). A block takes ``8 * rows``
+output rows; lane ``l`` of a warp reads words ``4 (l % 4) .. 4 (l % 4) + 3`` of row ``l // 4`` (+ 8, 16, ... for
+more rows), so one load instruction of a warp reads 512 contiguous bytes; the warps of a block share out its
+K-blocks (``unroll`` per load batch) and sum through shared memory; ``split`` blocks along K each write float32
+partials that the last to finish adds in order (deterministic; a self-resetting counter per row tile).
+
+Arithmetic per word, as the Triton GEMV's packed math (:data:`lowbit.kernels.dequant._WORD_DOT_PTX`): ``lop3``
+makes ``128 + q`` in bf16 for the code pair ``(j, j + 4)``, one ``fma.bf16x2`` subtracts ``128 + zero`` (exact),
+one multiplies by the activations and accumulates the four pairs; float32 from there. Only bf16 activations, 4-bit
+codes, groups of a whole K-block or more (or per channel), K a multiple of 128, on compute capability 9.0 or later
+(``fma.rn.bf16x2`` needs 8.0; the Hopper H200 is where it was measured). :func:`supported` says whether a weight
+and input qualify; anything else runs the Triton kernels.
+
+Compiled with ``torch.cuda._compile_kernel`` (NVRTC, part of every CUDA build of PyTorch), so no compiler or
+extension build is needed at install time; compiled once per launch shape and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels.layout import BLOCK_K, PackedWNA16
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ uint4 load_words(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint2 load_x4(const u16* p) {
+    uint2 v;
+    asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u16 load_u16(const u16* p) {
+    u16 v;
+    asm("ld.global.nc.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 selector) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
+    return d;
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(u32 h) { return __uint_as_float(h << 16); }
+
+__device__ __forceinline__ u16 float_to_bf16_bits(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// sum over the eight 4-bit codes q_j of word w of (q_j - zero) * x_j, as a bf16 pair (codes j and j + 4 summed
+// separately); x04 .. x37 hold the activations of codes (j, j + 4), neg_zero holds -(128 + zero) twice
+__device__ __forceinline__ u32 word_dot(u32 w, u32 x04, u32 x15, u32 x26, u32 x37, u32 neg_zero) {
+    u32 p;
+    asm("{\n"
+        ".reg .b32 a, d, t, one, nil;\n"
+        "mov.b32 one, 0x3F803F80;\n"
+        "mov.b32 nil, 0;\n"
+        "lop3.b32 a, %1, 0x000F000F, 0x43004300, 0xEA;\n"
+        "fma.rn.bf16x2 d, a, one, %6;\n"
+        "fma.rn.bf16x2 %0, d, %2, nil;\n"
+        "shr.u32 t, %1, 4;\n"
+        "lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;\n"
+        "fma.rn.bf16x2 d, a, one, %6;\n"
+        "fma.rn.bf16x2 %0, d, %3, %0;\n"
+        "shr.u32 t, %1, 8;\n"
+        "lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;\n"
+        "fma.rn.bf16x2 d, a, one, %6;\n"
+        "fma.rn.bf16x2 %0, d, %4, %0;\n"
+        "shr.u32 t, %1, 12;\n"
+        "lop3.b32 a, t, 0x000F000F, 0x43004300, 0xEA;\n"
+        "fma.rn.bf16x2 d, a, one, %6;\n"
+        "fma.rn.bf16x2 %0, d, %5, %0;\n"
+        "}"
+        : "=&r"(p) : "r"(w), "r"(x04), "r"(x15), "r"(x26), "r"(x37), "r"(neg_zero));
+    return p;
+}
+
+__device__ __forceinline__ float pair_sum(u32 p) {
+    return __uint_as_float(p << 16) + __uint_as_float(p & 0xFFFF0000u);
+}
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
+                  const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
+                  int* __restrict__ counters, int N, int K) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int quad = lane & 3, row = lane >> 2;
+    const int n0 = blockIdx.x * (8 * ROWS);
+    const int num_kb = K >> 7;
+    const int per_split = (num_kb + SPLIT - 1) / SPLIT;
+    const int kb_lo = blockIdx.y * per_split;
+    const int kb_hi = min(num_kb, kb_lo + per_split);
+
+    float acc[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+
+    for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
+        // every load of this batch is issued before any of its values is used
+        uint4 words[UNROLL][ROWS];
+        u32 scales[UNROLL][ROWS];
+        u32 zeros[UNROLL][ROWS];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = kb0 + u * NWARPS;
+            const int g = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                const int n = min(n0 + row + 8 * r, N - 1);
+                const bool ok = kb < kb_hi;
+                words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
+                scales[u][r] = ok ? load_u16(scale + (size_t)g * N + n) : 0u;
+                zeros[u][r] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)g * N + n) : 0u;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = kb0 + u * NWARPS;
+            if (kb < kb_hi) {
+                const u16* xb = x + kb * 128 + 4 * quad;
+                uint2 xs[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+                u32 pairs[4][4];  // [word][j]: activations of codes (j, j + 4) of the thread's word
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    pairs[0][j] = prmt(xs[j].x, xs[j + 4].x, 0x5410);
+                    pairs[1][j] = prmt(xs[j].x, xs[j + 4].x, 0x7632);
+                    pairs[2][j] = prmt(xs[j].y, xs[j + 4].y, 0x5410);
+                    pairs[3][j] = prmt(xs[j].y, xs[j + 4].y, 0x7632);
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const float z = HAS_ZERO ? bf16_bits_to_float(zeros[u][r]) : 8.f;
+                    const u32 nz = float_to_bf16_bits(-(128.f + z));
+                    const u32 neg_zero = nz | (nz << 16);
+                    const uint4 w = words[u][r];
+                    const float part = pair_sum(word_dot(w.x, pairs[0][0], pairs[0][1], pairs[0][2], pairs[0][3], neg_zero))
+                                     + pair_sum(word_dot(w.y, pairs[1][0], pairs[1][1], pairs[1][2], pairs[1][3], neg_zero))
+                                     + pair_sum(word_dot(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], neg_zero))
+                                     + pair_sum(word_dot(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], neg_zero));
+                    acc[r] = fmaf(part, bf16_bits_to_float(scales[u][r]), acc[r]);
+                }
+            }
+        }
+    }
+
+    __shared__ float partial[NWARPS][8 * ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        float v = acc[r];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if (quad == 0) partial[warp][row + 8 * r] = v;
+    }
+    __syncthreads();
+    const int t = threadIdx.x;
+    const int n = n0 + t;
+    float total = 0.f;
+    if (t < 8 * ROWS) {
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) total += partial[w][t];
+    }
+    if (SPLIT == 1) {
+        if (t < 8 * ROWS && n < N) out[n] = float_to_bf16_bits(total);
+        return;
+    }
+    // split-K: each block stores its partials; the last block of the row tile to finish sums them in order
+    if (t < 8 * ROWS && n < N) workspace[(size_t)blockIdx.y * N + n] = total;
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (t == 0) {
+        is_last = atomicAdd(counters + blockIdx.x, 1) == SPLIT - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (t < 8 * ROWS && n < N) {
+        float sum = 0.f;
+        for (int s = 0; s < SPLIT; ++s) {
+            float v;
+            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(workspace + (size_t)s * N + n));
+            sum += v;
+        }
+        out[n] = float_to_bf16_bits(sum);
+    }
+    if (t == 0) counters[blockIdx.x] = 0;
+}
+"""
+
+
+@dataclass(frozen=True)
+class CudaGemvConfig:
+    """Launch shape: ``rows`` output rows per thread (a block takes ``8 * rows``), ``warps`` per block sharing out
+    the K-blocks, ``unroll`` K-blocks per warp whose loads are issued together, ``split`` blocks along K."""
+
+    rows: int = 1
+    warps: int = 8
+    unroll: int = 4
+    split: int = 1
+
+
+def supported(x2: torch.Tensor, packed: PackedWNA16) -> bool:
+    """Whether :func:`gemv` runs this product: one contiguous bf16 token on CUDA (compute capability >= 9.0), 4-bit
+    codes, a scale per whole K-block or more (or per channel), K a multiple of 128."""
+    return (
+        x2.is_cuda
+        and x2.shape[0] == 1
+        and x2.stride(-1) == 1
+        and x2.dtype == torch.bfloat16
+        and packed.scale.dtype == torch.bfloat16
+        and packed.bits == 4
+        and (packed.group_size == -1 or packed.group_size % BLOCK_K == 0)
+        and packed.in_features % BLOCK_K == 0
+        and x2.data_ptr() % 8 == 0  # 8-byte activation loads
+        and packed.qweight.data_ptr() % 16 == 0
+        and _capability_ok(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+    )
+
+
+@functools.cache
+def _capability_ok(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(torch.cuda, "_compile_kernel")
+
+
+def source(cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool) -> str:
+    """The kernel's CUDA C for one launch shape and weight scheme (the macros, then :data:`SOURCE`)."""
+    macros = {
+        "NWARPS": cfg.warps,
+        "ROWS": cfg.rows,
+        "UNROLL": cfg.unroll,
+        "SPLIT": cfg.split,
+        "GROUP_BLOCKS": group_blocks,
+        "PER_CHANNEL": int(per_channel),
+        "HAS_ZERO": int(has_zero),
+    }
+    return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
+
+
+@functools.cache
+def _compiled(cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool):
+    return torch.cuda._compile_kernel(source(cfg, group_blocks, per_channel, has_zero), "lowbit_w4a16_gemv")
+
+
+def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemvConfig) -> torch.Tensor:
+    """``x2 @ dequant(W).T`` for one token ``x2`` ``[1, K]`` (bf16) on the CUDA kernel; see :func:`supported`."""
+    from lowbit.kernels.w4a16 import split_k_buffers
+
+    n, k = packed.out_features, packed.in_features
+    per_channel = packed.group_size == -1
+    group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
+    kernel = _compiled(cfg, group_blocks, per_channel, packed.zero is not None)
+    tiles = -(-n // (8 * cfg.rows))
+    out = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
+    workspace, counters = split_k_buffers(x2.device, cfg.split * n, tiles)
+    zero = packed.zero if packed.zero is not None else packed.scale
+    kernel(
+        grid=(tiles, cfg.split, 1),
+        block=(32 * cfg.warps, 1, 1),
+        args=[x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k],
+    )
+    return out

@@ -1,0 +1,107 @@
+"""The CUDA C 4-bit GEMV (lowbit.kernels.cuda_gemv): its arithmetic and split-K on a GPU; on the CPU, that a launch
+configuration naming it falls back to the Triton kernels and stays exact."""
+
+from __future__ import annotations
+
+# tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU.
+import itertools
+
+import pytest
+import torch
+
+from lowbit.kernels import cuda_gemv, w4a16
+from lowbit.kernels.layout import pack_wna16, unpack_wna16
+from lowbit.kernels.reference import dequantize_weight
+
+GPU = torch.cuda.is_available()
+gpu_only = pytest.mark.skipif(not GPU, reason="the CUDA GEMV needs a CUDA GPU (compute capability 9.0+)")
+
+
+def packed_weight(
+    n: int, k: int, group: int, asymmetric: bool, device: str, dtype=torch.bfloat16, seed: int = 0
+):
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group == -1 else k // group
+    q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int16)
+    scale = (torch.rand(n, groups, generator=gen) * 0.004 + 0.001).to(dtype)
+    zero = torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.int16) if asymmetric else None
+    return pack_wna16(q.to(device), scale.to(device), None if zero is None else zero.to(device), 4, group)
+
+
+def float64_product(x: torch.Tensor, packed) -> torch.Tensor:
+    q, scale, zero = unpack_wna16(packed)
+    weight = dequantize_weight(
+        q.cpu(), scale.cpu().double(), None if zero is None else zero.cpu().double(), 4
+    )
+    return x.cpu().double() @ weight.double().T
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.cpu().double() - ref).norm() / ref.norm()).item()
+
+
+def test_cuda_candidates_only_for_one_token():
+    assert any(cfg.cuda for cfg in w4a16.candidate_configs(1))
+    assert not any(cfg.cuda for m in (2, 8, 16, 64) for cfg in w4a16.candidate_configs(m))
+    cfg = next(cfg for cfg in w4a16.candidate_configs(1) if cfg.cuda and cfg.block_n == 16)
+    assert cfg.cuda_config().rows == 2
+
+
+def test_cuda_config_falls_back_where_unsupported():
+    """On the CPU (and for fp16 tokens, several tokens, 8-bit codes) a CUDA launch runs the Triton kernel instead."""
+    packed = packed_weight(48, 256, 128, True, "cpu")
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    assert not cuda_gemv.supported(x, packed)
+    cfg = w4a16.WNA16Config(1, 16, 2, 4, kbi=2, cuda=True)
+    out = w4a16.wna16_matmul(x, packed, cfg)
+    # bf16 output, and Triton's interpreter truncates its float32 -> bf16 casts: a looser bound than on a GPU
+    assert rel_err(out, float64_product(x, packed)) < 1.5e-2
+
+
+@gpu_only
+@pytest.mark.parametrize(
+    ("group", "asymmetric", "split"), list(itertools.product((128, 256, -1), (False, True), (1, 3)))
+)
+def test_gpu_cuda_gemv_matches_float64(group, asymmetric, split):
+    """Every scheme the kernel takes, with a row count that leaves a partial tile and split-K over uneven K-slices."""
+    n, k = 1000, 2048
+    packed = packed_weight(n, k, group, asymmetric, "cuda")
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    assert cuda_gemv.supported(x, packed)
+    ref = float64_product(x, packed)
+    for rows, warps, unroll in ((1, 8, 4), (2, 4, 2), (4, 4, 1)):
+        out = cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(rows, warps, unroll, split))
+        assert rel_err(out, ref) < 5e-3, (rows, warps, unroll)
+
+
+@gpu_only
+def test_gpu_cuda_gemv_split_k_is_deterministic_and_graph_safe():
+    """Split-K partials are summed in order by the last block (bitwise the same every call, and the counters reset),
+    eagerly and when replayed from a CUDA graph."""
+    packed = packed_weight(4096, 4096, 128, False, "cuda")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = cuda_gemv.CudaGemvConfig(1, 8, 2, 4)
+    first = cuda_gemv.gemv(x, packed, cfg)
+    for _ in range(3):
+        assert torch.equal(cuda_gemv.gemv(x, packed, cfg), first)
+    out = torch.empty_like(first)
+    graph = w4a16.captured(lambda: out.copy_(cuda_gemv.gemv(x, packed, cfg)))
+    out.zero_()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    assert rel_err(first, float64_product(x, packed)) < 5e-3
+
+
+@gpu_only
+def test_gpu_wna16_matmul_dispatches_cuda_configs():
+    """``wna16_matmul`` runs the CUDA kernel for a CUDA launch on a bf16 token, the Triton kernels for fp16."""
+    packed = packed_weight(512, 1024, 128, True, "cuda")
+    cfg = w4a16.WNA16Config(1, 8, 1, 8, kbi=4, cuda=True)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(w4a16.wna16_matmul(x, packed, cfg), cuda_gemv.gemv(x, packed, cfg.cuda_config()))
+    half = packed_weight(512, 1024, 128, True, "cuda", torch.float16)
+    xh = x.half()
+    assert not cuda_gemv.supported(xh, half)
+    assert rel_err(w4a16.wna16_matmul(xh, half, cfg), float64_product(xh, half)) < 5e-3
