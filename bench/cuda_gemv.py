@@ -59,8 +59,11 @@ lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink
 
 
 def sweep() -> list[cuda_gemv.CudaGemvConfig]:
-    grid = itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4, 8), (1, 2, 4, 8))
-    return [cuda_gemv.CudaGemvConfig(r, w, u, s) for r, w, u, s in grid if r * u <= 16]
+    core = itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4, 8), (1, 2, 4, 8))
+    mma = itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4), (1, 2, 4))
+    return [cuda_gemv.CudaGemvConfig(r, w, u, s) for r, w, u, s in core if r * u <= 16] + [
+        cuda_gemv.CudaGemvConfig(r, w, u, s, mma=True) for r, w, u, s in mma if r * u <= 8
+    ]
 
 
 def reference(x: torch.Tensor, packed) -> torch.Tensor:
@@ -136,19 +139,27 @@ def shape_row(name: str, k: int, n: int, flush_ms: float, top: int) -> tuple[dic
     timed.sort(key=lambda t: t["us"])
     good = [t for t in timed if t["rel_err"] < 1e-2]
     best = good[0]
+    best_core = next(t for t in good if not t["config"]["mma"])
+    best_mma = next(t for t in good if t["config"]["mma"])
+    probe_cfg = cuda_gemv.CudaGemvConfig(**best_core["config"])
+    no_math_us = (
+        w4a16.device_time(lambda: cuda_gemv.gemv(x, packed, probe_cfg, no_math=True)) - flush_ms
+    ) * 1e3
     floor_us = read_floor(packed, flush_ms)
     read_bytes = n * k // 2 + scale.numel() * 2
     row = {"shape": name, "k": k, "n": n, "cublas_bf16_us": cublas_us, "triton_us": triton_us,
            "triton_config": repr(triton_cfg), "triton_rel_err": triton_err, "cuda_us": best["us"],
            "cuda_rel_err": best["rel_err"], "cuda_config": best["config"], "read_only_us": floor_us,
-           "cuda_gb_s": read_bytes / best["us"] / 1e3, "wrong": len(timed) - len(good), "top": timed[:top]}  # fmt: skip
+           "cuda_gb_s": read_bytes / best["us"] / 1e3, "wrong": len(timed) - len(good), "top": timed[:top],
+           "best_core_us": best_core["us"], "best_mma_us": best_mma["us"], "core_no_math_us": no_math_us}  # fmt: skip
     print(f"{name:8s} K={k:6d} N={n:6d} cuBLAS {cublas_us:7.2f}  Triton {triton_us:7.2f} ({cublas_us / triton_us:.2f}x)"
           f"  CUDA {best['us']:7.2f} ({cublas_us / best['us']:.2f}x, {row['cuda_gb_s']:.0f} GB/s, err {best['rel_err']:.1e})"
-          f"  read-only {floor_us:6.2f} us  CUDA/Triton {triton_us / best['us']:.2f}x  wrong {row['wrong']}", flush=True)  # fmt: skip
+          f"  read-only {floor_us:6.2f} us  CUDA/Triton {triton_us / best['us']:.2f}x  wrong {row['wrong']}"
+          f"  [core {best_core['us']:.2f}, core without math {no_math_us:.2f}, mma {best_mma['us']:.2f}]", flush=True)  # fmt: skip
     for t in timed[:top]:
         print(f"    {t['us']:7.2f} us  err {t['rel_err']:.1e}  {t['config']}")
     c = cuda_gemv.CudaGemvConfig(**best["config"])
-    cuda_cfg = w4a16.WNA16Config(1, 8 * c.rows, c.split, c.warps, kbi=c.unroll, cuda=True)
+    cuda_cfg = w4a16.WNA16Config(1, c.block_rows, c.split, c.warps, kbi=c.unroll, mma=c.mma, cuda=True)
     return row, repr(cuda_cfg if best["us"] < triton_us else triton_cfg)
 
 

@@ -43,8 +43,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_cuda_candidates_only_for_one_token():
     assert any(cfg.cuda for cfg in w4a16.candidate_configs(1))
     assert not any(cfg.cuda for m in (2, 8, 16, 64) for cfg in w4a16.candidate_configs(m))
-    cfg = next(cfg for cfg in w4a16.candidate_configs(1) if cfg.cuda and cfg.block_n == 16)
-    assert cfg.cuda_config().rows == 2
+    core = w4a16.WNA16Config(1, 16, 1, 4, kbi=2, cuda=True).cuda_config()
+    mma = w4a16.WNA16Config(1, 32, 1, 4, kbi=2, mma=True, cuda=True).cuda_config()
+    assert (core.rows, core.block_rows, core.mma) == (2, 16, False)
+    assert (mma.rows, mma.block_rows, mma.mma) == (2, 32, True)
 
 
 def test_cuda_config_falls_back_where_unsupported():
@@ -69,18 +71,21 @@ def test_gpu_cuda_gemv_matches_float64(group, asymmetric, split):
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     assert cuda_gemv.supported(x, packed)
     ref = float64_product(x, packed)
-    for rows, warps, unroll in ((1, 8, 4), (2, 4, 2), (4, 4, 1)):
-        out = cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(rows, warps, unroll, split))
-        assert rel_err(out, ref) < 5e-3, (rows, warps, unroll)
+    for rows, warps, unroll, mma in ((1, 8, 4, False), (2, 4, 2, False), (4, 4, 1, False), (1, 4, 2, True),
+                                     (2, 8, 1, True), (4, 4, 1, True)):  # fmt: skip
+        out = cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, mma))
+        # the tensor-core kernel sums in float32 (1e-3 is bf16's output rounding), the CUDA-core one in bf16 pairs
+        assert rel_err(out, ref) < (2e-3 if mma else 5e-3), (rows, warps, unroll, mma)
 
 
 @gpu_only
-def test_gpu_cuda_gemv_split_k_is_deterministic_and_graph_safe():
+@pytest.mark.parametrize("mma", [False, True])
+def test_gpu_cuda_gemv_split_k_is_deterministic_and_graph_safe(mma):
     """Split-K partials are summed in order by the last block (bitwise the same every call, and the counters reset),
     eagerly and when replayed from a CUDA graph."""
     packed = packed_weight(4096, 4096, 128, False, "cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    cfg = cuda_gemv.CudaGemvConfig(1, 8, 2, 4)
+    cfg = cuda_gemv.CudaGemvConfig(1, 8, 2, 4, mma)
     first = cuda_gemv.gemv(x, packed, cfg)
     for _ in range(3):
         assert torch.equal(cuda_gemv.gemv(x, packed, cfg), first)
@@ -98,10 +103,17 @@ def test_gpu_cuda_gemv_split_k_is_deterministic_and_graph_safe():
 def test_gpu_wna16_matmul_dispatches_cuda_configs():
     """``wna16_matmul`` runs the CUDA kernel for a CUDA launch on a bf16 token, the Triton kernels for fp16."""
     packed = packed_weight(512, 1024, 128, True, "cuda")
-    cfg = w4a16.WNA16Config(1, 8, 1, 8, kbi=4, cuda=True)
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
-    assert torch.equal(w4a16.wna16_matmul(x, packed, cfg), cuda_gemv.gemv(x, packed, cfg.cuda_config()))
+    for cfg in (
+        w4a16.WNA16Config(1, 8, 1, 8, kbi=4, cuda=True),
+        w4a16.WNA16Config(1, 32, 2, 4, kbi=1, mma=True, cuda=True),
+    ):
+        assert torch.equal(w4a16.wna16_matmul(x, packed, cfg), cuda_gemv.gemv(x, packed, cfg.cuda_config()))
     half = packed_weight(512, 1024, 128, True, "cuda", torch.float16)
     xh = x.half()
     assert not cuda_gemv.supported(xh, half)
-    assert rel_err(w4a16.wna16_matmul(xh, half, cfg), float64_product(xh, half)) < 5e-3
+    for cfg in (
+        w4a16.WNA16Config(1, 8, 1, 8, kbi=4, cuda=True),
+        w4a16.WNA16Config(1, 32, 2, 4, kbi=1, mma=True, cuda=True),
+    ):
+        assert rel_err(w4a16.wna16_matmul(xh, half, cfg), float64_product(xh, half)) < 5e-3

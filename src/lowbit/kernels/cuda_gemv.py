@@ -102,6 +102,42 @@ __device__ __forceinline__ float pair_sum(u32 p) {
     return __uint_as_float(p << 16) + __uint_as_float(p & 0xFFFF0000u);
 }
 
+// The block's rows: sum the warps' partials (partial[w * rows + i] for row n0 + i) and store them; with SPLIT > 1,
+// store float32 partials and let the last block of the row tile to finish add them in order (deterministic) and
+// reset the tile's counter
+__device__ __forceinline__ void finish_rows(const float* partial, int warps, int rows, int n0, int N,
+                                            u16* __restrict__ out, float* __restrict__ workspace,
+                                            int* __restrict__ counters) {
+    const int t = threadIdx.x;
+    const int n = n0 + t;
+    float total = 0.f;
+    if (t < rows) {
+        for (int w = 0; w < warps; ++w) total += partial[w * rows + t];
+    }
+    if (SPLIT == 1) {
+        if (t < rows && n < N) out[n] = float_to_bf16_bits(total);
+        return;
+    }
+    if (t < rows && n < N) workspace[(size_t)blockIdx.y * N + n] = total;
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (t == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == SPLIT - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    if (t < rows && n < N) {
+        float sum = 0.f;
+        for (int s = 0; s < SPLIT; ++s) {
+            float v;
+            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(workspace + (size_t)s * N + n));
+            sum += v;
+        }
+        out[n] = float_to_bf16_bits(sum);
+    }
+    if (t == 0) counters[blockIdx.x] = 0;
+}
+
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
 lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
                   const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
@@ -158,10 +194,14 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                     const u32 nz = float_to_bf16_bits(-(128.f + z));
                     const u32 neg_zero = nz | (nz << 16);
                     const uint4 w = words[u][r];
+#if NO_MATH  // timing probe (bench/cuda_gemv.py): the same loads and epilogue without the dot products
+                    const float part = (float)((w.x ^ w.y ^ w.z ^ w.w ^ pairs[r & 3][0] ^ neg_zero) & 1u);
+#else
                     const float part = pair_sum(word_dot(w.x, pairs[0][0], pairs[0][1], pairs[0][2], pairs[0][3], neg_zero))
                                      + pair_sum(word_dot(w.y, pairs[1][0], pairs[1][1], pairs[1][2], pairs[1][3], neg_zero))
                                      + pair_sum(word_dot(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], neg_zero))
                                      + pair_sum(word_dot(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], neg_zero));
+#endif
                     acc[r] = fmaf(part, bf16_bits_to_float(scales[u][r]), acc[r]);
                 }
             }
@@ -177,51 +217,148 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         if (quad == 0) partial[warp][row + 8 * r] = v;
     }
     __syncthreads();
-    const int t = threadIdx.x;
-    const int n = n0 + t;
-    float total = 0.f;
-    if (t < 8 * ROWS) {
+    finish_rows(partial[0], NWARPS, 8 * ROWS, n0, N, out, workspace, counters);
+}
+
+// D += A B for one m16n8k16 tile: A 16 x 16 bf16 (four registers), B 16 x 8 bf16 (two), D float32
+__device__ __forceinline__ void mma_bf16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// (128 + q_jp, 128 + q_{jp+4}) in bf16, exactly: codes jp and jp + 4 of word w
+__device__ __forceinline__ u32 raw_codes(u32 w, int jp) {
+    u32 a;
+    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(a) : "r"(w >> (4 * jp)));
+    return a;
+}
+
+// Tensor cores fed the raw codes (as lowbit.kernels.wna16_jit.w4_mma_kernel): each warp takes 16 rows per tile
+// (lane (g, t) rows g and g + 8, words 4t .. 4t + 3, so one load instruction still reads 512 contiguous bytes), the
+// token is column 0 of the 16 x 8 B operand (the other columns are zero), and the order of the 16 features of each
+// product is the lane's code order, the same in A and B. A K-block's products sum (128 + q) x exactly in float32;
+// a product of ones with the same B gives sum(x), and s * (sum (128 + q) x - (128 + zero) sum(x)) is the block's share.
+extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
+                      const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
+                      int* __restrict__ counters, int N, int K) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t4 = lane & 3, g = lane >> 2;
+    const int n0 = blockIdx.x * (16 * ROWS);
+    const int num_kb = K >> 7;
+    const int per_split = (num_kb + SPLIT - 1) / SPLIT;
+    const int kb_lo = blockIdx.y * per_split;
+    const int kb_hi = min(num_kb, kb_lo + per_split);
+    const u32 ones = 0x3F803F80u;
+
+    float acc[ROWS][2];
 #pragma unroll
-        for (int w = 0; w < NWARPS; ++w) total += partial[w][t];
-    }
-    if (SPLIT == 1) {
-        if (t < 8 * ROWS && n < N) out[n] = float_to_bf16_bits(total);
-        return;
-    }
-    // split-K: each block stores its partials; the last block of the row tile to finish sums them in order
-    if (t < 8 * ROWS && n < N) workspace[(size_t)blockIdx.y * N + n] = total;
-    __threadfence();
-    __syncthreads();
-    __shared__ int is_last;
-    if (t == 0) {
-        is_last = atomicAdd(counters + blockIdx.x, 1) == SPLIT - 1;
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    if (t < 8 * ROWS && n < N) {
-        float sum = 0.f;
-        for (int s = 0; s < SPLIT; ++s) {
-            float v;
-            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(workspace + (size_t)s * N + n));
-            sum += v;
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = 0.f;
+
+    for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
+        uint4 words[UNROLL][ROWS][2];
+        u32 scales[UNROLL][ROWS][2];
+        u32 zeros[UNROLL][ROWS][2];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = kb0 + u * NWARPS;
+            const int grp = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS;
+            const bool ok = kb < kb_hi;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int n = min(n0 + 16 * r + 8 * h + g, N - 1);
+                    words[u][r][h] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + t4) : make_uint4(0, 0, 0, 0);
+                    scales[u][r][h] = ok ? load_u16(scale + (size_t)grp * N + n) : 0u;
+                    zeros[u][r][h] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)grp * N + n) : 0u;
+                }
+            }
         }
-        out[n] = float_to_bf16_bits(sum);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = kb0 + u * NWARPS;
+            if (kb < kb_hi) {
+                u32 pairs[4][4];  // [word][j]: the token's activations of codes (j, j + 4); zero off column 0
+                if (g == 0) {
+                    const u16* xb = x + kb * 128 + 4 * t4;
+                    uint2 xs[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        pairs[0][j] = prmt(xs[j].x, xs[j + 4].x, 0x5410);
+                        pairs[1][j] = prmt(xs[j].x, xs[j + 4].x, 0x7632);
+                        pairs[2][j] = prmt(xs[j].y, xs[j + 4].y, 0x5410);
+                        pairs[3][j] = prmt(xs[j].y, xs[j + 4].y, 0x7632);
+                    }
+                } else {
+#pragma unroll
+                    for (int o = 0; o < 4; ++o)
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) pairs[o][j] = 0u;
+                }
+                float xsum[4] = {0.f, 0.f, 0.f, 0.f};
+                float c[ROWS][4];
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) c[r][0] = c[r][1] = c[r][2] = c[r][3] = 0.f;
+#pragma unroll
+                for (int o = 0; o < 4; ++o) {
+#pragma unroll
+                    for (int jp = 0; jp < 4; jp += 2) {
+                        const u32 b0 = pairs[o][jp], b1 = pairs[o][jp + 1];
+                        mma_bf16(xsum, ones, ones, ones, ones, b0, b1);
+#pragma unroll
+                        for (int r = 0; r < ROWS; ++r) {
+                            const u32 lo = o == 0 ? words[u][r][0].x : o == 1 ? words[u][r][0].y : o == 2 ? words[u][r][0].z : words[u][r][0].w;
+                            const u32 hi = o == 0 ? words[u][r][1].x : o == 1 ? words[u][r][1].y : o == 2 ? words[u][r][1].z : words[u][r][1].w;
+                            mma_bf16(c[r], raw_codes(lo, jp), raw_codes(hi, jp), raw_codes(lo, jp + 1), raw_codes(hi, jp + 1), b0, b1);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const float z = HAS_ZERO ? bf16_bits_to_float(zeros[u][r][h]) : 8.f;
+                        acc[r][h] = fmaf(bf16_bits_to_float(scales[u][r][h]), c[r][2 * h] - (128.f + z) * xsum[0], acc[r][h]);
+                    }
+                }
+            }
+        }
     }
-    if (t == 0) counters[blockIdx.x] = 0;
+
+    __shared__ float partial[NWARPS][16 * ROWS];
+    if (t4 == 0) {
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            partial[warp][16 * r + g] = acc[r][0];
+            partial[warp][16 * r + 8 + g] = acc[r][1];
+        }
+    }
+    __syncthreads();
+    finish_rows(partial[0], NWARPS, 16 * ROWS, n0, N, out, workspace, counters);
 }
 """
 
 
 @dataclass(frozen=True)
 class CudaGemvConfig:
-    """Launch shape: ``rows`` output rows per thread (a block takes ``8 * rows``), ``warps`` per block sharing out
-    the K-blocks, ``unroll`` K-blocks per warp whose loads are issued together, ``split`` blocks along K."""
+    """Launch shape. ``mma``: the tensor-core kernel, whose warps take ``16 * rows`` output rows (else the CUDA-core
+    kernel, whose threads take ``rows`` rows, ``8 * rows`` per block); ``warps`` per block share out the K-blocks,
+    ``unroll`` K-blocks per warp have their loads issued together, ``split`` blocks along K."""
 
     rows: int = 1
     warps: int = 8
     unroll: int = 4
     split: int = 1
+    mma: bool = False
+
+    @property
+    def block_rows(self) -> int:
+        return (16 if self.mma else 8) * self.rows
 
 
 def supported(x2: torch.Tensor, packed: PackedWNA16) -> bool:
@@ -247,8 +384,11 @@ def _capability_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(torch.cuda, "_compile_kernel")
 
 
-def source(cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool) -> str:
-    """The kernel's CUDA C for one launch shape and weight scheme (the macros, then :data:`SOURCE`)."""
+def source(
+    cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool, no_math: bool = False
+) -> str:
+    """The kernels' CUDA C for one launch shape and weight scheme (the macros, then :data:`SOURCE`); ``no_math``
+    leaves the CUDA-core kernel's dot products out (a timing probe, wrong results)."""
     macros = {
         "NWARPS": cfg.warps,
         "ROWS": cfg.rows,
@@ -257,24 +397,28 @@ def source(cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: 
         "GROUP_BLOCKS": group_blocks,
         "PER_CHANNEL": int(per_channel),
         "HAS_ZERO": int(has_zero),
+        "NO_MATH": int(no_math),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
 
 @functools.cache
-def _compiled(cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool):
-    return torch.cuda._compile_kernel(source(cfg, group_blocks, per_channel, has_zero), "lowbit_w4a16_gemv")
+def _compiled(
+    cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool, no_math: bool = False
+):
+    name = "lowbit_w4a16_gemv_mma" if cfg.mma else "lowbit_w4a16_gemv"
+    return torch.cuda._compile_kernel(source(cfg, group_blocks, per_channel, has_zero, no_math), name)
 
 
-def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemvConfig) -> torch.Tensor:
+def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemvConfig, no_math: bool = False) -> torch.Tensor:
     """``x2 @ dequant(W).T`` for one token ``x2`` ``[1, K]`` (bf16) on the CUDA kernel; see :func:`supported`."""
     from lowbit.kernels.w4a16 import split_k_buffers
 
     n, k = packed.out_features, packed.in_features
     per_channel = packed.group_size == -1
     group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
-    kernel = _compiled(cfg, group_blocks, per_channel, packed.zero is not None)
-    tiles = -(-n // (8 * cfg.rows))
+    kernel = _compiled(cfg, group_blocks, per_channel, packed.zero is not None, no_math)
+    tiles = -(-n // cfg.block_rows)
     out = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
     workspace, counters = split_k_buffers(x2.device, cfg.split * n, tiles)
     zero = packed.zero if packed.zero is not None else packed.scale

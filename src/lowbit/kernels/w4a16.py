@@ -55,12 +55,13 @@ class WNA16Config:
     swap: bool = True
     # True: :func:`w4_mma_kernel` (4-bit, groups >= 128 or per channel; block_m 8 or 16 tokens per tile)
     mma: bool = False
-    # True: the CUDA C GEMV (:mod:`lowbit.kernels.cuda_gemv`, one bf16 token): ``block_n // 8`` rows per thread,
-    # ``num_warps``, ``kbi`` K-blocks per load batch, ``split_k``
+    # True: the CUDA C GEMV (:mod:`lowbit.kernels.cuda_gemv`, one bf16 token; with ``mma`` its tensor-core kernel):
+    # ``block_n`` rows per block, ``num_warps``, ``kbi`` K-blocks per load batch, ``split_k``
     cuda: bool = False
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
-        return cuda_gemv.CudaGemvConfig(self.block_n // 8, self.num_warps, self.kbi, self.split_k)
+        rows = self.block_n // (16 if self.mma else 8)
+        return cuda_gemv.CudaGemvConfig(rows, self.num_warps, self.kbi, self.split_k, self.mma)
 
 
 DENSE = WNA16Config(0, 0, 1)
