@@ -90,72 +90,96 @@ def read_floor(packed, flush_ms: float) -> float:
 
 
 def check_schemes() -> list[dict]:
-    """Asymmetric, per-channel and 256-feature groups, with split-K: relative error against float32."""
+    """Asymmetric, per-channel and 256-feature groups, with split-K, both kernels, 1 and 11 tokens: relative error
+    against float32."""
     rows = []
     n, k = 1000, 2048
-    for group, asym, split in itertools.product((128, 256, -1), (False, True), (1, 3)):
+    for group, asym, split, m in itertools.product((128, 256, -1), (False, True), (1, 3), (1, 11)):
         groups = 1 if group == -1 else k // group
         q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
         scale = (torch.rand(n, groups, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
         zero = torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.int16) if asym else None
         packed = pack_wna16(q, scale, zero, 4, group)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        err = rel_err(
-            cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(2, 4, 2, split)), reference(x, packed)
-        )
-        rows.append({"group": group, "asymmetric": asym, "split": split, "rel_err": err})
-        print(f"check group={group:4d} asymmetric={asym!s:5} split={split}: rel err {err:.2e}")
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for mma in (False, True) if m == 1 else (True,):
+            cfg = cuda_gemv.CudaGemvConfig(2, 4, 2, split, mma)
+            err = rel_err(cuda_gemv.gemv(x, packed, cfg), reference(x, packed))
+            rows.append(
+                {"group": group, "asymmetric": asym, "split": split, "m": m, "mma": mma, "rel_err": err}
+            )
+            print(
+                f"check group={group:4d} asymmetric={asym!s:5} split={split} M={m:2d} mma={mma!s:5}: rel err {err:.2e}"
+            )
     return rows
 
 
-def shape_row(name: str, k: int, n: int, flush_ms: float, top: int) -> tuple[dict, str]:
-    """One shape's timings; also the faster launch (seeded Triton or best CUDA) as a tuned-config repr."""
+def triton_best(x: torch.Tensor, packed) -> w4a16.WNA16Config:
+    """The seeded Triton launch for this shape, else the tuner's best over the Triton candidates alone."""
+    m, n, k = x.shape[0], packed.out_features, packed.in_features
+    key = (m, n, k, 4, 128, True)
+    if key in w4a16._TUNED and not w4a16._TUNED[key].cuda:
+        return w4a16._TUNED[key]
+    real = w4a16._cuda_candidates
+    w4a16._cuda_candidates = lambda m: []
+    try:
+        w4a16._TUNED.pop(key, None)
+        return w4a16.tuned_config(x, packed)
+    finally:
+        w4a16._cuda_candidates = real
+        w4a16._TUNED.pop(key, None)
+
+
+def shape_row(name: str, k: int, n: int, m: int, flush_ms: float, top: int) -> tuple[dict, str]:
+    """One shape's timings at M tokens; also the faster launch (Triton or best CUDA) as a tuned-config repr."""
     q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
     scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
     packed = pack_wna16(q, scale, None, 4, 128)
     del q
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = reference(x, packed)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     cublas_us = (w4a16.device_time(lambda: F.linear(x, w)) - flush_ms) * 1e3
     w = None  # frees the bf16 weight (the closure above keeps the name)
-    triton_cfg = w4a16.tuned_config(x, packed)
-    if triton_cfg.cuda:  # the tuner ran with the CUDA candidates: time the best Triton launch it found
-        key = next(key for key in w4a16.TUNING_LOG if key[:3] == (1, n, k))
-        triton_cfg = next(cfg for _, cfg in w4a16.TUNING_LOG[key] if not cfg.cuda)
+    triton_cfg = triton_best(x, packed)
     triton_err = rel_err(w4a16.wna16_matmul(x, packed, triton_cfg), ref)
     triton_us = (w4a16.device_time(lambda: w4a16.wna16_matmul(x, packed, triton_cfg)) - flush_ms) * 1e3
     timed = []
     for cfg in sweep():
         if cfg.split > 1 and (k // 128) // cfg.split < cfg.warps // 2:
             continue  # fewer K-blocks per block than half its warps
+        if not cuda_gemv.supported(x, packed, cfg.mma):
+            continue
         try:
             err = rel_err(cuda_gemv.gemv(x, packed, cfg), ref)
             us = (w4a16.device_time(lambda cfg=cfg: cuda_gemv.gemv(x, packed, cfg)) - flush_ms) * 1e3
-        except Exception as exc:  # a launch shape past the registers
-            print(f"  {name} {cfg}: {exc!r:.100}")
+        except Exception as exc:  # a launch shape past the registers or the shared memory
+            print(f"  {name} M={m} {cfg}: {exc!r:.100}")
             continue
         timed.append({"us": us, "rel_err": err, "config": cfg.__dict__})
     timed.sort(key=lambda t: t["us"])
     good = [t for t in timed if t["rel_err"] < 1e-2]
     best = good[0]
-    best_core = next(t for t in good if not t["config"]["mma"])
     best_mma = next(t for t in good if t["config"]["mma"])
-    probe_cfg = cuda_gemv.CudaGemvConfig(**best_core["config"])
-    no_math_us = (
-        w4a16.device_time(lambda: cuda_gemv.gemv(x, packed, probe_cfg, no_math=True)) - flush_ms
-    ) * 1e3
-    floor_us = read_floor(packed, flush_ms)
-    read_bytes = n * k // 2 + scale.numel() * 2
-    row = {"shape": name, "k": k, "n": n, "cublas_bf16_us": cublas_us, "triton_us": triton_us,
+    row = {"shape": name, "m": m, "k": k, "n": n, "cublas_bf16_us": cublas_us, "triton_us": triton_us,
            "triton_config": repr(triton_cfg), "triton_rel_err": triton_err, "cuda_us": best["us"],
-           "cuda_rel_err": best["rel_err"], "cuda_config": best["config"], "read_only_us": floor_us,
-           "cuda_gb_s": read_bytes / best["us"] / 1e3, "wrong": len(timed) - len(good), "top": timed[:top],
-           "best_core_us": best_core["us"], "best_mma_us": best_mma["us"], "core_no_math_us": no_math_us}  # fmt: skip
-    print(f"{name:8s} K={k:6d} N={n:6d} cuBLAS {cublas_us:7.2f}  Triton {triton_us:7.2f} ({cublas_us / triton_us:.2f}x)"
-          f"  CUDA {best['us']:7.2f} ({cublas_us / best['us']:.2f}x, {row['cuda_gb_s']:.0f} GB/s, err {best['rel_err']:.1e})"
-          f"  read-only {floor_us:6.2f} us  CUDA/Triton {triton_us / best['us']:.2f}x  wrong {row['wrong']}"
-          f"  [core {best_core['us']:.2f}, core without math {no_math_us:.2f}, mma {best_mma['us']:.2f}]", flush=True)  # fmt: skip
+           "cuda_rel_err": best["rel_err"], "cuda_config": best["config"], "wrong": len(timed) - len(good),
+           "best_mma_us": best_mma["us"], "top": timed[:top]}  # fmt: skip
+    read_bytes = n * k // 2 + scale.numel() * 2 + 2 * m * k
+    extra = ""
+    if m == 1:
+        best_core = next(t for t in good if not t["config"]["mma"])
+        probe_cfg = cuda_gemv.CudaGemvConfig(**best_core["config"])
+        no_math_ms = w4a16.device_time(lambda: cuda_gemv.gemv(x, packed, probe_cfg, no_math=True)) - flush_ms
+        row.update(
+            best_core_us=best_core["us"],
+            core_no_math_us=no_math_ms * 1e3,
+            read_only_us=read_floor(packed, flush_ms),
+        )
+        extra = (f"  read-only {row['read_only_us']:6.2f} us [core {best_core['us']:.2f}, core without math "
+                 f"{row['core_no_math_us']:.2f}, mma {best_mma['us']:.2f}]")  # fmt: skip
+    print(f"{name:8s} M={m:2d} K={k:6d} N={n:6d} cuBLAS {cublas_us:7.2f}  Triton {triton_us:7.2f} ({cublas_us / triton_us:.2f}x)"
+          f"  CUDA {best['us']:7.2f} ({cublas_us / best['us']:.2f}x, {read_bytes / best['us'] / 1e3:.0f} GB/s, err "
+          f"{best['rel_err']:.1e})  CUDA/Triton {triton_us / best['us']:.2f}x  wrong {row['wrong']}{extra}", flush=True)  # fmt: skip
     for t in timed[:top]:
         print(f"    {t['us']:7.2f} us  err {t['rel_err']:.1e}  {t['config']}")
     c = cuda_gemv.CudaGemvConfig(**best["config"])
@@ -170,25 +194,24 @@ def main() -> None:
         "--seed-triton", type=Path, help="tuned Triton launches (bench/notes/decode_tuned_*.json)"
     )
     parser.add_argument("--shapes", nargs="*", default=[s[0] for s in SHAPES])
+    parser.add_argument("--ms", type=int, nargs="*", default=[1], help="tokens (1 to 16)")
     parser.add_argument("--top", type=int, default=6)
+    parser.add_argument("--skip-checks", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     if args.seed_triton:
         load_tuned(args.seed_triton)
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "checks": check_schemes(),
-        "shapes": [],
-    }
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": []}
+    result["checks"] = [] if args.skip_checks else check_schemes()
     tuned = {}
     flush_ms = w4a16.device_time(lambda: None)
-    for name, k, n in (s for s in SHAPES if s[0] in args.shapes):
-        row, tuned[str((1, n, k, 4, 128, True))] = shape_row(name, k, n, flush_ms, args.top)
-        result["shapes"].append(row)
-        (args.out / "cuda_gemv.json").write_text(json.dumps(result, indent=1))
-    (args.out / "cuda_tuned.json").write_text(json.dumps(tuned, indent=1))
+    for m in args.ms:
+        for name, k, n in (s for s in SHAPES if s[0] in args.shapes):
+            row, tuned[str((m, n, k, 4, 128, True))] = shape_row(name, k, n, m, flush_ms, args.top)
+            result["shapes"].append(row)
+            (args.out / "cuda_gemv.json").write_text(json.dumps(result, indent=1))
+            (args.out / "cuda_tuned.json").write_text(json.dumps(tuned, indent=1))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,25 @@ def test_gpu_cuda_gemv_matches_float64(group, asymmetric, split):
 
 
 @gpu_only
+@pytest.mark.parametrize(("m", "asymmetric"), [(2, False), (7, True), (8, False), (9, True), (16, False)])
+def test_gpu_cuda_gemv_tokens(m, asymmetric):
+    """The tensor-core kernel for 2 to 16 tokens (one or two 8-token tiles, a partial tile masked), with split-K,
+    reading the tokens through a row stride (a view of a wider tensor)."""
+    n, k = 520, 1024
+    packed = packed_weight(n, k, 128, asymmetric, "cuda")
+    wide = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)
+    x = wide[:, 32 : 32 + k]
+    assert cuda_gemv.supported(x, packed, mma=True) and not cuda_gemv.supported(x, packed)
+    ref = float64_product(x, packed)
+    for split in (1, 2):
+        out = cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(2, 4, 1, split, mma=True))
+        assert out.shape == (m, n)
+        assert rel_err(out, ref) < 2e-3, split
+        for row in range(m):  # every token's row, not only the whole
+            assert rel_err(out[row : row + 1], ref[row : row + 1]) < 3e-3, (split, row)
+
+
+@gpu_only
 @pytest.mark.parametrize("mma", [False, True])
 def test_gpu_cuda_gemv_split_k_is_deterministic_and_graph_safe(mma):
     """Split-K partials are summed in order by the last block (bitwise the same every call, and the counters reset),

@@ -102,40 +102,42 @@ __device__ __forceinline__ float pair_sum(u32 p) {
     return __uint_as_float(p << 16) + __uint_as_float(p & 0xFFFF0000u);
 }
 
-// The block's rows: sum the warps' partials (partial[w * rows + i] for row n0 + i) and store them; with SPLIT > 1,
-// store float32 partials and let the last block of the row tile to finish add them in order (deterministic) and
-// reset the tile's counter
-__device__ __forceinline__ void finish_rows(const float* partial, int warps, int rows, int n0, int N,
-                                            u16* __restrict__ out, float* __restrict__ workspace,
-                                            int* __restrict__ counters) {
-    const int t = threadIdx.x;
-    const int n = n0 + t;
-    float total = 0.f;
-    if (t < rows) {
-        for (int w = 0; w < warps; ++w) total += partial[w * rows + t];
+// The block's outputs: sum the warps' partials (partial[(w * tokens + m) * rows + i] for token m, row n0 + i) and
+// store them; with SPLIT > 1, store float32 partials and let the last block of the row tile to finish add them in
+// order (deterministic) and reset the tile's counter
+__device__ __forceinline__ void finish_rows(const float* partial, int warps, int tokens, int rows, int n0, int M,
+                                            int N, u16* __restrict__ out, int stride_om,
+                                            float* __restrict__ workspace, int* __restrict__ counters) {
+    const int count = min(tokens, M) * rows;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+        const int m = i / rows, n = n0 + i % rows;
+        float total = 0.f;
+        for (int w = 0; w < warps; ++w) total += partial[(w * tokens + m) * rows + i % rows];
+        if (n < N) {
+            if (SPLIT == 1) out[(size_t)m * stride_om + n] = float_to_bf16_bits(total);
+            else workspace[((size_t)blockIdx.y * M + m) * N + n] = total;
+        }
     }
-    if (SPLIT == 1) {
-        if (t < rows && n < N) out[n] = float_to_bf16_bits(total);
-        return;
-    }
-    if (t < rows && n < N) workspace[(size_t)blockIdx.y * N + n] = total;
+    if (SPLIT == 1) return;
     __threadfence();
     __syncthreads();
     __shared__ int is_last;
-    if (t == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == SPLIT - 1;
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == SPLIT - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    if (t < rows && n < N) {
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+        const int m = i / rows, n = n0 + i % rows;
+        if (n >= N) continue;
         float sum = 0.f;
         for (int s = 0; s < SPLIT; ++s) {
             float v;
-            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(workspace + (size_t)s * N + n));
+            asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(workspace + ((size_t)s * M + m) * N + n));
             sum += v;
         }
-        out[n] = float_to_bf16_bits(sum);
+        out[(size_t)m * stride_om + n] = float_to_bf16_bits(sum);
     }
-    if (t == 0) counters[blockIdx.x] = 0;
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
@@ -217,7 +219,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         if (quad == 0) partial[warp][row + 8 * r] = v;
     }
     __syncthreads();
-    finish_rows(partial[0], NWARPS, 8 * ROWS, n0, N, out, workspace, counters);
+    finish_rows(partial[0], NWARPS, 1, 8 * ROWS, n0, 1, N, out, N, workspace, counters);
 }
 
 // D += A B for one m16n8k16 tile: A 16 x 16 bf16 (four registers), B 16 x 8 bf16 (two), D float32
@@ -235,15 +237,16 @@ __device__ __forceinline__ u32 raw_codes(u32 w, int jp) {
     return a;
 }
 
-// Tensor cores fed the raw codes (as lowbit.kernels.wna16_jit.w4_mma_kernel): each warp takes 16 rows per tile
-// (lane (g, t) rows g and g + 8, words 4t .. 4t + 3, so one load instruction still reads 512 contiguous bytes), the
-// token is column 0 of the 16 x 8 B operand (the other columns are zero), and the order of the 16 features of each
-// product is the lane's code order, the same in A and B. A K-block's products sum (128 + q) x exactly in float32;
-// a product of ones with the same B gives sum(x), and s * (sum (128 + q) x - (128 + zero) sum(x)) is the block's share.
+// Tensor cores fed the raw codes (as lowbit.kernels.wna16_jit.w4_mma_kernel), for 1 to 16 tokens: each warp takes
+// 16 rows per tile (lane (g, t) rows g and g + 8, words 4t .. 4t + 3, so one load instruction still reads 512
+// contiguous bytes); tokens are the columns of NT 16 x 8 B operands (token 8 nt + g in lane (g, t), zero past M);
+// the order of the 16 features of each product is the lane's code order, the same in A and B. A K-block's products
+// sum (128 + q) x exactly in float32; a product of ones with the same B gives sum(x) per token, and
+// s * (sum (128 + q) x - (128 + zero) sum(x)) is the block's share.
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
 lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
                       const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
-                      int* __restrict__ counters, int N, int K) {
+                      int* __restrict__ counters, int N, int K, int M, int stride_xm, int stride_om) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t4 = lane & 3, g = lane >> 2;
     const int n0 = blockIdx.x * (16 * ROWS);
@@ -253,9 +256,13 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
     const int kb_hi = min(num_kb, kb_lo + per_split);
     const u32 ones = 0x3F803F80u;
 
-    float acc[ROWS][2];
+    float acc[ROWS][2][NT][2];  // [tile][row g, g + 8][token tile][token 2t, 2t + 1]
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = 0.f;
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) acc[r][h][nt][0] = acc[r][h][nt][1] = 0.f;
 
     for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
         uint4 words[UNROLL][ROWS][2];
@@ -281,40 +288,55 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = kb0 + u * NWARPS;
             if (kb < kb_hi) {
-                u32 pairs[4][4];  // [word][j]: the token's activations of codes (j, j + 4); zero off column 0
-                if (g == 0) {
-                    const u16* xb = x + kb * 128 + 4 * t4;
-                    uint2 xs[8];
+                u32 pairs[NT][4][4];  // [token tile][word][j]: activations of codes (j, j + 4); zero past M
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+                for (int nt = 0; nt < NT; ++nt) {
+                    const int m = 8 * nt + g;
+                    if (m < M) {
+                        const u16* xb = x + (size_t)m * stride_xm + kb * 128 + 4 * t4;
+                        uint2 xs[8];
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        pairs[0][j] = prmt(xs[j].x, xs[j + 4].x, 0x5410);
-                        pairs[1][j] = prmt(xs[j].x, xs[j + 4].x, 0x7632);
-                        pairs[2][j] = prmt(xs[j].y, xs[j + 4].y, 0x5410);
-                        pairs[3][j] = prmt(xs[j].y, xs[j + 4].y, 0x7632);
+                        for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            pairs[nt][0][j] = prmt(xs[j].x, xs[j + 4].x, 0x5410);
+                            pairs[nt][1][j] = prmt(xs[j].x, xs[j + 4].x, 0x7632);
+                            pairs[nt][2][j] = prmt(xs[j].y, xs[j + 4].y, 0x5410);
+                            pairs[nt][3][j] = prmt(xs[j].y, xs[j + 4].y, 0x7632);
+                        }
+                    } else {
+#pragma unroll
+                        for (int o = 0; o < 4; ++o)
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) pairs[nt][o][j] = 0u;
                     }
-                } else {
-#pragma unroll
-                    for (int o = 0; o < 4; ++o)
-#pragma unroll
-                        for (int j = 0; j < 4; ++j) pairs[o][j] = 0u;
                 }
-                float xsum[4] = {0.f, 0.f, 0.f, 0.f};
-                float c[ROWS][4];
+                float xsum[NT][4];
+                float c[ROWS][NT][4];
 #pragma unroll
-                for (int r = 0; r < ROWS; ++r) c[r][0] = c[r][1] = c[r][2] = c[r][3] = 0.f;
+                for (int nt = 0; nt < NT; ++nt) {
+                    xsum[nt][0] = xsum[nt][1] = xsum[nt][2] = xsum[nt][3] = 0.f;
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) c[r][nt][0] = c[r][nt][1] = c[r][nt][2] = c[r][nt][3] = 0.f;
+                }
 #pragma unroll
                 for (int o = 0; o < 4; ++o) {
 #pragma unroll
                     for (int jp = 0; jp < 4; jp += 2) {
-                        const u32 b0 = pairs[o][jp], b1 = pairs[o][jp + 1];
-                        mma_bf16(xsum, ones, ones, ones, ones, b0, b1);
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+                            mma_bf16(xsum[nt], ones, ones, ones, ones, pairs[nt][o][jp], pairs[nt][o][jp + 1]);
+                        }
 #pragma unroll
                         for (int r = 0; r < ROWS; ++r) {
                             const u32 lo = o == 0 ? words[u][r][0].x : o == 1 ? words[u][r][0].y : o == 2 ? words[u][r][0].z : words[u][r][0].w;
                             const u32 hi = o == 0 ? words[u][r][1].x : o == 1 ? words[u][r][1].y : o == 2 ? words[u][r][1].z : words[u][r][1].w;
-                            mma_bf16(c[r], raw_codes(lo, jp), raw_codes(hi, jp), raw_codes(lo, jp + 1), raw_codes(hi, jp + 1), b0, b1);
+                            const u32 a0 = raw_codes(lo, jp), a1 = raw_codes(hi, jp);
+                            const u32 a2 = raw_codes(lo, jp + 1), a3 = raw_codes(hi, jp + 1);
+#pragma unroll
+                            for (int nt = 0; nt < NT; ++nt) {
+                                mma_bf16(c[r][nt], a0, a1, a2, a3, pairs[nt][o][jp], pairs[nt][o][jp + 1]);
+                            }
                         }
                     }
                 }
@@ -322,24 +344,35 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
                 for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
-                        const float z = HAS_ZERO ? bf16_bits_to_float(zeros[u][r][h]) : 8.f;
-                        acc[r][h] = fmaf(bf16_bits_to_float(scales[u][r][h]), c[r][2 * h] - (128.f + z) * xsum[0], acc[r][h]);
+                        const float s = bf16_bits_to_float(scales[u][r][h]);
+                        const float z = 128.f + (HAS_ZERO ? bf16_bits_to_float(zeros[u][r][h]) : 8.f);
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                            for (int cc = 0; cc < 2; ++cc) {
+                                acc[r][h][nt][cc] = fmaf(s, c[r][nt][2 * h + cc] - z * xsum[nt][cc], acc[r][h][nt][cc]);
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
-    __shared__ float partial[NWARPS][16 * ROWS];
-    if (t4 == 0) {
+    __shared__ float partial[NWARPS * MMAX * 16 * ROWS];  // [warp][token][row]: MMAX = 1 for one token, else 8 NT
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            partial[warp][16 * r + g] = acc[r][0];
-            partial[warp][16 * r + 8 + g] = acc[r][1];
-        }
-    }
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int cc = 0; cc < 2; ++cc) {
+                    const int m = 8 * nt + 2 * t4 + cc;
+                    if (m < MMAX) partial[(warp * MMAX + m) * 16 * ROWS + 16 * r + 8 * h + g] = acc[r][h][nt][cc];
+                }
     __syncthreads();
-    finish_rows(partial[0], NWARPS, 16 * ROWS, n0, N, out, workspace, counters);
+    finish_rows(partial, NWARPS, MMAX, 16 * ROWS, n0, M, N, out, stride_om, workspace, counters);
 }
 """
 
@@ -361,13 +394,18 @@ class CudaGemvConfig:
         return (16 if self.mma else 8) * self.rows
 
 
-def supported(x2: torch.Tensor, packed: PackedWNA16) -> bool:
-    """Whether :func:`gemv` runs this product: one contiguous bf16 token on CUDA (compute capability >= 9.0), 4-bit
-    codes, a scale per whole K-block or more (or per channel), K a multiple of 128."""
+MAX_TOKENS = 16  # the tensor-core kernel (two 16 x 8 B operands); the CUDA-core kernel takes one token
+
+
+def supported(x2: torch.Tensor, packed: PackedWNA16, mma: bool = False) -> bool:
+    """Whether :func:`gemv` runs this product: bf16 tokens (one; up to :data:`MAX_TOKENS` with ``mma``) on CUDA
+    (compute capability >= 9.0) with contiguous rows, 4-bit codes, a scale per whole K-block or more (or per
+    channel), K a multiple of 128."""
     return (
         x2.is_cuda
-        and x2.shape[0] == 1
+        and 1 <= x2.shape[0] <= (MAX_TOKENS if mma else 1)
         and x2.stride(-1) == 1
+        and x2.stride(0) % 4 == 0
         and x2.dtype == torch.bfloat16
         and packed.scale.dtype == torch.bfloat16
         and packed.bits == 4
@@ -385,10 +423,16 @@ def _capability_ok(index: int) -> bool:
 
 
 def source(
-    cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool, no_math: bool = False
+    cfg: CudaGemvConfig,
+    group_blocks: int,
+    per_channel: bool,
+    has_zero: bool,
+    no_math: bool = False,
+    tokens: int = 1,
 ) -> str:
-    """The kernels' CUDA C for one launch shape and weight scheme (the macros, then :data:`SOURCE`); ``no_math``
-    leaves the CUDA-core kernel's dot products out (a timing probe, wrong results)."""
+    """The kernels' CUDA C for one launch shape, weight scheme and token count (1, 8 or 16: the macros, then
+    :data:`SOURCE`); ``no_math`` leaves the CUDA-core kernel's dot products out (a timing probe, wrong results)."""
+    token_tiles = 1 if tokens <= 8 else 2
     macros = {
         "NWARPS": cfg.warps,
         "ROWS": cfg.rows,
@@ -398,33 +442,36 @@ def source(
         "PER_CHANNEL": int(per_channel),
         "HAS_ZERO": int(has_zero),
         "NO_MATH": int(no_math),
+        "NT": token_tiles,
+        "MMAX": 1 if tokens == 1 else 8 * token_tiles,
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
 
 @functools.cache
 def _compiled(
-    cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool, no_math: bool = False
+    cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool, no_math: bool, tokens: int
 ):
     name = "lowbit_w4a16_gemv_mma" if cfg.mma else "lowbit_w4a16_gemv"
-    return torch.cuda._compile_kernel(source(cfg, group_blocks, per_channel, has_zero, no_math), name)
+    return torch.cuda._compile_kernel(source(cfg, group_blocks, per_channel, has_zero, no_math, tokens), name)
 
 
 def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemvConfig, no_math: bool = False) -> torch.Tensor:
-    """``x2 @ dequant(W).T`` for one token ``x2`` ``[1, K]`` (bf16) on the CUDA kernel; see :func:`supported`."""
+    """``x2 @ dequant(W).T`` for tokens ``x2`` ``[M, K]`` (bf16) on the CUDA kernels; see :func:`supported`."""
     from lowbit.kernels.w4a16 import split_k_buffers
 
     n, k = packed.out_features, packed.in_features
+    m = x2.shape[0]
     per_channel = packed.group_size == -1
     group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
-    kernel = _compiled(cfg, group_blocks, per_channel, packed.zero is not None, no_math)
+    tokens = 1 if m == 1 else 8 if m <= 8 else 16  # one kernel per token tile count
+    kernel = _compiled(cfg, group_blocks, per_channel, packed.zero is not None, no_math, tokens)
     tiles = -(-n // cfg.block_rows)
-    out = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
-    workspace, counters = split_k_buffers(x2.device, cfg.split * n, tiles)
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    workspace, counters = split_k_buffers(x2.device, cfg.split * m * n, tiles)
     zero = packed.zero if packed.zero is not None else packed.scale
-    kernel(
-        grid=(tiles, cfg.split, 1),
-        block=(32 * cfg.warps, 1, 1),
-        args=[x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k],
-    )
+    args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k]
+    if cfg.mma:
+        args += [m, x2.stride(0), out.stride(0)]
+    kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args)
     return out

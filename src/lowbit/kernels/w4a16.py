@@ -94,12 +94,16 @@ def candidate_configs(m: int) -> list[WNA16Config]:
 
 
 def _cuda_candidates(m: int) -> list[WNA16Config]:
-    """CUDA C GEMV launches (:mod:`lowbit.kernels.cuda_gemv`) for one token: (rows per thread, warps, K-blocks per
-    load batch) x split-K. Only timed where :func:`lowbit.kernels.cuda_gemv.supported`."""
-    if m != 1:
+    """CUDA C launches (:mod:`lowbit.kernels.cuda_gemv`), timed only where it is supported: for one token the
+    CUDA-core kernel, (rows per thread, warps, K-blocks per load batch) x split-K; for 1 to 16 tokens the tensor-core
+    kernel, (16-row tiles per warp, warps, K-blocks per load batch) x split-K."""
+    if m > cuda_gemv.MAX_TOKENS:
         return []
-    shapes = [(1, 8, 4), (1, 8, 2), (1, 4, 4), (1, 4, 8), (2, 8, 2), (2, 4, 4), (1, 8, 8), (4, 4, 2)]
-    return [WNA16Config(1, 8 * rows, sk, nw, kbi=kbi, cuda=True) for rows, nw, kbi in shapes for sk in (1, 2, 4)]
+    core = [(1, 8, 4), (1, 8, 2), (1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 2), (2, 8, 2)] if m == 1 else []
+    mma = [(1, 4, 1), (1, 4, 2), (1, 8, 1), (2, 4, 1), (2, 8, 1), (1, 16, 1), (2, 4, 2), (4, 4, 1)]
+    return [WNA16Config(1, 8 * r, sk, nw, kbi=kbi, cuda=True) for r, nw, kbi in core for sk in (1, 2)] + [
+        WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True) for r, nw, kbi in mma for sk in (1, 2, 4)
+    ]
 
 
 def _dot_candidates(m: int) -> list[WNA16Config]:
@@ -275,7 +279,7 @@ def wna16_matmul(
     if cfg.mma and not multi_block_ok(packed):
         cfg = default_config(m, n, k)  # groups under a K-block, or 8-bit codes: no such kernel
     if cfg.cuda:
-        if cuda_gemv.supported(x2, packed) and not interpreting():
+        if cuda_gemv.supported(x2, packed, cfg.mma) and not interpreting():
             return cuda_gemv.gemv(x2, packed, cfg.cuda_config()).reshape(*x.shape[:-1], n)
         cfg = default_config(m, n, k)  # not a bf16 token on a CUDA 9.0+ device: the Triton kernels
     if cfg.block_m == 0:
@@ -389,7 +393,7 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
     for cfg in candidates:
         if (cfg.kbi or cfg.mma) and not multi_block_ok(packed):
             continue  # would run another kernel again under this one's name
-        if cfg.cuda and not cuda_gemv.supported(x2, packed):
+        if cfg.cuda and not cuda_gemv.supported(x2, packed, cfg.mma):
             continue
         try:
             err = (wna16_matmul(x2, packed, cfg, fusion).float() - reference).norm() / reference.norm().clamp_min(
