@@ -40,9 +40,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.cpu().double() - ref).norm() / ref.norm()).item()
 
 
-def test_cuda_candidates_only_for_one_token():
-    assert any(cfg.cuda for cfg in w4a16.candidate_configs(1))
-    assert not any(cfg.cuda for m in (2, 8, 16, 64) for cfg in w4a16.candidate_configs(m))
+def test_cuda_candidates_up_to_sixteen_tokens():
+    """The CUDA-core kernel is a candidate for one token, the tensor-core kernel for 1 to 16."""
+    assert any(cfg.cuda and not cfg.mma for cfg in w4a16.candidate_configs(1))
+    for m in (1, 2, 8, 16):
+        assert any(cfg.cuda and cfg.mma for cfg in w4a16.candidate_configs(m))
+        assert m == 1 or not any(cfg.cuda and not cfg.mma for cfg in w4a16.candidate_configs(m))
+    assert not any(cfg.cuda for m in (17, 64) for cfg in w4a16.candidate_configs(m))
     core = w4a16.WNA16Config(1, 16, 1, 4, kbi=2, cuda=True).cuda_config()
     mma = w4a16.WNA16Config(1, 32, 1, 4, kbi=2, mma=True, cuda=True).cuda_config()
     assert (core.rows, core.block_rows, core.mma) == (2, 16, False)
