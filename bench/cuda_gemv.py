@@ -59,11 +59,14 @@ lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink
 
 
 def sweep() -> list[cuda_gemv.CudaGemvConfig]:
-    core = itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4, 8), (1, 2, 4, 8))
-    mma = itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4), (1, 2, 4))
-    return [cuda_gemv.CudaGemvConfig(r, w, u, s) for r, w, u, s in core if r * u <= 16] + [
-        cuda_gemv.CudaGemvConfig(r, w, u, s, mma=True) for r, w, u, s in mma if r * u <= 8
+    """Both kernels' launch shapes: (rows, warps, unroll, split), rows x unroll <= 8 (session 13, call 1: the
+    CUDA-core kernel's best were unroll 1-2, rows 1-2 at every shape; unroll 8 never placed)."""
+    grid = [
+        (r, w, u, s)
+        for r, w, u, s in itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4), (1, 2, 4))
+        if r * u <= 8
     ]
+    return [cuda_gemv.CudaGemvConfig(*shape, mma=mma) for mma in (False, True) for shape in grid]
 
 
 def reference(x: torch.Tensor, packed) -> torch.Tensor:
