@@ -140,3 +140,79 @@ def test_gpu_wna16_matmul_dispatches_cuda_configs():
         w4a16.WNA16Config(1, 32, 2, 4, kbi=1, mma=True, cuda=True),
     ):
         assert rel_err(w4a16.wna16_matmul(xh, half, cfg), float64_product(xh, half)) < 5e-3
+
+
+@gpu_only
+@pytest.mark.parametrize("kind", ["norm", "norm+glu", "res", "norm+res"])
+def test_gpu_fused_cuda_gemv_matches_the_separate_operations(kind):
+    """RMSNorm of the input (the norm applied as a scale on the outputs), SwiGLU on [gate; up] output rows and the
+    residual add, inside the CUDA-core kernel: against the same operations run separately, and against float64."""
+    n, k = 1040, 2048
+    packed = packed_weight(n, k, 128, "norm" in kind, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 3
+    norm = torch.rand(k, device="cuda", generator=gen).to(torch.bfloat16) + 0.5 if "norm" in kind else None
+    glu = "glu" in kind
+    residual = (
+        torch.randn(1, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16) if "res" in kind else None
+    )
+    fusion = w4a16.Fusion(norm=norm, eps=1e-5, residual=residual, glu=glu)
+    expected = fusion.unfused(x, packed).double()
+    for rows, warps, unroll in ((2, 8, 1), (2, 4, 2), (4, 4, 1)):
+        cfg = w4a16.WNA16Config(1, 8 * rows, 1, warps, kbi=unroll, cuda=True)
+        assert w4a16.fusable(cfg, packed, 1, fusion, x)
+        out = w4a16.wna16_matmul(x, packed, cfg, fusion)
+        assert out.shape == expected.shape
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2, (kind, rows, warps, unroll)
+    # float64: the whole chain from the dequantized weight
+    q, scale, zero = unpack_wna16(packed)
+    weight = dequantize_weight(
+        q.cpu(), scale.cpu().double(), None if zero is None else zero.cpu().double(), 4
+    )
+    h = x.cpu().double()
+    if norm is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.cpu().double()
+    y = h @ weight.double().T
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    if residual is not None:
+        y = y + residual.cpu().double()
+    assert rel_err(out, y) < 6e-3
+
+
+@gpu_only
+def test_gpu_fused_decode_with_the_cuda_kernel_gives_the_unfused_tokens(monkeypatch):
+    """``runtime.FUSE`` on a bf16 decoder on the GPU: SwiGLU moves onto gate/up's output rows (the CUDA-core kernel),
+    and greedy decoding (compiled, CUDA graph) gives the tokens of the separate operations."""
+    from lowbit.kernels import runtime
+    from lowbit.kernels.runtime import DecoderShape, greedy_decode, linear_factory, random_decoder
+
+    shape = DecoderShape(vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=8,
+                         num_kv_heads=2, head_dim=64)  # fmt: skip
+    monkeypatch.setattr(w4a16, "_AUTOTUNE", [False])
+    torch.manual_seed(0)
+    model = random_decoder(shape, linear_factory("w4a16", "cuda"), device="cuda").fuse_projections()
+    prompt = torch.randint(0, shape.vocab_size, (1, 6), device="cuda")
+    monkeypatch.setattr(runtime, "FUSE", ["off"])
+    plain = greedy_decode(model, prompt, new_tokens=6)
+    monkeypatch.setattr(runtime, "FUSE", ["auto"])
+    seen = []
+    real = cuda_gemv.gemv
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("fused"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cuda_gemv, "gemv", spy)
+    # the untuned default is a Triton launch: name CUDA launches for the fused kinds, as the tuner would pick them
+    for key_n, key_k, kind in ((shape.intermediate_size * 2, shape.hidden_size, "norm+glu"),
+                               (shape.hidden_size, shape.intermediate_size, "+res")):  # fmt: skip
+        w4a16._TUNED[(1, key_n, key_k, 4, 128, True, kind)] = w4a16.WNA16Config(1, 16, 1, 4, kbi=1, cuda=True)
+    try:
+        fused = greedy_decode(model, prompt, new_tokens=6)
+    finally:
+        for key in [key for key in w4a16._TUNED if len(key) == 7]:
+            del w4a16._TUNED[key]
+    assert any(f is not None and f.glu for f in seen)
+    assert torch.equal(fused.tokens, plain.tokens)

@@ -98,6 +98,12 @@ __device__ __forceinline__ u32 word_dot(u32 w, u32 x04, u32 x15, u32 x26, u32 x3
     return p;
 }
 
+__device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
+}
+
 __device__ __forceinline__ float pair_sum(u32 p) {
     return __uint_as_float(p << 16) + __uint_as_float(p & 0xFFFF0000u);
 }
@@ -140,21 +146,43 @@ __device__ __forceinline__ void finish_rows(const float* partial, int warps, int
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
+// One token on CUDA cores, with a decode step's elementwise work optionally fused (FUSE_* macros, SPLIT == 1):
+// FUSE_NORM, the input is the residual stream h and the product takes rms_norm(h) * norm_w: the lanes multiply h by
+// norm_w, sum h^2 (lane (quad, row) takes slab row of its K-block, so each feature once per warp) and the block
+// scales its outputs by rsqrt(mean(h^2) + eps) (the norm is linear in h); FUSE_GLU, the weight's rows are
+// [gate; up] (2 NOUT) and the output is silu(gate) * up (NOUT): a block takes 4 ROWS gate rows and the matching up
+// rows; FUSE_RES, the residual is added to the output. Everything in float32, rounded once.
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
 lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
                   const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
-                  int* __restrict__ counters, int N, int K) {
+                  int* __restrict__ counters, int N, int K, const u16* __restrict__ norm_w,
+                  const u16* __restrict__ residual, double eps) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int quad = lane & 3, row = lane >> 2;
-    const int n0 = blockIdx.x * (8 * ROWS);
+    constexpr int BLOCK_OUT = FUSE_GLU ? 4 * ROWS : 8 * ROWS;  // outputs per block
+    const int n_out = FUSE_GLU ? N / 2 : N;
+    const int n0 = blockIdx.x * BLOCK_OUT;
     const int num_kb = K >> 7;
     const int per_split = (num_kb + SPLIT - 1) / SPLIT;
     const int kb_lo = blockIdx.y * per_split;
     const int kb_hi = min(num_kb, kb_lo + per_split);
 
+    int rows_n[ROWS];  // the weight rows of this thread
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int i = row + 8 * r;
+        if (FUSE_GLU) {
+            const bool up = i >= BLOCK_OUT;
+            rows_n[r] = min(n0 + (up ? i - BLOCK_OUT : i), n_out - 1) + (up ? n_out : 0);
+        } else {
+            rows_n[r] = min(n0 + i, N - 1);
+        }
+    }
+
     float acc[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+    float ssq = 0.f;  // FUSE_NORM: this lane's share of sum(h^2)
 
     for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
         // every load of this batch is issued before any of its values is used
@@ -167,7 +195,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             const int g = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS;
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
-                const int n = min(n0 + row + 8 * r, N - 1);
+                const int n = rows_n[r];
                 const bool ok = kb < kb_hi;
                 words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
                 scales[u][r] = ok ? load_u16(scale + (size_t)g * N + n) : 0u;
@@ -182,6 +210,21 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                 uint2 xs[8];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+#if FUSE_NORM
+                {
+                    const uint2 mine = load_x4(xb + 16 * row);
+                    const float h0 = __uint_as_float(mine.x << 16), h1 = __uint_as_float(mine.x & 0xFFFF0000u);
+                    const float h2 = __uint_as_float(mine.y << 16), h3 = __uint_as_float(mine.y & 0xFFFF0000u);
+                    ssq = fmaf(h0, h0, fmaf(h1, h1, fmaf(h2, h2, fmaf(h3, h3, ssq))));
+                    const u16* wb = norm_w + kb * 128 + 4 * quad;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        const uint2 w = load_x4(wb + 16 * j);
+                        xs[j].x = mul_bf16x2(xs[j].x, w.x);
+                        xs[j].y = mul_bf16x2(xs[j].y, w.y);
+                    }
+                }
+#endif
                 u32 pairs[4][4];  // [word][j]: activations of codes (j, j + 4) of the thread's word
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
@@ -218,8 +261,40 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         v += __shfl_xor_sync(0xffffffffu, v, 2);
         if (quad == 0) partial[warp][row + 8 * r] = v;
     }
+#if FUSE_NORM || FUSE_GLU || FUSE_RES
+    __shared__ float ssq_part[NWARPS];
+    if (FUSE_NORM) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+        if (lane == 0) ssq_part[warp] = ssq;
+    }
+    __syncthreads();
+    float norm_scale = 1.f;
+    if (FUSE_NORM) {
+        float total = 0.f;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) total += ssq_part[w];
+        norm_scale = rsqrtf(total / (float)K + (float)eps);
+    }
+    const int t = threadIdx.x;
+    if (t < BLOCK_OUT && n0 + t < n_out) {
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) v += partial[w][t];
+        v *= norm_scale;
+        if (FUSE_GLU) {
+            float up = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) up += partial[w][t + BLOCK_OUT];
+            v = v / (1.f + __expf(-v)) * (up * norm_scale);
+        }
+        if (FUSE_RES) v += bf16_bits_to_float(residual[n0 + t]);
+        out[n0 + t] = float_to_bf16_bits(v);
+    }
+#else
     __syncthreads();
     finish_rows(partial[0], NWARPS, 1, 8 * ROWS, n0, 1, N, out, N, workspace, counters);
+#endif
 }
 
 // D += A B for one m16n8k16 tile: A 16 x 16 bf16 (four registers), B 16 x 8 bf16 (two), D float32
@@ -422,6 +497,22 @@ def _capability_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(torch.cuda, "_compile_kernel")
 
 
+@dataclass(frozen=True)
+class Fused:
+    """The elementwise work the CUDA-core kernel takes in (one token, one K-slice): ``norm``, RMSNorm of the input
+    with this weight first; ``glu``, the weight's rows are ``[gate; up]`` and the output ``silu(gate) * up``;
+    ``residual``, added to the output."""
+
+    norm: torch.Tensor | None = None
+    eps: float = 1e-6
+    glu: bool = False
+    residual: torch.Tensor | None = None
+
+    @property
+    def flags(self) -> tuple[bool, bool, bool]:
+        return self.norm is not None, self.glu, self.residual is not None
+
+
 def source(
     cfg: CudaGemvConfig,
     group_blocks: int,
@@ -429,9 +520,11 @@ def source(
     has_zero: bool,
     no_math: bool = False,
     tokens: int = 1,
+    fused: tuple[bool, bool, bool] = (False, False, False),
 ) -> str:
-    """The kernels' CUDA C for one launch shape, weight scheme and token count (1, 8 or 16: the macros, then
-    :data:`SOURCE`); ``no_math`` leaves the CUDA-core kernel's dot products out (a timing probe, wrong results)."""
+    """The kernels' CUDA C for one launch shape, weight scheme, token count (1, 8 or 16) and fusion flags (norm,
+    glu, residual: :class:`Fused`): the macros, then :data:`SOURCE`. ``no_math`` leaves the CUDA-core kernel's dot
+    products out (a timing probe, wrong results)."""
     token_tiles = 1 if tokens <= 8 else 2
     macros = {
         "NWARPS": cfg.warps,
@@ -444,34 +537,60 @@ def source(
         "NO_MATH": int(no_math),
         "NT": token_tiles,
         "MMAX": 1 if tokens == 1 else 8 * token_tiles,
+        "FUSE_NORM": int(fused[0]),
+        "FUSE_GLU": int(fused[1]),
+        "FUSE_RES": int(fused[2]),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
 
 @functools.cache
-def _compiled(
-    cfg: CudaGemvConfig, group_blocks: int, per_channel: bool, has_zero: bool, no_math: bool, tokens: int
-):
+def _compiled(cfg: CudaGemvConfig, *scheme):
     name = "lowbit_w4a16_gemv_mma" if cfg.mma else "lowbit_w4a16_gemv"
-    return torch.cuda._compile_kernel(source(cfg, group_blocks, per_channel, has_zero, no_math, tokens), name)
+    return torch.cuda._compile_kernel(source(cfg, *scheme), name)
 
 
-def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemvConfig, no_math: bool = False) -> torch.Tensor:
-    """``x2 @ dequant(W).T`` for tokens ``x2`` ``[M, K]`` (bf16) on the CUDA kernels; see :func:`supported`."""
+def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: Fused) -> bool:
+    """Whether ``cfg`` runs ``fused`` in the kernel: the CUDA-core kernel, one token, one K-slice, an even number of
+    rows per thread for ``glu`` (gate and up rows in pairs), bf16 norm weight and residual."""
+    ok = not cfg.mma and cfg.split == 1 and supported(x2, packed) and (cfg.rows % 2 == 0 or not fused.glu)
+    ok = ok and (not fused.glu or packed.out_features % 2 == 0)
+    for t in (fused.norm, fused.residual):
+        ok = ok and (t is None or (t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 8 == 0))
+    return ok
+
+
+def gemv(
+    x2: torch.Tensor,
+    packed: PackedWNA16,
+    cfg: CudaGemvConfig,
+    no_math: bool = False,
+    fused: Fused | None = None,
+) -> torch.Tensor:
+    """``x2 @ dequant(W).T`` for tokens ``x2`` ``[M, K]`` (bf16) on the CUDA kernels (see :func:`supported`), with
+    ``fused`` work around it (see :func:`fusable`)."""
     from lowbit.kernels.w4a16 import split_k_buffers
 
     n, k = packed.out_features, packed.in_features
     m = x2.shape[0]
+    flags = fused.flags if fused is not None else (False, False, False)
+    if any(flags) and not fusable(cfg, x2, packed, fused):
+        raise ValueError(f"launch {cfg} does not take the fused work {flags} (norm, glu, residual)")
     per_channel = packed.group_size == -1
     group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
     tokens = 1 if m == 1 else 8 if m <= 8 else 16  # one kernel per token tile count
-    kernel = _compiled(cfg, group_blocks, per_channel, packed.zero is not None, no_math, tokens)
-    tiles = -(-n // cfg.block_rows)
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    kernel = _compiled(cfg, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags)
+    n_out = n // 2 if flags[1] else n
+    tiles = -(-n_out // (cfg.block_rows // (2 if flags[1] else 1)))
+    out = torch.empty((m, n_out), dtype=x2.dtype, device=x2.device)
     workspace, counters = split_k_buffers(x2.device, cfg.split * m * n, tiles)
     zero = packed.zero if packed.zero is not None else packed.scale
     args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k]
     if cfg.mma:
         args += [m, x2.stride(0), out.stride(0)]
+    else:
+        norm = fused.norm if fused is not None and fused.norm is not None else packed.scale
+        residual = fused.residual if fused is not None and fused.residual is not None else packed.scale
+        args += [norm, residual, float(fused.eps if fused is not None else 0.0)]
     kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args)
     return out

@@ -71,21 +71,21 @@ def _present(*tensors: Tensor | None) -> list[Tensor]:
     mutates_args=(),
     schema="(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int group_size, "
     "int in_features, int out_features, Tensor? norm, float eps, bool swiglu, Tensor? residual, "
-    "Tensor? next_codes=None, Tensor? next_scales=None) -> Tensor",
+    "Tensor? next_codes=None, Tensor? next_scales=None, bool glu=False) -> Tensor",
 )
 def _wna16_mm_fused(x, qweight, scale, zero, bits, group_size, in_features, out_features, norm, eps, swiglu, residual,
-                    next_codes=None, next_scales=None):  # fmt: skip
+                    next_codes=None, next_scales=None, glu=False):  # fmt: skip
     from lowbit.kernels.w4a16 import Fusion, wna16_matmul
 
     packed = PackedWNA16(qweight, scale, zero, bits, group_size, in_features, out_features)
-    fusion = Fusion(norm, eps, swiglu, residual)
+    fusion = Fusion(norm, eps, swiglu, residual, glu)
     return wna16_matmul(x, packed, fusion=fusion, l2_next=_present(next_codes, next_scales))
 
 
 @_wna16_mm_fused.register_fake
 def _(x, qweight, scale, zero, bits, group_size, in_features, out_features, norm, eps, swiglu, residual,
-      next_codes=None, next_scales=None):  # fmt: skip
-    return x.new_empty((*x.shape[:-1], out_features))
+      next_codes=None, next_scales=None, glu=False):  # fmt: skip
+    return x.new_empty((*x.shape[:-1], out_features // 2 if glu else out_features))
 
 
 @torch.library.custom_op(
@@ -189,14 +189,16 @@ class WNA16Linear(nn.Module):
         eps: float = 1e-6,
         swiglu: bool = False,
         residual: Tensor | None = None,
+        glu: bool = False,
     ) -> Tensor:
         """``forward`` with a decode step's elementwise work around it (:class:`lowbit.kernels.w4a16.Fusion`):
-        ``rms_norm(x, norm, eps)`` first, or ``silu(gate) * up`` of ``x = [gate, up]``; ``+ residual`` after. One
-        launch of the 4-bit GEMV at up to 8 rows on CUDA; separate operations elsewhere."""
+        ``rms_norm(x, norm, eps)`` first, or ``silu(gate) * up`` of ``x = [gate, up]``; ``silu(gate) * up`` of the
+        output ``[gate, up]`` with ``glu``; ``+ residual`` after. One launch of the 4-bit GEMV at up to 8 rows on
+        CUDA where a kernel takes it; separate operations elsewhere."""
         if kernels_available(x.device) and self.input_permutation is None and self.bias is None:
             return torch.ops.lowbit.wna16_mm_fused(
                 x, self.qweight, self.scale, self.zero, self.bits, self.group_size,
-                self.in_features, self.out_features, norm, eps, swiglu, residual, *self.l2_next[:2],
+                self.in_features, self.out_features, norm, eps, swiglu, residual, *self.l2_next[:2], glu=glu,
             )  # fmt: skip
         if norm is not None:
             x = F.rms_norm(x, (self.in_features,), norm, eps)
@@ -204,6 +206,9 @@ class WNA16Linear(nn.Module):
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         y = self(x)
+        if glu:
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
         return y if residual is None else (y + residual).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -101,8 +101,11 @@ class Block(nn.Module):
         mlp = (getattr(self, "o", None), self.gate_up, getattr(self, "down", None))
         if persistent.mlp_block_ok(x, *mlp, self.mlp_norm):  # o, norm, gate/up, SwiGLU, down: one launch
             return persistent.mlp_block_op(attn, x, *mlp, self.mlp_norm, s.rms_eps)
-        if fused:  # residual add in the o launch, RMSNorm in gate_up's, SwiGLU and the residual add in down's
+        if fused:  # residual add in the o launch, RMSNorm in gate_up's, SwiGLU in gate_up's or down's, residual in down's
             x = self.o.fused(attn, residual=x)
+            if cuda_glu_ok(x):  # the CUDA kernel: SwiGLU on gate_up's output rows, once per feature
+                act = self.gate_up.fused(x, norm=self.mlp_norm, eps=s.rms_eps, glu=True)
+                return self.down.fused(act, residual=x)
             gate_up = self.gate_up.fused(x, norm=self.mlp_norm, eps=s.rms_eps)
             return self.down.fused(gate_up, swiglu=True, residual=x)
         x = x + self.o(attn)
@@ -153,6 +156,16 @@ def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None]) -> bool:
         and m.bias is None and m.input_permutation is None
         for m in linears
     )  # fmt: skip
+
+
+def cuda_glu_ok(x: Tensor) -> bool:
+    """Whether the fused step puts SwiGLU on gate/up's output (the CUDA-core kernel of :mod:`lowbit.kernels.cuda_gemv`:
+    one bf16 token on a compute capability 9.0+ GPU) rather than on down's input (the Triton GEMV)."""
+    from lowbit.kernels import cuda_gemv
+
+    if not x.is_cuda or x.dtype != torch.bfloat16 or x.shape[0] * x.shape[1] != 1:
+        return False
+    return cuda_gemv._capability_ok(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def decode_kernel_ok(q: Tensor, rows: int, pos: Tensor | None) -> bool:

@@ -207,20 +207,24 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
 
 @dataclass(frozen=True)
 class Fusion:
-    """Elementwise work fused around the product by :func:`~lowbit.kernels.wna16_jit.w4_gemv_kernel` (a decode
-    step's launches; bench/notes/kernels.md, session 9): ``norm``, RMSNorm of the input with this weight first;
-    ``swiglu``, the input is ``[gate, up]`` and the product takes ``silu(gate) * up``; ``residual``, added to the
-    output."""
+    """Elementwise work fused around the product by :func:`~lowbit.kernels.wna16_jit.w4_gemv_kernel` or the CUDA-core
+    kernel of :mod:`lowbit.kernels.cuda_gemv` (a decode step's launches; bench/notes/kernels.md, sessions 9 and 13):
+    ``norm``, RMSNorm of the input with this weight first; ``swiglu``, the input is ``[gate, up]`` and the product
+    takes ``silu(gate) * up`` (Triton only); ``glu``, the weight's output rows are ``[gate; up]`` and the result is
+    ``silu(gate) * up`` (CUDA only); ``residual``, added to the output."""
 
     norm: torch.Tensor | None = None
     eps: float = 1e-6
     swiglu: bool = False
     residual: torch.Tensor | None = None
+    glu: bool = False
 
     @property
     def kind(self) -> str:
-        return ("norm" if self.norm is not None else "swiglu" if self.swiglu else "") + (
-            "+res" if self.residual is not None else ""
+        return (
+            ("norm" if self.norm is not None else "swiglu" if self.swiglu else "")
+            + ("+glu" if self.glu else "")
+            + ("+res" if self.residual is not None else "")
         )
 
     def unfused(self, x: torch.Tensor, packed: PackedWNA16) -> torch.Tensor:
@@ -232,12 +236,22 @@ class Fusion:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         y = wna16_matmul(x, packed)
+        if self.glu:
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
         return y if self.residual is None else (y + self.residual.reshape(y.shape)).to(y.dtype)
 
+    def cuda(self) -> cuda_gemv.Fused:
+        return cuda_gemv.Fused(self.norm, self.eps, self.glu, self.residual)
 
-def fusable(cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion) -> bool:
-    """Whether ``cfg`` runs ``fusion`` in the kernel: the multi-K-block 4-bit GEMV, and one K-slice for a norm."""
-    ok = cfg.kbi > 0 and 0 < cfg.block_m <= 8 and m <= 8 and multi_block_ok(packed) and not cfg.cuda
+
+def fusable(cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion, x2: torch.Tensor | None = None) -> bool:
+    """Whether ``cfg`` runs ``fusion`` in the kernel: the multi-K-block 4-bit Triton GEMV (one K-slice for a norm; no
+    ``glu``), or the CUDA-core kernel (:func:`lowbit.kernels.cuda_gemv.fusable`, given the input ``x2``; no
+    ``swiglu``)."""
+    if cfg.cuda:
+        return x2 is not None and not fusion.swiglu and cuda_gemv.fusable(cfg.cuda_config(), x2, packed, fusion.cuda())
+    ok = cfg.kbi > 0 and 0 < cfg.block_m <= 8 and m <= 8 and multi_block_ok(packed) and not fusion.glu
     return ok and (fusion.norm is None or cfg.split_k == 1) and not (fusion.norm is not None and fusion.swiglu)
 
 
@@ -274,13 +288,14 @@ def wna16_matmul(
     if fusion is not None and (m > 8 or not multi_block_ok(packed)):
         return fusion.unfused(x, packed)  # no fused kernel for this shape: nothing to tune
     cfg = config or tuned_config(x2, packed, fusion)
-    if fusion is not None and not fusable(cfg, packed, m, fusion):
+    if fusion is not None and not fusable(cfg, packed, m, fusion, x2):
         return fusion.unfused(x, packed)
     if cfg.mma and not multi_block_ok(packed):
         cfg = default_config(m, n, k)  # groups under a K-block, or 8-bit codes: no such kernel
     if cfg.cuda:
         if cuda_gemv.supported(x2, packed, cfg.mma) and not interpreting():
-            return cuda_gemv.gemv(x2, packed, cfg.cuda_config()).reshape(*x.shape[:-1], n)
+            out = cuda_gemv.gemv(x2, packed, cfg.cuda_config(), fused=fusion.cuda() if fusion is not None else None)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         cfg = default_config(m, n, k)  # not a bf16 token on a CUDA 9.0+ device: the Triton kernels
     if cfg.block_m == 0:
         return F.linear(x, dequantize_packed(packed, x.dtype))
@@ -385,7 +400,7 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
         return default_fused_config(m) if kind and m <= 8 else default_config(m, n, k)
     if kind:
         reference = fusion.unfused(x2, packed).float()
-        candidates = [cfg for cfg in candidate_configs(m) if fusable(cfg, packed, m, fusion)]
+        candidates = [cfg for cfg in candidate_configs(m) if fusable(cfg, packed, m, fusion, x2)]
     else:
         reference = wna16_matmul(x2, packed, default_config(m, n, k)).float()
         candidates = candidate_configs(m)
