@@ -59,14 +59,63 @@ lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink
 
 
 def sweep() -> list[cuda_gemv.CudaGemvConfig]:
-    """Both kernels' launch shapes: (rows, warps, unroll, split), rows x unroll <= 8 (session 13, call 1: the
-    CUDA-core kernel's best were unroll 1-2, rows 1-2 at every shape; unroll 8 never placed)."""
-    grid = [
+    """Both kernels' launch shapes (session 13, calls 1-2: the best were unroll 1-2, rows 1-4, split 1 at every
+    shape; unroll 4 and 8 never placed): the CUDA-core kernel with and without staging, the tensor-core one."""
+    core = [
         (r, w, u, s)
-        for r, w, u, s in itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4), (1, 2, 4))
-        if r * u <= 8
+        for r, w, u, s in itertools.product((1, 2, 4), (4, 8, 16), (1, 2), (1, 2, 4))
+        if r * u <= 4
     ]
-    return [cuda_gemv.CudaGemvConfig(*shape, mma=mma) for mma in (False, True) for shape in grid]
+    mma = itertools.product((1, 2, 4), (4, 8, 16), (1,), (1, 2, 4))
+    return [cuda_gemv.CudaGemvConfig(*c, stage=st) for st in (False, True) for c in core] + [
+        cuda_gemv.CudaGemvConfig(*c, mma=True) for c in mma
+    ]
+
+
+# the decode step's fused launches (runtime.FUSE "auto" / "glu") per shape: Fusion kinds as tuned_config keys them
+FUSED_KINDS = {
+    "qkv": ["norm"],
+    "o": ["+res"],
+    "gate_up": ["norm+glu", "+glu"],
+    "down": ["+res"],
+    "lm_head": ["norm"],
+}
+
+
+def fused_rows(name: str, x: torch.Tensor, packed, flush_ms: float) -> tuple[list[dict], dict]:
+    """Each fused kind of this shape on the CUDA-core kernel (staged or not; split 1): the best launch, checked
+    against the separate operations; returns rows and tuned-config reprs keyed as tuned_config keys them."""
+    n, k = packed.out_features, packed.in_features
+    rows, tuned = [], {}
+    for kind in FUSED_KINDS[name]:
+        glu = "glu" in kind
+        norm = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16) if "norm" in kind else None
+        res = (
+            torch.randn(1, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16)
+            if "res" in kind
+            else None
+        )
+        fusion = w4a16.Fusion(norm=norm, eps=1e-5, residual=res, glu=glu)
+        expected = fusion.unfused(x, packed).float()
+        timed = []
+        for r, nw, u, st in itertools.product((1, 2, 4), (4, 8, 16), (1, 2), (False, True)):
+            cfg = w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st)
+            if r * u > 4 or not w4a16.fusable(cfg, packed, 1, fusion, x):
+                continue
+            err = rel_err(w4a16.wna16_matmul(x, packed, cfg, fusion), expected)
+            us = (
+                w4a16.device_time(lambda cfg=cfg, f=fusion: w4a16.wna16_matmul(x, packed, cfg, f)) - flush_ms
+            ) * 1e3
+            timed.append((us, err, cfg))
+        timed.sort(key=lambda t: t[0])
+        best = next(t for t in timed if t[1] < 1e-2)
+        print(
+            f"  fused {name} {kind}: {best[0]:.2f} us (err {best[1]:.1e}) {best[2]}; wrong {sum(t[1] >= 1e-2 for t in timed)}"
+        )
+        rows.append({"kind": kind, "us": best[0], "rel_err": best[1], "config": repr(best[2]),
+                     "top": [[t[0], t[1], repr(t[2])] for t in timed[:4]]})  # fmt: skip
+        tuned[str((1, n, k, 4, 128, True, kind))] = repr(best[2])
+    return rows, tuned
 
 
 def reference(x: torch.Tensor, packed) -> torch.Tensor:
@@ -132,8 +181,9 @@ def triton_best(x: torch.Tensor, packed) -> w4a16.WNA16Config:
         w4a16._TUNED.pop(key, None)
 
 
-def shape_row(name: str, k: int, n: int, m: int, flush_ms: float, top: int) -> tuple[dict, str]:
-    """One shape's timings at M tokens; also the faster launch (Triton or best CUDA) as a tuned-config repr."""
+def shape_row(name: str, k: int, n: int, m: int, flush_ms: float, top: int, fused: bool) -> tuple[dict, dict]:
+    """One shape's timings at M tokens; also the faster launch (Triton or best CUDA) as tuned-config reprs by key
+    (with ``fused``, at one token, also the fused kinds')."""
     q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
     scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
     packed = pack_wna16(q, scale, None, 4, 128)
@@ -186,8 +236,14 @@ def shape_row(name: str, k: int, n: int, m: int, flush_ms: float, top: int) -> t
     for t in timed[:top]:
         print(f"    {t['us']:7.2f} us  err {t['rel_err']:.1e}  {t['config']}")
     c = cuda_gemv.CudaGemvConfig(**best["config"])
-    cuda_cfg = w4a16.WNA16Config(1, c.block_rows, c.split, c.warps, kbi=c.unroll, mma=c.mma, cuda=True)
-    return row, repr(cuda_cfg if best["us"] < triton_us else triton_cfg)
+    cuda_cfg = w4a16.WNA16Config(
+        1, c.block_rows, c.split, c.warps, kbi=c.unroll, mma=c.mma, cuda=True, stage=c.stage
+    )
+    tuned = {str((m, n, k, 4, 128, True)): repr(cuda_cfg if best["us"] < triton_us else triton_cfg)}
+    if fused and m == 1:
+        row["fused"], fused_tuned = fused_rows(name, x, packed, flush_ms)
+        tuned.update(fused_tuned)
+    return row, tuned
 
 
 def main() -> None:
@@ -200,6 +256,9 @@ def main() -> None:
     parser.add_argument("--ms", type=int, nargs="*", default=[1], help="tokens (1 to 16)")
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument(
+        "--fused", action="store_true", help="also time the decode step's fused launches (M = 1)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -211,7 +270,8 @@ def main() -> None:
     flush_ms = w4a16.device_time(lambda: None)
     for m in args.ms:
         for name, k, n in (s for s in SHAPES if s[0] in args.shapes):
-            row, tuned[str((m, n, k, 4, 128, True))] = shape_row(name, k, n, m, flush_ms, args.top)
+            row, shape_tuned = shape_row(name, k, n, m, flush_ms, args.top, args.fused)
+            tuned.update(shape_tuned)
             result["shapes"].append(row)
             (args.out / "cuda_gemv.json").write_text(json.dumps(result, indent=1))
             (args.out / "cuda_tuned.json").write_text(json.dumps(tuned, indent=1))

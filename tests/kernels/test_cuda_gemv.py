@@ -75,11 +75,12 @@ def test_gpu_cuda_gemv_matches_float64(group, asymmetric, split):
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     assert cuda_gemv.supported(x, packed)
     ref = float64_product(x, packed)
-    for rows, warps, unroll, mma in ((1, 8, 4, False), (2, 4, 2, False), (4, 4, 1, False), (1, 4, 2, True),
-                                     (2, 8, 1, True), (4, 4, 1, True)):  # fmt: skip
-        out = cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, mma))
+    launches = [(1, 8, 4, False, False), (2, 4, 2, False, False), (4, 4, 1, False, False), (1, 8, 1, False, True),
+                (2, 4, 2, False, True), (1, 4, 2, True, False), (2, 8, 1, True, False), (4, 4, 1, True, False)]  # fmt: skip
+    for rows, warps, unroll, mma, stage in launches:
+        out = cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, mma, stage))
         # the tensor-core kernel sums in float32 (1e-3 is bf16's output rounding), the CUDA-core one in bf16 pairs
-        assert rel_err(out, ref) < (2e-3 if mma else 5e-3), (rows, warps, unroll, mma)
+        assert rel_err(out, ref) < (2e-3 if mma else 5e-3), (rows, warps, unroll, mma, stage)
 
 
 @gpu_only
@@ -158,12 +159,19 @@ def test_gpu_fused_cuda_gemv_matches_the_separate_operations(kind):
     )
     fusion = w4a16.Fusion(norm=norm, eps=1e-5, residual=residual, glu=glu)
     expected = fusion.unfused(x, packed).double()
-    for rows, warps, unroll in ((2, 8, 1), (2, 4, 2), (4, 4, 1)):
-        cfg = w4a16.WNA16Config(1, 8 * rows, 1, warps, kbi=unroll, cuda=True)
+    for rows, warps, unroll, stage in ((2, 8, 1, False), (2, 4, 2, False), (4, 4, 1, False), (2, 8, 1, True),
+                                       (2, 16, 2, True)):  # fmt: skip
+        cfg = w4a16.WNA16Config(1, 8 * rows, 1, warps, kbi=unroll, cuda=True, stage=stage)
         assert w4a16.fusable(cfg, packed, 1, fusion, x)
         out = w4a16.wna16_matmul(x, packed, cfg, fusion)
         assert out.shape == expected.shape
-        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2, (kind, rows, warps, unroll)
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2, (
+            kind,
+            rows,
+            warps,
+            unroll,
+            stage,
+        )
     # float64: the whole chain from the dequantized weight
     q, scale, zero = unpack_wna16(packed)
     weight = dequantize_weight(
@@ -182,9 +190,10 @@ def test_gpu_fused_cuda_gemv_matches_the_separate_operations(kind):
 
 
 @gpu_only
-def test_gpu_fused_decode_with_the_cuda_kernel_gives_the_unfused_tokens(monkeypatch):
-    """``runtime.FUSE`` on a bf16 decoder on the GPU: SwiGLU moves onto gate/up's output rows (the CUDA-core kernel),
-    and greedy decoding (compiled, CUDA graph) gives the tokens of the separate operations."""
+@pytest.mark.parametrize("mode", ["auto", "glu"])
+def test_gpu_fused_decode_with_the_cuda_kernel_gives_the_unfused_tokens(mode, monkeypatch):
+    """``runtime.FUSE`` on a bf16 decoder on the GPU: SwiGLU moves onto gate/up's output rows (the CUDA-core kernel;
+    ``"glu"``: only that), and greedy decoding (CUDA graph) gives the tokens of the separate operations."""
     from lowbit.kernels import runtime
     from lowbit.kernels.runtime import DecoderShape, greedy_decode, linear_factory, random_decoder
 
@@ -196,7 +205,7 @@ def test_gpu_fused_decode_with_the_cuda_kernel_gives_the_unfused_tokens(monkeypa
     prompt = torch.randint(0, shape.vocab_size, (1, 6), device="cuda")
     monkeypatch.setattr(runtime, "FUSE", ["off"])
     plain = greedy_decode(model, prompt, new_tokens=6)
-    monkeypatch.setattr(runtime, "FUSE", ["auto"])
+    monkeypatch.setattr(runtime, "FUSE", [mode])
     seen = []
     real = cuda_gemv.gemv
 
@@ -207,8 +216,10 @@ def test_gpu_fused_decode_with_the_cuda_kernel_gives_the_unfused_tokens(monkeypa
     monkeypatch.setattr(cuda_gemv, "gemv", spy)
     # the untuned default is a Triton launch: name CUDA launches for the fused kinds, as the tuner would pick them
     for key_n, key_k, kind in ((shape.intermediate_size * 2, shape.hidden_size, "norm+glu"),
+                               (shape.intermediate_size * 2, shape.hidden_size, "+glu"),
                                (shape.hidden_size, shape.intermediate_size, "+res")):  # fmt: skip
-        w4a16._TUNED[(1, key_n, key_k, 4, 128, True, kind)] = w4a16.WNA16Config(1, 16, 1, 4, kbi=1, cuda=True)
+        w4a16._TUNED[(1, key_n, key_k, 4, 128, True, kind)] = w4a16.WNA16Config(1, 16, 1, 4, kbi=1, cuda=True,
+                                                                                 stage=kind != "+res")  # fmt: skip
     try:
         fused = greedy_decode(model, prompt, new_tokens=6)
     finally:

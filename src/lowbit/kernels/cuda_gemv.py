@@ -184,30 +184,78 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
     float ssq = 0.f;  // FUSE_NORM: this lane's share of sum(h^2)
 
-    for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
-        // every load of this batch is issued before any of its values is used
-        uint4 words[UNROLL][ROWS];
-        u32 scales[UNROLL][ROWS];
-        u32 zeros[UNROLL][ROWS];
+    uint4 words[UNROLL][ROWS];
+    u32 scales[UNROLL][ROWS];
+    u32 zeros[UNROLL][ROWS];
+    // the loads of one batch (UNROLL K-blocks from kb0, NWARPS apart), all issued before any value is used
+    auto load_batch = [&](int kb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = kb0 + u * NWARPS;
             const int g = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS;
+            const bool ok = kb < kb_hi;
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 const int n = rows_n[r];
-                const bool ok = kb < kb_hi;
                 words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
                 scales[u][r] = ok ? load_u16(scale + (size_t)g * N + n) : 0u;
                 zeros[u][r] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)g * N + n) : 0u;
             }
         }
+    };
+
+#if STAGE
+    // The block's activations (its K range) go to shared memory once, after the first weight batch is in flight
+    // (with FUSE_NORM: multiplied by the norm weight, and h^2 summed, each feature once per block); the loop then
+    // reads them from there, and loads the next batch of weights before it computes the current one.
+    extern __shared__ __align__(16) unsigned char stage_raw[];
+    uint2* staged = reinterpret_cast<uint2*>(stage_raw);  // 4 features per entry
+    load_batch(kb_lo + warp);
+    for (int i = threadIdx.x; i < (kb_hi - kb_lo) * 32; i += NWARPS * 32) {
+        uint2 v = load_x4(x + kb_lo * 128 + 4 * i);
+        if (FUSE_NORM) {
+            const float h0 = __uint_as_float(v.x << 16), h1 = __uint_as_float(v.x & 0xFFFF0000u);
+            const float h2 = __uint_as_float(v.y << 16), h3 = __uint_as_float(v.y & 0xFFFF0000u);
+            ssq = fmaf(h0, h0, fmaf(h1, h1, fmaf(h2, h2, fmaf(h3, h3, ssq))));
+            const uint2 w = load_x4(norm_w + kb_lo * 128 + 4 * i);
+            v.x = mul_bf16x2(v.x, w.x);
+            v.y = mul_bf16x2(v.y, w.y);
+        }
+        staged[i] = v;
+    }
+    __syncthreads();
+#endif
+
+    for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
+#if STAGE
+        uint4 cur[UNROLL][ROWS];
+        u32 cur_scales[UNROLL][ROWS];
+        u32 cur_zeros[UNROLL][ROWS];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                cur[u][r] = words[u][r];
+                cur_scales[u][r] = scales[u][r];
+                cur_zeros[u][r] = zeros[u][r];
+            }
+        if (kb0 + NWARPS * UNROLL < kb_hi) load_batch(kb0 + NWARPS * UNROLL);  // the next batch, in flight
+#else
+        load_batch(kb0);
+        uint4 (&cur)[UNROLL][ROWS] = words;
+        u32 (&cur_scales)[UNROLL][ROWS] = scales;
+        u32 (&cur_zeros)[UNROLL][ROWS] = zeros;
+#endif
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = kb0 + u * NWARPS;
             if (kb < kb_hi) {
-                const u16* xb = x + kb * 128 + 4 * quad;
                 uint2 xs[8];
+#if STAGE
+#pragma unroll
+                for (int j = 0; j < 8; ++j) xs[j] = staged[(kb - kb_lo) * 32 + 4 * j + quad];
+#else
+                const u16* xb = x + kb * 128 + 4 * quad;
 #pragma unroll
                 for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
 #if FUSE_NORM
@@ -225,6 +273,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                     }
                 }
 #endif
+#endif
                 u32 pairs[4][4];  // [word][j]: activations of codes (j, j + 4) of the thread's word
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
@@ -235,10 +284,10 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                 }
 #pragma unroll
                 for (int r = 0; r < ROWS; ++r) {
-                    const float z = HAS_ZERO ? bf16_bits_to_float(zeros[u][r]) : 8.f;
+                    const float z = HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r]) : 8.f;
                     const u32 nz = float_to_bf16_bits(-(128.f + z));
                     const u32 neg_zero = nz | (nz << 16);
-                    const uint4 w = words[u][r];
+                    const uint4 w = cur[u][r];
 #if NO_MATH  // timing probe (bench/cuda_gemv.py): the same loads and epilogue without the dot products
                     const float part = (float)((w.x ^ w.y ^ w.z ^ w.w ^ pairs[r & 3][0] ^ neg_zero) & 1u);
 #else
@@ -247,7 +296,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                                      + pair_sum(word_dot(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], neg_zero))
                                      + pair_sum(word_dot(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], neg_zero));
 #endif
-                    acc[r] = fmaf(part, bf16_bits_to_float(scales[u][r]), acc[r]);
+                    acc[r] = fmaf(part, bf16_bits_to_float(cur_scales[u][r]), acc[r]);
                 }
             }
         }
@@ -463,6 +512,9 @@ class CudaGemvConfig:
     unroll: int = 4
     split: int = 1
     mma: bool = False
+    # the CUDA-core kernel: the block's activations staged in shared memory (and the norm applied there), the next
+    # weight batch loaded while the current one is computed
+    stage: bool = False
 
     @property
     def block_rows(self) -> int:
@@ -540,6 +592,7 @@ def source(
         "FUSE_NORM": int(fused[0]),
         "FUSE_GLU": int(fused[1]),
         "FUSE_RES": int(fused[2]),
+        "STAGE": int(cfg.stage),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
@@ -592,5 +645,9 @@ def gemv(
         norm = fused.norm if fused is not None and fused.norm is not None else packed.scale
         residual = fused.residual if fused is not None and fused.residual is not None else packed.scale
         args += [norm, residual, float(fused.eps if fused is not None else 0.0)]
-    kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args)
+    # the staged activations: one K-slice of bf16 (28 KiB at K = 14336, under the 48 KiB default)
+    shared = 2 * -(-(k // BLOCK_K) // cfg.split) * BLOCK_K if cfg.stage and not cfg.mma else 0
+    if shared > 48 * 1024:
+        kernel.set_shared_memory_config(shared)
+    kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
     return out

@@ -110,6 +110,8 @@ class Block(nn.Module):
             return self.down.fused(gate_up, swiglu=True, residual=x)
         x = x + self.o(attn)
         h = F.rms_norm(x, (s.hidden_size,), self.mlp_norm, s.rms_eps)
+        if FUSE[0] == "glu" and fused_gemv_ok(h, [self.gate_up], mode="on") and cuda_glu_ok(h):  # SwiGLU in gate_up's
+            return x + self.down(self.gate_up.fused(h, glu=True))
         if self.gate_up is not None:
             gate, up = self.gate_up(h).chunk(2, dim=-1)
         else:
@@ -137,17 +139,19 @@ ATTENTION = ["auto"]
 # Off because it did not pay on the H200 (bench/notes/kernels.md, session 9): it removed 97 launches per step (0.22
 # ms), but every program of the fused GEMVs redoes the prologue over the whole input row (the norm weight, or a
 # sigmoid per element), and in these issue-bound kernels that cost as much: 2.563 ms per W4A16 step against 2.500.
+# Session 13 did the same with the CUDA-core kernel (lowbit.kernels.cuda_gemv, SwiGLU on gate/up's output rows): 2.008
+# against 1.959 ms. "glu": only SwiGLU, on gate/up's output rows (the CUDA kernel), the norms and adds as before.
 FUSE = ["off"]
 
 
-def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None]) -> bool:
+def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None], mode: str | None = None) -> bool:
     """Whether this step's projections run with the elementwise work fused in (see ``FUSE``): all of them
     4-bit :class:`~lowbit.kernels.linear.WNA16Linear` with groups of at least 128 (fused q/k/v and gate/up), no
     bias or input permutation, at most 8 tokens, no autograd recording."""
     from lowbit.kernels.linear import WNA16Linear
 
-    mode = FUSE[0]
-    if mode == "off" or (mode == "auto" and not x.is_cuda) or not kernels_available(x.device):
+    mode = mode or FUSE[0]
+    if mode in ("off", "glu") or (mode == "auto" and not x.is_cuda) or not kernels_available(x.device):
         return False
     if x.shape[0] * x.shape[1] > 8 or (torch.is_grad_enabled() and x.requires_grad):
         return False

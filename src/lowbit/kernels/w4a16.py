@@ -58,10 +58,11 @@ class WNA16Config:
     # True: the CUDA C GEMV (:mod:`lowbit.kernels.cuda_gemv`, one bf16 token; with ``mma`` its tensor-core kernel):
     # ``block_n`` rows per block, ``num_warps``, ``kbi`` K-blocks per load batch, ``split_k``
     cuda: bool = False
+    stage: bool = False  # with ``cuda`` (CUDA-core kernel): activations staged in shared memory, weights pipelined
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
         rows = self.block_n // (16 if self.mma else 8)
-        return cuda_gemv.CudaGemvConfig(rows, self.num_warps, self.kbi, self.split_k, self.mma)
+        return cuda_gemv.CudaGemvConfig(rows, self.num_warps, self.kbi, self.split_k, self.mma, self.stage)
 
 
 DENSE = WNA16Config(0, 0, 1)
@@ -101,9 +102,12 @@ def _cuda_candidates(m: int) -> list[WNA16Config]:
         return []
     core = [(1, 8, 4), (1, 8, 2), (1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 2), (2, 8, 2)] if m == 1 else []
     mma = [(1, 4, 1), (1, 4, 2), (1, 8, 1), (2, 4, 1), (2, 8, 1), (1, 16, 1), (2, 4, 2), (4, 4, 1)]
-    return [WNA16Config(1, 8 * r, sk, nw, kbi=kbi, cuda=True) for r, nw, kbi in core for sk in (1, 2)] + [
-        WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True) for r, nw, kbi in mma for sk in (1, 2, 4)
-    ]
+    return [
+        WNA16Config(1, 8 * r, sk, nw, kbi=kbi, cuda=True, stage=st)
+        for r, nw, kbi in core
+        for sk in (1, 2)
+        for st in (False, True)
+    ] + [WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True) for r, nw, kbi in mma for sk in (1, 2, 4)]
 
 
 def _dot_candidates(m: int) -> list[WNA16Config]:
