@@ -53,6 +53,8 @@ def test_cuda_candidates_up_to_sixteen_tokens():
     assert (mma.rows, mma.block_rows, mma.mma) == (2, 32, True)
 
 
+@pytest.mark.skipif(GPU, reason="the CPU fallback (Triton's interpreter); test_gpu_wna16_matmul_dispatches_cuda_configs "
+                    "covers the fallback on a GPU")  # fmt: skip
 def test_cuda_config_falls_back_where_unsupported():
     """On the CPU (and for fp16 tokens, several tokens, 8-bit codes) a CUDA launch runs the Triton kernel instead."""
     packed = packed_weight(48, 256, 128, True, "cpu")
