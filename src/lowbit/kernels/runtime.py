@@ -134,14 +134,14 @@ class Block(nn.Module):
 ATTENTION = ["auto"]
 
 
-# "auto": a decode step (up to 8 tokens) runs each layer's RMSNorms, SwiGLU and residual adds inside its 4-bit GEMV
-# launches (lowbit.kernels.w4a16.Fusion) on CUDA; "on": also in Triton's interpreter (tests); "off" (default): never.
-# Off because it did not pay on the H200 (bench/notes/kernels.md, session 9): it removed 97 launches per step (0.22
-# ms), but every program of the fused GEMVs redoes the prologue over the whole input row (the norm weight, or a
-# sigmoid per element), and in these issue-bound kernels that cost as much: 2.563 ms per W4A16 step against 2.500.
-# Session 13 did the same with the CUDA-core kernel (lowbit.kernels.cuda_gemv, SwiGLU on gate/up's output rows): 2.008
-# against 1.959 ms. "glu": only SwiGLU, on gate/up's output rows (the CUDA kernel), the norms and adds as before.
-FUSE = ["off"]
+# "auto" (default): a decode step of one bf16 token on a CUDA GPU of compute capability 9.0+ runs each layer's
+# RMSNorms, SwiGLU and residual adds inside its 4-bit GEMV launches (the CUDA-core kernel of lowbit.kernels.cuda_gemv:
+# the norm as a scale on the outputs with the activations staged once per block, SwiGLU on gate/up's output rows),
+# 260 -> 164 launches per Llama-3-8B step, 1.989 -> 1.874 ms on the H200 (bench/notes/kernels.md, session 13);
+# "on": every decode step of up to 8 tokens, also with the Triton GEMV (w4a16.Fusion) and in Triton's interpreter
+# (tests). The Triton GEMV alone did not pay (session 9: 2.563 ms per step against 2.500, every program redoing the
+# prologue over the whole input row). "glu": only SwiGLU, on gate/up's output rows; "off": never.
+FUSE = ["auto"]
 
 
 def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None], mode: str | None = None) -> bool:
@@ -151,7 +151,7 @@ def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None], mode: str | None =
     from lowbit.kernels.linear import WNA16Linear
 
     mode = mode or FUSE[0]
-    if mode in ("off", "glu") or (mode == "auto" and not x.is_cuda) or not kernels_available(x.device):
+    if mode in ("off", "glu") or (mode == "auto" and not cuda_glu_ok(x)) or not kernels_available(x.device):
         return False
     if x.shape[0] * x.shape[1] > 8 or (torch.is_grad_enabled() and x.requires_grad):
         return False

@@ -374,6 +374,23 @@ def default_fused_config(m: int) -> WNA16Config:
     return WNA16Config(max(1, triton.next_power_of_2(m)), 16, 1, 4, 3, packed_math=True, prefetch=False, kbi=8)
 
 
+# The CUDA-core kernel's launch where nothing was tuned (one bf16 token on a CUDA 9.0+ GPU): 2 rows per thread, 8 warps,
+# one K-block per load, staged activations; within 10% of the best launch at every Llama-3-8B decode shape, unfused
+# and fused (bench/notes/kernels.md, session 13)
+CUDA_DEFAULT = WNA16Config(1, 16, 1, 8, kbi=1, cuda=True, stage=True)
+
+
+def untuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = None) -> WNA16Config:
+    """The launch without tuning: :data:`CUDA_DEFAULT` where the CUDA kernel takes the product (and the fused work),
+    else :func:`default_fused_config` for fused work, else :func:`default_config`."""
+    m, n, k = x2.shape[0], packed.out_features, packed.in_features
+    fused = fusion is not None and bool(fusion.kind)
+    if x2.is_cuda and not interpreting() and cuda_gemv.supported(x2, packed):
+        if not fused or fusable(CUDA_DEFAULT, packed, m, fusion, x2):
+            return CUDA_DEFAULT
+    return default_fused_config(m) if fused and m <= 8 else default_config(m, n, k)
+
+
 def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = None) -> WNA16Config:
     """The fastest candidate configuration for this shape, timed once per (M, N, K, scheme, fusion) on CUDA.
 
@@ -401,10 +418,12 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
         or interpreting()
         or torch.cuda.is_current_stream_capturing()
     ):
-        return default_fused_config(m) if kind and m <= 8 else default_config(m, n, k)
+        return untuned_config(x2, packed, fusion)
     if kind:
         reference = fusion.unfused(x2, packed).float()
         candidates = [cfg for cfg in candidate_configs(m) if fusable(cfg, packed, m, fusion, x2)]
+        if any(cfg.cuda for cfg in candidates):  # the fused Triton GEMV lost to the CUDA kernel at every shape
+            candidates = [cfg for cfg in candidates if cfg.cuda]
     else:
         reference = wna16_matmul(x2, packed, default_config(m, n, k)).float()
         candidates = candidate_configs(m)
@@ -426,8 +445,7 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
             timings.append((device_time(lambda cfg=cfg: wna16_matmul(x2, packed, cfg, fusion)), cfg))
         except Exception as exc:  # out of shared memory or registers for this shape
             logger.debug("config %s failed: %s", cfg, exc)
-    fallback = default_fused_config(m) if kind and m <= 8 else default_config(m, n, k)
-    best = min(timings, key=lambda t: t[0])[1] if timings else fallback
+    best = min(timings, key=lambda t: t[0])[1] if timings else untuned_config(x2, packed, fusion)
     _TUNED[key] = best
     TUNING_LOG[key] = sorted(timings, key=lambda t: t[0])
     logger.info("W%dA16 M=%d N=%d K=%d: tuned %s", packed.bits, m, n, k, best)
