@@ -1,24 +1,32 @@
-"""A CUDA C 4-bit GEMV for decoding (one token), compiled at run time with NVRTC.
+"""CUDA C 4-bit GEMVs for decoding (1 to 16 tokens), compiled at run time with NVRTC.
 
 Why CUDA and not Triton: sessions 9-12 of issue 6 (bench/notes/kernels.md) found the decode step's small GEMVs
 (8-59 MB of codes, 6-24 us each) bound by their latency structure, not by bandwidth or arithmetic, and every
-Triton-level lever failed to move them. Here every thread issues all the 16-byte weight loads of its K-blocks (and
-their scales) before it computes anything, so a launch keeps as many bytes in flight as its resident threads can
-hold, with no pipelining decisions left to a compiler.
+Triton-level lever failed to move them. Here every thread issues all the 16-byte weight loads of a batch of K-blocks
+(and their scales) before it computes anything, with no pipelining decisions left to a compiler. Session 13 measured
+them 1.17-1.40x the Triton GEMVs on the Llama-3-8B decode shapes.
 
 Layout: the packed weight of :func:`lowbit.kernels.layout.pack_wna16` unchanged (4-bit codes, K-blocks of 128
-features, ``[K / 128, N, 16]`` int32, code ``j`` of word ``w`` is feature ``16 j + w``). A block takes ``8 * rows``
-output rows; lane ``l`` of a warp reads words ``4 (l % 4) .. 4 (l % 4) + 3`` of row ``l // 4`` (+ 8, 16, ... for
-more rows), so one load instruction of a warp reads 512 contiguous bytes; the warps of a block share out its
-K-blocks (``unroll`` per load batch) and sum through shared memory; ``split`` blocks along K each write float32
-partials that the last to finish adds in order (deterministic; a self-resetting counter per row tile).
+features, ``[K / 128, N, 16]`` int32, code ``j`` of word ``w`` is feature ``16 j + w``). Lane ``l`` of a warp reads
+words ``4 (l % 4) .. 4 (l % 4) + 3`` of a row (row ``l // 4``, + 8, 16, ... for more rows), so one load instruction of
+a warp reads 512 contiguous bytes; the warps of a block share out its K-blocks (``unroll`` per load batch) and sum
+through shared memory; ``split`` blocks along K each write float32 partials that the last to finish adds in order
+(deterministic; a self-resetting counter per row tile).
 
-Arithmetic per word, as the Triton GEMV's packed math (:data:`lowbit.kernels.dequant._WORD_DOT_PTX`): ``lop3``
-makes ``128 + q`` in bf16 for the code pair ``(j, j + 4)``, one ``fma.bf16x2`` subtracts ``128 + zero`` (exact),
-one multiplies by the activations and accumulates the four pairs; float32 from there. Only bf16 activations, 4-bit
-codes, groups of a whole K-block or more (or per channel), K a multiple of 128, on compute capability 9.0 or later
-(``fma.rn.bf16x2`` needs 8.0; the Hopper H200 is where it was measured). :func:`supported` says whether a weight
-and input qualify; anything else runs the Triton kernels.
+Two kernels (:class:`CudaGemvConfig`):
+
+* the CUDA-core kernel, one token: per word, as the Triton GEMV's packed math
+  (:data:`lowbit.kernels.dequant._WORD_DOT_PTX`), ``lop3`` makes ``128 + q`` in bf16 for the code pair ``(j, j + 4)``,
+  one ``fma.bf16x2`` subtracts ``128 + zero`` (exact), one multiplies by the activations and accumulates; float32 from
+  there. ``stage``: the activations are staged in shared memory once per block and the next weight batch is loaded
+  while the current one is computed. It also takes a decode step's elementwise work (:class:`Fused`: RMSNorm as a
+  scale on the outputs, SwiGLU on ``[gate; up]`` output rows, the residual add);
+* the tensor-core kernel, 1 to 16 tokens (``mma.sync.m16n8k16``, the raw codes as ``128 + q`` and a product of ones
+  for the zero-point term, as :func:`lowbit.kernels.wna16_jit.w4_mma_kernel`).
+
+Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128, compute
+capability 9.0 or later (where it was measured; an H200). :func:`supported` says whether a weight and input qualify;
+anything else runs the Triton kernels.
 
 Compiled with ``torch.cuda._compile_kernel`` (NVRTC, part of every CUDA build of PyTorch), so no compiler or
 extension build is needed at install time; compiled once per launch shape and cached.
@@ -27,11 +35,14 @@ extension build is needed at install time; compiled once per launch shape and ca
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from lowbit.kernels.layout import BLOCK_K, PackedWNA16
+
+logger = logging.getLogger(__name__)
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -546,7 +557,16 @@ def supported(x2: torch.Tensor, packed: PackedWNA16, mma: bool = False) -> bool:
 
 @functools.cache
 def _capability_ok(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(torch.cuda, "_compile_kernel")
+    """Compute capability 9.0+ and a working NVRTC (a one-line kernel compiles); otherwise the Triton kernels run,
+    and a warning says why."""
+    if torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        torch.cuda._compile_kernel('extern "C" __global__ void lowbit_probe(int* p) { *p = 1; }', "lowbit_probe")
+    except Exception as exc:  # no NVRTC in this PyTorch build or environment
+        logger.warning("the CUDA C decode kernels are off: NVRTC could not compile (%s); the Triton kernels run", exc)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
