@@ -53,7 +53,7 @@ def main() -> None:
                         help="also run each quantized scheme with its lm_head quantized the same way")  # fmt: skip
     parser.add_argument("--attention", choices=["auto", "matmul", "reduce", "sdpa", "triton"], default="auto",
                         help="the decode step's attention (lowbit.kernels.runtime.ATTENTION)")  # fmt: skip
-    parser.add_argument("--fuse", choices=["off", "auto", "glu"], default="off",
+    parser.add_argument("--fuse", choices=["off", "auto", "glu"], default=runtime.FUSE[0],
                         help="norms, SwiGLU and residual adds inside the 4-bit GEMVs (lowbit.kernels.runtime.FUSE)")  # fmt: skip
     parser.add_argument("--persistent", choices=["off", "auto"], default=persistent.PERSISTENT[0],
                         help="o, norm, gate/up, SwiGLU and down as one launch at batch 1 "

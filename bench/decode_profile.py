@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--quantized-head-only", action="store_true", help="with --lm-head-quantized: only the "
                         "rows with the quantized lm_head")  # fmt: skip
     parser.add_argument("--attention", nargs="*", default=["auto"], choices=["auto", "matmul", "reduce", "sdpa", "triton"])
-    parser.add_argument("--fuse", nargs="*", default=["off"], choices=["off", "auto", "glu"],
+    parser.add_argument("--fuse", nargs="*", default=[runtime.FUSE[0]], choices=["off", "auto", "glu"],
                         help="lowbit.kernels.runtime.FUSE values to compare (non-bf16 schemes)")  # fmt: skip
     parser.add_argument("--persistent", nargs="*", default=["off"], choices=["off", "auto"],
                         help="lowbit.kernels.persistent.PERSISTENT values to compare (o, norm, gate/up, SwiGLU and "
