@@ -216,7 +216,7 @@ def test_gpu_fused_decode_with_the_cuda_kernel_gives_the_unfused_tokens(mode, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cuda_gemv, "gemv", spy)
-    # the untuned default is a Triton launch: name CUDA launches for the fused kinds, as the tuner would pick them
+    # name CUDA launches for the fused kinds (as the tuner would pick them; untuned, w4a16.CUDA_DEFAULT runs)
     for key_n, key_k, kind in ((shape.intermediate_size * 2, shape.hidden_size, "norm+glu"),
                                (shape.intermediate_size * 2, shape.hidden_size, "+glu"),
                                (shape.hidden_size, shape.intermediate_size, "+res")):  # fmt: skip
@@ -229,3 +229,19 @@ def test_gpu_fused_decode_with_the_cuda_kernel_gives_the_unfused_tokens(mode, mo
             del w4a16._TUNED[key]
     assert any(f is not None and f.glu for f in seen)
     assert torch.equal(fused.tokens, plain.tokens)
+
+
+def test_gemv_refuses_what_it_cannot_take():
+    """A direct call with inputs the kernels do not take is an error, not garbage (CPU tensors here; on a GPU the same
+    check refuses several tokens for the CUDA-core kernel)."""
+    packed = packed_weight(64, 256, 128, False, "cpu")
+    with pytest.raises(ValueError, match="does not take"):
+        cuda_gemv.gemv(torch.randn(1, 256).to(torch.bfloat16), packed, cuda_gemv.CudaGemvConfig())
+
+
+def test_staged_bytes_is_one_k_slice_of_bf16():
+    """The staged activations: 2 bytes per feature of a block's K-slice, none without staging or for the mma kernel."""
+    staged = cuda_gemv.CudaGemvConfig(2, 8, 1, 2, stage=True)
+    assert cuda_gemv.staged_bytes(staged, 14336) == 2 * 56 * 128
+    assert cuda_gemv.staged_bytes(cuda_gemv.CudaGemvConfig(2, 8, 1, 1), 14336) == 0
+    assert cuda_gemv.staged_bytes(cuda_gemv.CudaGemvConfig(2, 8, 1, 1, mma=True, stage=True), 4096) == 0

@@ -557,16 +557,33 @@ def supported(x2: torch.Tensor, packed: PackedWNA16, mma: bool = False) -> bool:
 
 @functools.cache
 def _capability_ok(index: int) -> bool:
-    """Compute capability 9.0+ and a working NVRTC (a one-line kernel compiles); otherwise the Triton kernels run,
-    and a warning says why."""
+    """Compute capability 9.0+ and a working NVRTC (a one-line kernel compiles for device ``index``); otherwise the
+    Triton kernels run, and a warning says why."""
     if torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:
-        torch.cuda._compile_kernel('extern "C" __global__ void lowbit_probe(int* p) { *p = 1; }', "lowbit_probe")
+        with torch.cuda.device(index):
+            torch.cuda._compile_kernel('extern "C" __global__ void lowbit_probe(int* p) { *p = 1; }', "lowbit_probe")
     except Exception as exc:  # no NVRTC in this PyTorch build or environment
         logger.warning("the CUDA C decode kernels are off: NVRTC could not compile (%s); the Triton kernels run", exc)
         return False
     return True
+
+
+# shared memory a block holds beyond the staged activations (the kernels' static arrays, under 2 KiB)
+_STATIC_SHARED_BYTES = 2048
+
+
+def staged_bytes(cfg: CudaGemvConfig, in_features: int) -> int:
+    """Dynamic shared memory of a launch: the staged activations of one K-slice in bf16 (0 unless ``stage``)."""
+    return 2 * -(-(in_features // BLOCK_K) // cfg.split) * BLOCK_K if cfg.stage and not cfg.mma else 0
+
+
+def stage_fits(cfg: CudaGemvConfig, in_features: int, device: torch.device) -> bool:
+    """Whether the staged activations fit in a block's shared memory on ``device`` (K up to about 110 000 on Hopper)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return staged_bytes(cfg, in_features) + _STATIC_SHARED_BYTES <= limit
 
 
 @dataclass(frozen=True)
@@ -617,16 +634,29 @@ def source(
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
 
-@functools.cache
-def _compiled(cfg: CudaGemvConfig, *scheme):
-    name = "lowbit_w4a16_gemv_mma" if cfg.mma else "lowbit_w4a16_gemv"
-    return torch.cuda._compile_kernel(source(cfg, *scheme), name)
+_KERNELS: dict[tuple, object] = {}
+
+
+def _compiled(cfg: CudaGemvConfig, device_index: int, *scheme):
+    """The kernel for one launch shape and scheme, compiled and loaded for device ``device_index`` once (a module is
+    loaded into one device's context). Not inside a CUDA-graph capture, where loading a module is not permitted."""
+    key = (cfg, device_index, *scheme)
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the CUDA kernel for {cfg} was not compiled before this CUDA-graph capture; run the "
+                               "step once before capturing it")  # fmt: skip
+        name = "lowbit_w4a16_gemv_mma" if cfg.mma else "lowbit_w4a16_gemv"
+        with torch.cuda.device(device_index):
+            kernel = _KERNELS[key] = torch.cuda._compile_kernel(source(cfg, *scheme), name)
+    return kernel
 
 
 def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: Fused) -> bool:
     """Whether ``cfg`` runs ``fused`` in the kernel: the CUDA-core kernel, one token, one K-slice, an even number of
     rows per thread for ``glu`` (gate and up rows in pairs), bf16 norm weight and residual."""
     ok = not cfg.mma and cfg.split == 1 and supported(x2, packed) and (cfg.rows % 2 == 0 or not fused.glu)
+    ok = ok and (not cfg.stage or stage_fits(cfg, packed.in_features, x2.device))
     ok = ok and (not fused.glu or packed.out_features % 2 == 0)
     for t in (fused.norm, fused.residual):
         ok = ok and (t is None or (t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 8 == 0))
@@ -646,13 +676,17 @@ def gemv(
 
     n, k = packed.out_features, packed.in_features
     m = x2.shape[0]
+    if not supported(x2, packed, cfg.mma):
+        raise ValueError(f"the CUDA {'tensor-core' if cfg.mma else 'CUDA-core'} kernel does not take {m} tokens of "
+                         f"{x2.dtype} for this weight (see lowbit.kernels.cuda_gemv.supported)")  # fmt: skip
     flags = fused.flags if fused is not None else (False, False, False)
     if any(flags) and not fusable(cfg, x2, packed, fused):
         raise ValueError(f"launch {cfg} does not take the fused work {flags} (norm, glu, residual)")
     per_channel = packed.group_size == -1
     group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
     tokens = 1 if m == 1 else 8 if m <= 8 else 16  # one kernel per token tile count
-    kernel = _compiled(cfg, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags)
+    index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags)
     n_out = n // 2 if flags[1] else n
     tiles = -(-n_out // (cfg.block_rows // (2 if flags[1] else 1)))
     out = torch.empty((m, n_out), dtype=x2.dtype, device=x2.device)
@@ -665,9 +699,15 @@ def gemv(
         norm = fused.norm if fused is not None and fused.norm is not None else packed.scale
         residual = fused.residual if fused is not None and fused.residual is not None else packed.scale
         args += [norm, residual, float(fused.eps if fused is not None else 0.0)]
-    # the staged activations: one K-slice of bf16 (28 KiB at K = 14336, under the 48 KiB default)
-    shared = 2 * -(-(k // BLOCK_K) // cfg.split) * BLOCK_K if cfg.stage and not cfg.mma else 0
-    if shared > 48 * 1024:
-        kernel.set_shared_memory_config(shared)
-    kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
+    # the staged activations: one K-slice of bf16 (28 KiB at K = 14336); past the 48 KiB default (with the static
+    # arrays) the block's limit is raised, up to the device's opt-in maximum (stage_fits)
+    shared = staged_bytes(cfg, k)
+    if shared + _STATIC_SHARED_BYTES > 48 * 1024:
+        if not stage_fits(cfg, k, x2.device):
+            raise ValueError(f"{cfg}: {shared} bytes of staged activations exceed this GPU's shared memory; use "
+                             "stage=False or split K")  # fmt: skip
+        with torch.cuda.device(index):
+            kernel.set_shared_memory_config(max(shared + _STATIC_SHARED_BYTES, 48 * 1024))
+    with torch.cuda.device(index):
+        kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
     return out

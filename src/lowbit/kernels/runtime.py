@@ -165,11 +165,17 @@ def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None], mode: str | None =
 def cuda_glu_ok(x: Tensor) -> bool:
     """Whether the fused step puts SwiGLU on gate/up's output (the CUDA-core kernel of :mod:`lowbit.kernels.cuda_gemv`:
     one bf16 token on a compute capability 9.0+ GPU) rather than on down's input (the Triton GEMV)."""
-    from lowbit.kernels import cuda_gemv
-
     if not x.is_cuda or x.dtype != torch.bfloat16 or x.shape[0] * x.shape[1] != 1:
         return False
-    return cuda_gemv._capability_ok(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return _cuda_kernels_on(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@torch.compiler.assume_constant_result
+def _cuda_kernels_on(index: int) -> bool:
+    """:func:`lowbit.kernels.cuda_gemv._capability_ok`, a constant to ``torch.compile`` (it probes NVRTC once)."""
+    from lowbit.kernels import cuda_gemv
+
+    return cuda_gemv._capability_ok(index)
 
 
 def decode_kernel_ok(q: Tensor, rows: int, pos: Tensor | None) -> bool:

@@ -14,6 +14,7 @@ configuration (:class:`WNA16Config`), timed once per shape on CUDA (:func:`tuned
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -300,6 +301,8 @@ def wna16_matmul(
         if cuda_gemv.supported(x2, packed, cfg.mma) and not interpreting():
             out = cuda_gemv.gemv(x2, packed, cfg.cuda_config(), fused=fusion.cuda() if fusion is not None else None)
             return out.reshape(*x.shape[:-1], out.shape[-1])
+        if fusion is not None:  # the Triton GEMV's fusions differ (no glu): the separate operations
+            return fusion.unfused(x, packed)
         cfg = default_config(m, n, k)  # not a bf16 token on a CUDA 9.0+ device: the Triton kernels
     if cfg.block_m == 0:
         return F.linear(x, dequantize_packed(packed, x.dtype))
@@ -386,8 +389,11 @@ def untuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None 
     m, n, k = x2.shape[0], packed.out_features, packed.in_features
     fused = fusion is not None and bool(fusion.kind)
     if x2.is_cuda and not interpreting() and cuda_gemv.supported(x2, packed):
-        if not fused or fusable(CUDA_DEFAULT, packed, m, fusion, x2):
-            return CUDA_DEFAULT
+        cfg = CUDA_DEFAULT
+        if not cuda_gemv.stage_fits(cfg.cuda_config(), k, x2.device):  # K past about 110 000: no staging
+            cfg = dataclasses.replace(cfg, stage=False)
+        if not fused or fusable(cfg, packed, m, fusion, x2):
+            return cfg
     return default_fused_config(m) if fused and m <= 8 else default_config(m, n, k)
 
 
