@@ -378,8 +378,9 @@ def default_fused_config(m: int) -> WNA16Config:
 
 
 # The CUDA-core kernel's launch where nothing was tuned (one bf16 token on a CUDA 9.0+ GPU): 2 rows per thread, 8 warps,
-# one K-block per load, staged activations; within 10% of the best launch at every Llama-3-8B decode shape, unfused
-# and fused (bench/notes/kernels.md, session 13)
+# one K-block per load, staged activations. On the H200 (bench/notes/kernels.md, session 13, call 4) it was the best
+# fused qkv launch (7.76 us) and 3% behind the best unfused one (7.61 against 7.36 us); the best launches at the other
+# Llama-3-8B decode shapes were its neighbours (1-4 rows, 4-16 warps, one K-block per batch). Tuning picks per shape.
 CUDA_DEFAULT = WNA16Config(1, 16, 1, 8, kbi=1, cuda=True, stage=True)
 
 
