@@ -58,18 +58,41 @@ lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink
 """
 
 
+# --quick: the CUDA-core launches near session 13's best (staged, one K-slice), one block per tile or 1 to 4
+# persistent blocks per SM, and the tensor-core launches that placed
+QUICK_CORE = [(1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 1), (1, 16, 1)]
+QUICK_PERSIST = (0, 1, 2, 3, 4)
+
+
+def quick_sweep() -> list[cuda_gemv.CudaGemvConfig]:
+    return [
+        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=True, persist=p)
+        for r, w, u in QUICK_CORE
+        for p in QUICK_PERSIST
+    ] + [cuda_gemv.CudaGemvConfig(r, w, 1, 1, mma=True) for r, w in ((1, 4), (2, 4), (2, 8))]
+
+
 def sweep() -> list[cuda_gemv.CudaGemvConfig]:
     """Both kernels' launch shapes (session 13, calls 1-2: the best were unroll 1-2, rows 1-4, split 1 at every
-    shape; unroll 4 and 8 never placed): the CUDA-core kernel with and without staging, the tensor-core one."""
+    shape; unroll 4 and 8 never placed): the CUDA-core kernel with and without staging, staged with 1 to 4
+    persistent blocks per SM, the tensor-core one."""
     core = [
         (r, w, u, s)
         for r, w, u, s in itertools.product((1, 2, 4), (4, 8, 16), (1, 2), (1, 2, 4))
         if r * u <= 4
     ]
     mma = itertools.product((1, 2, 4), (4, 8, 16), (1,), (1, 2, 4))
-    return [cuda_gemv.CudaGemvConfig(*c, stage=st) for st in (False, True) for c in core] + [
-        cuda_gemv.CudaGemvConfig(*c, mma=True) for c in mma
+    persistent = [
+        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=True, persist=p)
+        for r, w, u, s in core
+        if s == 1
+        for p in (1, 2, 3, 4)
     ]
+    return (
+        [cuda_gemv.CudaGemvConfig(*c, stage=st) for st in (False, True) for c in core]
+        + persistent
+        + [cuda_gemv.CudaGemvConfig(*c, mma=True) for c in mma]
+    )
 
 
 # the decode step's fused launches (runtime.FUSE "auto" / "glu") per shape: Fusion kinds as tuned_config keys them
@@ -82,7 +105,22 @@ FUSED_KINDS = {
 }
 
 
-def fused_rows(name: str, x: torch.Tensor, packed, flush_ms: float) -> tuple[list[dict], dict]:
+def fused_launches(quick: bool) -> list[w4a16.WNA16Config]:
+    if quick:
+        return [
+            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=True, persist=p)
+            for r, nw, u in QUICK_CORE
+            for p in QUICK_PERSIST
+        ]
+    launches = [(st, 0) for st in (False, True)] + [(True, p) for p in (1, 2, 3, 4)]
+    return [
+        w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p)
+        for r, nw, u, (st, p) in itertools.product((1, 2, 4), (4, 8, 16), (1, 2), launches)
+        if r * u <= 4
+    ]
+
+
+def fused_rows(name: str, x: torch.Tensor, packed, flush_ms: float, quick: bool) -> tuple[list[dict], dict]:
     """Each fused kind of this shape on the CUDA-core kernel (staged or not; split 1): the best launch, checked
     against the separate operations; returns rows and tuned-config reprs keyed as tuned_config keys them."""
     n, k = packed.out_features, packed.in_features
@@ -98,9 +136,8 @@ def fused_rows(name: str, x: torch.Tensor, packed, flush_ms: float) -> tuple[lis
         fusion = w4a16.Fusion(norm=norm, eps=1e-5, residual=res, glu=glu)
         expected = fusion.unfused(x, packed).float()
         timed = []
-        for r, nw, u, st in itertools.product((1, 2, 4), (4, 8, 16), (1, 2), (False, True)):
-            cfg = w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st)
-            if r * u > 4 or not w4a16.fusable(cfg, packed, 1, fusion, x):
+        for cfg in fused_launches(quick):
+            if not w4a16.fusable(cfg, packed, 1, fusion, x):
                 continue
             err = rel_err(w4a16.wna16_matmul(x, packed, cfg, fusion), expected)
             us = (
@@ -181,7 +218,9 @@ def triton_best(x: torch.Tensor, packed) -> w4a16.WNA16Config:
         w4a16._TUNED.pop(key, None)
 
 
-def shape_row(name: str, k: int, n: int, m: int, flush_ms: float, top: int, fused: bool) -> tuple[dict, dict]:
+def shape_row(
+    name: str, k: int, n: int, m: int, flush_ms: float, top: int, fused: bool, quick: bool = False
+) -> tuple[dict, dict]:
     """One shape's timings at M tokens; also the faster launch (Triton or best CUDA) as tuned-config reprs by key
     (with ``fused``, at one token, also the fused kinds')."""
     q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
@@ -197,7 +236,7 @@ def shape_row(name: str, k: int, n: int, m: int, flush_ms: float, top: int, fuse
     triton_err = rel_err(w4a16.wna16_matmul(x, packed, triton_cfg), ref)
     triton_us = (w4a16.device_time(lambda: w4a16.wna16_matmul(x, packed, triton_cfg)) - flush_ms) * 1e3
     timed = []
-    for cfg in sweep():
+    for cfg in quick_sweep() if quick else sweep():
         if cfg.split > 1 and (k // 128) // cfg.split < cfg.warps // 2:
             continue  # fewer K-blocks per block than half its warps
         if not cuda_gemv.supported(x, packed, cfg.mma):
@@ -237,11 +276,19 @@ def shape_row(name: str, k: int, n: int, m: int, flush_ms: float, top: int, fuse
         print(f"    {t['us']:7.2f} us  err {t['rel_err']:.1e}  {t['config']}")
     c = cuda_gemv.CudaGemvConfig(**best["config"])
     cuda_cfg = w4a16.WNA16Config(
-        1, c.block_rows, c.split, c.warps, kbi=c.unroll, mma=c.mma, cuda=True, stage=c.stage
+        1,
+        c.block_rows,
+        c.split,
+        c.warps,
+        kbi=c.unroll,
+        mma=c.mma,
+        cuda=True,
+        stage=c.stage,
+        persist=c.persist,
     )
     tuned = {str((m, n, k, 4, 128, True)): repr(cuda_cfg if best["us"] < triton_us else triton_cfg)}
     if fused and m == 1:
-        row["fused"], fused_tuned = fused_rows(name, x, packed, flush_ms)
+        row["fused"], fused_tuned = fused_rows(name, x, packed, flush_ms, quick)
         tuned.update(fused_tuned)
     return row, tuned
 
@@ -257,6 +304,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument(
+        "--quick", action="store_true", help="only the launches of quick_sweep (and fused_launches)"
+    )
+    parser.add_argument(
         "--fused", action="store_true", help="also time the decode step's fused launches (M = 1)"
     )
     args = parser.parse_args()
@@ -270,7 +320,7 @@ def main() -> None:
     flush_ms = w4a16.device_time(lambda: None)
     for m in args.ms:
         for name, k, n in (s for s in SHAPES if s[0] in args.shapes):
-            row, shape_tuned = shape_row(name, k, n, m, flush_ms, args.top, args.fused)
+            row, shape_tuned = shape_row(name, k, n, m, flush_ms, args.top, args.fused, args.quick)
             tuned.update(shape_tuned)
             result["shapes"].append(row)
             (args.out / "cuda_gemv.json").write_text(json.dumps(result, indent=1))

@@ -59,10 +59,10 @@ def capture_step(model, prompt: torch.Tensor, new_tokens: int):
     """Prefill, compile the decode step, capture it as a CUDA graph; returns the graph."""
     batch, prompt_len = prompt.shape
     model.setup_cache(batch, prompt_len + new_tokens + 1)
-    ids = model(prompt, torch.arange(prompt_len, device=prompt.device)).argmax(-1, keepdim=True)
+    ids = runtime.argmax_last(model(prompt, torch.arange(prompt_len, device=prompt.device)))
     pos = torch.tensor([prompt_len], device=prompt.device)
     torch._dynamo.reset()
-    forward = torch.compile(lambda i, p: model(i, p).argmax(-1, keepdim=True), dynamic=False)  # as greedy_decode
+    forward = torch.compile(lambda i, p: runtime.argmax_last(model(i, p)), dynamic=False)  # as greedy_decode
 
     def step() -> None:
         ids.copy_(forward(ids, pos))

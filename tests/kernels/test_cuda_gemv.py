@@ -245,3 +245,52 @@ def test_staged_bytes_is_one_k_slice_of_bf16():
     assert cuda_gemv.staged_bytes(staged, 14336) == 2 * 56 * 128
     assert cuda_gemv.staged_bytes(cuda_gemv.CudaGemvConfig(2, 8, 1, 1), 14336) == 0
     assert cuda_gemv.staged_bytes(cuda_gemv.CudaGemvConfig(2, 8, 1, 1, mma=True, stage=True), 4096) == 0
+
+
+def test_persistent_launches_are_staged_core_launches_without_split():
+    """``persist`` (blocks per SM looping over the row tiles) needs the staged CUDA-core kernel and one K-slice; the
+    tuner's candidates for one token include such launches and only valid ones; the two sets of partial sums are
+    counted in the block's shared memory."""
+    for bad in ({"stage": False}, {"stage": True, "split": 2}, {"stage": True, "mma": True}):
+        with pytest.raises(ValueError, match="persist"):
+            cuda_gemv.CudaGemvConfig(**{"rows": 2, "warps": 8, "unroll": 1, "persist": 2, **bad})
+    persistent = [cfg for cfg in w4a16.candidate_configs(1) if cfg.persist]
+    assert persistent and all(cfg.cuda_config().stage for cfg in persistent)
+    assert not any(cfg.persist for cfg in w4a16.candidate_configs(2))
+    one = cuda_gemv.CudaGemvConfig(2, 8, 1, 1, stage=True)
+    two = cuda_gemv.CudaGemvConfig(2, 8, 1, 1, stage=True, persist=2)
+    assert cuda_gemv.static_shared_bytes(two) - cuda_gemv.static_shared_bytes(one) == 4 * 8 * 16
+
+
+@gpu_only
+@pytest.mark.parametrize("kind", ["", "norm", "norm+glu", "res"])
+def test_gpu_persistent_cuda_gemv(kind):
+    """Persistent blocks (fewer blocks than row tiles: each takes several, with the next tile's first weights loaded
+    early and two sets of partial sums) give the one-block-per-tile launch's outputs bitwise, fused or not, eagerly and
+    replayed from a CUDA graph; and match float64."""
+    n, k = 16400, 1024  # 513 to 2050 row tiles: more than 1 or 3 blocks per SM of an H200 take at once
+    packed = packed_weight(n, k, 128, kind == "res", "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    norm = torch.rand(k, device="cuda", generator=gen).to(torch.bfloat16) + 0.5 if "norm" in kind else None
+    glu = "glu" in kind
+    residual = (
+        torch.randn(1, n, device="cuda", dtype=torch.bfloat16, generator=gen) if kind == "res" else None
+    )
+    fused = cuda_gemv.Fused(norm=norm, eps=1e-5, glu=glu, residual=residual) if kind else None
+    for rows, warps, unroll in ((2, 8, 1), (2, 4, 2), (4, 4, 1)):
+        tiles = -(-(n // 2 if glu else n) // (4 * rows if glu else 8 * rows))
+        base = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True)
+        expected = cuda_gemv.gemv(x, packed, base, fused=fused)
+        for persist in (1, 3):
+            cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True, persist=persist)
+            assert persist * cuda_gemv.sm_count(torch.cuda.current_device()) < tiles
+            assert torch.equal(cuda_gemv.gemv(x, packed, cfg, fused=fused), expected), (rows, warps, persist)
+    out = torch.empty_like(expected)
+    graph = w4a16.captured(lambda: out.copy_(cuda_gemv.gemv(x, packed, cfg, fused=fused)))
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    if not kind:
+        assert rel_err(expected, float64_product(x, packed)) < 5e-3

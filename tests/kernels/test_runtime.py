@@ -243,3 +243,19 @@ def test_gpu_pdl_chained_launches_are_bitwise_unchanged(mode: str, prefetch_bloc
     assert pdl.launch_options(x.device, 16)["PDL"] == pdl.MODES[mode]
     for _ in range(3):
         assert torch.equal(graph_replay(chain), serial)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_last_is_the_first_maximal_index(dtype) -> None:
+    """The two-reduction greedy choice equals ``argmax(-1, keepdim=True)``, ties (first index) and a vocabulary that
+    is not a multiple of the chunk included, for 2-D and 3-D logits."""
+    from lowbit.kernels.runtime import argmax_last
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((3, 128256), (2, 1, 5000), (2, 100)):
+        for logits in (torch.randn(shape, generator=gen), torch.randint(0, 3, shape, generator=gen).float()):
+            logits = logits.to(dtype)
+            assert torch.equal(argmax_last(logits), logits.argmax(-1, keepdim=True)), shape
+    ties = torch.zeros(1, 9000, dtype=dtype)
+    ties[0, [4100, 8000]] = 1.0  # the same maximum in two chunks: the first one
+    assert argmax_last(ties).item() == 4100

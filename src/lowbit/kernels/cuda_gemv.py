@@ -122,8 +122,8 @@ __device__ __forceinline__ float pair_sum(u32 p) {
 // The block's outputs: sum the warps' partials (partial[(w * tokens + m) * rows + i] for token m, row n0 + i) and
 // store them; with SPLIT > 1, store float32 partials and let the last block of the row tile to finish add them in
 // order (deterministic) and reset the tile's counter
-__device__ __forceinline__ void finish_rows(const float* partial, int warps, int tokens, int rows, int n0, int M,
-                                            int N, u16* __restrict__ out, int stride_om,
+__device__ __forceinline__ void finish_rows(const float* partial, int warps, int tokens, int rows, int n0, int tile,
+                                            int M, int N, u16* __restrict__ out, int stride_om,
                                             float* __restrict__ workspace, int* __restrict__ counters) {
     const int count = min(tokens, M) * rows;
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
@@ -139,7 +139,7 @@ __device__ __forceinline__ void finish_rows(const float* partial, int warps, int
     __threadfence();
     __syncthreads();
     __shared__ int is_last;
-    if (threadIdx.x == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == SPLIT - 1;
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == SPLIT - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
@@ -154,7 +154,7 @@ __device__ __forceinline__ void finish_rows(const float* partial, int warps, int
         }
         out[(size_t)m * stride_om + n] = float_to_bf16_bits(sum);
     }
-    if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+    if (threadIdx.x == 0) counters[tile] = 0;
 }
 
 // One token on CUDA cores, with a decode step's elementwise work optionally fused (FUSE_* macros, SPLIT == 1):
@@ -163,6 +163,9 @@ __device__ __forceinline__ void finish_rows(const float* partial, int warps, int
 // scales its outputs by rsqrt(mean(h^2) + eps) (the norm is linear in h); FUSE_GLU, the weight's rows are
 // [gate; up] (2 NOUT) and the output is silu(gate) * up (NOUT): a block takes 4 ROWS gate rows and the matching up
 // rows; FUSE_RES, the residual is added to the output. Everything in float32, rounded once.
+// PERSIST (with STAGE, SPLIT == 1): a block takes row tiles blockIdx.x, + gridDim.x, ... (the grid a few blocks per
+// SM), so the activations are staged (and the norm summed) once per block rather than once per tile, and the first
+// weight batch of the next tile is in flight while the current tile's outputs are summed and stored.
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
 lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
                   const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
@@ -170,30 +173,32 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                   const u16* __restrict__ residual, double eps) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int quad = lane & 3, row = lane >> 2;
-    constexpr int BLOCK_OUT = FUSE_GLU ? 4 * ROWS : 8 * ROWS;  // outputs per block
+    constexpr int BLOCK_OUT = FUSE_GLU ? 4 * ROWS : 8 * ROWS;  // outputs per tile
     const int n_out = FUSE_GLU ? N / 2 : N;
-    const int n0 = blockIdx.x * BLOCK_OUT;
+    const int tiles = (n_out + BLOCK_OUT - 1) / BLOCK_OUT;
+    const int tile_step = PERSIST ? gridDim.x : tiles;  // without PERSIST, one tile per block
     const int num_kb = K >> 7;
     const int per_split = (num_kb + SPLIT - 1) / SPLIT;
     const int kb_lo = blockIdx.y * per_split;
     const int kb_hi = min(num_kb, kb_lo + per_split);
 
-    int rows_n[ROWS];  // the weight rows of this thread
+    int rows_n[ROWS];  // the weight rows of this thread in the tile being loaded
+    auto set_rows = [&](int tile) {
+        const int n0 = tile * BLOCK_OUT;
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        const int i = row + 8 * r;
-        if (FUSE_GLU) {
-            const bool up = i >= BLOCK_OUT;
-            rows_n[r] = min(n0 + (up ? i - BLOCK_OUT : i), n_out - 1) + (up ? n_out : 0);
-        } else {
-            rows_n[r] = min(n0 + i, N - 1);
+        for (int r = 0; r < ROWS; ++r) {
+            const int i = row + 8 * r;
+            if (FUSE_GLU) {
+                const bool up = i >= BLOCK_OUT;
+                rows_n[r] = min(n0 + (up ? i - BLOCK_OUT : i), n_out - 1) + (up ? n_out : 0);
+            } else {
+                rows_n[r] = min(n0 + i, N - 1);
+            }
         }
-    }
+    };
 
-    float acc[ROWS];
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
     float ssq = 0.f;  // FUSE_NORM: this lane's share of sum(h^2)
+    float norm_scale = 1.f;
 
     uint4 words[UNROLL][ROWS];
     u32 scales[UNROLL][ROWS];
@@ -215,6 +220,8 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         }
     };
 
+    int tile = blockIdx.x;
+    set_rows(tile);
 #if STAGE
     // The block's activations (its K range) go to shared memory once, after the first weight batch is in flight
     // (with FUSE_NORM: multiplied by the norm weight, and h^2 summed, each feature once per block); the loop then
@@ -237,124 +244,144 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     __syncthreads();
 #endif
 
-    for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
-#if STAGE
-        uint4 cur[UNROLL][ROWS];
-        u32 cur_scales[UNROLL][ROWS];
-        u32 cur_zeros[UNROLL][ROWS];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                cur[u][r] = words[u][r];
-                cur_scales[u][r] = scales[u][r];
-                cur_zeros[u][r] = zeros[u][r];
-            }
-        if (kb0 + NWARPS * UNROLL < kb_hi) load_batch(kb0 + NWARPS * UNROLL);  // the next batch, in flight
-#else
-        load_batch(kb0);
-        uint4 (&cur)[UNROLL][ROWS] = words;
-        u32 (&cur_scales)[UNROLL][ROWS] = scales;
-        u32 (&cur_zeros)[UNROLL][ROWS] = zeros;
-#endif
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int kb = kb0 + u * NWARPS;
-            if (kb < kb_hi) {
-                uint2 xs[8];
-#if STAGE
-#pragma unroll
-                for (int j = 0; j < 8; ++j) xs[j] = staged[(kb - kb_lo) * 32 + 4 * j + quad];
-#else
-                const u16* xb = x + kb * 128 + 4 * quad;
-#pragma unroll
-                for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+    // [tile parity][warp][row]: with PERSIST the next tile writes the other half while this one's is still read
+    __shared__ float partial[PERSIST ? 2 : 1][NWARPS][8 * ROWS];
 #if FUSE_NORM
-                {
-                    const uint2 mine = load_x4(xb + 16 * row);
-                    const float h0 = __uint_as_float(mine.x << 16), h1 = __uint_as_float(mine.x & 0xFFFF0000u);
-                    const float h2 = __uint_as_float(mine.y << 16), h3 = __uint_as_float(mine.y & 0xFFFF0000u);
-                    ssq = fmaf(h0, h0, fmaf(h1, h1, fmaf(h2, h2, fmaf(h3, h3, ssq))));
-                    const u16* wb = norm_w + kb * 128 + 4 * quad;
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        const uint2 w = load_x4(wb + 16 * j);
-                        xs[j].x = mul_bf16x2(xs[j].x, w.x);
-                        xs[j].y = mul_bf16x2(xs[j].y, w.y);
-                    }
-                }
+    __shared__ float ssq_part[NWARPS];
 #endif
-#endif
-                u32 pairs[4][4];  // [word][j]: activations of codes (j, j + 4) of the thread's word
+    for (int it = 0; tile < tiles; tile += tile_step, ++it) {
+        const int n0 = tile * BLOCK_OUT;
+        const int next = tile + tile_step;
+        float acc[ROWS];
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    pairs[0][j] = prmt(xs[j].x, xs[j + 4].x, 0x5410);
-                    pairs[1][j] = prmt(xs[j].x, xs[j + 4].x, 0x7632);
-                    pairs[2][j] = prmt(xs[j].y, xs[j + 4].y, 0x5410);
-                    pairs[3][j] = prmt(xs[j].y, xs[j + 4].y, 0x7632);
-                }
+        for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+
+        for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
+#if STAGE
+            uint4 cur[UNROLL][ROWS];
+            u32 cur_scales[UNROLL][ROWS];
+            u32 cur_zeros[UNROLL][ROWS];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
                 for (int r = 0; r < ROWS; ++r) {
-                    const float z = HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r]) : 8.f;
-                    const u32 nz = float_to_bf16_bits(-(128.f + z));
-                    const u32 neg_zero = nz | (nz << 16);
-                    const uint4 w = cur[u][r];
-#if NO_MATH  // timing probe (bench/cuda_gemv.py): the same loads and epilogue without the dot products
-                    const float part = (float)((w.x ^ w.y ^ w.z ^ w.w ^ pairs[r & 3][0] ^ neg_zero) & 1u);
+                    cur[u][r] = words[u][r];
+                    cur_scales[u][r] = scales[u][r];
+                    cur_zeros[u][r] = zeros[u][r];
+                }
+            if (kb0 + NWARPS * UNROLL < kb_hi) {
+                load_batch(kb0 + NWARPS * UNROLL);  // the next batch, in flight
+            } else if (PERSIST && next < tiles) {
+                set_rows(next);  // the next tile's first batch, in flight through this tile's end
+                load_batch(kb_lo + warp);
+            }
 #else
-                    const float part = pair_sum(word_dot(w.x, pairs[0][0], pairs[0][1], pairs[0][2], pairs[0][3], neg_zero))
-                                     + pair_sum(word_dot(w.y, pairs[1][0], pairs[1][1], pairs[1][2], pairs[1][3], neg_zero))
-                                     + pair_sum(word_dot(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], neg_zero))
-                                     + pair_sum(word_dot(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], neg_zero));
+            load_batch(kb0);
+            uint4 (&cur)[UNROLL][ROWS] = words;
+            u32 (&cur_scales)[UNROLL][ROWS] = scales;
+            u32 (&cur_zeros)[UNROLL][ROWS] = zeros;
 #endif
-                    acc[r] = fmaf(part, bf16_bits_to_float(cur_scales[u][r]), acc[r]);
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int kb = kb0 + u * NWARPS;
+                if (kb < kb_hi) {
+                    uint2 xs[8];
+#if STAGE
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) xs[j] = staged[(kb - kb_lo) * 32 + 4 * j + quad];
+#else
+                    const u16* xb = x + kb * 128 + 4 * quad;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+#if FUSE_NORM
+                    {
+                        const uint2 mine = load_x4(xb + 16 * row);
+                        const float h0 = __uint_as_float(mine.x << 16), h1 = __uint_as_float(mine.x & 0xFFFF0000u);
+                        const float h2 = __uint_as_float(mine.y << 16), h3 = __uint_as_float(mine.y & 0xFFFF0000u);
+                        ssq = fmaf(h0, h0, fmaf(h1, h1, fmaf(h2, h2, fmaf(h3, h3, ssq))));
+                        const u16* wb = norm_w + kb * 128 + 4 * quad;
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            const uint2 w = load_x4(wb + 16 * j);
+                            xs[j].x = mul_bf16x2(xs[j].x, w.x);
+                            xs[j].y = mul_bf16x2(xs[j].y, w.y);
+                        }
+                    }
+#endif
+#endif
+                    u32 pairs[4][4];  // [word][j]: activations of codes (j, j + 4) of the thread's word
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        pairs[0][j] = prmt(xs[j].x, xs[j + 4].x, 0x5410);
+                        pairs[1][j] = prmt(xs[j].x, xs[j + 4].x, 0x7632);
+                        pairs[2][j] = prmt(xs[j].y, xs[j + 4].y, 0x5410);
+                        pairs[3][j] = prmt(xs[j].y, xs[j + 4].y, 0x7632);
+                    }
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        const float z = HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r]) : 8.f;
+                        const u32 nz = float_to_bf16_bits(-(128.f + z));
+                        const u32 neg_zero = nz | (nz << 16);
+                        const uint4 w = cur[u][r];
+#if NO_MATH  // timing probe (bench/cuda_gemv.py): the same loads and epilogue without the dot products
+                        const float part = (float)((w.x ^ w.y ^ w.z ^ w.w ^ pairs[r & 3][0] ^ neg_zero) & 1u);
+#else
+                        const float part = pair_sum(word_dot(w.x, pairs[0][0], pairs[0][1], pairs[0][2], pairs[0][3], neg_zero))
+                                         + pair_sum(word_dot(w.y, pairs[1][0], pairs[1][1], pairs[1][2], pairs[1][3], neg_zero))
+                                         + pair_sum(word_dot(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], neg_zero))
+                                         + pair_sum(word_dot(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], neg_zero));
+#endif
+                        acc[r] = fmaf(part, bf16_bits_to_float(cur_scales[u][r]), acc[r]);
+                    }
                 }
             }
         }
-    }
 
-    __shared__ float partial[NWARPS][8 * ROWS];
+        float (&mine)[NWARPS][8 * ROWS] = partial[PERSIST ? (it & 1) : 0];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-        float v = acc[r];
-        v += __shfl_xor_sync(0xffffffffu, v, 1);
-        v += __shfl_xor_sync(0xffffffffu, v, 2);
-        if (quad == 0) partial[warp][row + 8 * r] = v;
-    }
-#if FUSE_NORM || FUSE_GLU || FUSE_RES
-    __shared__ float ssq_part[NWARPS];
-    if (FUSE_NORM) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
-        if (lane == 0) ssq_part[warp] = ssq;
-    }
-    __syncthreads();
-    float norm_scale = 1.f;
-    if (FUSE_NORM) {
-        float total = 0.f;
-#pragma unroll
-        for (int w = 0; w < NWARPS; ++w) total += ssq_part[w];
-        norm_scale = rsqrtf(total / (float)K + (float)eps);
-    }
-    const int t = threadIdx.x;
-    if (t < BLOCK_OUT && n0 + t < n_out) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < NWARPS; ++w) v += partial[w][t];
-        v *= norm_scale;
-        if (FUSE_GLU) {
-            float up = 0.f;
-#pragma unroll
-            for (int w = 0; w < NWARPS; ++w) up += partial[w][t + BLOCK_OUT];
-            v = v / (1.f + __expf(-v)) * (up * norm_scale);
+        for (int r = 0; r < ROWS; ++r) {
+            float v = acc[r];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            if (quad == 0) mine[warp][row + 8 * r] = v;
         }
-        if (FUSE_RES) v += bf16_bits_to_float(residual[n0 + t]);
-        out[n0 + t] = float_to_bf16_bits(v);
-    }
-#else
-    __syncthreads();
-    finish_rows(partial[0], NWARPS, 1, 8 * ROWS, n0, 1, N, out, N, workspace, counters);
+#if FUSE_NORM || FUSE_GLU || FUSE_RES
+#if FUSE_NORM
+        if (it == 0) {  // sum(h^2) is complete after the first tile (STAGE: after the staging)
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+            if (lane == 0) ssq_part[warp] = ssq;
+        }
 #endif
+        __syncthreads();
+#if FUSE_NORM
+        if (it == 0) {
+            float total = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) total += ssq_part[w];
+            norm_scale = rsqrtf(total / (float)K + (float)eps);
+        }
+#endif
+        const int t = threadIdx.x;
+        if (t < BLOCK_OUT && n0 + t < n_out) {
+            float v = 0.f;
+#pragma unroll
+            for (int w = 0; w < NWARPS; ++w) v += mine[w][t];
+            v *= norm_scale;
+            if (FUSE_GLU) {
+                float up = 0.f;
+#pragma unroll
+                for (int w = 0; w < NWARPS; ++w) up += mine[w][t + BLOCK_OUT];
+                v = v / (1.f + __expf(-v)) * (up * norm_scale);
+            }
+            if (FUSE_RES) v += bf16_bits_to_float(residual[n0 + t]);
+            out[n0 + t] = float_to_bf16_bits(v);
+        }
+#else
+        __syncthreads();
+        finish_rows(mine[0], NWARPS, 1, 8 * ROWS, n0, tile, 1, N, out, N, workspace, counters);
+#endif
+    }
 }
 
 // D += A B for one m16n8k16 tile: A 16 x 16 bf16 (four registers), B 16 x 8 bf16 (two), D float32
@@ -507,7 +534,7 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
                     if (m < MMAX) partial[(warp * MMAX + m) * 16 * ROWS + 16 * r + 8 * h + g] = acc[r][h][nt][cc];
                 }
     __syncthreads();
-    finish_rows(partial, NWARPS, MMAX, 16 * ROWS, n0, M, N, out, stride_om, workspace, counters);
+    finish_rows(partial, NWARPS, MMAX, 16 * ROWS, n0, blockIdx.x, M, N, out, stride_om, workspace, counters);
 }
 """
 
@@ -526,6 +553,13 @@ class CudaGemvConfig:
     # the CUDA-core kernel: the block's activations staged in shared memory (and the norm applied there), the next
     # weight batch loaded while the current one is computed
     stage: bool = False
+    # > 0 (the CUDA-core kernel with ``stage``, no split): ``persist`` blocks per SM, each taking every
+    # ``grid``-th row tile, staging the activations once and loading the next tile's first weights early
+    persist: int = 0
+
+    def __post_init__(self) -> None:
+        if self.persist and (self.mma or self.split != 1 or not self.stage):
+            raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1")
 
     @property
     def block_rows(self) -> int:
@@ -570,8 +604,15 @@ def _capability_ok(index: int) -> bool:
     return True
 
 
-# shared memory a block holds beyond the staged activations (the kernels' static arrays, under 2 KiB)
-_STATIC_SHARED_BYTES = 2048
+def static_shared_bytes(cfg: CudaGemvConfig) -> int:
+    """The CUDA-core kernel's static shared memory: the warps' partial sums (two sets with ``persist``), the norm's
+    partial sums, a flag, and the 1 KiB that NVRTC's sm_90 builds add (cuobjdump ``-res-usage``)."""
+    return 4 * cfg.warps * (8 * cfg.rows * (2 if cfg.persist else 1) + 1) + 16 + 1024
+
+
+@functools.cache
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def staged_bytes(cfg: CudaGemvConfig, in_features: int) -> int:
@@ -583,7 +624,7 @@ def stage_fits(cfg: CudaGemvConfig, in_features: int, device: torch.device) -> b
     """Whether the staged activations fit in a block's shared memory on ``device`` (K up to about 110 000 on Hopper)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-    return staged_bytes(cfg, in_features) + _STATIC_SHARED_BYTES <= limit
+    return staged_bytes(cfg, in_features) + static_shared_bytes(cfg) <= limit
 
 
 @dataclass(frozen=True)
@@ -630,6 +671,7 @@ def source(
         "FUSE_GLU": int(fused[1]),
         "FUSE_RES": int(fused[2]),
         "STAGE": int(cfg.stage),
+        "PERSIST": int(cfg.persist > 0),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
@@ -689,6 +731,7 @@ def gemv(
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags)
     n_out = n // 2 if flags[1] else n
     tiles = -(-n_out // (cfg.block_rows // (2 if flags[1] else 1)))
+    grid = min(tiles, cfg.persist * sm_count(index)) if cfg.persist else tiles
     out = torch.empty((m, n_out), dtype=x2.dtype, device=x2.device)
     workspace, counters = split_k_buffers(x2.device, cfg.split * m * n, tiles)
     zero = packed.zero if packed.zero is not None else packed.scale
@@ -702,12 +745,12 @@ def gemv(
     # the staged activations: one K-slice of bf16 (28 KiB at K = 14336); past the 48 KiB default (with the static
     # arrays) the block's limit is raised, up to the device's opt-in maximum (stage_fits)
     shared = staged_bytes(cfg, k)
-    if shared + _STATIC_SHARED_BYTES > 48 * 1024:
+    if shared + static_shared_bytes(cfg) > 48 * 1024:
         if not stage_fits(cfg, k, x2.device):
             raise ValueError(f"{cfg}: {shared} bytes of staged activations exceed this GPU's shared memory; use "
                              "stage=False or split K")  # fmt: skip
         with torch.cuda.device(index):
-            kernel.set_shared_memory_config(max(shared + _STATIC_SHARED_BYTES, 48 * 1024))
+            kernel.set_shared_memory_config(max(shared + static_shared_bytes(cfg), 48 * 1024))
     with torch.cuda.device(index):
-        kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
+        kernel(grid=(grid, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
     return out

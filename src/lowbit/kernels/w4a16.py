@@ -60,10 +60,13 @@ class WNA16Config:
     # ``block_n`` rows per block, ``num_warps``, ``kbi`` K-blocks per load batch, ``split_k``
     cuda: bool = False
     stage: bool = False  # with ``cuda`` (CUDA-core kernel): activations staged in shared memory, weights pipelined
+    persist: int = 0  # with ``cuda`` and ``stage``: blocks per SM looping over the row tiles (CudaGemvConfig.persist)
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
         rows = self.block_n // (16 if self.mma else 8)
-        return cuda_gemv.CudaGemvConfig(rows, self.num_warps, self.kbi, self.split_k, self.mma, self.stage)
+        return cuda_gemv.CudaGemvConfig(
+            rows, self.num_warps, self.kbi, self.split_k, self.mma, self.stage, self.persist
+        )
 
 
 DENSE = WNA16Config(0, 0, 1)
@@ -97,8 +100,9 @@ def candidate_configs(m: int) -> list[WNA16Config]:
 
 def _cuda_candidates(m: int) -> list[WNA16Config]:
     """CUDA C launches (:mod:`lowbit.kernels.cuda_gemv`), timed only where it is supported: for one token the
-    CUDA-core kernel, (rows per thread, warps, K-blocks per load batch) x split-K; for 1 to 16 tokens the tensor-core
-    kernel, (16-row tiles per warp, warps, K-blocks per load batch) x split-K."""
+    CUDA-core kernel, (rows per thread, warps, K-blocks per load batch) x split-K x staging, and staged with 2 or 4
+    persistent blocks per SM; for 1 to 16 tokens the tensor-core kernel, (16-row tiles per warp, warps, K-blocks per
+    load batch) x split-K."""
     if m > cuda_gemv.MAX_TOKENS:
         return []
     core = [(1, 8, 4), (1, 8, 2), (1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 2), (2, 8, 2)] if m == 1 else []
@@ -108,6 +112,10 @@ def _cuda_candidates(m: int) -> list[WNA16Config]:
         for r, nw, kbi in core
         for sk in (1, 2)
         for st in (False, True)
+    ] + [
+        WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=True, persist=p)
+        for r, nw, kbi in core
+        for p in (2, 4)
     ] + [WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True) for r, nw, kbi in mma for sk in (1, 2, 4)]
 
 
