@@ -106,18 +106,21 @@ FUSED_KINDS = {
 
 
 def fused_launches(quick: bool) -> list[w4a16.WNA16Config]:
+    mma = [
+        w4a16.WNA16Config(1, 16 * r, 1, nw, kbi=1, mma=True, cuda=True) for r, nw in ((1, 4), (2, 4), (2, 8))
+    ]
     if quick:
         return [
             w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=True, persist=p)
             for r, nw, u in QUICK_CORE
             for p in QUICK_PERSIST
-        ]
+        ] + mma
     launches = [(st, 0) for st in (False, True)] + [(True, p) for p in (1, 2, 3, 4)]
     return [
         w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p)
         for r, nw, u, (st, p) in itertools.product((1, 2, 4), (4, 8, 16), (1, 2), launches)
         if r * u <= 4
-    ]
+    ] + mma
 
 
 def fused_rows(name: str, x: torch.Tensor, packed, flush_ms: float, quick: bool) -> tuple[list[dict], dict]:

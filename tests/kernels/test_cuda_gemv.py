@@ -149,7 +149,8 @@ def test_gpu_wna16_matmul_dispatches_cuda_configs():
 @pytest.mark.parametrize("kind", ["norm", "norm+glu", "res", "norm+res"])
 def test_gpu_fused_cuda_gemv_matches_the_separate_operations(kind):
     """RMSNorm of the input (the norm applied as a scale on the outputs), SwiGLU on [gate; up] output rows and the
-    residual add, inside the CUDA-core kernel: against the same operations run separately, and against float64."""
+    residual add, inside the CUDA-core kernel (and the norm and residual in the tensor-core one): against the same
+    operations run separately, and against float64."""
     n, k = 1040, 2048
     packed = packed_weight(n, k, 128, "norm" in kind, "cuda")
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -161,19 +162,22 @@ def test_gpu_fused_cuda_gemv_matches_the_separate_operations(kind):
     )
     fusion = w4a16.Fusion(norm=norm, eps=1e-5, residual=residual, glu=glu)
     expected = fusion.unfused(x, packed).double()
-    for rows, warps, unroll, stage in ((2, 8, 1, False), (2, 4, 2, False), (4, 4, 1, False), (2, 8, 1, True),
-                                       (2, 16, 2, True)):  # fmt: skip
-        cfg = w4a16.WNA16Config(1, 8 * rows, 1, warps, kbi=unroll, cuda=True, stage=stage)
+    launches = [
+        w4a16.WNA16Config(1, 8 * rows, 1, warps, kbi=unroll, cuda=True, stage=stage)
+        for rows, warps, unroll, stage in ((2, 8, 1, False), (2, 4, 2, False), (4, 4, 1, False), (2, 8, 1, True),
+                                           (2, 16, 2, True))
+    ]  # fmt: skip
+    mma = [
+        w4a16.WNA16Config(1, 16 * rows, 1, warps, kbi=1, mma=True, cuda=True)
+        for rows, warps in ((1, 4), (2, 8))
+    ]
+    # the tensor-core kernel takes the norm and the residual, not SwiGLU
+    assert all(w4a16.fusable(cfg, packed, 1, fusion, x) != glu for cfg in mma)
+    for cfg in launches + ([] if glu else mma):
         assert w4a16.fusable(cfg, packed, 1, fusion, x)
         out = w4a16.wna16_matmul(x, packed, cfg, fusion)
         assert out.shape == expected.shape
-        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2, (
-            kind,
-            rows,
-            warps,
-            unroll,
-            stage,
-        )
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2, (kind, cfg)
     # float64: the whole chain from the dequantized weight
     q, scale, zero = unpack_wna16(packed)
     weight = dequantize_weight(

@@ -22,7 +22,8 @@ Two kernels (:class:`CudaGemvConfig`):
   while the current one is computed. It also takes a decode step's elementwise work (:class:`Fused`: RMSNorm as a
   scale on the outputs, SwiGLU on ``[gate; up]`` output rows, the residual add);
 * the tensor-core kernel, 1 to 16 tokens (``mma.sync.m16n8k16``, the raw codes as ``128 + q`` and a product of ones
-  for the zero-point term, as :func:`lowbit.kernels.wna16_jit.w4_mma_kernel`).
+  for the zero-point term, as :func:`lowbit.kernels.wna16_jit.w4_mma_kernel`); for one token it also takes the norm
+  and the residual add (not SwiGLU).
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128, compute
 capability 9.0 or later (where it was measured; an H200). :func:`supported` says whether a weight and input qualify;
@@ -122,16 +123,21 @@ __device__ __forceinline__ float pair_sum(u32 p) {
 // The block's outputs: sum the warps' partials (partial[(w * tokens + m) * rows + i] for token m, row n0 + i) and
 // store them; with SPLIT > 1, store float32 partials and let the last block of the row tile to finish add them in
 // order (deterministic) and reset the tile's counter
+// (SPLIT == 1: each output is scaled by `scale` and, where `residual` is given, the residual row added: one token's
+// fused RMSNorm and residual add)
 __device__ __forceinline__ void finish_rows(const float* partial, int warps, int tokens, int rows, int n0, int tile,
                                             int M, int N, u16* __restrict__ out, int stride_om,
-                                            float* __restrict__ workspace, int* __restrict__ counters) {
+                                            float* __restrict__ workspace, int* __restrict__ counters,
+                                            float scale, const u16* __restrict__ residual) {
     const int count = min(tokens, M) * rows;
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
         const int m = i / rows, n = n0 + i % rows;
         float total = 0.f;
         for (int w = 0; w < warps; ++w) total += partial[(w * tokens + m) * rows + i % rows];
         if (n < N) {
-            if (SPLIT == 1) out[(size_t)m * stride_om + n] = float_to_bf16_bits(total);
+            if (SPLIT == 1)
+                out[(size_t)m * stride_om + n] = float_to_bf16_bits(
+                    total * scale + (residual != nullptr ? bf16_bits_to_float(residual[(size_t)m * stride_om + n]) : 0.f));
             else workspace[((size_t)blockIdx.y * M + m) * N + n] = total;
         }
     }
@@ -379,7 +385,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         }
 #else
         __syncthreads();
-        finish_rows(mine[0], NWARPS, 1, 8 * ROWS, n0, tile, 1, N, out, N, workspace, counters);
+        finish_rows(mine[0], NWARPS, 1, 8 * ROWS, n0, tile, 1, N, out, N, workspace, counters, 1.f, nullptr);
 #endif
     }
 }
@@ -404,11 +410,14 @@ __device__ __forceinline__ u32 raw_codes(u32 w, int jp) {
 // contiguous bytes); tokens are the columns of NT 16 x 8 B operands (token 8 nt + g in lane (g, t), zero past M);
 // the order of the 16 features of each product is the lane's code order, the same in A and B. A K-block's products
 // sum (128 + q) x exactly in float32; a product of ones with the same B gives sum(x) per token, and
-// s * (sum (128 + q) x - (128 + zero) sum(x)) is the block's share.
+// s * (sum (128 + q) x - (128 + zero) sum(x)) is the block's share. One token, SPLIT == 1: FUSE_NORM (the lanes that
+// load the token's activations multiply them by norm_w and sum h^2, each feature once per block; the outputs are
+// scaled by rsqrt(mean(h^2) + eps)) and FUSE_RES (the residual added), as the CUDA-core kernel.
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
 lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
                       const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
-                      int* __restrict__ counters, int N, int K, int M, int stride_xm, int stride_om) {
+                      int* __restrict__ counters, int N, int K, int M, int stride_xm, int stride_om,
+                      const u16* __restrict__ norm_w, const u16* __restrict__ residual, double eps) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t4 = lane & 3, g = lane >> 2;
     const int n0 = blockIdx.x * (16 * ROWS);
@@ -417,6 +426,7 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
     const int kb_lo = blockIdx.y * per_split;
     const int kb_hi = min(num_kb, kb_lo + per_split);
     const u32 ones = 0x3F803F80u;
+    float ssq = 0.f;  // FUSE_NORM: this lane's share of sum(h^2)
 
     float acc[ROWS][2][NT][2];  // [tile][row g, g + 8][token tile][token 2t, 2t + 1]
 #pragma unroll
@@ -459,6 +469,18 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
                         uint2 xs[8];
 #pragma unroll
                         for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+#if FUSE_NORM
+                        const u16* wb = norm_w + kb * 128 + 4 * t4;
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            const float h0 = __uint_as_float(xs[j].x << 16), h1 = __uint_as_float(xs[j].x & 0xFFFF0000u);
+                            const float h2 = __uint_as_float(xs[j].y << 16), h3 = __uint_as_float(xs[j].y & 0xFFFF0000u);
+                            ssq = fmaf(h0, h0, fmaf(h1, h1, fmaf(h2, h2, fmaf(h3, h3, ssq))));
+                            const uint2 w = load_x4(wb + 16 * j);
+                            xs[j].x = mul_bf16x2(xs[j].x, w.x);
+                            xs[j].y = mul_bf16x2(xs[j].y, w.y);
+                        }
+#endif
 #pragma unroll
                         for (int j = 0; j < 4; ++j) {
                             pairs[nt][0][j] = prmt(xs[j].x, xs[j + 4].x, 0x5410);
@@ -533,8 +555,22 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
                     const int m = 8 * nt + 2 * t4 + cc;
                     if (m < MMAX) partial[(warp * MMAX + m) * 16 * ROWS + 16 * r + 8 * h + g] = acc[r][h][nt][cc];
                 }
+    float norm_scale = 1.f;
+#if FUSE_NORM
+    __shared__ float ssq_part[NWARPS];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+    if (lane == 0) ssq_part[warp] = ssq;
+#endif
     __syncthreads();
-    finish_rows(partial, NWARPS, MMAX, 16 * ROWS, n0, blockIdx.x, M, N, out, stride_om, workspace, counters);
+#if FUSE_NORM
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) total += ssq_part[w];
+    norm_scale = rsqrtf(total / (float)K + (float)eps);
+#endif
+    finish_rows(partial, NWARPS, MMAX, 16 * ROWS, n0, blockIdx.x, M, N, out, stride_om, workspace, counters,
+                norm_scale, FUSE_RES ? residual : nullptr);
 }
 """
 
@@ -629,9 +665,9 @@ def stage_fits(cfg: CudaGemvConfig, in_features: int, device: torch.device) -> b
 
 @dataclass(frozen=True)
 class Fused:
-    """The elementwise work the CUDA-core kernel takes in (one token, one K-slice): ``norm``, RMSNorm of the input
-    with this weight first; ``glu``, the weight's rows are ``[gate; up]`` and the output ``silu(gate) * up``;
-    ``residual``, added to the output."""
+    """The elementwise work the kernels take in (one token, one K-slice): ``norm``, RMSNorm of the input with this
+    weight first; ``glu`` (the CUDA-core kernel only), the weight's rows are ``[gate; up]`` and the output
+    ``silu(gate) * up``; ``residual``, added to the output."""
 
     norm: torch.Tensor | None = None
     eps: float = 1e-6
@@ -695,9 +731,9 @@ def _compiled(cfg: CudaGemvConfig, device_index: int, *scheme):
 
 
 def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: Fused) -> bool:
-    """Whether ``cfg`` runs ``fused`` in the kernel: the CUDA-core kernel, one token, one K-slice, an even number of
-    rows per thread for ``glu`` (gate and up rows in pairs), bf16 norm weight and residual."""
-    ok = not cfg.mma and cfg.split == 1 and supported(x2, packed) and (cfg.rows % 2 == 0 or not fused.glu)
+    """Whether ``cfg`` runs ``fused`` in the kernel: one token, one K-slice, bf16 norm weight and residual; ``glu``
+    only on the CUDA-core kernel with an even number of rows per thread (gate and up rows in pairs)."""
+    ok = cfg.split == 1 and supported(x2, packed) and (not fused.glu or (not cfg.mma and cfg.rows % 2 == 0))
     ok = ok and (not cfg.stage or stage_fits(cfg, packed.in_features, x2.device))
     ok = ok and (not fused.glu or packed.out_features % 2 == 0)
     for t in (fused.norm, fused.residual):
@@ -738,10 +774,9 @@ def gemv(
     args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k]
     if cfg.mma:
         args += [m, x2.stride(0), out.stride(0)]
-    else:
-        norm = fused.norm if fused is not None and fused.norm is not None else packed.scale
-        residual = fused.residual if fused is not None and fused.residual is not None else packed.scale
-        args += [norm, residual, float(fused.eps if fused is not None else 0.0)]
+    norm = fused.norm if fused is not None and fused.norm is not None else packed.scale
+    residual = fused.residual if fused is not None and fused.residual is not None else packed.scale
+    args += [norm, residual, float(fused.eps if fused is not None else 0.0)]
     # the staged activations: one K-slice of bf16 (28 KiB at K = 14336); past the 48 KiB default (with the static
     # arrays) the block's limit is raised, up to the device's opt-in maximum (stage_fits)
     shared = staged_bytes(cfg, k)

@@ -260,7 +260,7 @@ class Fusion:
 
 def fusable(cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion, x2: torch.Tensor | None = None) -> bool:
     """Whether ``cfg`` runs ``fusion`` in the kernel: the multi-K-block 4-bit Triton GEMV (one K-slice for a norm; no
-    ``glu``), or the CUDA-core kernel (:func:`lowbit.kernels.cuda_gemv.fusable`, given the input ``x2``; no
+    ``glu``), or the CUDA kernels (:func:`lowbit.kernels.cuda_gemv.fusable`, given the input ``x2``; no
     ``swiglu``)."""
     if cfg.cuda:
         return x2 is not None and not fusion.swiglu and cuda_gemv.fusable(cfg.cuda_config(), x2, packed, fusion.cuda())
