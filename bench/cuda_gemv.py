@@ -58,17 +58,17 @@ lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink
 """
 
 
-# --quick: the CUDA-core launches near session 13's best (staged, one K-slice), one block per tile or 1 to 4
-# persistent blocks per SM, and the tensor-core launches that placed
+# --quick: the CUDA-core launches near session 13's best (one K-slice; unstaged, or staged with one block per tile or
+# 1 to 4 persistent blocks per SM), and the tensor-core launches that placed
 QUICK_CORE = [(1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 1), (1, 16, 1)]
-QUICK_PERSIST = (0, 1, 2, 3, 4)
+QUICK_LAUNCHES = [(False, 0)] + [(True, p) for p in (0, 1, 2, 3, 4)]  # (stage, persist)
 
 
 def quick_sweep() -> list[cuda_gemv.CudaGemvConfig]:
     return [
-        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=True, persist=p)
+        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=st, persist=p)
         for r, w, u in QUICK_CORE
-        for p in QUICK_PERSIST
+        for st, p in QUICK_LAUNCHES
     ] + [cuda_gemv.CudaGemvConfig(r, w, 1, 1, mma=True) for r, w in ((1, 4), (2, 4), (2, 8))]
 
 
@@ -111,9 +111,9 @@ def fused_launches(quick: bool) -> list[w4a16.WNA16Config]:
     ]
     if quick:
         return [
-            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=True, persist=p)
+            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p)
             for r, nw, u in QUICK_CORE
-            for p in QUICK_PERSIST
+            for st, p in QUICK_LAUNCHES
         ] + mma
     launches = [(st, 0) for st in (False, True)] + [(True, p) for p in (1, 2, 3, 4)]
     return [
