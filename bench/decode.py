@@ -53,8 +53,9 @@ def main() -> None:
                         help="also run each quantized scheme with its lm_head quantized the same way")  # fmt: skip
     parser.add_argument("--attention", choices=["auto", "matmul", "reduce", "sdpa", "triton"], default="auto",
                         help="the decode step's attention (lowbit.kernels.runtime.ATTENTION)")  # fmt: skip
-    parser.add_argument("--fuse", choices=["off", "auto", "glu"], default=runtime.FUSE[0],
-                        help="norms, SwiGLU and residual adds inside the 4-bit GEMVs (lowbit.kernels.runtime.FUSE)")  # fmt: skip
+    parser.add_argument("--fuse", choices=["off", "auto", "glu", "auto+head"], default=runtime.FUSE[0],
+                        help="norms, SwiGLU and residual adds inside the 4-bit GEMVs (lowbit.kernels.runtime.FUSE; "
+                        "+head: the final norm inside the lm_head's too, FUSE_LM_HEAD)")  # fmt: skip
     parser.add_argument("--persistent", choices=["off", "auto"], default=persistent.PERSISTENT[0],
                         help="o, norm, gate/up, SwiGLU and down as one launch at batch 1 "
                         "(lowbit.kernels.persistent.PERSISTENT)")  # fmt: skip
@@ -78,7 +79,7 @@ def main() -> None:
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = args.l2_next_mb, args.l2_attention_mb
     runtime.ATTENTION[0] = args.attention
-    runtime.FUSE[0] = args.fuse
+    runtime.FUSE[0], runtime.FUSE_LM_HEAD[0] = args.fuse.removesuffix("+head"), args.fuse.endswith("+head")
     persistent.PERSISTENT[0] = args.persistent
     pdl.PDL[0] = args.pdl
     args.out.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,7 @@ def profile_scheme(
 ) -> dict:
     runtime.ATTENTION[0] = attention
     persistent.PERSISTENT[0] = persistent_mode
-    runtime.FUSE[0] = fuse
+    runtime.FUSE[0], runtime.FUSE_LM_HEAD[0] = fuse.removesuffix("+head"), fuse.endswith("+head")
     pdl.PDL[0] = use_pdl
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = l2_mb
     prefetch.ATTENTION_LATE[0] = late_attention_prefetch
@@ -227,8 +227,9 @@ def main() -> None:
     parser.add_argument("--quantized-head-only", action="store_true", help="with --lm-head-quantized: only the "
                         "rows with the quantized lm_head")  # fmt: skip
     parser.add_argument("--attention", nargs="*", default=["auto"], choices=["auto", "matmul", "reduce", "sdpa", "triton"])
-    parser.add_argument("--fuse", nargs="*", default=[runtime.FUSE[0]], choices=["off", "auto", "glu"],
-                        help="lowbit.kernels.runtime.FUSE values to compare (non-bf16 schemes)")  # fmt: skip
+    parser.add_argument("--fuse", nargs="*", default=[runtime.FUSE[0]], choices=["off", "auto", "glu", "auto+head"],
+                        help="lowbit.kernels.runtime.FUSE values to compare (non-bf16 schemes); +head: also "
+                        "FUSE_LM_HEAD (the final norm inside the lm_head's launch)")  # fmt: skip
     parser.add_argument("--persistent", nargs="*", default=["off"], choices=["off", "auto"],
                         help="lowbit.kernels.persistent.PERSISTENT values to compare (o, norm, gate/up, SwiGLU and "
                         "down as one launch; non-bf16 schemes)")  # fmt: skip

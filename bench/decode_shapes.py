@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import w4a16
-from lowbit.kernels.attention import decode_attention, decode_attention_rope
+from lowbit.kernels.attention import decode_attention
 from lowbit.kernels.layout import pack_wna16
 
 # (name, K, N) of the Llama-3-8B decode step with fused projections
@@ -97,36 +97,6 @@ def attention_rows(lengths: list[int]) -> list[dict]:
     return rows
 
 
-def rope_rows(lengths: list[int], launches: list[tuple[int, int, int]]) -> list[dict]:
-    """The decode step's attention launch (:func:`decode_attention_rope`: rotary, cache writes, attention) at
-    Llama-3-8B's heads, the step's own rows in the last slice (default) or the first (before session 14), each
-    launch timed alternately so that both see the same machine."""
-    rows = []
-    base = flush_only()
-    b, h, kv, d = 1, 32, 8, 128
-    for length in lengths:
-        q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.bfloat16)
-        k_new = torch.randn(b, kv, 1, d, device="cuda", dtype=torch.bfloat16)
-        v_new = torch.randn(b, kv, 1, d, device="cuda", dtype=torch.bfloat16)
-        k_cache = torch.randn(b, kv, length, d, device="cuda", dtype=torch.bfloat16)
-        v_cache = torch.randn(b, kv, length, d, device="cuda", dtype=torch.bfloat16)
-        cos, sin = torch.randn(2, length, d, device="cuda", dtype=torch.bfloat16)
-        pos = torch.tensor([length - 129], device="cuda")  # as the harness: 128 steps before the cache's end
-        for split, block_l, warps in launches:
-            timed = {}
-            for _ in range(3):
-                for first in (False, True):
-                    run = partial(decode_attention_rope, q, k_new, v_new, cos, sin, k_cache, v_cache, pos, split,
-                                  block_l, warps, new_first=first)  # fmt: skip
-                    us = (w4a16.device_time(run) - base) * 1e3
-                    timed[first] = min(timed.get(first, us), us)
-            print(f"attention+rope L={length} split={split} block_l={block_l} warps={warps}: new rows in the last "
-                  f"slice {timed[False]:.2f} us, in the first {timed[True]:.2f} us")  # fmt: skip
-            rows.append({"length": length, "split": split, "block_l": block_l, "warps": warps,
-                         "last_us": timed[False], "first_us": timed[True]})  # fmt: skip
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -135,16 +105,10 @@ def main() -> None:
     parser.add_argument("--skip-gemv", action="store_true")
     parser.add_argument("--ms", type=int, nargs="*", default=[1], help="tokens per GEMV (decode batch sizes)")
     parser.add_argument("--skip-attention", action="store_true")
-    parser.add_argument("--rope", action="store_true", help="only the rope launch, new rows last against first")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    if args.rope:
-        launches = [(None, 32, 2), (8, 32, 2), (16, 32, 2), (8, 64, 4), (4, 64, 4)]
-        result["rope"] = rope_rows(args.lengths, launches)
-        (args.out / "decode_shapes.json").write_text(json.dumps(result, indent=1))
-        return
     if not args.skip_gemv:
         result["gemv"] = gemv_rows(args.top, args.ms)
     if not args.skip_attention:

@@ -34,17 +34,15 @@ def decode_attention_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_knb, stride_knh, stride_knt, stride_vnb, stride_vnh, stride_vnt,
     KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
-    BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr, NEW_FIRST: tl.constexpr,
+    BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
     PDL: tl.constexpr = 0, nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0,
     nx2_ptr=None, nx2_bytes=0, ns2_ptr=None, ns2_bytes=0, L2_NEXT: tl.constexpr = 0, L2_LATE: tl.constexpr = False,
 ):  # fmt: skip
     """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
     as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
     half-split form),
-    writes the new rows into the caches at ``pos`` and attends to them from registers (the last slice only: the
-    slices hold whole ``BLOCK_L`` steps from the first, so the last has the fewest positions, often none, and
-    the extra work stays off the longest slice's path; ``NEW_FIRST``: the first slice, as before session 14, for
-    comparison), so the cache loop stops before ``pos[0]`` and never reads a row this launch writes. ``PDL``: launched before the
+    writes the new rows into the caches at ``pos`` (slice 0 only) and attends to them from registers, so
+    the cache loop stops before ``pos[0]`` and never reads a row this launch writes. ``PDL``: launched before the
     previous kernel has finished (:mod:`lowbit.kernels.pdl`); it waits for the previous one before reading
     anything, and lets the next one start at once (1) or after its main loop (2). ``L2_NEXT``: first, the
     programs ask the L2 for the next projections' weights (one or two, :mod:`lowbit.kernels.prefetch`), read
@@ -115,7 +113,7 @@ def decode_attention_kernel(
         m = m_new
 
     if NEW:
-        if sp == (0 if NEW_FIRST else SPLIT - 1):  # the step's own rows: rotated, cached, attended from registers
+        if sp == 0:  # the step's own rows: rotated, written to the caches, attended from registers
             T_P: tl.constexpr = 16  # the matrix products' minimum
             offs_t = tl.arange(0, T_P)
             t_ok = offs_t < T
@@ -157,7 +155,7 @@ def decode_attention_kernel(
         tl.store(out_ptrs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
         slot = (bh * SPLIT + sp) * ROWS_P
-        tl.store(ws_ptr + (slot + offs_r[:, None]) * D + offs_d[None, :], acc, mask=row_ok[:, None])  # real rows
+        tl.store(ws_ptr + (slot + offs_r[:, None]) * D + offs_d[None, :], acc)
         tl.store(stat_ptr + (slot + offs_r) * 2, m)
         tl.store(stat_ptr + (slot + offs_r) * 2 + 1, denom)
         tl.debug_barrier()
@@ -174,8 +172,7 @@ def decode_attention_kernel(
                 other = (bh * SPLIT + s) * ROWS_P
                 weight = tl.exp(tl.load(stat_ptr + (other + offs_r) * 2, cache_modifier=".cg") - m_all_safe)
                 denom_all += weight * tl.load(stat_ptr + (other + offs_r) * 2 + 1, cache_modifier=".cg")
-                part = tl.load(ws_ptr + (other + offs_r[:, None]) * D + offs_d[None, :], mask=row_ok[:, None],
-                               other=0.0, cache_modifier=".cg")  # fmt: skip
+                part = tl.load(ws_ptr + (other + offs_r[:, None]) * D + offs_d[None, :], cache_modifier=".cg")
                 total += part * weight[:, None]
             denom_all = tl.where(row_ok, denom_all, 1.0)
             tl.store(out_ptrs, (total / denom_all[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -224,7 +221,7 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[int, int, int, 
     return b, h, t, d, kv, length
 
 
-def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps, l2_next=None, new_first=False) -> Tensor:
+def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps, l2_next=None) -> Tensor:
     b, h, t, d, kv, length = _check(q, k_cache, v_cache)
     if split is None:
         split = default_split(b * kv, length, block_l, q.device)
@@ -238,7 +235,7 @@ def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps, l2_next=No
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
-        NEW=new is not None, NEW_FIRST=new_first, num_warps=num_warps, **pdl.launch_options(q.device),
+        NEW=new is not None, num_warps=num_warps, **pdl.launch_options(q.device),
         **prefetch.attention_args(l2_next, q.device),
     )  # fmt: skip
     return out
@@ -276,7 +273,6 @@ def decode_attention_rope(
     block_l: int = 32,
     num_warps: int = 2,
     l2_next: list[list[Tensor]] | None = None,
-    new_first: bool = False,
 ) -> Tensor:
     """A decode step's whole attention in one launch: the rotary embedding of ``q`` ``[b, H, t, d]`` and of the
     step's keys ``k`` ``[b, KV, t, d]`` (rows ``pos`` of the tables ``cos``/``sin`` ``[P, d]``, the half-split form of
@@ -286,7 +282,6 @@ def decode_attention_rope(
     before ``pos[0]``, the new rows come from registers. Replaces three elementwise launches per layer.
     ``l2_next``: the next projections' weights (``[codes, scales]`` each, at most two), of which
     ``prefetch.ATTENTION_MB`` megabytes are prefetched into the L2 meanwhile (:mod:`lowbit.kernels.prefetch`).
-    ``new_first``: the step's own rows in the first slice rather than the last (bench/decode_shapes.py compares).
     """
     b, _, t, d = q.shape
     if tuple(k.shape) != (b, k_cache.shape[1], t, d) or v.shape != k.shape:
@@ -298,7 +293,7 @@ def decode_attention_rope(
     if q.shape[-2] > 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("decode_attention_rope takes at most 16 new positions, contiguous in the head dimension")
     cos, sin = cos.contiguous(), sin.contiguous()
-    return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), split, block_l, num_warps, l2_next, new_first)
+    return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), split, block_l, num_warps, l2_next)
 
 
 # As custom ops, torch.compile keeps the launches (their Python-side split choice and buffers) opaque.

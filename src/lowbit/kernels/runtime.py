@@ -144,6 +144,13 @@ ATTENTION = ["auto"]
 FUSE = ["auto"]
 
 
+# Whether the final RMSNorm goes inside the lm_head's launch where FUSE fuses the layers. Off: at a 128k vocabulary the
+# lm_head is thousands of blocks that would each re-read the input and the norm weight, and on the H200 the unfused
+# tensor-core launch plus a separate norm was the faster (68.7 against 76.3 us for the launch alone in the decode
+# step's graph, session 13, call 4; 82.2 and 80.5 us for the best fused launches in session 14, call 3).
+FUSE_LM_HEAD = [False]
+
+
 def fused_gemv_ok(x: Tensor, linears: list[nn.Module | None], mode: str | None = None) -> bool:
     """Whether this step's projections run with the elementwise work fused in (see ``FUSE``): all of them
     4-bit :class:`~lowbit.kernels.linear.WNA16Linear` with groups of at least 128 (fused q/k/v and gate/up), no
@@ -310,7 +317,7 @@ class Decoder(nn.Module):
         mask = self.positions[None, :] <= pos[:, None]
         for block in self.blocks:
             x = block(x, self.cos, self.sin, pos, mask)  # the rotary tables; each block reads rows pos
-        if fused_gemv_ok(x[:, -1:], [self.lm_head]):
+        if FUSE_LM_HEAD[0] and fused_gemv_ok(x[:, -1:], [self.lm_head]):
             return self.lm_head.fused(x[:, -1], norm=self.norm, eps=self.shape.rms_eps)
         x = F.rms_norm(x[:, -1], (self.shape.hidden_size,), self.norm, self.shape.rms_eps)
         return self.lm_head(x)
