@@ -157,10 +157,11 @@ def test_attention_modes_match_the_matmul_path(mode: str, t: int, monkeypatch) -
     torch.testing.assert_close(got, probs @ values, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("compile_step", [False, True])
-def test_fused_decode_layers_give_the_unfused_tokens(compile_step: bool, monkeypatch) -> None:
+@pytest.mark.parametrize(("compile_step", "fuse_lm_head"), [(False, False), (True, False), (False, True)])
+def test_fused_decode_layers_give_the_unfused_tokens(compile_step: bool, fuse_lm_head: bool, monkeypatch) -> None:
     """With the norms, SwiGLU and residual adds inside the GEMV launches (``FUSE``), greedy decoding gives the same
-    tokens as the separate operations, eagerly and compiled, and the fused op really runs."""
+    tokens as the separate operations, eagerly and compiled, and the fused op really runs; the final norm goes inside
+    the lm_head's launch only with ``FUSE_LM_HEAD``."""
     from lowbit.kernels import runtime
 
     model = random_decoder(TINY, linear_factory("w4a16", "cpu"), device="cpu").fuse_projections()
@@ -169,16 +170,18 @@ def test_fused_decode_layers_give_the_unfused_tokens(compile_step: bool, monkeyp
     monkeypatch.setattr(runtime, "FUSE", ["off"])
     plain = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False)
     monkeypatch.setattr(runtime, "FUSE", ["on"])
+    monkeypatch.setattr(runtime, "FUSE_LM_HEAD", [fuse_lm_head])
     calls = []
     real = linear_mod.WNA16Linear.fused
 
     def spy(self, *args, **kwargs):
-        calls.append(1)
+        calls.append(self is model.lm_head)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(linear_mod.WNA16Linear, "fused", spy)
     fused = greedy_decode(model, prompt, new_tokens=3, use_cuda_graph=False, compile_step=compile_step)
-    assert calls  # 4 per layer + the lm_head per step (traced once when compiled)
+    assert calls  # 4 per layer (+ the lm_head) per step (traced once when compiled)
+    assert any(calls) == fuse_lm_head
     assert torch.equal(fused.tokens, plain.tokens)
 
 

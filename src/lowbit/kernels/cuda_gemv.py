@@ -46,6 +46,12 @@ from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 logger = logging.getLogger(__name__)
 
 SOURCE = r"""
+#if PERSIST && (!STAGE || SPLIT != 1)
+#error "PERSIST needs STAGE and SPLIT == 1"
+#endif
+#if (FUSE_NORM || FUSE_GLU || FUSE_RES) && SPLIT != 1
+#error "the fused work needs SPLIT == 1"
+#endif
 typedef unsigned int u32;
 typedef unsigned short u16;
 
@@ -594,8 +600,8 @@ class CudaGemvConfig:
     persist: int = 0
 
     def __post_init__(self) -> None:
-        if self.persist and (self.mma or self.split != 1 or not self.stage):
-            raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1")
+        if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
+            raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
     @property
     def block_rows(self) -> int:
@@ -734,6 +740,7 @@ def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: F
     """Whether ``cfg`` runs ``fused`` in the kernel: one token, one K-slice, bf16 norm weight and residual; ``glu``
     only on the CUDA-core kernel with an even number of rows per thread (gate and up rows in pairs)."""
     ok = cfg.split == 1 and supported(x2, packed) and (not fused.glu or (not cfg.mma and cfg.rows % 2 == 0))
+    ok = ok and (cfg.mma or 32 * cfg.warps >= cfg.block_rows)  # the fused epilogue: a thread per output of a tile
     ok = ok and (not cfg.stage or stage_fits(cfg, packed.in_features, x2.device))
     ok = ok and (not fused.glu or packed.out_features % 2 == 0)
     for t in (fused.norm, fused.residual):
@@ -785,7 +792,8 @@ def gemv(
             raise ValueError(f"{cfg}: {shared} bytes of staged activations exceed this GPU's shared memory; use "
                              "stage=False or split K")  # fmt: skip
         with torch.cuda.device(index):
-            kernel.set_shared_memory_config(max(shared + static_shared_bytes(cfg), 48 * 1024))
+            # the attribute is the dynamic maximum (the static arrays come on top, within the opt-in limit)
+            kernel.set_shared_memory_config(max(shared, 48 * 1024))
     with torch.cuda.device(index):
         kernel(grid=(grid, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
     return out

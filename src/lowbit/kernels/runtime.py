@@ -343,9 +343,9 @@ def argmax_last(logits: Tensor, chunk: int = 1024) -> Tensor:
     """``logits.argmax(-1, keepdim=True)`` (the first maximal index) as two reductions: the maximum of each chunk of
     ``chunk`` entries, then the first chunk holding the largest. One reduction over a 128k vocabulary is a single
     program, 21 us of a 1.9 ms Llama-3-8B decode step on the H200 (bench/notes/kernels.md, session 13); this way
-    about a hundred programs share it. Short rows take the plain argmax."""
+    about a hundred programs share it. Short rows, and integer logits, take the plain argmax."""
     n = logits.shape[-1]
-    if n <= 4 * chunk:
+    if n <= 4 * chunk or not logits.is_floating_point():
         return logits.argmax(-1, keepdim=True)
     padded = F.pad(logits, (0, -n % chunk), value=float("-inf")).unflatten(-1, (-1, chunk))
     best, where = padded.max(-1)  # per chunk: the largest value and its first index
