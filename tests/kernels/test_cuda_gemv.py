@@ -267,34 +267,45 @@ def test_persistent_launches_are_staged_core_launches_without_split():
 
 
 @gpu_only
-@pytest.mark.parametrize("kind", ["", "norm", "norm+glu", "res"])
+@pytest.mark.parametrize("kind", ["", "norm", "norm+glu", "res", "norm+res"])
 def test_gpu_persistent_cuda_gemv(kind):
     """Persistent blocks (fewer blocks than row tiles: each takes several, with the next tile's first weights loaded
     early and two sets of partial sums) give the one-block-per-tile launch's outputs bitwise, fused or not, eagerly and
-    replayed from a CUDA graph; and match float64."""
-    n, k = 16400, 1024  # 513 to 2050 row tiles: more than 1 or 3 blocks per SM of an H200 take at once
-    packed = packed_weight(n, k, 128, kind == "res", "cuda")
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    norm = torch.rand(k, device="cuda", generator=gen).to(torch.bfloat16) + 0.5 if "norm" in kind else None
+    replayed from a CUDA graph; with a partial last load batch (12 K-blocks, batches of 8) and with idle warps
+    (3 K-blocks for 8 warps); and match float64."""
+    n = 16400  # 513 to 2050 row tiles: more than 1 or 3 blocks per SM of an H200 take at once
     glu = "glu" in kind
-    residual = (
-        torch.randn(1, n, device="cuda", dtype=torch.bfloat16, generator=gen) if kind == "res" else None
-    )
-    fused = cuda_gemv.Fused(norm=norm, eps=1e-5, glu=glu, residual=residual) if kind else None
-    for rows, warps, unroll in ((2, 8, 1), (2, 4, 2), (4, 4, 1)):
-        tiles = -(-(n // 2 if glu else n) // (4 * rows if glu else 8 * rows))
-        base = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True)
-        expected = cuda_gemv.gemv(x, packed, base, fused=fused)
-        for persist in (1, 3):
-            cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True, persist=persist)
-            assert persist * cuda_gemv.sm_count(torch.cuda.current_device()) < tiles
-            assert torch.equal(cuda_gemv.gemv(x, packed, cfg, fused=fused), expected), (rows, warps, persist)
-    out = torch.empty_like(expected)
-    graph = w4a16.captured(lambda: out.copy_(cuda_gemv.gemv(x, packed, cfg, fused=fused)))
-    out.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, expected)
-    if not kind:
-        assert rel_err(expected, float64_product(x, packed)) < 5e-3
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for k, launches in ((1536, ((2, 8, 1), (2, 4, 2), (4, 4, 1))), (384, ((2, 8, 1),))):
+        packed = packed_weight(n, k, 128, "res" in kind, "cuda")
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        norm = (
+            torch.rand(k, device="cuda", generator=gen).to(torch.bfloat16) + 0.5 if "norm" in kind else None
+        )
+        residual = (
+            torch.randn(1, n, device="cuda", dtype=torch.bfloat16, generator=gen) if "res" in kind else None
+        )
+        fused = cuda_gemv.Fused(norm=norm, eps=1e-5, glu=glu, residual=residual) if kind else None
+        for rows, warps, unroll in launches:
+            tiles = -(-(n // 2 if glu else n) // (4 * rows if glu else 8 * rows))
+            base = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True)
+            expected = cuda_gemv.gemv(x, packed, base, fused=fused)
+            for persist in (1, 3):
+                cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True, persist=persist)
+                assert persist * cuda_gemv.sm_count(torch.cuda.current_device()) < tiles
+                assert torch.equal(cuda_gemv.gemv(x, packed, cfg, fused=fused), expected), (
+                    k,
+                    rows,
+                    warps,
+                    persist,
+                )
+            out = torch.empty_like(expected)
+            graph = w4a16.captured(
+                lambda c=cfg, x=x, p=packed, o=out, f=fused: o.copy_(cuda_gemv.gemv(x, p, c, fused=f))
+            )
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, expected), (k, rows, warps)
+            if not kind:
+                assert rel_err(expected, float64_product(x, packed)) < 5e-3
