@@ -22,12 +22,15 @@ import torch
 import torch.nn.functional as F
 from decode_profile import load_tuned
 
+from kernels import int4pack_baseline
 from lowbit.kernels import cuda_gemv, w4a16
 from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import pack_wna16
 
 SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096),
-          ("lm_head", 4096, 128256)]  # fmt: skip
+          ("lm_head", 4096, 128256), ("4096x14336", 4096, 14336), ("8192x28672", 8192, 28672)]  # fmt: skip
+# the decode shapes by default; the issue's kernel-table shapes (K x N) not among them by name
+DEFAULT_SHAPES = ["qkv", "o", "gate_up", "down", "lm_head"]
 
 READ_ONLY = r"""
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
@@ -64,7 +67,23 @@ QUICK_CORE = [(1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 1), (1, 16, 1)
 QUICK_LAUNCHES = [(False, 0)] + [(True, p) for p in (0, 1, 2, 3, 4)]  # (stage, persist)
 
 
-def quick_sweep() -> list[cuda_gemv.CudaGemvConfig]:
+def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
+    """The staged tensor-core kernel's launches (the tuner's, w4a16.STAGED_MMA x split 1 to 8)."""
+    return [
+        cuda_gemv.CudaGemvConfig(r, w, u, s, mma=True, stage=True)
+        for r, w, u in w4a16.STAGED_MMA
+        for s in (1, 2, 4, 8)
+    ]
+
+
+def quick_sweep(m: int) -> list[cuda_gemv.CudaGemvConfig]:
+    if m > 1:  # the tensor-core kernels, unstaged (split 1 to 4) and staged
+        unstaged = [
+            cuda_gemv.CudaGemvConfig(r, w, 1, s, mma=True)
+            for r, w in ((1, 4), (2, 4), (2, 8))
+            for s in (1, 2, 4)
+        ]
+        return unstaged + staged_mma()
     return [
         cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=st, persist=p)
         for r, w, u in QUICK_CORE
@@ -92,6 +111,7 @@ def sweep() -> list[cuda_gemv.CudaGemvConfig]:
         [cuda_gemv.CudaGemvConfig(*c, stage=st) for st in (False, True) for c in core]
         + persistent
         + [cuda_gemv.CudaGemvConfig(*c, mma=True) for c in mma]
+        + staged_mma()
     )
 
 
@@ -193,15 +213,15 @@ def check_schemes() -> list[dict]:
         zero = torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.int16) if asym else None
         packed = pack_wna16(q, scale, zero, 4, group)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for mma in (False, True) if m == 1 else (True,):
-            cfg = cuda_gemv.CudaGemvConfig(2, 4, 2, split, mma)
+        for mma, stage in ((False, False), (True, False), (True, True)):
+            if m > 1 and not mma:
+                continue
+            cfg = cuda_gemv.CudaGemvConfig(2, 4, 2, split, mma, stage)
             err = rel_err(cuda_gemv.gemv(x, packed, cfg), reference(x, packed))
-            rows.append(
-                {"group": group, "asymmetric": asym, "split": split, "m": m, "mma": mma, "rel_err": err}
-            )
-            print(
-                f"check group={group:4d} asymmetric={asym!s:5} split={split} M={m:2d} mma={mma!s:5}: rel err {err:.2e}"
-            )
+            rows.append({"group": group, "asymmetric": asym, "split": split, "m": m, "mma": mma, "stage": stage,
+                         "rel_err": err})  # fmt: skip
+            print(f"check group={group:4d} asymmetric={asym!s:5} split={split} M={m:2d} mma={mma!s:5} "
+                  f"stage={stage!s:5}: rel err {err:.2e}")  # fmt: skip
     return rows
 
 
@@ -221,8 +241,28 @@ def triton_best(x: torch.Tensor, packed) -> w4a16.WNA16Config:
         w4a16._TUNED.pop(key, None)
 
 
+def int4pack_time(x: torch.Tensor, n: int, k: int, flush_ms: float) -> float | None:
+    """``torch._weight_int4pack_mm`` (g128) at this shape, microseconds (None where this PyTorch lacks it)."""
+    try:
+        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+        tiny = int4pack_baseline(q, torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001, 128)
+        tiny(x)
+        return (w4a16.device_time(lambda: tiny(x)) - flush_ms) * 1e3
+    except Exception as exc:  # noqa: BLE001  (a PyTorch build without the op)
+        print(f"  int4pack: {exc!r:.100}")
+        return None
+
+
 def shape_row(
-    name: str, k: int, n: int, m: int, flush_ms: float, top: int, fused: bool, quick: bool = False
+    name: str,
+    k: int,
+    n: int,
+    m: int,
+    flush_ms: float,
+    top: int,
+    fused: bool,
+    quick: bool = False,
+    no_triton: bool = False,
 ) -> tuple[dict, dict]:
     """One shape's timings at M tokens; also the faster launch (Triton or best CUDA) as tuned-config reprs by key
     (with ``fused``, at one token, also the fused kinds')."""
@@ -235,13 +275,19 @@ def shape_row(
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     cublas_us = (w4a16.device_time(lambda: F.linear(x, w)) - flush_ms) * 1e3
     w = None  # frees the bf16 weight (the closure above keeps the name)
-    triton_cfg = triton_best(x, packed)
+    if no_triton:  # the unstaged tensor-core kernel stands in as the reference launch
+        triton_cfg = w4a16.WNA16Config(1, 32, 1, 4, kbi=1, mma=True, cuda=True)
+    else:
+        triton_cfg = triton_best(x, packed)
     triton_err = rel_err(w4a16.wna16_matmul(x, packed, triton_cfg), ref)
     triton_us = (w4a16.device_time(lambda: w4a16.wna16_matmul(x, packed, triton_cfg)) - flush_ms) * 1e3
+    int4pack_us = int4pack_time(x, n, k, flush_ms)
     timed = []
-    for cfg in quick_sweep() if quick else sweep():
-        if cfg.split > 1 and (k // 128) // cfg.split < cfg.warps // 2:
-            continue  # fewer K-blocks per block than half its warps
+    for cfg in quick_sweep(m) if quick else sweep():
+        if cfg.split > 1 and (k // 128) // cfg.split < (
+            cfg.unroll if cfg.mma and cfg.stage else cfg.warps // 2
+        ):
+            continue  # fewer K-blocks per block than half its warps (staged tensor cores: than a load batch)
         if not cuda_gemv.supported(x, packed, cfg.mma):
             continue
         try:
@@ -258,7 +304,7 @@ def shape_row(
     row = {"shape": name, "m": m, "k": k, "n": n, "cublas_bf16_us": cublas_us, "triton_us": triton_us,
            "triton_config": repr(triton_cfg), "triton_rel_err": triton_err, "cuda_us": best["us"],
            "cuda_rel_err": best["rel_err"], "cuda_config": best["config"], "wrong": len(timed) - len(good),
-           "best_mma_us": best_mma["us"], "top": timed[:top]}  # fmt: skip
+           "best_mma_us": best_mma["us"], "int4pack_us": int4pack_us, "top": timed[:top]}  # fmt: skip
     read_bytes = n * k // 2 + scale.numel() * 2 + 2 * m * k
     extra = ""
     if m == 1:
@@ -274,7 +320,8 @@ def shape_row(
                  f"{row['core_no_math_us']:.2f}, mma {best_mma['us']:.2f}]")  # fmt: skip
     print(f"{name:8s} M={m:2d} K={k:6d} N={n:6d} cuBLAS {cublas_us:7.2f}  Triton {triton_us:7.2f} ({cublas_us / triton_us:.2f}x)"
           f"  CUDA {best['us']:7.2f} ({cublas_us / best['us']:.2f}x, {read_bytes / best['us'] / 1e3:.0f} GB/s, err "
-          f"{best['rel_err']:.1e})  CUDA/Triton {triton_us / best['us']:.2f}x  wrong {row['wrong']}{extra}", flush=True)  # fmt: skip
+          f"{best['rel_err']:.1e})  CUDA/Triton {triton_us / best['us']:.2f}x  wrong {row['wrong']}{extra}"
+          + (f"  int4pack {int4pack_us:.2f} ({int4pack_us / best['us']:.2f}x)" if int4pack_us else ""), flush=True)  # fmt: skip
     for t in timed[:top]:
         print(f"    {t['us']:7.2f} us  err {t['rel_err']:.1e}  {t['config']}")
     c = cuda_gemv.CudaGemvConfig(**best["config"])
@@ -302,7 +349,12 @@ def main() -> None:
     parser.add_argument(
         "--seed-triton", type=Path, help="tuned Triton launches (bench/notes/decode_tuned_*.json)"
     )
-    parser.add_argument("--shapes", nargs="*", default=[s[0] for s in SHAPES])
+    parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help=f"of {[s[0] for s in SHAPES]}")
+    parser.add_argument(
+        "--no-triton",
+        action="store_true",
+        help="skip the Triton tuning (the unstaged tensor-core launch instead)",
+    )
     parser.add_argument("--ms", type=int, nargs="*", default=[1], help="tokens (1 to 16)")
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--skip-checks", action="store_true")
@@ -323,7 +375,9 @@ def main() -> None:
     flush_ms = w4a16.device_time(lambda: None)
     for m in args.ms:
         for name, k, n in (s for s in SHAPES if s[0] in args.shapes):
-            row, shape_tuned = shape_row(name, k, n, m, flush_ms, args.top, args.fused, args.quick)
+            row, shape_tuned = shape_row(
+                name, k, n, m, flush_ms, args.top, args.fused, args.quick, args.no_triton
+            )
             tuned.update(shape_tuned)
             result["shapes"].append(row)
             (args.out / "cuda_gemv.json").write_text(json.dumps(result, indent=1))

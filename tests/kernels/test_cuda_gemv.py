@@ -105,6 +105,44 @@ def test_gpu_cuda_gemv_tokens(m, asymmetric):
 
 
 @gpu_only
+@pytest.mark.parametrize(("m", "group", "asymmetric"), [(1, 128, False), (2, 128, True), (7, -1, True),
+                                                        (8, 256, False), (9, 128, True), (16, 128, False),
+                                                        (16, -1, False), (13, 256, True)])  # fmt: skip
+def test_gpu_staged_tensor_core_kernel(m, group, asymmetric):
+    """The staged tensor-core kernel for 1 to 16 tokens against float64: every scheme, a partial row tile (N = 1000
+    with 128- and 256-row blocks), split-K over uneven K-slices (22 K-blocks in 3 or 8), tokens read through a row
+    stride; split-K bitwise the same eagerly and from a CUDA graph."""
+    n, k = 1000, 2816
+    packed = packed_weight(n, k, group, asymmetric, "cuda")
+    wide = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)
+    x = wide[:, 32 : 32 + k]
+    ref = float64_product(x, packed)
+    for rows, warps, unroll, split in [(1, 8, 1, 1), (2, 4, 2, 3), (1, 4, 2, 8), (2, 8, 1, 2)]:
+        cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, mma=True, stage=True)
+        out = cuda_gemv.gemv(x, packed, cfg)
+        assert out.shape == (m, n)
+        assert rel_err(out, ref) < 2e-3, cfg
+        for row in range(m):
+            assert rel_err(out[row : row + 1], ref[row : row + 1]) < 3e-3, (cfg, row)
+        if split > 1:
+            again = torch.empty_like(out)
+            graph = w4a16.captured(lambda cfg=cfg, again=again: again.copy_(cuda_gemv.gemv(x, packed, cfg)))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(again, out) and torch.equal(cuda_gemv.gemv(x, packed, cfg), out), cfg
+
+
+@gpu_only
+def test_gpu_wna16_matmul_runs_the_staged_tensor_core_kernel():
+    """``wna16_matmul`` runs a staged tensor-core launch (a tuning candidate) for 16 tokens at Llama-3-8B's o shape."""
+    packed = packed_weight(4096, 4096, 128, False, "cuda")
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = w4a16.WNA16Config(1, 128, 4, 8, kbi=1, mma=True, cuda=True, stage=True)
+    assert cfg in w4a16.candidate_configs(16)
+    assert rel_err(w4a16.wna16_matmul(x, packed, cfg), float64_product(x, packed)) < 2e-3
+
+
+@gpu_only
 @pytest.mark.parametrize("mma", [False, True])
 def test_gpu_cuda_gemv_split_k_is_deterministic_and_graph_safe(mma):
     """Split-K partials are summed in order by the last block (bitwise the same every call, and the counters reset),
@@ -244,11 +282,38 @@ def test_gemv_refuses_what_it_cannot_take():
 
 
 def test_staged_bytes_is_one_k_slice_of_bf16():
-    """The staged activations: 2 bytes per feature of a block's K-slice, none without staging or for the mma kernel."""
+    """The staged activations: 2 bytes per feature of a block's K-slice, none without staging; the staged tensor-core
+    kernel keeps 8 tokens per token tile (zeros past M) and a float32 sum per token and K-block."""
     staged = cuda_gemv.CudaGemvConfig(2, 8, 1, 2, stage=True)
     assert cuda_gemv.staged_bytes(staged, 14336) == 2 * 56 * 128
     assert cuda_gemv.staged_bytes(cuda_gemv.CudaGemvConfig(2, 8, 1, 1), 14336) == 0
-    assert cuda_gemv.staged_bytes(cuda_gemv.CudaGemvConfig(2, 8, 1, 1, mma=True, stage=True), 4096) == 0
+    assert cuda_gemv.staged_bytes(cuda_gemv.CudaGemvConfig(2, 8, 1, 1, mma=True), 4096) == 0
+    mma = cuda_gemv.CudaGemvConfig(1, 8, 1, 4, mma=True, stage=True)
+    assert cuda_gemv.staged_bytes(mma, 4096, tokens=16) == 8 * 16 * (2 * 128 + 4)
+    assert cuda_gemv.staged_bytes(mma, 4096, tokens=5) == 8 * 8 * (2 * 128 + 4)
+    assert cuda_gemv.static_shared_bytes(mma, tokens=16) == 4 * 16 * 128 + 16 + 1024
+
+
+def test_staged_tensor_core_launches():
+    """The staged tensor-core kernel: its warps take different rows (``16 * rows * warps`` per block), it is a
+    candidate from 2 to 16 tokens, and it takes no fused work."""
+    cfg = w4a16.WNA16Config(1, 256, 4, 8, kbi=1, mma=True, cuda=True, stage=True).cuda_config()
+    assert (cfg.rows, cfg.warps, cfg.block_rows, cfg.kernel_name) == (
+        2,
+        8,
+        256,
+        "lowbit_w4a16_gemv_mma_staged",
+    )
+    assert cuda_gemv.CudaGemvConfig(2, 8, 1, 1, mma=True).kernel_name == "lowbit_w4a16_gemv_mma"
+    for m in (2, 9, 16):
+        staged = [c for c in w4a16.candidate_configs(m) if c.cuda and c.mma and c.stage]
+        assert staged and all(c.cuda_config().block_rows == c.block_n for c in staged)
+    assert not any(c.cuda and c.mma and c.stage for c in w4a16.candidate_configs(1))
+    packed = packed_weight(64, 256, 128, False, "cpu")
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    assert not cuda_gemv.fusable(
+        cfg, x, packed, cuda_gemv.Fused(residual=torch.zeros(1, 64).to(torch.bfloat16))
+    )
 
 
 def test_persistent_launches_are_staged_core_launches_without_split():

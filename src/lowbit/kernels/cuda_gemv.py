@@ -578,6 +578,173 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
     finish_rows(partial, NWARPS, MMAX, 16 * ROWS, n0, blockIdx.x, M, N, out, stride_om, workspace, counters,
                 norm_scale, FUSE_RES ? residual : nullptr);
 }
+
+// Tensor cores with the activations staged (STAGE), for 1 to 16 tokens: the warps of a block take different rows
+// (16 ROWS each) over the same K-slice, so the block's activations are read from global memory once and shared by
+// NWARPS * 16 * ROWS rows (the kernel above reads them once per 16 ROWS rows: at 16 tokens that is four times the
+// weight bytes per 16-row tile). Staging writes them in B-fragment order (one 16-byte shared load per lane and word)
+// and sums each token's K-block in float32 (the zero-point term), so the loop issues only the weight loads, four
+// shared loads per token tile and the products; the next batch of weights is in flight while one is computed.
+extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+lowbit_w4a16_gemv_mma_staged(const u16* __restrict__ x, const uint4* __restrict__ qweight,
+                             const u16* __restrict__ scale, const u16* __restrict__ zero, u16* __restrict__ out,
+                             float* __restrict__ workspace, int* __restrict__ counters, int N, int K, int M,
+                             int stride_xm, int stride_om) {
+    constexpr int BLOCK_ROWS = NWARPS * 16 * ROWS;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int t4 = lane & 3, g = lane >> 2;
+    const int n0 = blockIdx.x * BLOCK_ROWS;
+    const int wn0 = n0 + warp * 16 * ROWS;
+    const int num_kb = K >> 7;
+    const int per_split = (num_kb + SPLIT - 1) / SPLIT;
+    const int kb_lo = blockIdx.y * per_split;
+    const int kb_hi = min(num_kb, kb_lo + per_split);
+
+    extern __shared__ __align__(16) unsigned char stage_raw[];
+    uint4* frag = reinterpret_cast<uint4*>(stage_raw);  // [K-block][token tile][word][lane]: B fragments
+    float* xsum = reinterpret_cast<float*>(stage_raw + (size_t)per_split * NT * 4 * 32 * 16);  // [K-block][token]
+
+    uint4 words[UNROLL][ROWS][2];
+    u32 scales[UNROLL][ROWS][2];
+    u32 zeros[UNROLL][ROWS][2];
+    auto load_batch = [&](int kb0) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kb = kb0 + u;
+            const int grp = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS;
+            const bool ok = kb < kb_hi;
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int n = min(wn0 + 16 * r + 8 * h + g, N - 1);
+                    words[u][r][h] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + t4) : make_uint4(0, 0, 0, 0);
+                    scales[u][r][h] = ok ? load_u16(scale + (size_t)grp * N + n) : 0u;
+                    zeros[u][r][h] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)grp * N + n) : 0u;
+                }
+        }
+    };
+
+    load_batch(kb_lo);  // in flight while the activations are staged
+    // entry i: K-block i / (32 NT), token m, quad t (the four lanes of a quad are consecutive, so whole warps take
+    // the loop's trips together and the quad's shuffles see all four); tokens past M are zeros
+    for (int i = threadIdx.x; i < (kb_hi - kb_lo) * 32 * NT; i += NWARPS * 32) {
+        const int t = i & 3, m = (i >> 2) % (8 * NT), kl = i / (32 * NT);
+        uint2 xs[8];
+        if (m < M) {
+            const u16* xb = x + (size_t)m * stride_xm + (kb_lo + kl) * 128 + 4 * t;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) xs[j] = make_uint2(0u, 0u);
+        }
+        float s = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            s += (bf16_bits_to_float(xs[j].x & 0xFFFFu) + bf16_bits_to_float(xs[j].x >> 16))
+               + (bf16_bits_to_float(xs[j].y & 0xFFFFu) + bf16_bits_to_float(xs[j].y >> 16));
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if (t == 0) xsum[kl * 8 * NT + m] = s;
+        uint4* dst = frag + ((size_t)(kl * NT + (m >> 3)) * 4) * 32 + (m & 7) * 4 + t;
+        dst[0] = make_uint4(prmt(xs[0].x, xs[4].x, 0x5410), prmt(xs[1].x, xs[5].x, 0x5410),
+                            prmt(xs[2].x, xs[6].x, 0x5410), prmt(xs[3].x, xs[7].x, 0x5410));
+        dst[32] = make_uint4(prmt(xs[0].x, xs[4].x, 0x7632), prmt(xs[1].x, xs[5].x, 0x7632),
+                             prmt(xs[2].x, xs[6].x, 0x7632), prmt(xs[3].x, xs[7].x, 0x7632));
+        dst[64] = make_uint4(prmt(xs[0].y, xs[4].y, 0x5410), prmt(xs[1].y, xs[5].y, 0x5410),
+                             prmt(xs[2].y, xs[6].y, 0x5410), prmt(xs[3].y, xs[7].y, 0x5410));
+        dst[96] = make_uint4(prmt(xs[0].y, xs[4].y, 0x7632), prmt(xs[1].y, xs[5].y, 0x7632),
+                             prmt(xs[2].y, xs[6].y, 0x7632), prmt(xs[3].y, xs[7].y, 0x7632));
+    }
+    __syncthreads();
+
+    float acc[ROWS][2][NT][2];  // [tile][row g, g + 8][token tile][token 2t, 2t + 1]
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) acc[r][h][nt][0] = acc[r][h][nt][1] = 0.f;
+
+    for (int kb0 = kb_lo; kb0 < kb_hi; kb0 += UNROLL) {
+        uint4 cur[UNROLL][ROWS][2];
+        u32 cur_scales[UNROLL][ROWS][2];
+        u32 cur_zeros[UNROLL][ROWS][2];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    cur[u][r][h] = words[u][r][h];
+                    cur_scales[u][r][h] = scales[u][r][h];
+                    cur_zeros[u][r][h] = zeros[u][r][h];
+                }
+        if (kb0 + UNROLL < kb_hi) load_batch(kb0 + UNROLL);  // the next batch, in flight
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int kl = kb0 + u - kb_lo;
+            if (kb0 + u < kb_hi) {
+                float c[ROWS][NT][4];
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) c[r][nt][0] = c[r][nt][1] = c[r][nt][2] = c[r][nt][3] = 0.f;
+#pragma unroll
+                for (int o = 0; o < 4; ++o) {
+                    uint4 b[NT];
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) b[nt] = frag[((size_t)(kl * NT + nt) * 4 + o) * 32 + lane];
+#pragma unroll
+                    for (int jp = 0; jp < 4; jp += 2) {
+#pragma unroll
+                        for (int r = 0; r < ROWS; ++r) {
+                            const u32 lo = o == 0 ? cur[u][r][0].x : o == 1 ? cur[u][r][0].y : o == 2 ? cur[u][r][0].z : cur[u][r][0].w;
+                            const u32 hi = o == 0 ? cur[u][r][1].x : o == 1 ? cur[u][r][1].y : o == 2 ? cur[u][r][1].z : cur[u][r][1].w;
+                            const u32 a0 = raw_codes(lo, jp), a1 = raw_codes(hi, jp);
+                            const u32 a2 = raw_codes(lo, jp + 1), a3 = raw_codes(hi, jp + 1);
+#pragma unroll
+                            for (int nt = 0; nt < NT; ++nt) {
+                                if (jp == 0) mma_bf16(c[r][nt], a0, a1, a2, a3, b[nt].x, b[nt].y);
+                                else mma_bf16(c[r][nt], a0, a1, a2, a3, b[nt].z, b[nt].w);
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const float2 xsm = *reinterpret_cast<const float2*>(xsum + kl * 8 * NT + 8 * nt + 2 * t4);
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const float s = bf16_bits_to_float(cur_scales[u][r][h]);
+                            const float z = 128.f + (HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r][h]) : 8.f);
+                            acc[r][h][nt][0] = fmaf(s, c[r][nt][2 * h] - z * xsm.x, acc[r][h][nt][0]);
+                            acc[r][h][nt][1] = fmaf(s, c[r][nt][2 * h + 1] - z * xsm.y, acc[r][h][nt][1]);
+                        }
+                }
+            }
+        }
+    }
+
+    __shared__ float partial[MMAX * BLOCK_ROWS];  // [token][row of the block]
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int cc = 0; cc < 2; ++cc) {
+                    const int m = 8 * nt + 2 * t4 + cc;
+                    if (m < MMAX) partial[m * BLOCK_ROWS + warp * 16 * ROWS + 16 * r + 8 * h + g] = acc[r][h][nt][cc];
+                }
+    __syncthreads();
+    finish_rows(partial, 1, MMAX, BLOCK_ROWS, n0, blockIdx.x, M, N, out, stride_om, workspace, counters, 1.f,
+                nullptr);
+}
 """
 
 
@@ -585,7 +752,9 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
 class CudaGemvConfig:
     """Launch shape. ``mma``: the tensor-core kernel, whose warps take ``16 * rows`` output rows (else the CUDA-core
     kernel, whose threads take ``rows`` rows, ``8 * rows`` per block); ``warps`` per block share out the K-blocks,
-    ``unroll`` K-blocks per warp have their loads issued together, ``split`` blocks along K."""
+    ``unroll`` K-blocks per warp have their loads issued together, ``split`` blocks along K. ``mma`` with ``stage``:
+    the staged tensor-core kernel, whose warps take different rows (``16 * rows`` each, ``16 * rows * warps`` per
+    block) over the block's K-slice, its activations staged once in shared memory."""
 
     rows: int = 1
     warps: int = 8
@@ -605,7 +774,13 @@ class CudaGemvConfig:
 
     @property
     def block_rows(self) -> int:
-        return (16 if self.mma else 8) * self.rows
+        return 16 * self.rows * self.warps if self.mma and self.stage else (16 if self.mma else 8) * self.rows
+
+    @property
+    def kernel_name(self) -> str:
+        if self.mma:
+            return "lowbit_w4a16_gemv_mma_staged" if self.stage else "lowbit_w4a16_gemv_mma"
+        return "lowbit_w4a16_gemv"
 
 
 MAX_TOKENS = 16  # the tensor-core kernel (two 16 x 8 B operands); the CUDA-core kernel takes one token
@@ -646,10 +821,23 @@ def _capability_ok(index: int) -> bool:
     return True
 
 
-def static_shared_bytes(cfg: CudaGemvConfig) -> int:
-    """The CUDA-core kernel's static shared memory: the warps' partial sums (two sets with ``persist``), the norm's
-    partial sums, a flag, and the 1 KiB that NVRTC's sm_90 builds add (cuobjdump ``-res-usage``)."""
+def static_shared_bytes(cfg: CudaGemvConfig, tokens: int = 1) -> int:
+    """A staged kernel's static shared memory: the partial sums (the CUDA-core kernel: per warp, two sets with
+    ``persist``, and the norm's; the staged tensor-core kernel: per token and row), a flag, and the 1 KiB that NVRTC's
+    sm_90 builds add (cuobjdump ``-res-usage``)."""
+    if cfg.mma:  # the unstaged kernel: partial sums per warp
+        return 4 * _token_slots(tokens) * cfg.block_rows * (1 if cfg.stage else cfg.warps) + 16 + 1024
     return 4 * cfg.warps * (8 * cfg.rows * (2 if cfg.persist else 1) + 1) + 16 + 1024
+
+
+def _token_tiles(tokens: int) -> int:
+    """The tensor-core kernels' 8-token B operands: one up to 8 tokens, two up to 16."""
+    return 1 if tokens <= 8 else 2
+
+
+def _token_slots(tokens: int) -> int:
+    """Tokens the tensor-core kernels keep partial sums for (the ``MMAX`` macro): one, else 8 per token tile."""
+    return 1 if tokens == 1 else 8 * _token_tiles(tokens)
 
 
 @functools.cache
@@ -657,16 +845,23 @@ def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def staged_bytes(cfg: CudaGemvConfig, in_features: int) -> int:
-    """Dynamic shared memory of a launch: the staged activations of one K-slice in bf16 (0 unless ``stage``)."""
-    return 2 * -(-(in_features // BLOCK_K) // cfg.split) * BLOCK_K if cfg.stage and not cfg.mma else 0
+def staged_bytes(cfg: CudaGemvConfig, in_features: int, tokens: int = 1) -> int:
+    """Dynamic shared memory of a launch (0 unless ``stage``): the staged activations of one K-slice in bf16 (the
+    tensor-core kernel: 8 tokens per token tile, zeros past ``tokens``, and a float32 sum per token and K-block)."""
+    if not cfg.stage:
+        return 0
+    blocks = -(-(in_features // BLOCK_K) // cfg.split)
+    if cfg.mma:
+        return blocks * (2 * BLOCK_K + 4) * 8 * _token_tiles(tokens)
+    return 2 * blocks * BLOCK_K
 
 
-def stage_fits(cfg: CudaGemvConfig, in_features: int, device: torch.device) -> bool:
-    """Whether the staged activations fit in a block's shared memory on ``device`` (K up to about 110 000 on Hopper)."""
+def stage_fits(cfg: CudaGemvConfig, in_features: int, device: torch.device, tokens: int = 1) -> bool:
+    """Whether the staged activations fit in a block's shared memory on ``device`` (the CUDA-core kernel: K up to
+    about 110 000 on Hopper; the tensor-core kernel at 16 tokens: K-slices up to about 6 900)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-    return staged_bytes(cfg, in_features) + static_shared_bytes(cfg) <= limit
+    return staged_bytes(cfg, in_features, tokens) + static_shared_bytes(cfg, tokens) <= limit
 
 
 @dataclass(frozen=True)
@@ -697,7 +892,7 @@ def source(
     """The kernels' CUDA C for one launch shape, weight scheme, token count (1, 8 or 16) and fusion flags (norm,
     glu, residual: :class:`Fused`): the macros, then :data:`SOURCE`. ``no_math`` leaves the CUDA-core kernel's dot
     products out (a timing probe, wrong results)."""
-    token_tiles = 1 if tokens <= 8 else 2
+    token_tiles = _token_tiles(tokens)
     macros = {
         "NWARPS": cfg.warps,
         "ROWS": cfg.rows,
@@ -708,7 +903,7 @@ def source(
         "HAS_ZERO": int(has_zero),
         "NO_MATH": int(no_math),
         "NT": token_tiles,
-        "MMAX": 1 if tokens == 1 else 8 * token_tiles,
+        "MMAX": _token_slots(tokens),
         "FUSE_NORM": int(fused[0]),
         "FUSE_GLU": int(fused[1]),
         "FUSE_RES": int(fused[2]),
@@ -730,16 +925,17 @@ def _compiled(cfg: CudaGemvConfig, device_index: int, *scheme):
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"the CUDA kernel for {cfg} was not compiled before this CUDA-graph capture; run the "
                                "step once before capturing it")  # fmt: skip
-        name = "lowbit_w4a16_gemv_mma" if cfg.mma else "lowbit_w4a16_gemv"
         with torch.cuda.device(device_index):
-            kernel = _KERNELS[key] = torch.cuda._compile_kernel(source(cfg, *scheme), name)
+            kernel = _KERNELS[key] = torch.cuda._compile_kernel(source(cfg, *scheme), cfg.kernel_name)
     return kernel
 
 
 def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: Fused) -> bool:
     """Whether ``cfg`` runs ``fused`` in the kernel: one token, one K-slice, bf16 norm weight and residual; ``glu``
-    only on the CUDA-core kernel with an even number of rows per thread (gate and up rows in pairs)."""
+    only on the CUDA-core kernel with an even number of rows per thread (gate and up rows in pairs); none on the
+    staged tensor-core kernel."""
     ok = cfg.split == 1 and supported(x2, packed) and (not fused.glu or (not cfg.mma and cfg.rows % 2 == 0))
+    ok = ok and not (cfg.mma and cfg.stage)
     ok = ok and (cfg.mma or 32 * cfg.warps >= cfg.block_rows)  # the fused epilogue: a thread per output of a tile
     ok = ok and (not cfg.stage or stage_fits(cfg, packed.in_features, x2.device))
     ok = ok and (not fused.glu or packed.out_features % 2 == 0)
@@ -783,12 +979,13 @@ def gemv(
         args += [m, x2.stride(0), out.stride(0)]
     norm = fused.norm if fused is not None and fused.norm is not None else packed.scale
     residual = fused.residual if fused is not None and fused.residual is not None else packed.scale
-    args += [norm, residual, float(fused.eps if fused is not None else 0.0)]
-    # the staged activations: one K-slice of bf16 (28 KiB at K = 14336); past the 48 KiB default (with the static
-    # arrays) the block's limit is raised, up to the device's opt-in maximum (stage_fits)
-    shared = staged_bytes(cfg, k)
-    if shared + static_shared_bytes(cfg) > 48 * 1024:
-        if not stage_fits(cfg, k, x2.device):
+    if not (cfg.mma and cfg.stage):  # the staged tensor-core kernel takes no fused work
+        args += [norm, residual, float(fused.eps if fused is not None else 0.0)]
+    # the staged activations: one K-slice of bf16 (28 KiB at K = 14336 for one token); past the 48 KiB default
+    # (with the static arrays) the block's limit is raised, up to the device's opt-in maximum (stage_fits)
+    shared = staged_bytes(cfg, k, m)
+    if shared + static_shared_bytes(cfg, m) > 48 * 1024:
+        if not stage_fits(cfg, k, x2.device, m):
             raise ValueError(f"{cfg}: {shared} bytes of staged activations exceed this GPU's shared memory; use "
                              "stage=False or split K")  # fmt: skip
         with torch.cuda.device(index):

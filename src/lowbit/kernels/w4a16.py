@@ -59,11 +59,13 @@ class WNA16Config:
     # True: the CUDA C GEMV (:mod:`lowbit.kernels.cuda_gemv`, one bf16 token; with ``mma`` its tensor-core kernel):
     # ``block_n`` rows per block, ``num_warps``, ``kbi`` K-blocks per load batch, ``split_k``
     cuda: bool = False
-    stage: bool = False  # with ``cuda`` (CUDA-core kernel): activations staged in shared memory, weights pipelined
+    # with ``cuda``: activations staged in shared memory, weights pipelined (with ``mma``: the staged tensor-core
+    # kernel, whose warps take different rows, ``block_n / num_warps`` each)
+    stage: bool = False
     persist: int = 0  # with ``cuda`` and ``stage``: blocks per SM looping over the row tiles (CudaGemvConfig.persist)
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
-        rows = self.block_n // (16 if self.mma else 8)
+        rows = self.block_n // (16 * (self.num_warps if self.stage else 1) if self.mma else 8)
         return cuda_gemv.CudaGemvConfig(
             rows, self.num_warps, self.kbi, self.split_k, self.mma, self.stage, self.persist
         )
@@ -102,7 +104,8 @@ def _cuda_candidates(m: int) -> list[WNA16Config]:
     """CUDA C launches (:mod:`lowbit.kernels.cuda_gemv`), timed only where it is supported: for one token the
     CUDA-core kernel, (rows per thread, warps, K-blocks per load batch) x split-K x staging, and staged with 2 or 4
     persistent blocks per SM; for 1 to 16 tokens the tensor-core kernel, (16-row tiles per warp, warps, K-blocks per
-    load batch) x split-K."""
+    load batch) x split-K, unstaged, and from 2 tokens on staged (the tokens' activations shared by the block's
+    warps; launches whose K-slice does not fit in shared memory fail and are skipped)."""
     if m > cuda_gemv.MAX_TOKENS:
         return []
     core = [(1, 8, 4), (1, 8, 2), (1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 2), (2, 8, 2)] if m == 1 else []
@@ -116,7 +119,16 @@ def _cuda_candidates(m: int) -> list[WNA16Config]:
         WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=True, persist=p)
         for r, nw, kbi in core
         for p in (2, 4)
-    ] + [WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True) for r, nw, kbi in mma for sk in (1, 2, 4)]
+    ] + [WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True) for r, nw, kbi in mma for sk in (1, 2, 4)] + [
+        WNA16Config(1, 16 * r * nw, sk, nw, kbi=kbi, mma=True, cuda=True, stage=True)
+        for r, nw, kbi in STAGED_MMA
+        for sk in (1, 2, 4, 8)
+        if m > 1
+    ]
+
+
+# the staged tensor-core kernel's (16-row tiles per warp, warps, K-blocks per load batch)
+STAGED_MMA = [(1, 4, 1), (1, 4, 2), (1, 8, 1), (1, 8, 2), (2, 4, 1), (2, 8, 1)]
 
 
 def _dot_candidates(m: int) -> list[WNA16Config]:
