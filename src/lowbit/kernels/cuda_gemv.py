@@ -45,13 +45,9 @@ from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 
 logger = logging.getLogger(__name__)
 
-SOURCE = r"""
-#if PERSIST && (!STAGE || SPLIT != 1)
-#error "PERSIST needs STAGE and SPLIT == 1"
-#endif
-#if (FUSE_NORM || FUSE_GLU || FUSE_RES) && SPLIT != 1
-#error "the fused work needs SPLIT == 1"
-#endif
+# Device functions the kernels share (lowbit.kernels.cuda_gemm builds on them too): loads, bf16 bit tricks, the
+# CUDA-core dot product of a word, the tensor-core product, and the split-K reduction (which reads SPLIT).
+HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
@@ -169,6 +165,33 @@ __device__ __forceinline__ void finish_rows(const float* partial, int warps, int
     if (threadIdx.x == 0) counters[tile] = 0;
 }
 
+
+// D += A B for one m16n8k16 tile: A 16 x 16 bf16 (four registers), B 16 x 8 bf16 (two), D float32
+__device__ __forceinline__ void mma_bf16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// (128 + q_jp, 128 + q_{jp+4}) in bf16, exactly: codes jp and jp + 4 of word w
+__device__ __forceinline__ u32 raw_codes(u32 w, int jp) {
+    u32 a;
+    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(a) : "r"(w >> (4 * jp)));
+    return a;
+}
+"""
+
+SOURCE = r"""
+#if PERSIST && (!STAGE || SPLIT != 1)
+#error "PERSIST needs STAGE and SPLIT == 1"
+#endif
+#if (FUSE_NORM || FUSE_GLU || FUSE_RES) && SPLIT != 1
+#error "the fused work needs SPLIT == 1"
+#endif
+"""
+
+SOURCE += HELPERS + r"""
 // One token on CUDA cores, with a decode step's elementwise work optionally fused (FUSE_* macros, SPLIT == 1):
 // FUSE_NORM, the input is the residual stream h and the product takes rms_norm(h) * norm_w: the lanes multiply h by
 // norm_w, sum h^2 (lane (quad, row) takes slab row of its K-block, so each feature once per warp) and the block
@@ -394,21 +417,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         finish_rows(mine[0], NWARPS, 1, 8 * ROWS, n0, tile, 1, N, out, N, workspace, counters, 1.f, nullptr);
 #endif
     }
-}
-
-// D += A B for one m16n8k16 tile: A 16 x 16 bf16 (four registers), B 16 x 8 bf16 (two), D float32
-__device__ __forceinline__ void mma_bf16(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// (128 + q_jp, 128 + q_{jp+4}) in bf16, exactly: codes jp and jp + 4 of word w
-__device__ __forceinline__ u32 raw_codes(u32 w, int jp) {
-    u32 a;
-    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(a) : "r"(w >> (4 * jp)));
-    return a;
 }
 
 // Tensor cores fed the raw codes (as lowbit.kernels.wna16_jit.w4_mma_kernel), for 1 to 16 tokens: each warp takes
