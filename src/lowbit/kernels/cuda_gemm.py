@@ -1,6 +1,6 @@
 """CUDA C tensor-core W4A16 GEMM for prefill-sized batches (about 17 to 128 tokens), compiled at run time with NVRTC.
 
-Why: at 64-128 tokens the Triton W4A16 kernels reach only 0.4-0.8x cuBLAS bf16 on the Llama-3 shapes (issue 7),
+Why: at 64-128 tokens the Triton W4A16 kernels reach only 0.4-0.8x cuBLAS bf16 on the Llama-3 shapes (issue 6),
 though cuBLAS reads four times the weight bytes. The 1-16-token kernels of :mod:`lowbit.kernels.cuda_gemv` keep the
 raw codes ``128 + q`` as the A operand and subtract the zero point per K-block in float32; that needs a second set
 of accumulators, which does not fit in registers at 64 tokens. This kernel follows Marlin (Frantar et al. 2024,
@@ -42,6 +42,14 @@ Design (one block: ``block_rows = 16 * rows * warps`` output rows by ``block_tok
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128,
 compute capability 9.0 or later. :func:`supported` says whether a weight and input qualify.
+
+Status (measured on an H200, session 15 of issue 6, ``bench/cuda_gemm.py``, CUDA-graph device time; raw:
+``bench/notes/cuda_gemm_h200_session15_call2.json``): exact (``tests/kernels/test_cuda_gemm.py``, 49 passed on the
+GPU) but slow: 0.80-1.86x cuBLAS bf16 at 16 tokens, 0.67-1.49x at 32, 0.50-0.89x at 64 and 0.51-0.56x at 128 on the
+four Llama-3 shapes (faster than ``torch._weight_int4pack_mm`` everywhere, 1.4-8.4x). It loses to the 1-16-token
+CUDA kernels at 16 tokens and reaches only 150-250 TFLOP/s at 128 (``mma.sync`` with the dequantization on the same
+warps, no warp specialization). So it is **not** among the runtime's tuning candidates; it is kept, tested, as the
+base for the next attempt (warp-specialized producers, ``wgmma`` with A from registers as vLLM's Machete does).
 """
 
 from __future__ import annotations
