@@ -21,8 +21,8 @@ import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 import torch.nn.functional as F
 from decode_profile import load_tuned
-
 from kernels import int4pack_baseline
+
 from lowbit.kernels import cuda_gemv, w4a16
 from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import pack_wna16
@@ -318,7 +318,8 @@ def shape_row(
         )
         extra = (f"  read-only {row['read_only_us']:6.2f} us [core {best_core['us']:.2f}, core without math "
                  f"{row['core_no_math_us']:.2f}, mma {best_mma['us']:.2f}]")  # fmt: skip
-    print(f"{name:8s} M={m:2d} K={k:6d} N={n:6d} cuBLAS {cublas_us:7.2f}  Triton {triton_us:7.2f} ({cublas_us / triton_us:.2f}x)"
+    ref = "mma ref" if no_triton else "Triton"  # --no-triton: the unstaged tensor-core launch stands in
+    print(f"{name:8s} M={m:2d} K={k:6d} N={n:6d} cuBLAS {cublas_us:7.2f}  {ref} {triton_us:7.2f} ({cublas_us / triton_us:.2f}x)"
           f"  CUDA {best['us']:7.2f} ({cublas_us / best['us']:.2f}x, {read_bytes / best['us'] / 1e3:.0f} GB/s, err "
           f"{best['rel_err']:.1e})  CUDA/Triton {triton_us / best['us']:.2f}x  wrong {row['wrong']}{extra}"
           + (f"  int4pack {int4pack_us:.2f} ({int4pack_us / best['us']:.2f}x)" if int4pack_us else ""), flush=True)  # fmt: skip

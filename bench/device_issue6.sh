@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD/src"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ -z "${SKIP_TESTS-}" ]; then
-    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_w4a16.py tests/kernels/test_w8a8.py tests/kernels/test_attention.py -k "gpu or attention" \
+    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_kernels/test_w4a16.py tests/test_kernels/test_w8a8.py tests/test_kernels/test_attention.py -k "gpu or attention" \
         2>&1 | tail -15 | tee "$OUT/tests.log"
 fi
 if [ -n "${PROBE-}" ]; then

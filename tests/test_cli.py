@@ -42,7 +42,7 @@ def test_recipe_command_prints_defaults():
 
 @pytest.mark.slow
 def test_generate_on_cpu_runs_the_reference_path(tmp_path, tokenizer_folder):
-    """The decode runtime itself is checked against transformers' greedy tokens in tests/kernels."""
+    """The decode runtime itself is checked against transformers' greedy tokens in tests/test_kernels."""
     import lowbit
 
     folder = make_model_folder(tmp_path, "llama", tokenizer_folder)

@@ -44,7 +44,7 @@ Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per ch
 compute capability 9.0 or later. :func:`supported` says whether a weight and input qualify.
 
 Status (measured on an H200, session 15 of issue 6, ``bench/cuda_gemm.py``, CUDA-graph device time; raw:
-``bench/notes/cuda_gemm_h200_session15_call2.json``): exact (``tests/kernels/test_cuda_gemm.py``, 49 passed on the
+``bench/notes/cuda_gemm_h200_session15_call2.json``): exact (``tests/test_kernels/test_cuda_gemm.py``, 49 passed on the
 GPU) but slow: 0.80-1.86x cuBLAS bf16 at 16 tokens, 0.67-1.49x at 32, 0.50-0.89x at 64 and 0.51-0.56x at 128 on the
 four Llama-3 shapes (faster than ``torch._weight_int4pack_mm`` everywhere, 1.4-8.4x). It loses to the 1-16-token
 CUDA kernels at 16 tokens and reaches only 150-250 TFLOP/s at 128 (``mma.sync`` with the dequantization on the same

@@ -10,10 +10,11 @@ Layout: the packed weight of :func:`lowbit.kernels.layout.pack_wna16` unchanged 
 features, ``[K / 128, N, 16]`` int32, code ``j`` of word ``w`` is feature ``16 j + w``). Lane ``l`` of a warp reads
 words ``4 (l % 4) .. 4 (l % 4) + 3`` of a row (row ``l // 4``, + 8, 16, ... for more rows), so one load instruction of
 a warp reads 512 contiguous bytes; the warps of a block share out its K-blocks (``unroll`` per load batch) and sum
-through shared memory; ``split`` blocks along K each write float32 partials that the last to finish adds in order
-(deterministic; a self-resetting counter per row tile).
+through shared memory (the staged tensor-core kernel: the warps take different rows over the block's K-slice);
+``split`` blocks along K each write float32 partials that the last to finish adds in order (deterministic; a
+self-resetting counter per row tile).
 
-Two kernels (:class:`CudaGemvConfig`):
+Three kernels (:class:`CudaGemvConfig`):
 
 * the CUDA-core kernel, one token: per word, as the Triton GEMV's packed math
   (:data:`lowbit.kernels.dequant._WORD_DOT_PTX`), ``lop3`` makes ``128 + q`` in bf16 for the code pair ``(j, j + 4)``,
@@ -23,7 +24,11 @@ Two kernels (:class:`CudaGemvConfig`):
   scale on the outputs, SwiGLU on ``[gate; up]`` output rows, the residual add);
 * the tensor-core kernel, 1 to 16 tokens (``mma.sync.m16n8k16``, the raw codes as ``128 + q`` and a product of ones
   for the zero-point term, as :func:`lowbit.kernels.wna16_jit.w4_mma_kernel`); for one token it also takes the norm
-  and the residual add (not SwiGLU).
+  and the residual add (not SwiGLU);
+* the staged tensor-core kernel, 1 to 16 tokens (``mma`` and ``stage``): its warps take different 16-row tiles over one
+  K-slice, the block's activations are staged once in shared memory in the mma's B-fragment order with each token's
+  float32 sum per K-block (the zero-point term, no product of ones). Session 15 measured it best at 4 and 16 tokens on
+  the large shapes (8192x28672, 14336x4096, 4096x28672) and the unstaged kernel best on the small ones.
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128, compute
 capability 9.0 or later (where it was measured; an H200). :func:`supported` says whether a weight and input qualify;
@@ -769,7 +774,8 @@ class CudaGemvConfig:
     unroll: int = 4
     split: int = 1
     mma: bool = False
-    # the CUDA-core kernel: the block's activations staged in shared memory (and the norm applied there), the next
+    # the block's activations staged in shared memory (the CUDA-core kernel: and the norm applied there; with ``mma``:
+    # the staged tensor-core kernel, warps over rows, B fragments and sums per K-block staged), the next
     # weight batch loaded while the current one is computed
     stage: bool = False
     # > 0 (the CUDA-core kernel with ``stage``, no split): ``persist`` blocks per SM, each taking every
@@ -777,6 +783,8 @@ class CudaGemvConfig:
     persist: int = 0
 
     def __post_init__(self) -> None:
+        if min(self.rows, self.warps, self.unroll, self.split) < 1:
+            raise ValueError(f"{self}: rows, warps, unroll and split must be at least 1")
         if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
             raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
@@ -866,7 +874,7 @@ def staged_bytes(cfg: CudaGemvConfig, in_features: int, tokens: int = 1) -> int:
 
 def stage_fits(cfg: CudaGemvConfig, in_features: int, device: torch.device, tokens: int = 1) -> bool:
     """Whether the staged activations fit in a block's shared memory on ``device`` (the CUDA-core kernel: K up to
-    about 110 000 on Hopper; the tensor-core kernel at 16 tokens: K-slices up to about 6 900)."""
+    about 110 000 on Hopper; the tensor-core kernel at 16 tokens: K-slices up to about 6 500-6 900, by its static arrays)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
     return staged_bytes(cfg, in_features, tokens) + static_shared_bytes(cfg, tokens) <= limit
@@ -922,6 +930,7 @@ def source(
 
 
 _KERNELS: dict[tuple, object] = {}
+_SHARED_LIMIT: dict[int, int] = {}  # id of a compiled kernel (kept alive in _KERNELS) -> its dynamic shared-memory limit
 
 
 def _compiled(cfg: CudaGemvConfig, device_index: int, *scheme):
@@ -975,6 +984,13 @@ def gemv(
     group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
     tokens = 1 if m == 1 else 8 if m <= 8 else 16  # one kernel per token tile count
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    # the staged activations: one K-slice of bf16 (28 KiB at K = 14336 for one token); past the 48 KiB default
+    # (with the static arrays) the block's limit is raised, up to the device's opt-in maximum (stage_fits)
+    shared = staged_bytes(cfg, k, m)
+    opt_in = shared + static_shared_bytes(cfg, m) > 48 * 1024
+    if opt_in and not stage_fits(cfg, k, x2.device, m):
+        raise ValueError(f"{cfg}: {shared} bytes of staged activations exceed this GPU's shared memory; use "
+                         "stage=False or split K")  # fmt: skip
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags)
     n_out = n // 2 if flags[1] else n
     tiles = -(-n_out // (cfg.block_rows // (2 if flags[1] else 1)))
@@ -989,16 +1005,12 @@ def gemv(
     residual = fused.residual if fused is not None and fused.residual is not None else packed.scale
     if not (cfg.mma and cfg.stage):  # the staged tensor-core kernel takes no fused work
         args += [norm, residual, float(fused.eps if fused is not None else 0.0)]
-    # the staged activations: one K-slice of bf16 (28 KiB at K = 14336 for one token); past the 48 KiB default
-    # (with the static arrays) the block's limit is raised, up to the device's opt-in maximum (stage_fits)
-    shared = staged_bytes(cfg, k, m)
-    if shared + static_shared_bytes(cfg, m) > 48 * 1024:
-        if not stage_fits(cfg, k, x2.device, m):
-            raise ValueError(f"{cfg}: {shared} bytes of staged activations exceed this GPU's shared memory; use "
-                             "stage=False or split K")  # fmt: skip
+    if opt_in and _SHARED_LIMIT.get(id(kernel), 0) < shared:
         with torch.cuda.device(index):
-            # the attribute is the dynamic maximum (the static arrays come on top, within the opt-in limit)
+            # the attribute is the dynamic maximum (the static arrays come on top, within the opt-in limit); raised
+            # only when a launch needs more than the kernel was set for
             kernel.set_shared_memory_config(max(shared, 48 * 1024))
+        _SHARED_LIMIT[id(kernel)] = max(shared, 48 * 1024)
     with torch.cuda.device(index):
         kernel(grid=(grid, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
     return out

@@ -18,7 +18,7 @@ Off by default because it did not pay on the H200 (Llama-3-8B-shaped W4A16 step,
 step slower (2.437 -> 2.554 ms without prefetch, 3.539 ms with whole-range prefetch: the early programs and
 their prefetches compete with the running kernel for the memory system); ``"late"`` was within noise without
 ``FUSE`` (2.443 -> 2.438 ms) and recovered most of ``FUSE``'s loss (2.559 -> 2.470 ms) without beating the
-unfused step. It stays as an option, tested for exactness (tests/kernels/test_runtime.py).
+unfused step. It stays as an option, tested for exactness (tests/test_kernels/test_runtime.py).
 """
 
 from __future__ import annotations

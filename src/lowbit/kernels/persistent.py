@@ -37,7 +37,7 @@ same grid take 58.4 us. Each phase streams its weights slower than the launch tu
 8.6 against 6.3 us, gate/up 27.4 against 24.2, down 16.3 against 14.2), and the norm as a phase costs 5 us, twice
 Inductor's fused norm kernel (about 2.5 us); inside every gate/up tile instead it is no cheaper. What did not help: asking the L2 for each program's next tile ahead (20-30%
 slower), 8 warps or one program per SM (1.2-2x slower), split-K for o and down (within 1%). It stays as an option,
-exact and tested (tests/kernels/test_persistent.py).
+exact and tested (tests/test_kernels/test_persistent.py).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ so everything is off by default: with the attention prefetching 24 MB per layer,
 the L2 gained only 1.9 us per layer (the small per-layer GEMVs are bound by their latency, not by bandwidth), while
 the attention, whose loads queue behind the prefetches, lost 4.4 us (the step went from 2.270 to 2.377 ms); the
 GEMVs' tail prefetch alone moved time from one kernel to the next (2.274 ms). It is exact either way
-(tests/kernels/test_prefetch.py).
+(tests/test_kernels/test_prefetch.py).
 
 ``NEXT_MB[0]``: megabytes of the next weight's codes each GEMV prefetches (its scales in proportion); 0 turns it
 off. ``ATTENTION_MB[0]``: the same for the attention, which runs longer and reaches two weights ahead: all of the

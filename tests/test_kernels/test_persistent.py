@@ -180,7 +180,7 @@ def test_gpu_barriers_give_the_phased_result_bitwise(config) -> None:  # pragma:
             x = x / x.float().norm().to(x.dtype) * h**0.5  # keep the chained activations at unit size
         return x
 
-    from tests.kernels.gpu_chains import graph_replay
+    from tests.test_kernels.gpu_chains import graph_replay
 
     assert torch.equal(graph_replay(lambda: chain(True)), graph_replay(lambda: chain(False)))
     single = persistent.mlp_block(attn, x0, o, gate_up, down, norm, eps, config)

@@ -6,7 +6,7 @@ from __future__ import annotations
 # with one, these tests run the compiled kernels.
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tests.kernels.gpu_chains import chain_configs, chain_weights, graph_replay, small_w4_decoder  # noqa: E402
+from tests.test_kernels.gpu_chains import chain_configs, chain_weights, graph_replay, small_w4_decoder  # noqa: E402
 
 from lowbit.kernels import linear as linear_mod  # noqa: E402
 from lowbit.kernels.runtime import (  # noqa: E402

@@ -46,6 +46,24 @@ def graph_replay(chain: Callable[[], torch.Tensor]) -> torch.Tensor:
     return out.clone()
 
 
+def assert_repeatable(product: Callable[[], torch.Tensor], calls: int = 3) -> torch.Tensor:
+    """``product()`` bitwise the same on every call, eagerly and replayed from a CUDA graph (split-K partials added in
+    order by the last block, the counters reset); returns the first result."""
+    from lowbit.kernels.w4a16 import captured
+
+    first = product()
+    for _ in range(calls):
+        assert torch.equal(product(), first)
+    out = torch.empty_like(first)
+    graph = captured(lambda: out.copy_(product()))
+    out.zero_()
+    for _ in range(calls):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    return first
+
+
 def small_w4_decoder() -> tuple[Decoder, torch.Tensor]:
     """A 3-layer W4A16 decoder with a W4 lm_head on the GPU, and a 33-token prompt."""
     shape = DecoderShape(vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=3, num_heads=8,

@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from tests.test_kernels.gpu_chains import assert_repeatable
 
 from lowbit.kernels import cuda_gemv, w4a16
 from lowbit.kernels.layout import pack_wna16, unpack_wna16
@@ -125,11 +126,20 @@ def test_gpu_staged_tensor_core_kernel(m, group, asymmetric):
         for row in range(m):
             assert rel_err(out[row : row + 1], ref[row : row + 1]) < 3e-3, (cfg, row)
         if split > 1:
-            again = torch.empty_like(out)
-            graph = w4a16.captured(lambda cfg=cfg, again=again: again.copy_(cuda_gemv.gemv(x, packed, cfg)))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(again, out) and torch.equal(cuda_gemv.gemv(x, packed, cfg), out), cfg
+            assert torch.equal(assert_repeatable(lambda cfg=cfg: cuda_gemv.gemv(x, packed, cfg)), out), cfg
+
+
+@gpu_only
+@pytest.mark.parametrize("split", [8, 16])
+def test_gpu_staged_tensor_core_kernel_with_empty_k_slices(split):
+    """9 K-blocks over 8 or 16 slices of 2 or 1: the last blocks along K have nothing to add and still take part in
+    the split-K reduction."""
+    n, k, m = 300, 1152, 11
+    packed = packed_weight(n, k, 128, True, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    cfg = cuda_gemv.CudaGemvConfig(1, 4, 1, split, mma=True, stage=True)
+    out = assert_repeatable(lambda: cuda_gemv.gemv(x, packed, cfg))
+    assert rel_err(out, float64_product(x, packed)) < 2e-3
 
 
 @gpu_only
@@ -150,16 +160,7 @@ def test_gpu_cuda_gemv_split_k_is_deterministic_and_graph_safe(mma):
     packed = packed_weight(4096, 4096, 128, False, "cuda")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     cfg = cuda_gemv.CudaGemvConfig(1, 8, 2, 4, mma)
-    first = cuda_gemv.gemv(x, packed, cfg)
-    for _ in range(3):
-        assert torch.equal(cuda_gemv.gemv(x, packed, cfg), first)
-    out = torch.empty_like(first)
-    graph = w4a16.captured(lambda: out.copy_(cuda_gemv.gemv(x, packed, cfg)))
-    out.zero_()
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, first)
+    first = assert_repeatable(lambda: cuda_gemv.gemv(x, packed, cfg))
     assert rel_err(first, float64_product(x, packed)) < 5e-3
 
 
@@ -309,11 +310,21 @@ def test_staged_tensor_core_launches():
         staged = [c for c in w4a16.candidate_configs(m) if c.cuda and c.mma and c.stage]
         assert staged and all(c.cuda_config().block_rows == c.block_n for c in staged)
     assert not any(c.cuda and c.mma and c.stage for c in w4a16.candidate_configs(1))
+    for bad in ({"rows": 0}, {"warps": 0}, {"split": 0}):
+        with pytest.raises(ValueError, match="at least 1"):
+            cuda_gemv.CudaGemvConfig(**{"rows": 1, "warps": 4, "unroll": 1, "split": 1, **bad})
+
+
+def test_the_staged_tensor_core_kernel_takes_no_fused_work(monkeypatch):
+    """``fusable`` refuses fused work for the staged tensor-core kernel and takes it for the unstaged one, on a
+    supported input (``supported`` and ``stage_fits`` stubbed: they need a GPU)."""
+    monkeypatch.setattr(cuda_gemv, "supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(cuda_gemv, "stage_fits", lambda *args, **kwargs: True)
     packed = packed_weight(64, 256, 128, False, "cpu")
     x = torch.randn(1, 256).to(torch.bfloat16)
-    assert not cuda_gemv.fusable(
-        cfg, x, packed, cuda_gemv.Fused(residual=torch.zeros(1, 64).to(torch.bfloat16))
-    )
+    fused = cuda_gemv.Fused(residual=torch.zeros(1, 64).to(torch.bfloat16))
+    assert cuda_gemv.fusable(cuda_gemv.CudaGemvConfig(1, 4, 1, 1, mma=True), x, packed, fused)
+    assert not cuda_gemv.fusable(cuda_gemv.CudaGemvConfig(1, 4, 1, 1, mma=True, stage=True), x, packed, fused)
 
 
 def test_persistent_launches_are_staged_core_launches_without_split():

@@ -8,9 +8,10 @@ import itertools
 
 import pytest
 import torch
-from tests.kernels.test_cuda_gemv import float64_product, packed_weight, rel_err
+from tests.test_kernels.gpu_chains import assert_repeatable
+from tests.test_kernels.test_cuda_gemv import float64_product, packed_weight, rel_err
 
-from lowbit.kernels import cuda_gemm, w4a16
+from lowbit.kernels import cuda_gemm
 from lowbit.kernels.cuda_gemm import CudaGemmConfig
 
 GPU = torch.cuda.is_available()
@@ -347,15 +348,6 @@ def test_gpu_gemm_split_k_is_deterministic_and_graph_safe(cfg):
     wide = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)
     x = wide[:, 32 : 32 + k]
     assert cuda_gemm.supported(x, packed)
-    first = cuda_gemm.gemm(x, packed, cfg)
-    for _ in range(3):
-        assert torch.equal(cuda_gemm.gemm(x, packed, cfg), first)
-    out = torch.empty_like(first)
-    graph = w4a16.captured(lambda: out.copy_(cuda_gemm.gemm(x, packed, cfg)))
-    out.zero_()
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, first)
+    first = assert_repeatable(lambda: cuda_gemm.gemm(x, packed, cfg))
     assert rel_err(first, float64_product(x, packed)) < 3e-3
     assert torch.equal(cuda_gemm.gemm(x.contiguous(), packed, cfg), first)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.kernels.gpu_chains import chain_configs, chain_weights, graph_replay, small_w4_decoder
+from tests.test_kernels.gpu_chains import chain_configs, chain_weights, graph_replay, small_w4_decoder
 
 from lowbit.kernels import prefetch
 from lowbit.kernels.runtime import DecoderShape, greedy_decode, linear_factory, random_decoder
