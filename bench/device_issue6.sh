@@ -14,6 +14,9 @@
 # for a cProfile of the host path instead). SKIP_TESTS=1 leaves the tests out. PROFILE="--schemes bf16 w4a16 ...":
 # bench/decode_profile.py (where the decode step's time goes) before the kernel table. SHAPES=1 (or its
 # options): bench/decode_shapes.py, every tuned GEMV launch at the decode shapes and a decode-attention sweep.
+# TESTS="tests/test_kernels/test_cuda_gemv.py -k staged": the GPU tests to run instead of the default subset.
+# GEMV="--quick --no-triton --ms 16 4 --shapes o 4096x14336 down 8192x28672": bench/cuda_gemv.py with these options;
+# GEMM=1 (or its options): bench/cuda_gemm.py (the CUDA GEMM for 17-128 tokens).
 set -uo pipefail
 OUT="${OUT:-bench/results/issue6}"
 mkdir -p "$OUT"
@@ -22,8 +25,18 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD/src"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ -z "${SKIP_TESTS-}" ]; then
-    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_kernels/test_w4a16.py tests/test_kernels/test_w8a8.py tests/test_kernels/test_attention.py -k "gpu or attention" \
+    # shellcheck disable=SC2086
+    timeout 400 python3 -m pytest -q -p no:cacheprovider -rfE \
+        ${TESTS:-tests/test_kernels/test_w4a16.py tests/test_kernels/test_w8a8.py tests/test_kernels/test_attention.py -k "gpu or attention"} \
         2>&1 | tail -15 | tee "$OUT/tests.log"
+fi
+if [ -n "${GEMV-}" ]; then
+    # shellcheck disable=SC2086
+    python3 bench/cuda_gemv.py --out "$OUT" $GEMV 2>&1 | grep -v Warning | tee "$OUT/cuda_gemv.log"
+fi
+if [ -n "${GEMM-}" ]; then
+    # shellcheck disable=SC2086
+    python3 bench/cuda_gemm.py --out "$OUT" ${GEMM#1} 2>&1 | grep -v Warning | tee "$OUT/cuda_gemm.log"
 fi
 if [ -n "${PROBE-}" ]; then
     python3 bench/launch_overhead.py ${PROBE_ARGS-} 2>&1 | tee "$OUT/launch_overhead.log"
