@@ -68,11 +68,14 @@ QUICK_LAUNCHES = [(False, 0)] + [(True, p) for p in (0, 1, 2, 3, 4)]  # (stage, 
 
 
 def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
-    """The staged tensor-core kernel's launches (the tuner's, w4a16.STAGED_MMA x split 1 to 8)."""
+    """The staged tensor-core kernel's launches: the tuner's (w4a16.STAGED_MMA x split 1 to 8), and with 2 or 3 load
+    batches in flight per warp (``pipe``, not among the tuner's candidates until measured)."""
     return [
-        cuda_gemv.CudaGemvConfig(r, w, u, s, mma=True, stage=True)
+        cuda_gemv.CudaGemvConfig(r, w, u, s, mma=True, stage=True, pipe=p)
         for r, w, u in w4a16.STAGED_MMA
         for s in (1, 2, 4, 8)
+        for p in (1, 2, 3)
+        if u * p <= 4
     ]
 
 
@@ -336,6 +339,7 @@ def shape_row(
         cuda=True,
         stage=c.stage,
         persist=c.persist,
+        pipe=c.pipe,
     )
     tuned = {str((m, n, k, 4, 128, True)): repr(cuda_cfg if best["us"] < triton_us else triton_cfg)}
     if fused and m == 1:

@@ -118,8 +118,9 @@ def test_gpu_staged_tensor_core_kernel(m, group, asymmetric):
     wide = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)
     x = wide[:, 32 : 32 + k]
     ref = float64_product(x, packed)
-    for rows, warps, unroll, split in [(1, 8, 1, 1), (2, 4, 2, 3), (1, 4, 2, 8), (2, 8, 1, 2)]:
-        cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, mma=True, stage=True)
+    launches = [(1, 8, 1, 1, 1), (2, 4, 2, 3, 1), (1, 4, 2, 8, 1), (2, 8, 1, 2, 1), (1, 4, 1, 1, 3), (1, 8, 2, 2, 2)]  # fmt: skip
+    for rows, warps, unroll, split, pipe in launches:
+        cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, mma=True, stage=True, pipe=pipe)
         out = cuda_gemv.gemv(x, packed, cfg)
         assert out.shape == (m, n)
         assert rel_err(out, ref) < 2e-3, cfg
@@ -310,9 +311,14 @@ def test_staged_tensor_core_launches():
         staged = [c for c in w4a16.candidate_configs(m) if c.cuda and c.mma and c.stage]
         assert staged and all(c.cuda_config().block_rows == c.block_n for c in staged)
     assert not any(c.cuda and c.mma and c.stage for c in w4a16.candidate_configs(1))
-    for bad in ({"rows": 0}, {"warps": 0}, {"split": 0}):
+    for bad in ({"rows": 0}, {"warps": 0}, {"split": 0}, {"pipe": 0}):
         with pytest.raises(ValueError, match="at least 1"):
             cuda_gemv.CudaGemvConfig(**{"rows": 1, "warps": 4, "unroll": 1, "split": 1, **bad})
+    for unstaged in ({"mma": True}, {"stage": True}):
+        with pytest.raises(ValueError, match="pipe > 1"):
+            cuda_gemv.CudaGemvConfig(1, 4, 1, 1, pipe=2, **unstaged)
+    piped = w4a16.WNA16Config(1, 64, 1, 4, kbi=1, mma=True, cuda=True, stage=True, pipe=3).cuda_config()
+    assert (piped.rows, piped.pipe) == (1, 3)
 
 
 def test_the_staged_tensor_core_kernel_takes_no_fused_work(monkeypatch):

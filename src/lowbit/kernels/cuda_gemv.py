@@ -617,10 +617,13 @@ lowbit_w4a16_gemv_mma_staged(const u16* __restrict__ x, const uint4* __restrict_
     uint4* frag = reinterpret_cast<uint4*>(stage_raw);  // [K-block][token tile][word][lane]: B fragments
     float* xsum = reinterpret_cast<float*>(stage_raw + (size_t)per_split * NT * 4 * 32 * 16);  // [K-block][token]
 
-    uint4 words[UNROLL][ROWS][2];
-    u32 scales[UNROLL][ROWS][2];
-    u32 zeros[UNROLL][ROWS][2];
-    auto load_batch = [&](int kb0) {
+    // PIPE batches of UNROLL K-blocks in registers (a ring: slot p holds batches p, p + PIPE, ...); the slot computed
+    // next is reloaded PIPE batches ahead as soon as it is copied out, so PIPE batches are in flight during a compute
+    uint4 words[PIPE][UNROLL][ROWS][2];
+    u32 scales[PIPE][UNROLL][ROWS][2];
+    u32 zeros[PIPE][UNROLL][ROWS][2];
+    auto load_batch = [&](uint4 (&w)[UNROLL][ROWS][2], u32 (&sc)[UNROLL][ROWS][2], u32 (&ze)[UNROLL][ROWS][2],
+                          int kb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = kb0 + u;
@@ -631,14 +634,16 @@ lowbit_w4a16_gemv_mma_staged(const u16* __restrict__ x, const uint4* __restrict_
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int n = min(wn0 + 16 * r + 8 * h + g, N - 1);
-                    words[u][r][h] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + t4) : make_uint4(0, 0, 0, 0);
-                    scales[u][r][h] = ok ? load_u16(scale + (size_t)grp * N + n) : 0u;
-                    zeros[u][r][h] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)grp * N + n) : 0u;
+                    w[u][r][h] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + t4) : make_uint4(0, 0, 0, 0);
+                    sc[u][r][h] = ok ? load_u16(scale + (size_t)grp * N + n) : 0u;
+                    ze[u][r][h] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)grp * N + n) : 0u;
                 }
         }
     };
 
-    load_batch(kb_lo);  // in flight while the activations are staged
+#pragma unroll
+    for (int p = 0; p < PIPE; ++p)  // in flight while the activations are staged
+        load_batch(words[p], scales[p], zeros[p], kb_lo + p * UNROLL);
     // entry i: K-block i / (32 NT), token m, quad t (the four lanes of a quad are consecutive, so whole warps take
     // the loop's trips together and the quad's shuffles see all four); tokens past M are zeros
     for (int i = threadIdx.x; i < (kb_hi - kb_lo) * 32 * NT; i += NWARPS * 32) {
@@ -680,63 +685,70 @@ lowbit_w4a16_gemv_mma_staged(const u16* __restrict__ x, const uint4* __restrict_
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) acc[r][h][nt][0] = acc[r][h][nt][1] = 0.f;
 
-    for (int kb0 = kb_lo; kb0 < kb_hi; kb0 += UNROLL) {
-        uint4 cur[UNROLL][ROWS][2];
-        u32 cur_scales[UNROLL][ROWS][2];
-        u32 cur_zeros[UNROLL][ROWS][2];
+    for (int kb0 = kb_lo; kb0 < kb_hi; kb0 += PIPE * UNROLL) {
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u)
+        for (int p = 0; p < PIPE; ++p) {
+            const int kbp = kb0 + p * UNROLL;  // warp-uniform
+            if (kbp < kb_hi) {
+                uint4 cur[UNROLL][ROWS][2];
+                u32 cur_scales[UNROLL][ROWS][2];
+                u32 cur_zeros[UNROLL][ROWS][2];
 #pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    cur[u][r][h] = words[u][r][h];
-                    cur_scales[u][r][h] = scales[u][r][h];
-                    cur_zeros[u][r][h] = zeros[u][r][h];
-                }
-        if (kb0 + UNROLL < kb_hi) load_batch(kb0 + UNROLL);  // the next batch, in flight
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int kl = kb0 + u - kb_lo;
-            if (kb0 + u < kb_hi) {
-                float c[ROWS][NT][4];
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) c[r][nt][0] = c[r][nt][1] = c[r][nt][2] = c[r][nt][3] = 0.f;
-#pragma unroll
-                for (int o = 0; o < 4; ++o) {
-                    uint4 b[NT];
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) b[nt] = frag[((size_t)(kl * NT + nt) * 4 + o) * 32 + lane];
-#pragma unroll
-                    for (int jp = 0; jp < 4; jp += 2) {
-#pragma unroll
-                        for (int r = 0; r < ROWS; ++r) {
-                            const u32 lo = o == 0 ? cur[u][r][0].x : o == 1 ? cur[u][r][0].y : o == 2 ? cur[u][r][0].z : cur[u][r][0].w;
-                            const u32 hi = o == 0 ? cur[u][r][1].x : o == 1 ? cur[u][r][1].y : o == 2 ? cur[u][r][1].z : cur[u][r][1].w;
-                            const u32 a0 = raw_codes(lo, jp), a1 = raw_codes(hi, jp);
-                            const u32 a2 = raw_codes(lo, jp + 1), a3 = raw_codes(hi, jp + 1);
-#pragma unroll
-                            for (int nt = 0; nt < NT; ++nt) {
-                                if (jp == 0) mma_bf16(c[r][nt], a0, a1, a2, a3, b[nt].x, b[nt].y);
-                                else mma_bf16(c[r][nt], a0, a1, a2, a3, b[nt].z, b[nt].w);
-                            }
-                        }
-                    }
-                }
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    const float2 xsm = *reinterpret_cast<const float2*>(xsum + kl * 8 * NT + 8 * nt + 2 * t4);
+                for (int u = 0; u < UNROLL; ++u)
 #pragma unroll
                     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
                         for (int h = 0; h < 2; ++h) {
-                            const float s = bf16_bits_to_float(cur_scales[u][r][h]);
-                            const float z = 128.f + (HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r][h]) : 8.f);
-                            acc[r][h][nt][0] = fmaf(s, c[r][nt][2 * h] - z * xsm.x, acc[r][h][nt][0]);
-                            acc[r][h][nt][1] = fmaf(s, c[r][nt][2 * h + 1] - z * xsm.y, acc[r][h][nt][1]);
+                            cur[u][r][h] = words[p][u][r][h];
+                            cur_scales[u][r][h] = scales[p][u][r][h];
+                            cur_zeros[u][r][h] = zeros[p][u][r][h];
                         }
+                if (kbp + PIPE * UNROLL < kb_hi)  // this slot's next batch, PIPE batches ahead
+                    load_batch(words[p], scales[p], zeros[p], kbp + PIPE * UNROLL);
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    const int kl = kbp + u - kb_lo;
+                    if (kbp + u < kb_hi) {
+                        float c[ROWS][NT][4];
+#pragma unroll
+                        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                            for (int nt = 0; nt < NT; ++nt) c[r][nt][0] = c[r][nt][1] = c[r][nt][2] = c[r][nt][3] = 0.f;
+#pragma unroll
+                        for (int o = 0; o < 4; ++o) {
+                            uint4 b[NT];
+#pragma unroll
+                            for (int nt = 0; nt < NT; ++nt) b[nt] = frag[((size_t)(kl * NT + nt) * 4 + o) * 32 + lane];
+#pragma unroll
+                            for (int jp = 0; jp < 4; jp += 2) {
+#pragma unroll
+                                for (int r = 0; r < ROWS; ++r) {
+                                    const u32 lo = o == 0 ? cur[u][r][0].x : o == 1 ? cur[u][r][0].y : o == 2 ? cur[u][r][0].z : cur[u][r][0].w;
+                                    const u32 hi = o == 0 ? cur[u][r][1].x : o == 1 ? cur[u][r][1].y : o == 2 ? cur[u][r][1].z : cur[u][r][1].w;
+                                    const u32 a0 = raw_codes(lo, jp), a1 = raw_codes(hi, jp);
+                                    const u32 a2 = raw_codes(lo, jp + 1), a3 = raw_codes(hi, jp + 1);
+#pragma unroll
+                                    for (int nt = 0; nt < NT; ++nt) {
+                                        if (jp == 0) mma_bf16(c[r][nt], a0, a1, a2, a3, b[nt].x, b[nt].y);
+                                        else mma_bf16(c[r][nt], a0, a1, a2, a3, b[nt].z, b[nt].w);
+                                    }
+                                }
+                            }
+                        }
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+                            const float2 xsm = *reinterpret_cast<const float2*>(xsum + kl * 8 * NT + 8 * nt + 2 * t4);
+#pragma unroll
+                            for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+                                for (int h = 0; h < 2; ++h) {
+                                    const float s = bf16_bits_to_float(cur_scales[u][r][h]);
+                                    const float z = 128.f + (HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r][h]) : 8.f);
+                                    acc[r][h][nt][0] = fmaf(s, c[r][nt][2 * h] - z * xsm.x, acc[r][h][nt][0]);
+                                    acc[r][h][nt][1] = fmaf(s, c[r][nt][2 * h + 1] - z * xsm.y, acc[r][h][nt][1]);
+                                }
+                        }
+                    }
                 }
             }
         }
@@ -781,10 +793,15 @@ class CudaGemvConfig:
     # > 0 (the CUDA-core kernel with ``stage``, no split): ``persist`` blocks per SM, each taking every
     # ``grid``-th row tile, staging the activations once and loading the next tile's first weights early
     persist: int = 0
+    # the staged tensor-core kernel: batches of ``unroll`` K-blocks in flight per warp while one is computed (a ring of
+    # register buffers; 1 = the next batch only, as measured in session 15; deeper rings are not measured yet)
+    pipe: int = 1
 
     def __post_init__(self) -> None:
-        if min(self.rows, self.warps, self.unroll, self.split) < 1:
-            raise ValueError(f"{self}: rows, warps, unroll and split must be at least 1")
+        if min(self.rows, self.warps, self.unroll, self.split, self.pipe) < 1:
+            raise ValueError(f"{self}: rows, warps, unroll, split and pipe must be at least 1")
+        if self.pipe > 1 and not (self.mma and self.stage):
+            raise ValueError(f"{self}: pipe > 1 is for the staged tensor-core kernel (mma and stage)")
         if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
             raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
@@ -925,6 +942,7 @@ def source(
         "FUSE_RES": int(fused[2]),
         "STAGE": int(cfg.stage),
         "PERSIST": int(cfg.persist > 0),
+        "PIPE": cfg.pipe,
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 

@@ -63,11 +63,12 @@ class WNA16Config:
     # kernel, whose warps take different rows, ``block_n / num_warps`` each)
     stage: bool = False
     persist: int = 0  # with ``cuda`` and ``stage``: blocks per SM looping over the row tiles (CudaGemvConfig.persist)
+    pipe: int = 1  # with ``cuda``, ``mma`` and ``stage``: load batches in flight per warp (CudaGemvConfig.pipe)
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
         rows = self.block_n // (16 * (self.num_warps if self.stage else 1) if self.mma else 8)
         return cuda_gemv.CudaGemvConfig(
-            rows, self.num_warps, self.kbi, self.split_k, self.mma, self.stage, self.persist
+            rows, self.num_warps, self.kbi, self.split_k, self.mma, self.stage, self.persist, self.pipe
         )
 
 
