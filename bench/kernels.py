@@ -201,7 +201,7 @@ def bench_shape(k: int, n: int, ms: list[int], ceil: dict[str, float], tune: boo
         for tag, wq, ws, wref in (("int8", w8q, w8s_row, w8_ref), ("fp8", wf8q, wf8s_row, wf8_ref)):
             if tune:
                 t, cfg8 = best_of(
-                    lambda c, wq=wq, ws=ws: w8a8.w8a8_linear(x, wq, ws, c), w8a8.candidate_configs(m)
+                    lambda c, wq=wq, ws=ws: w8a8.w8a8_linear(x, wq, ws, c), w8a8.tuning_candidates(x, wq)
                 )
                 r[f"{tag}_cfg"] = str(cfg8)
             else:

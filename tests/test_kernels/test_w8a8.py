@@ -9,6 +9,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from lowbit.kernels import w8a8  # noqa: E402
 from lowbit.kernels.reference import (  # noqa: E402
     quantize_per_channel,
     quantize_per_token,
@@ -66,6 +67,50 @@ def test_default_config_batched_input() -> None:
     out = w8a8_linear(x, wq, w_scale)
     assert out.shape == (2, 5, 64) and out.dtype == torch.float16
     assert rel_err(out.reshape(10, 64), w8a8_matmul_reference(x.reshape(10, 128), wq, w_scale)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
+def test_vendor_gemm_is_the_same_product(dtype: torch.dtype) -> None:
+    """VENDOR (torch's 8-bit GEMM behind lowbit's quantization pass; on the CPU too) computes what the Triton kernel
+    computes, and the tuner, which times it on CUDA only, keeps the default launch here."""
+    gen = torch.Generator().manual_seed(2)
+    m, n, k = 48, 96, 256
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    wq, w_scale = quantize_per_channel(torch.randn(n, k, generator=gen), dtype)
+    xq, sx = quantize_rows(x, dtype)
+    exact = (xq.double() @ wq.double().T) * sx.double()[:, None] * w_scale.double().T
+    vendor = w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.float32, w8a8.VENDOR)
+    assert rel_err(vendor, exact) < 1e-5
+    assert rel_err(w8a8_linear(x, wq, w_scale, w8a8.VENDOR), w8a8_matmul_reference(x, wq, w_scale)) < 1e-2
+    assert w8a8.VENDOR in w8a8.tuning_candidates(x, wq)
+    assert w8a8.tuned_config(x, wq, w_scale[:, 0].float()) == w8a8.default_config(m, n, k)
+
+
+def test_vendor_takes_only_what_torch_takes() -> None:
+    """On CUDA ``_int_mm`` needs more than 16 rows and ``_scaled_mm`` (row-wise) K, N multiples of 16 and a bf16 output;
+    a VENDOR launch outside that runs the default Triton launch instead (checked here on the CPU, where both run)."""
+    cuda = torch.device("cuda", 0)
+    if torch.cuda.is_available():
+        assert not w8a8.vendor_ok(16, 64, 128, torch.int8, torch.bfloat16, cuda)
+        assert w8a8.vendor_ok(32, 64, 128, torch.int8, torch.bfloat16, cuda)
+        assert not w8a8.vendor_ok(32, 64, 120, torch.float8_e4m3fn, torch.bfloat16, cuda)
+        assert not w8a8.vendor_ok(32, 64, 128, torch.float8_e4m3fn, torch.float16, cuda)
+    assert w8a8.vendor_ok(3, 5, 7, torch.int8, torch.float16, torch.device("cpu"))
+    assert not w8a8.vendor_ok(32, 64, 128, torch.int8, torch.bfloat16, torch.device("meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuBLASLt and the tuner)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
+def test_gpu_tuned_launch_and_vendor_gemm(dtype: torch.dtype) -> None:  # pragma: no cover - CI has no GPU
+    """On the GPU: VENDOR runs torch's GEMM and matches the reference; the tuner's choice (VENDOR among its candidates)
+    matches it too."""
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+    wq, w_scale = quantize_per_channel(torch.randn(1024, 4096, device="cuda"), dtype)
+    ref = w8a8_matmul_reference(x, wq, w_scale)
+    assert w8a8.VENDOR in w8a8.tuning_candidates(x, wq)
+    assert rel_err(w8a8_linear(x, wq, w_scale, w8a8.VENDOR), ref) < 1e-2
+    assert rel_err(w8a8_linear(x, wq, w_scale), ref) < 1e-2
+    assert w8a8.TUNING_LOG, "the tuner timed no candidate"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")

@@ -10,6 +10,11 @@ https://arxiv.org/abs/2209.05433). The GEMM multiplies 8-bit codes on the tensor
 Weights are stored ``[N, K]`` row-major (K contiguous), which is the K-major B operand that
 Hopper's 8-bit ``wgmma`` requires and the column-major layout ``torch._int_mm`` /
 ``torch._scaled_mm`` take as ``w.t()``.
+
+On CUDA the launch is tuned once per shape (:func:`tuned_config`, ranked by CUDA-graph device time as the W4A16
+tuner does), and one candidate is torch's own 8-bit GEMM behind lowbit's quantization pass (:data:`VENDOR`:
+``torch._scaled_mm`` with row-wise scales for FP8, ``torch._int_mm`` and a scaling pass for int8), so a shape where
+cuBLASLt beats the Triton kernel takes it.
 """
 
 from __future__ import annotations
@@ -163,6 +168,39 @@ class W8A8Config:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    # torch's 8-bit GEMM (cuBLASLt) instead of the Triton kernel; the tile fields are then unused
+    vendor: bool = False
+
+
+VENDOR = W8A8Config(0, 0, vendor=True)
+
+
+def vendor_ok(
+    m: int, n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device
+) -> bool:
+    """Whether torch's 8-bit GEMM takes this product on ``device``: ``torch._int_mm`` (CUDA: more than 16 rows, K and N
+    multiples of 8) or ``torch._scaled_mm`` with row-wise scales (compute capability 8.9+, K and N multiples of 16, a
+    bf16 output); and anywhere on the CPU."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    if dtype == torch.int8:
+        return m > 16 and k % 8 == 0 and n % 8 == 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capable = torch.cuda.get_device_capability(index) >= (8, 9)
+    return capable and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16
+
+
+def _vendor_gemm(
+    xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    if xq.dtype == torch.int8:
+        acc = torch._int_mm(xq, wq.t())
+        return (acc.float() * x_scale[:, None] * w_scale[None, :]).to(out_dtype)
+    return torch._scaled_mm(
+        xq, wq.t(), scale_a=x_scale[:, None], scale_b=w_scale[None, :], out_dtype=out_dtype
+    )
 
 
 def default_config(m: int, n: int, k: int) -> W8A8Config:
@@ -224,10 +262,15 @@ def w8a8_gemm(
     out_dtype: torch.dtype,
     config: W8A8Config | None = None,
 ) -> torch.Tensor:
-    """``(xq @ wq.T) * x_scale[:, None] * w_scale[None, :]`` on 8-bit codes (int8 or fp8 e4m3)."""
+    """``(xq @ wq.T) * x_scale[:, None] * w_scale[None, :]`` on 8-bit codes (int8 or fp8 e4m3). :data:`VENDOR`
+    runs torch's GEMM where :func:`vendor_ok` says it takes the product, else the default Triton launch."""
     m, k = xq.shape
     n = wq.shape[0]
     cfg = config or default_config(m, n, k)
+    if cfg.vendor:
+        if vendor_ok(m, n, k, xq.dtype, out_dtype, xq.device):
+            return _vendor_gemm(xq, x_scale, wq, w_scale, out_dtype)
+        cfg = default_config(m, n, k)  # a shape of the tuned bucket that torch's GEMM does not take
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _w8a8_kernel[grid](
@@ -264,12 +307,63 @@ def w8a8_linear(
         x: activations ``[..., K]`` (bf16 / fp16).
         wq: weight codes ``[N, K]``, ``torch.int8`` or ``torch.float8_e4m3fn``.
         w_scale: per-output-channel float32 scales ``[N]`` (or ``[N, 1]``).
-        config: GEMM tile configuration; :func:`default_config` when ``None``.
+        config: GEMM launch; :func:`tuned_config` when ``None`` (the default launch off CUDA).
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
+    w_scale = w_scale.reshape(-1).float()
+    if config is None:
+        config = tuned_config(x2, wq, w_scale)
     xq, sx = quantize_rows(x2, wq.dtype)
-    y = w8a8_gemm(xq, sx, wq, w_scale.reshape(-1).float(), x.dtype, config)
+    y = w8a8_gemm(xq, sx, wq, w_scale, x.dtype, config)
     return y.reshape(*x.shape[:-1], wq.shape[0])
+
+
+_TUNED: dict[tuple, W8A8Config] = {}
+TUNING_LOG: dict[tuple, list] = {}
+
+
+def tuning_candidates(x2: torch.Tensor, wq: torch.Tensor) -> list[W8A8Config]:
+    """The Triton launches worth timing for these tokens, and :data:`VENDOR` where torch's GEMM takes the product."""
+    m, k = x2.shape
+    n = wq.shape[0]
+    vendor = [VENDOR] if vendor_ok(m, n, k, wq.dtype, x2.dtype, x2.device) else []
+    return candidate_configs(m) + vendor
+
+
+def tuned_config(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> W8A8Config:
+    """The fastest launch for this shape, timed once per (M bucket, N, K, code and output dtype) on CUDA by CUDA-graph
+    device time (:func:`lowbit.kernels.w4a16.device_time`), each candidate checked against the default launch first.
+    :func:`default_config` on the CPU, the interpreter, during a CUDA-graph capture (run each shape once before
+    capturing) and with autotuning off (:func:`lowbit.kernels.w4a16.set_autotune`)."""
+    from lowbit.kernels import w4a16
+
+    m, k = x2.shape
+    n = wq.shape[0]
+    key = (m if m <= 16 else triton.next_power_of_2(m), n, k, wq.dtype, x2.dtype)
+    if key in _TUNED:
+        return _TUNED[key]
+    if (
+        not w4a16._AUTOTUNE[0]
+        or x2.device.type != "cuda"
+        or interpreting()
+        or torch.cuda.is_current_stream_capturing()
+    ):
+        return default_config(m, n, k)
+    xq, sx = quantize_rows(x2, wq.dtype)
+    reference = w8a8_gemm(xq, sx, wq, w_scale, x2.dtype, default_config(m, n, k)).float()
+    timings = []
+    for cfg in tuning_candidates(x2, wq):
+        try:
+            out = w8a8_gemm(xq, sx, wq, w_scale, x2.dtype, cfg).float()
+            if not (out - reference).norm() / reference.norm().clamp_min(1e-30) < 1e-2:
+                continue  # a launch that computes something else is never chosen
+            timings.append((w4a16.device_time(lambda cfg=cfg: w8a8_linear(x2, wq, w_scale, cfg)), cfg))
+        except Exception:  # out of shared memory for this shape, or torch's GEMM refused it
+            continue
+    best = min(timings, key=lambda t: t[0])[1] if timings else default_config(m, n, k)
+    _TUNED[key] = best
+    TUNING_LOG[key] = sorted(timings, key=lambda t: t[0])
+    return best
