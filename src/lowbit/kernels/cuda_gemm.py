@@ -114,13 +114,7 @@ __device__ __forceinline__ void finish_split(const float* partial, int tile, int
     float4* slices = reinterpret_cast<float4*>(workspace) + (size_t)tile * SPLIT * VECS;
     const float4* mine = reinterpret_cast<const float4*>(partial);
     for (int i = threadIdx.x; i < live; i += blockDim.x) slices[(size_t)blockIdx.y * VECS + i] = mine[i];
-    __threadfence();
-    __syncthreads();
-    __shared__ int is_last_slice;
-    if (threadIdx.x == 0) is_last_slice = atomicAdd(counters + tile, 1) == SPLIT - 1;
-    __syncthreads();
-    if (!is_last_slice) return;
-    __threadfence();
+    if (!last_to_arrive(counters, tile)) return;
     for (int i0 = threadIdx.x; i0 < live; i0 += U * blockDim.x) {
         float4 v[U][SPLIT];
 #pragma unroll

@@ -127,6 +127,19 @@ __device__ __forceinline__ float pair_sum(u32 p) {
     return __uint_as_float(p << 16) + __uint_as_float(p & 0xFFFF0000u);
 }
 
+// Split-K: whether this block is the last of the SPLIT blocks of row tile `tile` to arrive, once its partials are
+// written (fenced, then counted); the same answer in every thread of the block, and fenced again for the last
+__device__ __forceinline__ bool last_to_arrive(int* __restrict__ counters, int tile) {
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == SPLIT - 1;
+    __syncthreads();
+    if (!is_last) return false;
+    __threadfence();
+    return true;
+}
+
 // The block's outputs: sum the warps' partials (partial[(w * tokens + m) * rows + i] for token m, row n0 + i) and
 // store them; with SPLIT > 1, store float32 partials and let the last block of the row tile to finish add them in
 // order (deterministic) and reset the tile's counter
@@ -148,14 +161,7 @@ __device__ __forceinline__ void finish_rows(const float* partial, int warps, int
             else workspace[((size_t)blockIdx.y * M + m) * N + n] = total;
         }
     }
-    if (SPLIT == 1) return;
-    __threadfence();
-    __syncthreads();
-    __shared__ int is_last;
-    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == SPLIT - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
+    if (SPLIT == 1 || !last_to_arrive(counters, tile)) return;
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
         const int m = i / rows, n = n0 + i % rows;
         if (n >= N) continue;
