@@ -441,19 +441,15 @@ _KERNELS: dict[tuple, object] = {}
 
 
 def _compiled(cfg: CudaGemmConfig, device_index: int, *scheme):
-    """The kernel for one launch shape and scheme, compiled, loaded and given its shared memory for device
-    ``device_index`` once. Not inside a CUDA-graph capture, where loading a module is not permitted."""
+    """The kernel for one launch shape and scheme on device ``device_index`` (:func:`cuda_gemv.compile_once`), given
+    its shared memory when first loaded."""
     key = (cfg, device_index, *scheme)
-    kernel = _KERNELS.get(key)
-    if kernel is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"the CUDA GEMM for {cfg} was not compiled before this CUDA-graph capture; run the "
-                               "product once before capturing it")  # fmt: skip
+    fresh = key not in _KERNELS
+    kernel = cuda_gemv.compile_once(_KERNELS, key, device_index, lambda: source(cfg, *scheme), cfg.kernel_name,
+                                    f"the CUDA GEMM for {cfg}")  # fmt: skip
+    if fresh and shared_bytes(cfg) > 48 * 1024:  # past the default, up to the opt-in limit (fits)
         with torch.cuda.device(device_index):
-            kernel = torch.cuda._compile_kernel(source(cfg, *scheme), cfg.kernel_name)
-            if shared_bytes(cfg) > 48 * 1024:  # past the default, up to the opt-in limit (fits)
-                kernel.set_shared_memory_config(shared_bytes(cfg))
-        _KERNELS[key] = kernel
+            kernel.set_shared_memory_config(shared_bytes(cfg))
     return kernel
 
 

@@ -957,18 +957,23 @@ _KERNELS: dict[tuple, object] = {}
 _SHARED_LIMIT: dict[int, int] = {}  # id of a compiled kernel (kept alive in _KERNELS) -> its dynamic shared-memory limit
 
 
-def _compiled(cfg: CudaGemvConfig, device_index: int, *scheme):
-    """The kernel for one launch shape and scheme, compiled and loaded for device ``device_index`` once (a module is
-    loaded into one device's context). Not inside a CUDA-graph capture, where loading a module is not permitted."""
-    key = (cfg, device_index, *scheme)
-    kernel = _KERNELS.get(key)
+def compile_once(cache: dict, key: tuple, device_index: int, text, name: str, what: str):
+    """Kernel ``name`` of the CUDA C ``text()``, compiled by NVRTC and loaded for device ``device_index`` once per
+    ``key`` in ``cache`` (a module is loaded into one device's context). Not inside a CUDA-graph capture, where loading
+    a module is not permitted: ``what`` names the kernel in that error."""
+    kernel = cache.get(key)
     if kernel is None:
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"the CUDA kernel for {cfg} was not compiled before this CUDA-graph capture; run the "
-                               "step once before capturing it")  # fmt: skip
+            raise RuntimeError(f"{what} was not compiled before this CUDA-graph capture; run it once before capturing")
         with torch.cuda.device(device_index):
-            kernel = _KERNELS[key] = torch.cuda._compile_kernel(source(cfg, *scheme), cfg.kernel_name)
+            kernel = cache[key] = torch.cuda._compile_kernel(text(), name)
     return kernel
+
+
+def _compiled(cfg: CudaGemvConfig, device_index: int, *scheme):
+    """The kernel for one launch shape and scheme on device ``device_index`` (:func:`compile_once`)."""
+    return compile_once(_KERNELS, (cfg, device_index, *scheme), device_index, lambda: source(cfg, *scheme),
+                        cfg.kernel_name, f"the CUDA kernel for {cfg}")  # fmt: skip
 
 
 def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: Fused) -> bool:
