@@ -87,16 +87,37 @@ def test_vendor_gemm_is_the_same_product(dtype: torch.dtype) -> None:
 
 
 def test_vendor_takes_only_what_torch_takes() -> None:
-    """On CUDA ``_int_mm`` needs more than 16 rows and ``_scaled_mm`` (row-wise) K, N multiples of 16 and a bf16 output;
-    a VENDOR launch outside that runs the default Triton launch instead (checked here on the CPU, where both run)."""
+    """On CUDA both need more than 16 rows, ``_int_mm`` K, N multiples of 8, ``_scaled_mm`` (row-wise) of 16 and bf16
+    out (checked where a GPU is); on the CPU both run."""
     cuda = torch.device("cuda", 0)
     if torch.cuda.is_available():
         assert not w8a8.vendor_ok(16, 64, 128, torch.int8, torch.bfloat16, cuda)
         assert w8a8.vendor_ok(32, 64, 128, torch.int8, torch.bfloat16, cuda)
         assert not w8a8.vendor_ok(32, 64, 120, torch.float8_e4m3fn, torch.bfloat16, cuda)
         assert not w8a8.vendor_ok(32, 64, 128, torch.float8_e4m3fn, torch.float16, cuda)
+        assert not w8a8.vendor_ok(16, 64, 128, torch.float8_e4m3fn, torch.bfloat16, cuda)
     assert w8a8.vendor_ok(3, 5, 7, torch.int8, torch.float16, torch.device("cpu"))
     assert not w8a8.vendor_ok(32, 64, 128, torch.int8, torch.bfloat16, torch.device("meta"))
+
+
+def test_vendor_launch_falls_back_to_the_triton_kernel(monkeypatch, caplog) -> None:
+    """A VENDOR launch on a shape torch's GEMM does not take, or that it refuses, runs the default Triton launch (the
+    refusal logged): the same product either way."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 128, generator=gen).to(torch.bfloat16)
+    wq, w_scale = quantize_per_channel(torch.randn(64, 128, generator=gen), torch.int8)
+    xq, sx = quantize_rows(x, torch.int8)
+    expected = w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.float32, w8a8.default_config(20, 64, 128))
+
+    def refuse(*args):
+        raise RuntimeError("not this shape")
+
+    monkeypatch.setattr(w8a8, "_vendor_gemm", refuse)
+    with caplog.at_level("WARNING", logger="lowbit.kernels.w8a8"):
+        refused = w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.float32, w8a8.VENDOR)
+    assert torch.equal(refused, expected) and "refused" in caplog.text
+    monkeypatch.setattr(w8a8, "vendor_ok", lambda *args: False)
+    assert torch.equal(w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.float32, w8a8.VENDOR), expected)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuBLASLt and the tuner)")

@@ -19,6 +19,7 @@ cuBLASLt beats the Triton kernel takes it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ import triton
 import triton.language as tl
 
 from lowbit.kernels.w4a16 import interpreting
+
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -179,8 +182,8 @@ def vendor_ok(
     m: int, n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device
 ) -> bool:
     """Whether torch's 8-bit GEMM takes this product on ``device``: ``torch._int_mm`` (CUDA: more than 16 rows, K and N
-    multiples of 8) or ``torch._scaled_mm`` with row-wise scales (compute capability 8.9+, K and N multiples of 16, a
-    bf16 output); and anywhere on the CPU."""
+    multiples of 8) or ``torch._scaled_mm`` with row-wise scales (compute capability 8.9+, more than 16 rows, K and N
+    multiples of 16, a bf16 output; session 6 saw it refuse fewer than 16 rows); and anywhere on the CPU."""
     if device.type == "cpu":
         return True
     if device.type != "cuda":
@@ -189,7 +192,7 @@ def vendor_ok(
         return m > 16 and k % 8 == 0 and n % 8 == 0
     index = device.index if device.index is not None else torch.cuda.current_device()
     capable = torch.cuda.get_device_capability(index) >= (8, 9)
-    return capable and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16
+    return capable and m > 16 and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16
 
 
 def _vendor_gemm(
@@ -269,7 +272,12 @@ def w8a8_gemm(
     cfg = config or default_config(m, n, k)
     if cfg.vendor:
         if vendor_ok(m, n, k, xq.dtype, out_dtype, xq.device):
-            return _vendor_gemm(xq, x_scale, wq, w_scale, out_dtype)
+            try:
+                return _vendor_gemm(xq, x_scale, wq, w_scale, out_dtype)
+            except RuntimeError as exc:  # a constraint of torch's GEMM that vendor_ok does not know
+                logger.warning(
+                    "torch's 8-bit GEMM refused M=%d N=%d K=%d (%s); the Triton kernel runs", m, n, k, exc
+                )
         cfg = default_config(m, n, k)  # a shape of the tuned bucket that torch's GEMM does not take
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
