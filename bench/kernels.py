@@ -146,7 +146,9 @@ def best_of(
     return best
 
 
-def bench_shape(k: int, n: int, ms: list[int], ceil: dict[str, float], tune: bool) -> list[dict]:
+def bench_shape(
+    k: int, n: int, ms: list[int], ceil: dict[str, float], tune: bool, w4: bool = True
+) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(k * 7 + n)
     w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     q4 = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16, generator=gen)
@@ -163,7 +165,16 @@ def bench_shape(k: int, n: int, ms: list[int], ceil: dict[str, float], tune: boo
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         r = {"K": k, "N": n, "M": m}
         r["cublas_us"] = timed(lambda: F.linear(x, w_bf16))
-        # W4A16 g128 symmetric
+        if w4:
+            w4_point(x, r)
+        try:
+            w8a8_point(x, r)
+        except Exception:
+            traceback.print_exc()
+        return r
+
+    def w4_point(x: torch.Tensor, r: dict) -> None:  # W4A16 g128 symmetric
+        m = x.shape[0]
         if tune:
             r["w4_all"] = {}
             r["w4_us"], cfg = best_of(
@@ -189,12 +200,6 @@ def bench_shape(k: int, n: int, ms: list[int], ceil: dict[str, float], tune: boo
         w4_bytes = p4.qweight.numel() * 4 + p4.scale.numel() * 2 + x.numel() * 2 + m * n * 2
         r["w4_GBps"] = w4_bytes / (r["w4_us"] * 1e-6) / 1e9
         r["w4_TFLOPs"] = 2 * m * n * k / (r["w4_us"] * 1e-6) / 1e12
-        # W8A8 int8 and FP8, dynamic per-token activation quantization included
-        try:
-            w8a8_point(x, r)
-        except Exception:
-            traceback.print_exc()
-        return r
 
     def w8a8_point(x: torch.Tensor, r: dict) -> None:
         m = x.shape[0]
@@ -301,6 +306,9 @@ def main() -> None:
     parser.add_argument("--shapes", type=str, nargs="*", default=[f"{k}x{n}" for k, n in SHAPES])
     parser.add_argument("--no-tune", action="store_true", help="time only the default configurations")
     parser.add_argument("--timer", choices=["do_bench", "graph"], default="do_bench")
+    parser.add_argument(
+        "--no-w4", action="store_true", help="leave out the W4A16 columns (W8A8 and baselines only)"
+    )
     args = parser.parse_args()
     TIMER["kind"] = args.timer
     args.out.mkdir(parents=True, exist_ok=True)
@@ -311,7 +319,7 @@ def main() -> None:
     rows: list[dict] = []
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))
-        rows += bench_shape(k, n, args.ms, ceil, tune=not args.no_tune)
+        rows += bench_shape(k, n, args.ms, ceil, tune=not args.no_tune, w4=not args.no_w4)
         (args.out / "kernels.json").write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
     table = markdown(rows, ceil)
     (args.out / "kernels.md").write_text(table + "\n")
