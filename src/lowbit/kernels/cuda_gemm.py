@@ -64,12 +64,10 @@ from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 
 X_PITCH = 144  # bf16 per staged token row: one K-block's 128 features and 16 of padding (288 bytes)
 
-SOURCE = r"""
-#define BLOCK_ROWS (NWARPS * 16 * ROWS)
-#define BLOCK_TOKENS (8 * TT)
-#define W_BYTES (BLOCK_ROWS * 64)
-#define X_BYTES (BLOCK_TOKENS * X_PITCH * 2)
-#define STAGE_BYTES (W_BYTES + X_BYTES + BLOCK_ROWS * 4)
+# What the GEMMs of this module and :mod:`lowbit.kernels.cuda_wgmma` share, given the macros BLOCK_ROWS,
+# BLOCK_TOKENS, STAGES, SPLIT and PER_CHANNEL: the cp.async pipeline's copies, the dequantization of a pair of codes
+# and the split-K reduction of a block's float32 tile.
+PIPELINE = r"""
 #if STAGES < 2
 #error "STAGES must be at least 2"
 #endif
@@ -145,6 +143,13 @@ __device__ __forceinline__ void finish_split(const float* partial, int tile, int
     }
     if (threadIdx.x == 0) counters[tile] = 0;
 }
+
+"""
+
+SOURCE = r"""
+#define W_BYTES (BLOCK_ROWS * 64)
+#define X_BYTES (BLOCK_TOKENS * X_PITCH * 2)
+#define STAGE_BYTES (W_BYTES + X_BYTES + BLOCK_ROWS * 4)
 
 // out[M, N] = x[M, K] @ dequant(W)^T (module docstring). Block: rows n0 .. n0 + BLOCK_ROWS - 1 (past N: row N - 1
 // again, not stored), tokens m0 .. m0 + BLOCK_TOKENS - 1, K-blocks of slice blockIdx.y. Warp w: rows
@@ -433,8 +438,11 @@ def source(cfg: CudaGemmConfig, group_blocks: int, per_channel: bool, has_zero: 
         "PER_CHANNEL": int(per_channel),
         "HAS_ZERO": int(has_zero),
         "X_PITCH": X_PITCH,
+        "BLOCK_ROWS": cfg.block_rows,
+        "BLOCK_TOKENS": cfg.block_tokens,
     }
-    return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + cuda_gemv.HELPERS + SOURCE
+    defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
+    return defines + cuda_gemv.HELPERS + PIPELINE + SOURCE
 
 
 _KERNELS: dict[tuple, object] = {}

@@ -957,16 +957,17 @@ _KERNELS: dict[tuple, object] = {}
 _SHARED_LIMIT: dict[int, int] = {}  # id of a compiled kernel (kept alive in _KERNELS) -> its dynamic shared-memory limit
 
 
-def compile_once(cache: dict, key: tuple, device_index: int, text, name: str, what: str):
+def compile_once(cache: dict, key: tuple, device_index: int, text, name: str, what: str, arch: str | None = None):
     """Kernel ``name`` of the CUDA C ``text()``, compiled by NVRTC and loaded for device ``device_index`` once per
-    ``key`` in ``cache`` (a module is loaded into one device's context). Not inside a CUDA-graph capture, where loading
-    a module is not permitted: ``what`` names the kernel in that error."""
+    ``key`` in ``cache`` (a module is loaded into one device's context), for the device's own architecture or
+    ``arch`` (e.g. ``"90a"``, which ``wgmma`` needs). Not inside a CUDA-graph capture, where loading a module is not
+    permitted: ``what`` names the kernel in that error."""
     kernel = cache.get(key)
     if kernel is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{what} was not compiled before this CUDA-graph capture; run it once before capturing")
         with torch.cuda.device(device_index):
-            kernel = cache[key] = torch.cuda._compile_kernel(text(), name)
+            kernel = cache[key] = torch.cuda._compile_kernel(text(), name, compute_capability=arch)
     return kernel
 
 

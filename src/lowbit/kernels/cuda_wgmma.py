@@ -1,0 +1,435 @@
+"""CUDA C W4A16 GEMM on Hopper's warpgroup tensor-core instruction (``wgmma``) for prefill-sized batches, compiled at
+run time with NVRTC for ``sm_90a``.
+
+Why: :mod:`lowbit.kernels.cuda_gemm` issues ``mma.sync`` from the warps that also dequantize, and reaches 150-250
+TFLOP/s at 128 tokens (0.5x cuBLAS bf16, which runs ``wgmma``). Here the warps dequantize one 16-feature step while
+the tensor cores multiply the previous one, asynchronously, as vLLM's Machete does: the weights are the A operand,
+taken from registers (64 rows per warpgroup, each warp the same 16-row fragment as ``mma.m16n8k16``'s A), and the
+tokens' activations are the B operand, read by the tensor cores from shared memory through a matrix descriptor.
+
+Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * groups`` output rows by ``tokens``):
+
+* The same ``stages``-deep ``cp.async`` pipeline as :mod:`lowbit.kernels.cuda_gemm` (one 128-feature K-block per
+  stage: weight rows, activations, the group's scales and zeros; :data:`lowbit.kernels.cuda_gemm.PIPELINE`), and the
+  same epilogue (split-K over ``blockIdx.y`` with a deterministic reduction).
+* Natural K order. Code ``j`` of word ``w`` of a row's K-block is feature ``16 j + w`` (the packed layout), so the
+  16-feature step ``j`` is code ``j`` of the row's 16 words: lane ``(g, t)`` reads words ``2 t, 2 t + 1`` (features
+  ``2 t, 2 t + 1`` of the step: ``a0``) and ``2 t + 8, 2 t + 9`` (``a2``) of rows ``g`` (and ``g + 8``: ``a1``,
+  ``a3``), two 8-byte shared loads per row and K-block; one ``prmt`` per word pair puts the two words' half-words
+  side by side and ``raw_codes`` + two ``fma.bf16x2`` give ``s (q - z)`` in bf16 (per channel: ``q - z``, the scale
+  applied to the float32 sums).
+* Activations in ``wgmma``'s canonical K-major layout without swizzle: core matrices of 8 tokens x 8 features (16
+  bytes per token), the 16-byte piece ``p`` (features ``8 p .. 8 p + 7``) of token ``m`` at ``16 (p tokens + m)``
+  bytes of the stage, so that ``cp.async`` writes each piece straight to its place. Step ``j``'s descriptor starts
+  at piece ``2 j``; the leading-dimension offset (the next 8 features) is ``16 tokens`` bytes, the stride-dimension
+  offset (the next 8 tokens) 128.
+* Per K-block and warpgroup: 8 steps of ``rows`` ``wgmma.m64nNk16`` (N = the block's tokens). The A registers are
+  double-buffered: step ``j + 1`` is dequantized while step ``j``'s products run, and ``wgmma.wait_group 1`` after
+  each commit frees the buffer the next step writes. The K-block's products are waited for before the barrier that
+  lets its stage be refilled. ``fence.proxy.async`` makes each thread's ``cp.async`` writes visible to the tensor
+  cores' reads.
+* Token rows past ``M`` are not copied: a column of B only reaches the same column of D, so stale shared memory
+  there reaches only outputs that are not stored.
+
+Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128,
+compute capability 9.x (``wgmma`` is ``sm_90a`` only). :func:`supported` says whether a weight and input qualify.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels import cuda_gemm, cuda_gemv
+from lowbit.kernels.layout import PackedWNA16
+
+TOKENS = (16, 32, 64, 128, 256)
+MAX_SPLIT = 8
+
+
+def wgmma_function(tokens: int) -> str:
+    """``wgmma_tile(d, a0..a3, desc)``: ``d += A B`` for one ``m64n{tokens}k16`` product, A (bf16, 64 x 16) from four
+    registers per lane, B (bf16, 16 x tokens) from shared memory through ``desc``; ``d`` float32, ``tokens / 2`` per
+    lane."""
+    regs = tokens // 2
+    acc = ", ".join(f"%{i}" for i in range(regs))
+    a = ", ".join(f"%{regs + i}" for i in range(4))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
+    return (
+        f"__device__ __forceinline__ void wgmma_tile(float (&d)[{regs}], u32 a0, u32 a1, u32 a2, u32 a3, "
+        "unsigned long long desc) {\n"
+        '    asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
+        f'        "wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.bf16.bf16 {{{acc}}}, {{{a}}}, %{regs + 4}, p, 1, 1, 0;\\n}}"\n'
+        f"        : {outs}\n"
+        '        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));\n'
+        "}\n"
+    )
+
+
+SOURCE = r"""
+#define W_BYTES (BLOCK_ROWS * 64)
+#define X_BYTES (BLOCK_TOKENS * 256)
+#define STAGE_BYTES (W_BYTES + X_BYTES + BLOCK_ROWS * 4)
+#define NWARPS (4 * GROUPS)
+#define TT (BLOCK_TOKENS / 8)
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(PENDING) : "memory"); }
+// this thread's generic-proxy writes to shared memory (cp.async) become visible to the async proxy (wgmma)
+__device__ __forceinline__ void async_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// B descriptor (b_descriptor in Python): no swizzle, K-major core matrices of 8 tokens x 16 bytes; leading-dimension
+// byte offset B_LBO (the next 8 features), stride-dimension byte offset B_SBO (the next 8 tokens)
+__device__ __forceinline__ unsigned long long b_desc(u32 addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(B_LBO >> 4) << 16)
+           | ((unsigned long long)(B_SBO >> 4) << 32);
+}
+
+WGMMA_FUNCTION
+
+// out[M, N] = x[M, K] @ dequant(W)^T (module docstring). Block: rows n0 .. n0 + BLOCK_ROWS - 1 (past N: row N - 1
+// again, not stored), tokens m0 .. m0 + BLOCK_TOKENS - 1, K-blocks of slice blockIdx.y. Warpgroup q: rows
+// 64 ROWS q .. 64 ROWS (q + 1) - 1 of the block; its warp w (0-3): rows 16 w .. 16 w + 15 of each 64-row tile. Lane
+// (g, t): rows g and g + 8 of those; outputs rows (g, g + 8) x tokens 8 c + 2 t + (0, 1) for c < BLOCK_TOKENS / 8.
+extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
+                   const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
+                   int* __restrict__ counters, int N, int K, int M, int stride_xm, int stride_om, int m_tiles,
+                   int vec_scales) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int t4 = lane & 3, g = lane >> 2;
+    const int tile = blockIdx.x;
+    const int n0 = (tile / m_tiles) * BLOCK_ROWS, m0 = (tile % m_tiles) * BLOCK_TOKENS;
+    const int tokens = min(BLOCK_TOKENS, M - m0);
+    const int num_kb = K >> 7;
+    const int per_split = (num_kb + SPLIT - 1) / SPLIT;
+    const int kb_lo = blockIdx.y * per_split;
+    const int nk = min(num_kb, kb_lo + per_split) - kb_lo;  // <= 0 for an empty slice
+    const u32 smem_base = (u32)__cvta_generic_to_shared(smem);
+    const u16* xt = x + (size_t)m0 * stride_xm;
+    const int wrow = (warp >> 2) * 64 * ROWS + 16 * (warp & 3);  // the warp's first row in the block
+
+    // stage i of the slice into buffer i % STAGES (one commit group, empty past the slice's end)
+    auto load_stage = [&](int i) {
+        if (i < nk) {
+            const int kb = kb_lo + i;
+            const u32 base = smem_base + (i % STAGES) * STAGE_BYTES;
+#pragma unroll
+            for (int c = tid; c < BLOCK_ROWS * 4; c += NWARPS * 32) {
+                const int n = min(n0 + (c >> 2), N - 1);
+                cp_async16(base + 16 * c, qweight + ((size_t)kb * N + n) * 4 + (c & 3), 16u);
+            }
+            const u32 xs = base + W_BYTES;  // piece p of token m at 16 (p BLOCK_TOKENS + m)
+            for (int c = tid; c < tokens * 16; c += NWARPS * 32) {
+                const int m = c >> 4, part = c & 15;
+                cp_async16(xs + 16 * (part * BLOCK_TOKENS + m), xt + (size_t)m * stride_xm + kb * 128 + 8 * part, 16u);
+            }
+            if (!PER_CHANNEL) {
+                const int grp = kb / GROUP_BLOCKS;
+                if (vec_scales) {
+                    const u32 ss = xs + X_BYTES;
+                    for (int c = tid; c < (HAS_ZERO ? 2 : 1) * (BLOCK_ROWS / 8); c += NWARPS * 32) {
+                        const int z = c >= BLOCK_ROWS / 8, part = c - z * (BLOCK_ROWS / 8);
+                        const int n = n0 + 8 * part;
+                        cp_async16(ss + 2 * BLOCK_ROWS * z + 16 * part, (z ? zero : scale) + (size_t)grp * N + min(n, N - 8),
+                                   n < N ? 16u : 0u);
+                    }
+                } else {  // odd N or unaligned scales: plain loads (this stage's buffer is free; read after a barrier)
+                    u16* ss = reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + W_BYTES + X_BYTES);
+                    for (int c = tid; c < BLOCK_ROWS; c += NWARPS * 32) {
+                        const int n = min(n0 + c, N - 1);
+                        ss[c] = load_u16(scale + (size_t)grp * N + n);
+                        if (HAS_ZERO) ss[BLOCK_ROWS + c] = load_u16(zero + (size_t)grp * N + n);
+                    }
+                }
+            }
+        }
+        cp_async_commit();
+    };
+
+    // -(128 + z) as a bf16 pair, from a zero point's bits (symmetric: 8)
+    auto neg_zero_pair = [](u32 zbits) {
+        const u32 nz = float_to_bf16_bits(-(128.f + (HAS_ZERO ? bf16_bits_to_float(zbits) : 8.f)));
+        return nz | (nz << 16);
+    };
+    u32 channel_nz[ROWS][2];  // PER_CHANNEL: the lane's rows' zero points, once
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            channel_nz[r][h] = PER_CHANNEL
+                ? neg_zero_pair(HAS_ZERO ? load_u16(zero + min(n0 + wrow + 64 * r + 8 * h + g, N - 1)) : 0u)
+                : 0u;
+
+    float acc[ROWS][BLOCK_TOKENS / 2];  // [64-row tile][4 c + (rows g, g + 8) x tokens (2 t, 2 t + 1) of tile c]
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[r][e] = 0.f;
+
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) load_stage(i);
+    for (int i = 0; i < nk; ++i) {
+        cp_async_wait_stages();  // stage i is here (this thread's copies) ...
+        async_proxy_fence();     // ... visible to the tensor cores ...
+        __syncthreads();         // ... and everyone's; stage i - 1's products are done, so its buffer is refilled
+        load_stage(i + STAGES - 1);
+        const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES;
+        const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES + W_BYTES;
+        const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES + X_BYTES);
+
+        // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
+        // (k = 1); the same of words (2 t + 8, 2 t + 9) (k = 2, 3)
+        u32 packs[ROWS][2][4];
+        u32 neg_zero[ROWS][2], scale2[ROWS][2];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = wrow + 64 * r + 8 * h + g;
+                const uint2 lo = *reinterpret_cast<const uint2*>(stage + 64 * row + 8 * t4);
+                const uint2 hi = *reinterpret_cast<const uint2*>(stage + 64 * row + 32 + 8 * t4);
+                packs[r][h][0] = prmt(lo.x, lo.y, 0x5410);
+                packs[r][h][1] = prmt(lo.x, lo.y, 0x7632);
+                packs[r][h][2] = prmt(hi.x, hi.y, 0x5410);
+                packs[r][h][3] = prmt(hi.x, hi.y, 0x7632);
+                if (PER_CHANNEL) {
+                    neg_zero[r][h] = channel_nz[r][h];
+                    scale2[r][h] = 0u;
+                } else {
+                    const u32 s = ss[row];
+                    scale2[r][h] = s | (s << 16);
+                    neg_zero[r][h] = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
+                }
+            }
+        u32 a[2][ROWS][4];  // double-buffered A fragments: step j in a[j & 1]
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r) {
+                a[j & 1][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
+                a[j & 1][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
+                a[j & 1][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
+                a[j & 1][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                wgmma_tile(acc[r], a[j & 1][r][0], a[j & 1][r][1], a[j & 1][r][2], a[j & 1][r][3],
+                           b_desc(xs + 2 * j * (16 * BLOCK_TOKENS)));
+            wgmma_commit();
+            if (j < 7) wgmma_wait<1>();  // step j - 1 is done: its A registers are free for step j + 1
+        }
+        wgmma_wait<0>();  // the K-block's products are done before its stage is refilled
+    }
+    cp_async_wait_all();
+    __syncthreads();  // the pipeline's buffers become the block's float32 tile
+
+    float* partial = reinterpret_cast<float*>(smem);  // [token][row of the block]
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = wrow + 64 * r + 8 * h + g;
+            const float s = PER_CHANNEL ? bf16_bits_to_float(load_u16(scale + min(n0 + row, N - 1))) : 1.f;
+#pragma unroll
+            for (int c = 0; c < TT; ++c)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) partial[(8 * c + 2 * t4 + e) * BLOCK_ROWS + row] = s * acc[r][4 * c + 2 * h + e];
+        }
+    __syncthreads();
+    if (SPLIT == 1)
+        finish_rows(partial, 1, BLOCK_TOKENS, BLOCK_ROWS, n0, tile, tokens, N, out + (size_t)m0 * stride_om, stride_om,
+                    workspace, counters, 1.f, nullptr);
+    else finish_split(partial, tile, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om, workspace, counters);
+}
+"""
+
+
+@dataclass(frozen=True)
+class CudaWgmmaConfig:
+    """Launch shape of the ``wgmma`` GEMM: ``groups`` warpgroups, each taking ``rows`` 64-row tiles and all of the
+    block's ``tokens`` (a block: ``64 * rows * groups`` rows by ``tokens`` tokens); ``stages`` K-blocks in the
+    ``cp.async`` pipeline; ``split`` blocks along K."""
+
+    rows: int = 1
+    groups: int = 2
+    tokens: int = 128
+    stages: int = 4
+    split: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rows not in (1, 2):
+            problems.append("rows must be 1 or 2")
+        if self.groups not in (1, 2):
+            problems.append("groups must be 1 or 2")
+        if self.tokens not in TOKENS:
+            problems.append(f"tokens must be one of {TOKENS}")
+        if self.rows * self.tokens > 256:
+            problems.append(f"rows * tokens = {self.rows * self.tokens} needs more than 128 float32 accumulators per "
+                            "lane; at most 256")  # fmt: skip
+        if not 2 <= self.stages <= 6:
+            problems.append("stages must be 2 to 6")
+        if not 1 <= self.split <= MAX_SPLIT:
+            problems.append(f"split must be 1 to {MAX_SPLIT}")
+        if problems:
+            raise ValueError(f"{self}: " + "; ".join(problems))
+
+    @property
+    def block_rows(self) -> int:
+        return 64 * self.rows * self.groups
+
+    @property
+    def block_tokens(self) -> int:
+        return self.tokens
+
+    @property
+    def warps(self) -> int:
+        return 4 * self.groups
+
+    @property
+    def kernel_name(self) -> str:
+        return "lowbit_w4a16_wgmma"
+
+
+def b_offsets(tokens: int) -> tuple[int, int]:
+    """The B descriptor's leading- and stride-dimension byte offsets for a block of ``tokens``: the activations'
+    16-byte piece ``p`` of token ``m`` is at ``16 (p tokens + m)``, so the next 8 features (core matrix along K) are
+    ``16 tokens`` bytes on and the next 8 tokens (along N) 128 bytes on."""
+    return 16 * tokens, 128
+
+
+def b_descriptor(address: int, tokens: int) -> int:
+    """The 64-bit ``wgmma`` shared-memory descriptor the kernel's ``b_desc`` builds (start address, leading- and
+    stride-dimension byte offsets, each in 16-byte units; base offset 0; no swizzle)."""
+    lbo, sbo = b_offsets(tokens)
+    return ((address & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32)
+
+
+def stage_bytes(cfg: CudaWgmmaConfig) -> int:
+    """Shared memory of one pipeline stage: a K-block of the block's weight rows (64 bytes each), of its tokens'
+    activations (256 bytes each) and a bf16 scale and zero per row."""
+    return 64 * cfg.block_rows + 256 * cfg.block_tokens + 4 * cfg.block_rows
+
+
+def shared_bytes(cfg: CudaWgmmaConfig) -> int:
+    """Dynamic shared memory of a launch: the pipeline's stages, reused after the loop for the block's float32
+    output tile (whichever is larger)."""
+    return max(cfg.stages * stage_bytes(cfg), 4 * cfg.block_rows * cfg.block_tokens)
+
+
+def fits(cfg: CudaWgmmaConfig, device: torch.device) -> bool:
+    """Whether a block's shared memory fits in ``device``'s opt-in limit (227 KiB on Hopper)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return shared_bytes(cfg) + cuda_gemm.STATIC_SHARED_BYTES <= limit
+
+
+def candidates(m: int) -> list[CudaWgmmaConfig]:
+    """Launches worth timing for ``m`` tokens: a block of the fewest tokens that holds ``m`` (at most 128; more tokens
+    are spread over the grid), 128 or 256 rows, one K-slice or a few (N = 4096 has only 16-32 row tiles)."""
+    C = CudaWgmmaConfig
+    tokens = next((t for t in TOKENS if t >= m), 128)
+    tokens = min(tokens, 128)
+    out = [C(1, 2, tokens, 4), C(1, 2, tokens, 4, split=2), C(1, 2, tokens, 4, split=4), C(2, 2, tokens, 3),
+           C(2, 2, tokens, 3, split=2), C(1, 1, tokens, 4, split=2)]  # fmt: skip
+    return [c for c in out if c.rows * c.tokens <= 256]
+
+
+def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero: bool) -> str:
+    """The kernel's CUDA C for one launch shape and weight scheme (K-blocks per scale group, per channel, with zero
+    points): the macros, :data:`lowbit.kernels.cuda_gemv.HELPERS`, :data:`lowbit.kernels.cuda_gemm.PIPELINE`, then
+    :data:`SOURCE` with its ``wgmma`` instruction for the block's tokens."""
+    macros = {
+        "GROUPS": cfg.groups,
+        "ROWS": cfg.rows,
+        "STAGES": cfg.stages,
+        "SPLIT": cfg.split,
+        "GROUP_BLOCKS": group_blocks,
+        "PER_CHANNEL": int(per_channel),
+        "HAS_ZERO": int(has_zero),
+        "BLOCK_ROWS": cfg.block_rows,
+        "BLOCK_TOKENS": cfg.block_tokens,
+        "B_LBO": b_offsets(cfg.block_tokens)[0],
+        "B_SBO": b_offsets(cfg.block_tokens)[1],
+    }
+    defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
+    kernel = SOURCE.replace("WGMMA_FUNCTION", wgmma_function(cfg.block_tokens))
+    return defines + cuda_gemv.HELPERS + cuda_gemm.PIPELINE + kernel
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    """``wgmma`` runs on compute capability 9.x only (``sm_90a``), with the CUDA kernels' own checks passing."""
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def supported(x2: torch.Tensor, packed: PackedWNA16) -> bool:
+    """Whether :func:`gemm` runs this product: what :func:`lowbit.kernels.cuda_gemm.supported` asks, on a Hopper
+    GPU (compute capability 9.x)."""
+    if not cuda_gemm.supported(x2, packed):
+        return False
+    return _hopper(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
+
+
+_KERNELS: dict[tuple, object] = {}
+
+
+def _compiled(cfg: CudaWgmmaConfig, device_index: int, *scheme):
+    """The kernel for one launch shape and scheme on device ``device_index`` (:func:`cuda_gemv.compile_once`, for
+    ``sm_90a``), given its shared memory when first loaded."""
+    key = (cfg, device_index, *scheme)
+    fresh = key not in _KERNELS
+    kernel = cuda_gemv.compile_once(_KERNELS, key, device_index, lambda: source(cfg, *scheme), cfg.kernel_name,
+                                    f"the wgmma GEMM for {cfg}", arch="90a")  # fmt: skip
+    if fresh and shared_bytes(cfg) > 48 * 1024:  # past the default, up to the opt-in limit (fits)
+        try:
+            with torch.cuda.device(device_index):
+                kernel.set_shared_memory_config(shared_bytes(cfg))
+        except Exception:
+            del _KERNELS[key]  # the next call tries again instead of launching without the shared memory
+            raise
+    return kernel
+
+
+def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaWgmmaConfig) -> torch.Tensor:
+    """``x2 @ dequant(W).T`` (bf16 ``[M, N]``) for tokens ``x2`` ``[M, K]`` (bf16, rows may be strided) on the
+    ``wgmma`` GEMM (see :func:`supported`)."""
+    from lowbit.kernels.w4a16 import split_k_buffers
+
+    m = x2.shape[0] if x2.dim() == 2 else 0
+    n, k = packed.out_features, packed.in_features
+    if not supported(x2, packed):
+        raise ValueError(f"the wgmma GEMM does not take tokens {tuple(x2.shape)} of {x2.dtype} on {x2.device} for a "
+                         f"{packed.bits}-bit weight [{n}, {k}] with group size {packed.group_size}: it needs bf16 "
+                         "tokens [M, K] on a Hopper GPU (compute capability 9.x), 16-byte aligned rows, 4-bit codes, "
+                         "K a multiple of 128 and groups of 128 features or more (see "
+                         "lowbit.kernels.cuda_wgmma.supported); use lowbit.kernels.w4a16.wna16_matmul")  # fmt: skip
+    if not fits(cfg, x2.device):
+        raise ValueError(f"{cfg}: {shared_bytes(cfg)} bytes of shared memory per block exceed this GPU's limit; use "
+                         "fewer stages, rows or tokens")  # fmt: skip
+    per_channel = packed.group_size == -1
+    group_blocks = 1 if per_channel else packed.group_size // 128
+    index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
+    kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None)
+    m_tiles = math.ceil(m / cfg.block_tokens)
+    tiles = math.ceil(n / cfg.block_rows) * m_tiles
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    workspace_floats = cfg.split * tiles * cfg.block_rows * cfg.block_tokens if cfg.split > 1 else 0
+    workspace, counters = split_k_buffers(x2.device, workspace_floats, tiles)
+    zero = packed.zero if packed.zero is not None else packed.scale
+    vec_scales = n % 8 == 0 and packed.scale.data_ptr() % 16 == 0 and zero.data_ptr() % 16 == 0
+    args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k, m, x2.stride(0), out.stride(0),
+            m_tiles, int(vec_scales)]  # fmt: skip
+    with torch.cuda.device(index):
+        kernel(
+            grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared_bytes(cfg)
+        )
+    return out

@@ -1,0 +1,326 @@
+"""The wgmma W4A16 GEMM (lowbit.kernels.cuda_wgmma): on the CPU, its launch accounting and a bit-level replay of
+its index mapping (the A fragments each lane dequantizes, the activations' shared-memory layout as the ``cp.async``
+copies write it and as the B descriptor reads it by the PTX ISA's canonical K-major layout, the accumulators the
+epilogue stores); on a Hopper GPU, its outputs against float64 for every scheme, split-K determinism (eagerly and
+in a CUDA graph) and strided tokens."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from tests.test_kernels.gpu_chains import assert_repeatable
+from tests.test_kernels.test_cuda_gemm import (
+    MASK32,
+    T4,
+    G,
+    bf16_bits_to_float,
+    dequant_pair,
+    float_to_bf16_bits,
+    halves,
+    prmt,
+    raw_codes,
+)
+from tests.test_kernels.test_cuda_gemv import float64_product, packed_weight, rel_err
+
+from lowbit.kernels import cuda_wgmma
+from lowbit.kernels.cuda_wgmma import CudaWgmmaConfig
+
+GPU = torch.cuda.is_available()
+HOPPER = GPU and torch.cuda.get_device_capability()[0] == 9
+hopper_only = pytest.mark.skipif(
+    not HOPPER, reason="wgmma needs a Hopper GPU (compute capability 9.x, sm_90a)"
+)
+
+# --- a bit-level replay of the kernel ----------------------------------------------------------------------------
+
+STALE = 0x7FC0  # a bf16 NaN: shared memory the kernel never wrote (token rows past M)
+
+
+def read_b(smem: torch.Tensor, base: int, desc: int, tokens: int) -> torch.Tensor:
+    """The 16 x ``tokens`` bf16 B operand a ``wgmma`` reads through ``desc`` (no swizzle, K-major), by the PTX ISA's
+    canonical layout: element (k, n) at start + (k // 8) LBO + (n // 8) SBO + 16 (n % 8) + 2 (k % 8) bytes; ``smem``
+    holds the stage's activations as bf16 bits from byte address ``base``."""
+    start = (desc & 0x3FFF) << 4
+    lbo, sbo = ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+    assert (desc >> 62) == 0 and ((desc >> 49) & 7) == 0  # no swizzle, base offset 0
+    k = torch.arange(16).view(16, 1)
+    n = torch.arange(tokens).view(1, tokens)
+    address = start + (k // 8) * lbo + (n // 8) * sbo + 16 * (n % 8) + 2 * (k % 8)
+    return bf16_bits_to_float(smem[(address - base) // 2]).double()
+
+
+def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None = None) -> torch.Tensor:
+    """``lowbit_w4a16_wgmma`` replayed warpgroup by warpgroup and lane by lane from its source: the staged weight
+    rows, the activations written where its ``cp.async`` puts them (stale NaNs past M), the ``prmt`` packs and
+    dequantization of every A register, each step's B read through the descriptor the kernel builds, the products
+    into the accumulators (the D fragment layout), the float32 tile and the split-K sum in slice order.
+    ``bug="words"``: A from the mma.sync GEMM's words 4t .. 4t + 3 (its permuted K order); ``bug="offsets"``: the
+    descriptor's two byte offsets swapped."""
+    m_total, k = x.shape
+    n = packed.out_features
+    words = packed.qweight.to(torch.int64) & MASK32  # [K / 128, N, 16]
+    scale_bits = packed.scale.view(torch.int16).to(torch.int64) & 0xFFFF
+    zero_bits = None if packed.zero is None else packed.zero.view(torch.int16).to(torch.int64) & 0xFFFF
+    per_channel = packed.group_size == -1
+    group_blocks = 1 if per_channel else packed.group_size // 128
+    x_bits = x.view(torch.int16).to(torch.int64) & 0xFFFF
+    rows_per_block, tokens_per_block = cfg.block_rows, cfg.block_tokens
+    num_kb = k // 128
+    per_split = -(-num_kb // cfg.split)
+    out = torch.zeros(m_total, n, dtype=torch.float32)
+    xs_base = 1 << 14  # any 16-byte aligned shared address
+    lbo, sbo = cuda_wgmma.b_offsets(tokens_per_block)
+
+    def neg_zero_pair(zbits):
+        z = (
+            bf16_bits_to_float(zbits)
+            if zero_bits is not None
+            else torch.full_like(zbits, 8.0, dtype=torch.float32)
+        )
+        nz = float_to_bf16_bits(-(128.0 + z))
+        return nz | (nz << 16)
+
+    for n0, m0 in itertools.product(range(0, n, rows_per_block), range(0, m_total, tokens_per_block)):
+        tokens = min(tokens_per_block, m_total - m0)
+        slices = []
+        for split in range(cfg.split):
+            kb_lo = split * per_split
+            kb_hi = min(num_kb, kb_lo + per_split)
+            # acc[warp][64-row tile][lane][4 c + 2 h + e]
+            acc = torch.zeros(cfg.warps, cfg.rows, 32, tokens_per_block // 2, dtype=torch.float64)
+            for kb in range(kb_lo, kb_hi):
+                rows_n = torch.clamp(n0 + torch.arange(rows_per_block), max=n - 1)
+                ws = words[kb, rows_n]  # [rows, 16]
+                smem = torch.full((8 * 16 * tokens_per_block,), STALE, dtype=torch.int64)
+                for m, part in itertools.product(range(tokens), range(16)):  # cp.async to 16 (p tokens + m)
+                    at = 8 * (part * tokens_per_block + m)
+                    smem[at : at + 8] = x_bits[m0 + m, 128 * kb + 8 * part : 128 * kb + 8 * part + 8]
+                grp = 0 if per_channel else kb // group_blocks
+                ss = scale_bits[grp, rows_n]
+                zs = zero_bits[grp, rows_n] if zero_bits is not None else torch.zeros_like(ss)
+                for q, r in itertools.product(range(cfg.groups), range(cfg.rows)):
+                    frags = {}
+                    for wq in range(4):
+                        wrow = q * 64 * cfg.rows + 16 * wq
+                        packs, neg_zero, scale2 = {}, {}, {}
+                        for h in range(2):
+                            row = wrow + 64 * r + 8 * h + G
+                            if bug == "words":
+                                lo, hi = (
+                                    (ws[row, 4 * T4], ws[row, 4 * T4 + 1]),
+                                    (ws[row, 4 * T4 + 2], ws[row, 4 * T4 + 3]),
+                                )
+                            else:
+                                lo, hi = (
+                                    (ws[row, 2 * T4], ws[row, 2 * T4 + 1]),
+                                    (ws[row, 2 * T4 + 8], ws[row, 2 * T4 + 9]),
+                                )
+                            packs[h] = [
+                                prmt(*lo, 0x5410),
+                                prmt(*lo, 0x7632),
+                                prmt(*hi, 0x5410),
+                                prmt(*hi, 0x7632),
+                            ]
+                            neg_zero[h] = neg_zero_pair(zs[row])
+                            scale2[h] = ss[row] | (ss[row] << 16)
+                        frags[wq] = (packs, neg_zero, scale2)
+                    for j in range(8):
+                        A = torch.zeros(64, 16, dtype=torch.float64)
+                        for wq in range(4):
+                            packs, neg_zero, scale2 = frags[wq]
+                            regs = [
+                                dequant_pair(raw_codes(packs[0][j >> 2], j & 3), neg_zero[0], scale2[0], per_channel),
+                                dequant_pair(raw_codes(packs[1][j >> 2], j & 3), neg_zero[1], scale2[1], per_channel),
+                                dequant_pair(raw_codes(packs[0][2 + (j >> 2)], j & 3), neg_zero[0], scale2[0], per_channel),
+                                dequant_pair(raw_codes(packs[1][2 + (j >> 2)], j & 3), neg_zero[1], scale2[1], per_channel),
+                            ]  # fmt: skip
+                            # the A fragment of warp wq (PTX ISA: as mma.m16n8k16's A, rows 16 wq .. 16 wq + 15)
+                            for reg, row, col in ((regs[0], G, 2 * T4), (regs[1], G + 8, 2 * T4),
+                                                  (regs[2], G, 2 * T4 + 8), (regs[3], G + 8, 2 * T4 + 8)):  # fmt: skip
+                                low, high = halves(reg)
+                                A[16 * wq + row, col], A[16 * wq + row, col + 1] = low.double(), high.double()
+                        desc = cuda_wgmma.b_descriptor(xs_base + 2 * j * lbo, tokens_per_block)
+                        if bug == "offsets":
+                            desc = (desc & 0x3FFF) | ((sbo >> 4) << 16) | ((lbo >> 4) << 32)
+                        B = read_b(smem, xs_base, desc, tokens_per_block)
+                        D = A @ B  # [64, tokens]
+                        for wq, h, c, e in itertools.product(
+                            range(4), range(2), range(tokens_per_block // 8), range(2)
+                        ):
+                            acc[4 * q + wq, r, :, 4 * c + 2 * h + e] += D[
+                                16 * wq + 8 * h + G, 8 * c + 2 * T4 + e
+                            ]
+            # the epilogue: partial[(8 c + 2 t + e) * BLOCK_ROWS + row] = s * acc[r][4 c + 2 h + e], in float32
+            partial = torch.zeros(tokens_per_block, rows_per_block, dtype=torch.float32)
+            for warp, r, h, c, e in itertools.product(
+                range(cfg.warps), range(cfg.rows), range(2), range(tokens_per_block // 8), range(2)
+            ):
+                row = (warp >> 2) * 64 * cfg.rows + 16 * (warp & 3) + 64 * r + 8 * h + G
+                s = (
+                    bf16_bits_to_float(scale_bits[0, torch.clamp(n0 + row, max=n - 1)])
+                    if per_channel
+                    else 1.0
+                )
+                partial[8 * c + 2 * T4 + e, row] = s * acc[warp, r, :, 4 * c + 2 * h + e].float()
+            slices.append(partial)
+        total = slices[0].clone()
+        for later in slices[1:]:
+            total += later
+        rows_kept = min(rows_per_block, n - n0)
+        out[m0 : m0 + tokens, n0 : n0 + rows_kept] = total[:tokens, :rows_kept]
+    return out.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("group", "asymmetric", "cfg"),
+    [
+        (128, False, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=2, split=1)),
+        (256, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, split=2)),
+        (-1, True, CudaWgmmaConfig(rows=1, groups=2, tokens=32, stages=2, split=3)),
+        (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=2, split=1)),
+    ],
+)
+def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg):
+    """The kernel's index mapping, replayed bit by bit on the CPU with B read by the PTX ISA's descriptor layout,
+    gives ``x @ dequant(W).T`` (float64 reference): every scheme, rows past N (a partial row tile), tokens past M
+    (stale NaNs in shared memory reach no stored output), a second token tile, split-K over uneven K-slices."""
+    n, k, m = 150, 768, 19
+    packed = packed_weight(n, k, group, asymmetric, "cpu", seed=3)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    out = emulate_wgmma(x, packed, cfg)
+    assert torch.isfinite(out.float()).all()
+    assert rel_err(out, float64_product(x, packed)) < 3e-3
+
+
+@pytest.mark.parametrize("bug", ["words", "offsets"])
+def test_emulation_catches_a_layout_bug(bug):
+    """The replay is not vacuous: the mma.sync GEMM's word order, or the descriptor's offsets swapped, give garbage."""
+    packed = packed_weight(64, 256, 128, False, "cpu", seed=1)
+    x = torch.randn(16, 256).to(torch.bfloat16)
+    cfg = CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=2)
+    assert rel_err(emulate_wgmma(x, packed, cfg, bug=bug), float64_product(x, packed)) > 0.5
+
+
+# --- launch accounting -------------------------------------------------------------------------------------------
+
+
+def test_config_validation():
+    """Rows, warpgroups, tokens, stages and split outside what the kernel compiles are errors that say which."""
+    assert (CudaWgmmaConfig().block_rows, CudaWgmmaConfig().block_tokens, CudaWgmmaConfig().warps) == (
+        128,
+        128,
+        8,
+    )
+    assert CudaWgmmaConfig(rows=2, groups=2, tokens=64).block_rows == 256
+    for bad, match in (
+        ({"rows": 3}, "rows"),
+        ({"groups": 4}, "groups"),
+        ({"tokens": 48}, "tokens"),
+        ({"rows": 2, "tokens": 256}, "accumulators"),
+        ({"stages": 1}, "stages"),
+        ({"split": 0}, "split"),
+        ({"split": cuda_wgmma.MAX_SPLIT + 1}, "split"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            CudaWgmmaConfig(**bad)
+
+
+def test_shared_memory_accounting_and_descriptor_fields():
+    """A stage holds a K-block of the block's weight rows (64 bytes each), its tokens' activations (256 bytes each)
+    and a scale and zero per row; every candidate fits in Hopper's 227 KiB opt-in limit and keeps 16-byte aligned
+    stages; the descriptor's fields hold the offsets in 16-byte units."""
+    cfg = CudaWgmmaConfig(rows=1, groups=2, tokens=128, stages=4)
+    assert cuda_wgmma.stage_bytes(cfg) == 128 * 64 + 128 * 256 + 128 * 4
+    assert cuda_wgmma.shared_bytes(cfg) == 4 * cuda_wgmma.stage_bytes(cfg)
+    hopper_limit = 232448
+    for m in (16, 17, 32, 33, 64, 100, 128, 256):
+        for c in cuda_wgmma.candidates(m):
+            assert cuda_wgmma.shared_bytes(c) + 16 + 1024 <= hopper_limit, c
+            assert cuda_wgmma.stage_bytes(c) % 16 == 0
+    desc = cuda_wgmma.b_descriptor(0x1230, 64)
+    assert desc & 0x3FFF == 0x123 and (desc >> 16) & 0x3FFF == 64 and (desc >> 32) & 0x3FFF == 8
+
+
+def test_candidates_are_short_and_cover_the_token_counts():
+    """A short list per token count, of valid launches whose blocks hold M tokens (at most 128 per block)."""
+    for m in (16, 17, 32, 33, 64, 100, 128, 256):
+        cands = cuda_wgmma.candidates(m)
+        assert 3 <= len(cands) <= 8 and len(set(cands)) == len(cands)
+        assert all(c.block_tokens >= min(m, 128) for c in cands), m
+        assert any(c.split == 1 for c in cands) and any(c.split > 1 for c in cands)
+
+
+def test_source_names_the_launch_and_scheme():
+    """The macros of one launch and scheme come first, then the shared helpers and the kernel with its wgmma shape."""
+    src = cuda_wgmma.source(CudaWgmmaConfig(rows=2, groups=2, tokens=64, stages=3, split=2), 2, False, True)
+    for line in ("#define GROUPS 2", "#define ROWS 2", "#define BLOCK_TOKENS 64", "#define STAGES 3",
+                 "#define SPLIT 2", "#define GROUP_BLOCKS 2", "#define PER_CHANNEL 0", "#define HAS_ZERO 1",
+                 "#define B_LBO 1024", "#define B_SBO 128"):  # fmt: skip
+        assert line in src
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in src
+    assert src.index("cp_async16") < src.index("lowbit_w4a16_wgmma")
+
+
+def test_gemm_refuses_what_it_cannot_take():
+    """CPU tensors (and on a GPU: fp16, 8-bit codes, 64-feature groups, misaligned rows) are an error, not garbage."""
+    packed = packed_weight(64, 256, 128, False, "cpu")
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    assert not cuda_wgmma.supported(x, packed)
+    with pytest.raises(ValueError, match="does not take"):
+        cuda_wgmma.gemm(x, packed, CudaWgmmaConfig())
+
+
+# --- on a Hopper GPU ---------------------------------------------------------------------------------------------
+
+
+@hopper_only
+@pytest.mark.parametrize(
+    ("group", "asymmetric", "m"),
+    [
+        (g, a, m)
+        for (g, a) in itertools.product((128, 256, -1), (False, True))
+        for m in (5, 17, 64, 100, 128, 200)
+    ],
+)
+def test_gpu_wgmma_matches_float64(group, asymmetric, m):
+    """Every candidate launch for M tokens against float64: every scheme, a partial row tile (N = 1000 with 128-
+    and 256-row blocks), partial token tiles, split-K over uneven K-slices (22 K-blocks in 2 or 4)."""
+    n, k = 1000, 2816
+    packed = packed_weight(n, k, group, asymmetric, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    assert cuda_wgmma.supported(x, packed)
+    ref = float64_product(x, packed)
+    for cfg in cuda_wgmma.candidates(m):
+        out = cuda_wgmma.gemm(x, packed, cfg)
+        assert out.shape == (m, n) and out.dtype == torch.bfloat16
+        assert rel_err(out, ref) < 3e-3, cfg
+        worst = max(rel_err(out[row : row + 1], ref[row : row + 1]) for row in range(m))
+        assert worst < 4e-3, (cfg, worst)
+
+
+@hopper_only
+@pytest.mark.parametrize("n", [999, 1004])
+def test_gpu_wgmma_odd_row_counts(n):
+    """N not a multiple of 8: the scales and zeros cannot be copied 16 bytes at a time and are loaded plainly."""
+    packed = packed_weight(n, 1024, 128, True, "cuda")
+    x = torch.randn(40, 1024, device="cuda", dtype=torch.bfloat16)
+    for cfg in (CudaWgmmaConfig(1, 2, 64, 4), CudaWgmmaConfig(2, 2, 64, 3, split=2)):
+        assert rel_err(cuda_wgmma.gemm(x, packed, cfg), float64_product(x, packed)) < 3e-3, cfg
+
+
+@hopper_only
+@pytest.mark.parametrize("cfg", [CudaWgmmaConfig(1, 2, 128, 4, split=2), CudaWgmmaConfig(2, 2, 64, 3, split=3),
+                                 CudaWgmmaConfig(1, 1, 128, 4, split=8)])  # fmt: skip
+def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
+    """Split-K slices are added in order by the last block of a tile (bitwise the same every call, counters reset),
+    eagerly and replayed from a CUDA graph; tokens read through a row stride (a view of a wider tensor)."""
+    n, k, m = 4096, 4096, 100
+    packed = packed_weight(n, k, 128, False, "cuda")
+    wide = torch.randn(m, k + 64, device="cuda", dtype=torch.bfloat16)
+    x = wide[:, 32 : 32 + k]
+    assert cuda_wgmma.supported(x, packed)
+    first = assert_repeatable(lambda: cuda_wgmma.gemm(x, packed, cfg))
+    assert rel_err(first, float64_product(x, packed)) < 3e-3
+    assert torch.equal(cuda_wgmma.gemm(x.contiguous(), packed, cfg), first)
