@@ -176,10 +176,10 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
 @pytest.mark.parametrize(
     ("group", "asymmetric", "cfg"),
     [
-        (128, False, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=2, split=1)),
+        (128, False, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=1)),
         (256, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, split=2)),
-        (-1, True, CudaWgmmaConfig(rows=1, groups=2, tokens=32, stages=2, split=3)),
-        (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=2, split=1)),
+        (-1, True, CudaWgmmaConfig(rows=1, groups=4, tokens=32, stages=3, split=3, depth=4)),
+        (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=4, split=1)),
     ],
 )
 def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg):
@@ -199,7 +199,7 @@ def test_emulation_catches_a_layout_bug(bug):
     """The replay is not vacuous: the mma.sync GEMM's word order, or the descriptor's offsets swapped, give garbage."""
     packed = packed_weight(64, 256, 128, False, "cpu", seed=1)
     x = torch.randn(16, 256).to(torch.bfloat16)
-    cfg = CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=2)
+    cfg = CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3)
     assert rel_err(emulate_wgmma(x, packed, cfg, bug=bug), float64_product(x, packed)) > 0.5
 
 
@@ -207,7 +207,7 @@ def test_emulation_catches_a_layout_bug(bug):
 
 
 def test_config_validation():
-    """Rows, warpgroups, tokens, stages and split outside what the kernel compiles are errors that say which."""
+    """Rows, warpgroups, tokens, stages, split and depth outside what the kernel compiles are errors that say which."""
     assert (CudaWgmmaConfig().block_rows, CudaWgmmaConfig().block_tokens, CudaWgmmaConfig().warps) == (
         128,
         128,
@@ -216,10 +216,11 @@ def test_config_validation():
     assert CudaWgmmaConfig(rows=2, groups=2, tokens=64).block_rows == 256
     for bad, match in (
         ({"rows": 3}, "rows"),
-        ({"groups": 4}, "groups"),
+        ({"groups": 3}, "groups"),
+        ({"depth": 3}, "depth"),
         ({"tokens": 48}, "tokens"),
         ({"rows": 2, "tokens": 256}, "accumulators"),
-        ({"stages": 1}, "stages"),
+        ({"stages": 2}, "stages"),
         ({"split": 0}, "split"),
         ({"split": cuda_wgmma.MAX_SPLIT + 1}, "split"),
     ):
@@ -306,13 +307,14 @@ def test_gpu_wgmma_odd_row_counts(n):
     """N not a multiple of 8: the scales and zeros cannot be copied 16 bytes at a time and are loaded plainly."""
     packed = packed_weight(n, 1024, 128, True, "cuda")
     x = torch.randn(40, 1024, device="cuda", dtype=torch.bfloat16)
-    for cfg in (CudaWgmmaConfig(1, 2, 64, 4), CudaWgmmaConfig(2, 2, 64, 3, split=2)):
+    for cfg in (CudaWgmmaConfig(1, 2, 64, 4), CudaWgmmaConfig(2, 2, 64, 3, split=2, depth=4)):
         assert rel_err(cuda_wgmma.gemm(x, packed, cfg), float64_product(x, packed)) < 3e-3, cfg
 
 
 @hopper_only
-@pytest.mark.parametrize("cfg", [CudaWgmmaConfig(1, 2, 128, 4, split=2), CudaWgmmaConfig(2, 2, 64, 3, split=3),
-                                 CudaWgmmaConfig(1, 1, 128, 4, split=8)])  # fmt: skip
+@pytest.mark.parametrize("cfg", [CudaWgmmaConfig(1, 2, 128, 4, split=2), CudaWgmmaConfig(2, 2, 64, 3, split=3, depth=4),
+                                 CudaWgmmaConfig(1, 1, 128, 4, split=8, depth=4),
+                                 CudaWgmmaConfig(1, 4, 64, 5, split=8, depth=4)])  # fmt: skip
 def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
     """Split-K slices are added in order by the last block of a tile (bitwise the same every call, counters reset),
     eagerly and replayed from a CUDA graph; tokens read through a row stride (a view of a wider tensor)."""

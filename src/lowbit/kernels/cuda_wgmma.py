@@ -23,11 +23,12 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   bytes of the stage, so that ``cp.async`` writes each piece straight to its place. Step ``j``'s descriptor starts
   at piece ``2 j``; the leading-dimension offset (the next 8 features) is ``16 tokens`` bytes, the stride-dimension
   offset (the next 8 tokens) 128.
-* Per K-block and warpgroup: 8 steps of ``rows`` ``wgmma.m64nNk16`` (N = the block's tokens). The A registers are
-  double-buffered: step ``j + 1`` is dequantized while step ``j``'s products run, and ``wgmma.wait_group 1`` after
-  each commit frees the buffer the next step writes. The K-block's products are waited for before the barrier that
-  lets its stage be refilled. ``fence.proxy.async`` makes each thread's ``cp.async`` writes visible to the tensor
-  cores' reads.
+* Per K-block and warpgroup: 8 steps of ``rows`` ``wgmma.m64nNk16`` (N = the block's tokens). The A registers of
+  ``depth`` steps are in flight: step ``j + 1`` is dequantized while the products of steps ``j + 2 - depth .. j`` run,
+  and ``wgmma.wait_group depth - 1`` after each commit frees the buffer the next step writes. Nothing waits for a
+  K-block's products to finish: the pipeline loads ``stages - 2`` K-blocks ahead, so the stage it refills was last
+  read two K-blocks ago, which every warp's ``wait_group`` has retired by the barrier. ``fence.proxy.async`` makes
+  each thread's ``cp.async`` writes visible to the tensor cores' reads.
 * Token rows past ``M`` are not copied: a column of B only reaches the same column of D, so stale shared memory
   there reaches only outputs that are not stored.
 
@@ -75,6 +76,10 @@ SOURCE = r"""
 #define STAGE_BYTES (W_BYTES + X_BYTES + BLOCK_ROWS * 4)
 #define NWARPS (4 * GROUPS)
 #define TT (BLOCK_TOKENS / 8)
+#define AHEAD (STAGES - 2)  // K-blocks loaded ahead of the one computed (a third buffer is still being read)
+#if STAGES < 3
+#error "the wgmma GEMM needs STAGES >= 3"
+#endif
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -174,12 +179,13 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
         for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[r][e] = 0.f;
 
 #pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) load_stage(i);
+    for (int i = 0; i < AHEAD; ++i) load_stage(i);
     for (int i = 0; i < nk; ++i) {
-        cp_async_wait_stages();  // stage i is here (this thread's copies) ...
-        async_proxy_fence();     // ... visible to the tensor cores ...
-        __syncthreads();         // ... and everyone's; stage i - 1's products are done, so its buffer is refilled
-        load_stage(i + STAGES - 1);
+        asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
+        async_proxy_fence();  // ... visible to the tensor cores ...
+        __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
+                              // running in any warp, so K-block i - 2's buffer is free to refill
+        load_stage(i + AHEAD);
         const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES;
         const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES + W_BYTES;
         const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES + X_BYTES);
@@ -208,25 +214,25 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                     neg_zero[r][h] = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
                 }
             }
-        u32 a[2][ROWS][4];  // double-buffered A fragments: step j in a[j & 1]
+        u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
 #pragma unroll
         for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15
+            const int b = j % DEPTH;
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
-                a[j & 1][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
-                a[j & 1][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
-                a[j & 1][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
-                a[j & 1][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
+                a[b][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
+                a[b][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
+                a[b][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
+                a[b][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
             }
             wgmma_fence();
 #pragma unroll
             for (int r = 0; r < ROWS; ++r)
-                wgmma_tile(acc[r], a[j & 1][r][0], a[j & 1][r][1], a[j & 1][r][2], a[j & 1][r][3],
-                           b_desc(xs + 2 * j * (16 * BLOCK_TOKENS)));
+                wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], b_desc(xs + 2 * j * (16 * BLOCK_TOKENS)));
             wgmma_commit();
-            if (j < 7) wgmma_wait<1>();  // step j - 1 is done: its A registers are free for step j + 1
+            wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
         }
-        wgmma_wait<0>();  // the K-block's products are done before its stage is refilled
+        if (i == nk - 1) wgmma_wait<0>();  // inside the loop: no path joins the accumulators while products run
     }
     cp_async_wait_all();
     __syncthreads();  // the pipeline's buffers become the block's float32 tile
@@ -256,27 +262,31 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
 class CudaWgmmaConfig:
     """Launch shape of the ``wgmma`` GEMM: ``groups`` warpgroups, each taking ``rows`` 64-row tiles and all of the
     block's ``tokens`` (a block: ``64 * rows * groups`` rows by ``tokens`` tokens); ``stages`` K-blocks in the
-    ``cp.async`` pipeline; ``split`` blocks along K."""
+    ``cp.async`` pipeline (``stages - 2`` loaded ahead); ``split`` blocks along K; ``depth`` 16-feature steps of
+    products in flight per warpgroup (2 or 4)."""
 
     rows: int = 1
     groups: int = 2
     tokens: int = 128
     stages: int = 4
     split: int = 1
+    depth: int = 2
 
     def __post_init__(self) -> None:
         problems = []
         if self.rows not in (1, 2):
             problems.append("rows must be 1 or 2")
-        if self.groups not in (1, 2):
-            problems.append("groups must be 1 or 2")
+        if self.groups not in (1, 2, 4):
+            problems.append("groups must be 1, 2 or 4")
         if self.tokens not in TOKENS:
             problems.append(f"tokens must be one of {TOKENS}")
         if self.rows * self.tokens > 256:
             problems.append(f"rows * tokens = {self.rows * self.tokens} needs more than 128 float32 accumulators per "
                             "lane; at most 256")  # fmt: skip
-        if not 2 <= self.stages <= 6:
-            problems.append("stages must be 2 to 6")
+        if not 3 <= self.stages <= 6:
+            problems.append("stages must be 3 to 6")
+        if self.depth not in (2, 4):
+            problems.append("depth must be 2 or 4")
         if not 1 <= self.split <= MAX_SPLIT:
             problems.append(f"split must be 1 to {MAX_SPLIT}")
         if problems:
@@ -334,13 +344,17 @@ def fits(cfg: CudaWgmmaConfig, device: torch.device) -> bool:
 
 def candidates(m: int) -> list[CudaWgmmaConfig]:
     """Launches worth timing for ``m`` tokens: a block of the fewest tokens that holds ``m`` (at most 128; more tokens
-    are spread over the grid), 128 or 256 rows, one K-slice or a few (N = 4096 has only 16-32 row tiles)."""
+    are spread over the grid), 128 to 256 rows in 2-4 warpgroups, 2 or 4 steps in flight, one K-slice or a few
+    (N = 4096 has only 16-32 row tiles)."""
     C = CudaWgmmaConfig
-    tokens = next((t for t in TOKENS if t >= m), 128)
-    tokens = min(tokens, 128)
-    out = [C(1, 2, tokens, 4), C(1, 2, tokens, 4, split=2), C(1, 2, tokens, 4, split=4), C(2, 2, tokens, 3),
-           C(2, 2, tokens, 3, split=2), C(1, 1, tokens, 4, split=2)]  # fmt: skip
-    return [c for c in out if c.rows * c.tokens <= 256]
+    tokens = min(next((t for t in TOKENS if t >= m), 128), 128)
+    out = [C(2, 2, tokens, 4, depth=4), C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
+           C(2, 2, tokens, 4, depth=2), C(1, 2, tokens, 4, split=2, depth=2)]  # fmt: skip
+    if tokens <= 64:  # four warpgroups: 128 registers per thread, which 128 tokens' accumulators overflow
+        out += [C(1, 4, tokens, 4, depth=4), C(1, 4, tokens, 4, split=2, depth=4)]
+    else:
+        out += [C(1, 2, tokens, 4, depth=4)]
+    return out
 
 
 def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero: bool) -> str:
@@ -351,6 +365,7 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "GROUPS": cfg.groups,
         "ROWS": cfg.rows,
         "STAGES": cfg.stages,
+        "DEPTH": cfg.depth,
         "SPLIT": cfg.split,
         "GROUP_BLOCKS": group_blocks,
         "PER_CHANNEL": int(per_channel),
