@@ -39,16 +39,34 @@ STALE = 0x7FC0  # a bf16 NaN: shared memory the kernel never wrote (token rows p
 
 
 def read_b(smem: torch.Tensor, base: int, desc: int, tokens: int) -> torch.Tensor:
-    """The 16 x ``tokens`` bf16 B operand a ``wgmma`` reads through ``desc`` (no swizzle, K-major), by the PTX ISA's
-    canonical layout: element (k, n) at start + (k // 8) LBO + (n // 8) SBO + 16 (n % 8) + 2 (k % 8) bytes; ``smem``
-    holds the stage's activations as bf16 bits from byte address ``base``."""
+    """The 16 x ``tokens`` bf16 B operand a ``wgmma`` reads through ``desc`` (K-major), by the PTX ISA's canonical
+    layouts. No swizzle: element (k, n) at start + (k // 8) LBO + (n // 8) SBO + 16 (n % 8) + 2 (k % 8) bytes.
+    128-byte swizzle: at start + (n // 8) SBO + 128 (n % 8) + 2 k, then address bits 4-6 XOR bits 7-9 (the row in
+    its 1 KiB-aligned 8-row atom). ``smem`` holds the stage's activations as bf16 bits from byte address ``base``."""
     start = (desc & 0x3FFF) << 4
     lbo, sbo = ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
-    assert (desc >> 62) == 0 and ((desc >> 49) & 7) == 0  # no swizzle, base offset 0
+    mode = desc >> 62
+    assert mode in (0, 1) and ((desc >> 49) & 7) == 0  # none or 128 bytes, base offset 0
     k = torch.arange(16).view(16, 1)
     n = torch.arange(tokens).view(1, tokens)
-    address = start + (k // 8) * lbo + (n // 8) * sbo + 16 * (n % 8) + 2 * (k % 8)
+    if mode == 0:
+        address = start + (k // 8) * lbo + (n // 8) * sbo + 16 * (n % 8) + 2 * (k % 8)
+    else:
+        address = start + (n // 8) * sbo + 128 * (n % 8) + 2 * k
+        address = address ^ (((address >> 7) & 7) << 4)
     return bf16_bits_to_float(smem[(address - base) // 2]).double()
+
+
+def x_piece(m: int, p: int, tokens: int, swizzle: bool) -> int:
+    """Where the kernel's ``cp.async`` puts piece ``p`` of token ``m`` (its ``x_piece``), in bytes."""
+    if swizzle:
+        return (p >> 3) * (tokens * 128) + m * 128 + (((p & 7) ^ (m & 7)) << 4)
+    return 16 * (p * tokens + m)
+
+
+def x_step(j: int, tokens: int, swizzle: bool) -> int:
+    """Where the kernel's step ``j`` starts (its ``x_step``), in bytes."""
+    return (j >> 2) * (tokens * 128) + (j & 3) * 32 if swizzle else 2 * j * (16 * tokens)
 
 
 def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None = None) -> torch.Tensor:
@@ -57,7 +75,7 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
     dequantization of every A register, each step's B read through the descriptor the kernel builds, the products
     into the accumulators (the D fragment layout), the float32 tile and the split-K sum in slice order.
     ``bug="words"``: A from the mma.sync GEMM's words 4t .. 4t + 3 (its permuted K order); ``bug="offsets"``: the
-    descriptor's two byte offsets swapped."""
+    descriptor's two byte offsets swapped; ``bug="swizzle"``: the descriptor's swizzle mode flipped."""
     m_total, k = x.shape
     n = packed.out_features
     words = packed.qweight.to(torch.int64) & MASK32  # [K / 128, N, 16]
@@ -71,7 +89,7 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
     per_split = -(-num_kb // cfg.split)
     out = torch.zeros(m_total, n, dtype=torch.float32)
     xs_base = 1 << 14  # any 16-byte aligned shared address
-    lbo, sbo = cuda_wgmma.b_offsets(tokens_per_block)
+    lbo, sbo = cuda_wgmma.b_offsets(tokens_per_block, cfg.swizzle)
 
     def neg_zero_pair(zbits):
         z = (
@@ -94,8 +112,8 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
                 rows_n = torch.clamp(n0 + torch.arange(rows_per_block), max=n - 1)
                 ws = words[kb, rows_n]  # [rows, 16]
                 smem = torch.full((8 * 16 * tokens_per_block,), STALE, dtype=torch.int64)
-                for m, part in itertools.product(range(tokens), range(16)):  # cp.async to 16 (p tokens + m)
-                    at = 8 * (part * tokens_per_block + m)
+                for m, part in itertools.product(range(tokens), range(16)):
+                    at = x_piece(m, part, tokens_per_block, cfg.swizzle) // 2
                     smem[at : at + 8] = x_bits[m0 + m, 128 * kb + 8 * part : 128 * kb + 8 * part + 8]
                 grp = 0 if per_channel else kb // group_blocks
                 ss = scale_bits[grp, rows_n]
@@ -141,9 +159,15 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
                                                   (regs[2], G, 2 * T4 + 8), (regs[3], G + 8, 2 * T4 + 8)):  # fmt: skip
                                 low, high = halves(reg)
                                 A[16 * wq + row, col], A[16 * wq + row, col + 1] = low.double(), high.double()
-                        desc = cuda_wgmma.b_descriptor(xs_base + 2 * j * lbo, tokens_per_block)
+                        desc = cuda_wgmma.b_descriptor(
+                            xs_base + x_step(j, tokens_per_block, cfg.swizzle), tokens_per_block, cfg.swizzle
+                        )
                         if bug == "offsets":
-                            desc = (desc & 0x3FFF) | ((sbo >> 4) << 16) | ((lbo >> 4) << 32)
+                            desc = (
+                                (desc & 0x3FFF) | ((sbo >> 4) << 16) | ((lbo >> 4) << 32) | (desc >> 62 << 62)
+                            )
+                        if bug == "swizzle":
+                            desc ^= 1 << 62
                         B = read_b(smem, xs_base, desc, tokens_per_block)
                         D = A @ B  # [64, tokens]
                         for wq, h, c, e in itertools.product(
@@ -177,9 +201,10 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
     ("group", "asymmetric", "cfg"),
     [
         (128, False, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=1)),
+        (128, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=1, swizzle=False)),
         (256, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, split=2)),
         (-1, True, CudaWgmmaConfig(rows=1, groups=4, tokens=32, stages=3, split=3, depth=4)),
-        (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=4, split=1)),
+        (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=4, split=1, swizzle=False)),
     ],
 )
 def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg):
@@ -194,12 +219,15 @@ def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg):
     assert rel_err(out, float64_product(x, packed)) < 3e-3
 
 
-@pytest.mark.parametrize("bug", ["words", "offsets"])
-def test_emulation_catches_a_layout_bug(bug):
-    """The replay is not vacuous: the mma.sync GEMM's word order, or the descriptor's offsets swapped, give garbage."""
+@pytest.mark.parametrize(
+    ("bug", "swizzle"), [("words", True), ("offsets", True), ("offsets", False), ("swizzle", True)]
+)
+def test_emulation_catches_a_layout_bug(bug, swizzle):
+    """The replay is not vacuous: the mma.sync GEMM's word order, the descriptor's offsets swapped or its swizzle
+    mode flipped give garbage."""
     packed = packed_weight(64, 256, 128, False, "cpu", seed=1)
     x = torch.randn(16, 256).to(torch.bfloat16)
-    cfg = CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3)
+    cfg = CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, swizzle=swizzle)
     assert rel_err(emulate_wgmma(x, packed, cfg, bug=bug), float64_product(x, packed)) > 0.5
 
 
@@ -233,22 +261,34 @@ def test_shared_memory_accounting_and_descriptor_fields():
     and a scale and zero per row; every candidate fits in Hopper's 227 KiB opt-in limit and keeps 16-byte aligned
     stages; the descriptor's fields hold the offsets in 16-byte units."""
     cfg = CudaWgmmaConfig(rows=1, groups=2, tokens=128, stages=4)
-    assert cuda_wgmma.stage_bytes(cfg) == 128 * 64 + 128 * 256 + 128 * 4
-    assert cuda_wgmma.shared_bytes(cfg) == 4 * cuda_wgmma.stage_bytes(cfg)
+    assert cuda_wgmma.stage_bytes(cfg) == 41 * 1024  # 128 * 256 + 128 * 64 + 128 * 4, rounded up to 1 KiB
+    assert cuda_wgmma.shared_bytes(cfg) == 4 * cuda_wgmma.stage_bytes(cfg) + 1024
     hopper_limit = 232448
     for m in (16, 17, 32, 33, 64, 100, 128, 256):
         for c in cuda_wgmma.candidates(m):
             assert cuda_wgmma.shared_bytes(c) + 16 + 1024 <= hopper_limit, c
-            assert cuda_wgmma.stage_bytes(c) % 16 == 0
-    desc = cuda_wgmma.b_descriptor(0x1230, 64)
-    assert desc & 0x3FFF == 0x123 and (desc >> 16) & 0x3FFF == 64 and (desc >> 32) & 0x3FFF == 8
+            assert cuda_wgmma.stage_bytes(c) % 1024 == 0
+    desc = cuda_wgmma.b_descriptor(0x1230, 64, swizzle=False)
+    assert (
+        desc & 0x3FFF == 0x123
+        and (desc >> 16) & 0x3FFF == 64
+        and (desc >> 32) & 0x3FFF == 8
+        and desc >> 62 == 0
+    )
+    desc = cuda_wgmma.b_descriptor(0x1230, 64, swizzle=True)
+    assert (
+        desc & 0x3FFF == 0x123
+        and (desc >> 16) & 0x3FFF == 1
+        and (desc >> 32) & 0x3FFF == 64
+        and desc >> 62 == 1
+    )
 
 
 def test_candidates_are_short_and_cover_the_token_counts():
     """A short list per token count, of valid launches whose blocks hold M tokens (at most 128 per block)."""
     for m in (16, 17, 32, 33, 64, 100, 128, 256):
         cands = cuda_wgmma.candidates(m)
-        assert 3 <= len(cands) <= 8 and len(set(cands)) == len(cands)
+        assert 3 <= len(cands) <= 9 and len(set(cands)) == len(cands)
         assert all(c.block_tokens >= min(m, 128) for c in cands), m
         assert any(c.split == 1 for c in cands) and any(c.split > 1 for c in cands)
 
@@ -258,7 +298,7 @@ def test_source_names_the_launch_and_scheme():
     src = cuda_wgmma.source(CudaWgmmaConfig(rows=2, groups=2, tokens=64, stages=3, split=2), 2, False, True)
     for line in ("#define GROUPS 2", "#define ROWS 2", "#define BLOCK_TOKENS 64", "#define STAGES 3",
                  "#define SPLIT 2", "#define GROUP_BLOCKS 2", "#define PER_CHANNEL 0", "#define HAS_ZERO 1",
-                 "#define B_LBO 1024", "#define B_SBO 128"):  # fmt: skip
+                 "#define B_LBO 16", "#define B_SBO 1024", "#define B_SWIZZLE 1"):  # fmt: skip
         assert line in src
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in src
     assert src.index("cp_async16") < src.index("lowbit_w4a16_wgmma")

@@ -18,11 +18,14 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   ``a3``), two 8-byte shared loads per row and K-block; one ``prmt`` per word pair puts the two words' half-words
   side by side and ``raw_codes`` + two ``fma.bf16x2`` give ``s (q - z)`` in bf16 (per channel: ``q - z``, the scale
   applied to the float32 sums).
-* Activations in ``wgmma``'s canonical K-major layout without swizzle: core matrices of 8 tokens x 8 features (16
-  bytes per token), the 16-byte piece ``p`` (features ``8 p .. 8 p + 7``) of token ``m`` at ``16 (p tokens + m)``
-  bytes of the stage, so that ``cp.async`` writes each piece straight to its place. Step ``j``'s descriptor starts
-  at piece ``2 j``; the leading-dimension offset (the next 8 features) is ``16 tokens`` bytes, the stride-dimension
-  offset (the next 8 tokens) 128.
+* Activations in one of ``wgmma``'s canonical K-major layouts, each 16-byte piece ``p`` (features ``8 p .. 8 p +
+  7``) of token ``m`` written straight to its place by ``cp.async``. With ``swizzle`` (the default, 128-byte
+  swizzle): two 1 KiB-aligned halves of 64 features, token ``m``'s 128 bytes of a half at ``128 m``, its piece
+  ``c`` of the half at chunk ``c ^ (m % 8)``; step ``j``'s descriptor starts ``32 (j % 4)`` bytes into half
+  ``j // 4``, stride-dimension offset (the next 8 tokens) 1024. Without: core matrices of 8 tokens x 16 bytes,
+  piece ``p`` of token ``m`` at ``16 (p tokens + m)``; step ``j`` starts at piece ``2 j``, leading-dimension offset
+  (the next 8 features) ``16 tokens``, stride-dimension offset 128. (Unswizzled, 8 tokens' rows of one K-step sit
+  in the same four banks.)
 * Per K-block and warpgroup: 8 steps of ``rows`` ``wgmma.m64nNk16`` (N = the block's tokens). The A registers of
   ``depth`` steps are in flight: step ``j + 1`` is dequantized while the products of steps ``j + 2 - depth .. j`` run,
   and ``wgmma.wait_group depth - 1`` after each commit frees the buffer the next step writes. Nothing waits for a
@@ -71,9 +74,10 @@ def wgmma_function(tokens: int) -> str:
 
 
 SOURCE = r"""
+// a stage: the activations first (1024-byte aligned, as the 128-byte swizzle needs), the weight rows, the scales
 #define W_BYTES (BLOCK_ROWS * 64)
 #define X_BYTES (BLOCK_TOKENS * 256)
-#define STAGE_BYTES (W_BYTES + X_BYTES + BLOCK_ROWS * 4)
+#define STAGE_BYTES (((X_BYTES + W_BYTES + BLOCK_ROWS * 4) + 1023) / 1024 * 1024)
 #define NWARPS (4 * GROUPS)
 #define TT (BLOCK_TOKENS / 8)
 #define AHEAD (STAGES - 2)  // K-blocks loaded ahead of the one computed (a third buffer is still being read)
@@ -88,11 +92,21 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // this thread's generic-proxy writes to shared memory (cp.async) become visible to the async proxy (wgmma)
 __device__ __forceinline__ void async_proxy_fence() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// B descriptor (b_descriptor in Python): no swizzle, K-major core matrices of 8 tokens x 16 bytes; leading-dimension
-// byte offset B_LBO (the next 8 features), stride-dimension byte offset B_SBO (the next 8 tokens)
+// B descriptor (b_descriptor in Python) of the 16 features from byte `addr`: leading- and stride-dimension byte
+// offsets B_LBO and B_SBO, swizzle mode B_SWIZZLE (0: none, 1: 128 bytes)
 __device__ __forceinline__ unsigned long long b_desc(u32 addr) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(B_LBO >> 4) << 16)
-           | ((unsigned long long)(B_SBO >> 4) << 32);
+           | ((unsigned long long)(B_SBO >> 4) << 32) | ((unsigned long long)B_SWIZZLE << 62);
+}
+
+// where the 16-byte piece p (features 8 p .. 8 p + 7) of token m goes in a stage's activations, and where step j's
+// 16 features start (module docstring)
+__device__ __forceinline__ u32 x_piece(int m, int p) {
+    return B_SWIZZLE ? (p >> 3) * (BLOCK_TOKENS * 128) + m * 128 + (((p & 7) ^ (m & 7)) << 4)
+                     : 16 * (p * BLOCK_TOKENS + m);
+}
+__device__ __forceinline__ u32 x_step(int j) {
+    return B_SWIZZLE ? (j >> 2) * (BLOCK_TOKENS * 128) + (j & 3) * 32 : 2 * j * (16 * BLOCK_TOKENS);
 }
 
 WGMMA_FUNCTION
@@ -106,7 +120,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                    const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
                    int* __restrict__ counters, int N, int K, int M, int stride_xm, int stride_om, int m_tiles,
                    int vec_scales) {
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(128) unsigned char smem_raw[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int t4 = lane & 3, g = lane >> 2;
     const int tile = blockIdx.x;
@@ -116,7 +130,9 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
     const int per_split = (num_kb + SPLIT - 1) / SPLIT;
     const int kb_lo = blockIdx.y * per_split;
     const int nk = min(num_kb, kb_lo + per_split) - kb_lo;  // <= 0 for an empty slice
-    const u32 smem_base = (u32)__cvta_generic_to_shared(smem);
+    const u32 raw_base = (u32)__cvta_generic_to_shared(smem_raw);
+    const u32 smem_base = (raw_base + 1023u) & ~1023u;  // 1 KiB more than the stages is allocated for this
+    unsigned char* smem = smem_raw + (smem_base - raw_base);
     const u16* xt = x + (size_t)m0 * stride_xm;
     const int wrow = (warp >> 2) * 64 * ROWS + 16 * (warp & 3);  // the warp's first row in the block
 
@@ -124,21 +140,20 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
     auto load_stage = [&](int i) {
         if (i < nk) {
             const int kb = kb_lo + i;
-            const u32 base = smem_base + (i % STAGES) * STAGE_BYTES;
+            const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
 #pragma unroll
             for (int c = tid; c < BLOCK_ROWS * 4; c += NWARPS * 32) {
                 const int n = min(n0 + (c >> 2), N - 1);
-                cp_async16(base + 16 * c, qweight + ((size_t)kb * N + n) * 4 + (c & 3), 16u);
+                cp_async16(ws + 16 * c, qweight + ((size_t)kb * N + n) * 4 + (c & 3), 16u);
             }
-            const u32 xs = base + W_BYTES;  // piece p of token m at 16 (p BLOCK_TOKENS + m)
             for (int c = tid; c < tokens * 16; c += NWARPS * 32) {
                 const int m = c >> 4, part = c & 15;
-                cp_async16(xs + 16 * (part * BLOCK_TOKENS + m), xt + (size_t)m * stride_xm + kb * 128 + 8 * part, 16u);
+                cp_async16(xs + x_piece(m, part), xt + (size_t)m * stride_xm + kb * 128 + 8 * part, 16u);
             }
             if (!PER_CHANNEL) {
                 const int grp = kb / GROUP_BLOCKS;
                 if (vec_scales) {
-                    const u32 ss = xs + X_BYTES;
+                    const u32 ss = ws + W_BYTES;
                     for (int c = tid; c < (HAS_ZERO ? 2 : 1) * (BLOCK_ROWS / 8); c += NWARPS * 32) {
                         const int z = c >= BLOCK_ROWS / 8, part = c - z * (BLOCK_ROWS / 8);
                         const int n = n0 + 8 * part;
@@ -146,7 +161,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                                    n < N ? 16u : 0u);
                     }
                 } else {  // odd N or unaligned scales: plain loads (this stage's buffer is free; read after a barrier)
-                    u16* ss = reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + W_BYTES + X_BYTES);
+                    u16* ss = reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES);
                     for (int c = tid; c < BLOCK_ROWS; c += NWARPS * 32) {
                         const int n = min(n0 + c, N - 1);
                         ss[c] = load_u16(scale + (size_t)grp * N + n);
@@ -186,9 +201,9 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
         __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
                               // running in any warp, so K-block i - 2's buffer is free to refill
         load_stage(i + AHEAD);
-        const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES;
-        const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES + W_BYTES;
-        const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES + X_BYTES);
+        const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES + X_BYTES;  // the weight rows
+        const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES;
+        const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
 
         // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
         // (k = 1); the same of words (2 t + 8, 2 t + 9) (k = 2, 3)
@@ -228,7 +243,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             wgmma_fence();
 #pragma unroll
             for (int r = 0; r < ROWS; ++r)
-                wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], b_desc(xs + 2 * j * (16 * BLOCK_TOKENS)));
+                wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], b_desc(xs + x_step(j)));
             wgmma_commit();
             wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
         }
@@ -263,7 +278,8 @@ class CudaWgmmaConfig:
     """Launch shape of the ``wgmma`` GEMM: ``groups`` warpgroups, each taking ``rows`` 64-row tiles and all of the
     block's ``tokens`` (a block: ``64 * rows * groups`` rows by ``tokens`` tokens); ``stages`` K-blocks in the
     ``cp.async`` pipeline (``stages - 2`` loaded ahead); ``split`` blocks along K; ``depth`` 16-feature steps of
-    products in flight per warpgroup (2 or 4)."""
+    products in flight per warpgroup (2 or 4); ``swizzle``: the activations in the 128-byte swizzled layout (else
+    unswizzled)."""
 
     rows: int = 1
     groups: int = 2
@@ -271,6 +287,7 @@ class CudaWgmmaConfig:
     stages: int = 4
     split: int = 1
     depth: int = 2
+    swizzle: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -309,30 +326,32 @@ class CudaWgmmaConfig:
         return "lowbit_w4a16_wgmma"
 
 
-def b_offsets(tokens: int) -> tuple[int, int]:
-    """The B descriptor's leading- and stride-dimension byte offsets for a block of ``tokens``: the activations'
-    16-byte piece ``p`` of token ``m`` is at ``16 (p tokens + m)``, so the next 8 features (core matrix along K) are
-    ``16 tokens`` bytes on and the next 8 tokens (along N) 128 bytes on."""
-    return 16 * tokens, 128
+def b_offsets(tokens: int, swizzle: bool) -> tuple[int, int]:
+    """The B descriptor's leading- and stride-dimension byte offsets for a block of ``tokens``. Swizzled: the next 8
+    tokens are 1024 bytes on (8 rows of 128 bytes); the leading offset is unused (a K-step stays within one 128-byte
+    row) and set to 16. Unswizzled: the next 8 features (core matrix along K) are ``16 tokens`` bytes on and the
+    next 8 tokens 128."""
+    return (16, 1024) if swizzle else (16 * tokens, 128)
 
 
-def b_descriptor(address: int, tokens: int) -> int:
+def b_descriptor(address: int, tokens: int, swizzle: bool) -> int:
     """The 64-bit ``wgmma`` shared-memory descriptor the kernel's ``b_desc`` builds (start address, leading- and
-    stride-dimension byte offsets, each in 16-byte units; base offset 0; no swizzle)."""
-    lbo, sbo = b_offsets(tokens)
-    return ((address & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32)
+    stride-dimension byte offsets, each in 16-byte units; base offset 0; swizzle mode 1 = 128 bytes, or 0)."""
+    lbo, sbo = b_offsets(tokens, swizzle)
+    return ((address & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (int(swizzle) << 62)
 
 
 def stage_bytes(cfg: CudaWgmmaConfig) -> int:
-    """Shared memory of one pipeline stage: a K-block of the block's weight rows (64 bytes each), of its tokens'
-    activations (256 bytes each) and a bf16 scale and zero per row."""
-    return 64 * cfg.block_rows + 256 * cfg.block_tokens + 4 * cfg.block_rows
+    """Shared memory of one pipeline stage: a K-block of its tokens' activations (256 bytes each), of the block's
+    weight rows (64 bytes each) and a bf16 scale and zero per row, rounded up to 1 KiB (each stage's activations
+    start 1 KiB-aligned, as the 128-byte swizzle needs)."""
+    return -(-(256 * cfg.block_tokens + 64 * cfg.block_rows + 4 * cfg.block_rows) // 1024) * 1024
 
 
 def shared_bytes(cfg: CudaWgmmaConfig) -> int:
     """Dynamic shared memory of a launch: the pipeline's stages, reused after the loop for the block's float32
-    output tile (whichever is larger)."""
-    return max(cfg.stages * stage_bytes(cfg), 4 * cfg.block_rows * cfg.block_tokens)
+    output tile (whichever is larger), and 1 KiB to align the first stage."""
+    return max(cfg.stages * stage_bytes(cfg), 4 * cfg.block_rows * cfg.block_tokens) + 1024
 
 
 def fits(cfg: CudaWgmmaConfig, device: torch.device) -> bool:
@@ -354,7 +373,10 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
         out += [C(1, 4, tokens, 4, depth=4), C(1, 4, tokens, 4, split=2, depth=4)]
     else:
         out += [C(1, 2, tokens, 4, depth=4)]
-    return out
+    return out + [
+        C(2, 2, tokens, 4, depth=4, swizzle=False),
+        C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
+    ]
 
 
 def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero: bool) -> str:
@@ -372,8 +394,9 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "HAS_ZERO": int(has_zero),
         "BLOCK_ROWS": cfg.block_rows,
         "BLOCK_TOKENS": cfg.block_tokens,
-        "B_LBO": b_offsets(cfg.block_tokens)[0],
-        "B_SBO": b_offsets(cfg.block_tokens)[1],
+        "B_LBO": b_offsets(cfg.block_tokens, cfg.swizzle)[0],
+        "B_SBO": b_offsets(cfg.block_tokens, cfg.swizzle)[1],
+        "B_SWIZZLE": int(cfg.swizzle),
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
     kernel = SOURCE.replace("WGMMA_FUNCTION", wgmma_function(cfg.block_tokens))
