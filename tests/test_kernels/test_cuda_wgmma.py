@@ -24,7 +24,7 @@ from tests.test_kernels.test_cuda_gemm import (
 )
 from tests.test_kernels.test_cuda_gemv import float64_product, packed_weight, rel_err
 
-from lowbit.kernels import cuda_wgmma
+from lowbit.kernels import cuda_wgmma, w4a16
 from lowbit.kernels.cuda_wgmma import CudaWgmmaConfig
 
 GPU = torch.cuda.is_available()
@@ -366,3 +366,48 @@ def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
     first = assert_repeatable(lambda: cuda_wgmma.gemm(x, packed, cfg))
     assert rel_err(first, float64_product(x, packed)) < 3e-3
     assert torch.equal(cuda_wgmma.gemm(x.contiguous(), packed, cfg), first)
+
+
+# --- in the runtime's W4A16 matmul -------------------------------------------------------------------------------
+
+
+def test_runtime_candidates_round_trip_and_cover_17_to_255_tokens():
+    """The tuner times the swizzled wgmma launches for 17-255 tokens only (the GEMVs take 1-16, the dense path 256+),
+    and a WNA16Config names its CudaWgmmaConfig exactly."""
+    for m in (1, 8, 16, 256, 1024):
+        assert not any(c.wgmma for c in w4a16.candidate_configs(m)), m
+    for m in (17, 64, 100, 128, 255):
+        launches = [c for c in w4a16.candidate_configs(m) if c.wgmma]
+        assert launches, m
+        assert [c.wgmma_config() for c in launches] == [c for c in cuda_wgmma.candidates(m) if c.swizzle]
+        assert all(w4a16.WNA16Config.from_wgmma(c.wgmma_config()) == c for c in launches)
+    with pytest.raises(ValueError, match="swizzled"):
+        w4a16.WNA16Config.from_wgmma(CudaWgmmaConfig(swizzle=False))
+
+
+@pytest.mark.skipif(
+    HOPPER, reason="the fallback where wgmma cannot run; test_gpu_runtime_runs_wgmma covers Hopper"
+)
+def test_runtime_falls_back_where_wgmma_cannot_run():
+    """Without a Hopper GPU (here: Triton's interpreter on the CPU) a wgmma launch runs the default Triton launch
+    instead."""
+    packed = packed_weight(64, 256, 128, True, "cpu")
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    cfg = next(c for c in w4a16.candidate_configs(20) if c.wgmma)
+    out = w4a16.wna16_matmul(x, packed, cfg)
+    assert torch.equal(out, w4a16.wna16_matmul(x, packed, w4a16.default_config(20, 64, 256)))
+    assert rel_err(out, float64_product(x, packed)) < 1e-2
+
+
+@hopper_only
+@pytest.mark.parametrize("m", [17, 64, 128, 200])
+def test_gpu_runtime_runs_wgmma(m):
+    """wna16_matmul runs each wgmma candidate (leading dimensions folded into tokens) and its tuner may choose one."""
+    packed = packed_weight(2048, 1024, 128, False, "cuda")
+    x = torch.randn(2, m, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = float64_product(x.reshape(-1, 1024), packed)
+    for cfg in (c for c in w4a16.candidate_configs(2 * m) if c.wgmma):
+        out = w4a16.wna16_matmul(x, packed, cfg)
+        assert out.shape == (2, m, 2048)
+        assert rel_err(out.reshape(-1, 2048), ref) < 3e-3, cfg
+    assert rel_err(w4a16.wna16_matmul(x, packed).reshape(-1, 2048), ref) < 3e-3

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from lowbit.kernels import cuda_gemv, pdl, prefetch
+from lowbit.kernels import cuda_gemv, cuda_wgmma, pdl, prefetch
 from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 from lowbit.kernels.wna16_jit import w4_gemv_kernel, w4_mma_kernel, wna16_dot_kernel, wna16_kernel
@@ -62,8 +62,27 @@ class WNA16Config:
     # with ``cuda``: activations staged in shared memory, weights pipelined (with ``mma``: the staged tensor-core
     # kernel, whose warps take different rows, ``block_n / num_warps`` each)
     stage: bool = False
-    persist: int = 0  # with ``cuda`` and ``stage``: blocks per SM looping over the row tiles (CudaGemvConfig.persist)
-    pipe: int = 1  # with ``cuda``, ``mma`` and ``stage``: load batches in flight per warp (CudaGemvConfig.pipe)
+    persist: int = (
+        0  # with ``cuda`` and ``stage``: blocks per SM looping over the row tiles (CudaGemvConfig.persist)
+    )
+    pipe: int = (
+        1  # with ``cuda``, ``mma`` and ``stage``: load batches in flight per warp (CudaGemvConfig.pipe)
+    )
+    # True: the wgmma GEMM (:mod:`lowbit.kernels.cuda_wgmma`, Hopper, 17-255 tokens): ``block_m`` tokens and
+    # ``block_n`` rows per block, ``num_warps`` (4 per warpgroup), ``num_stages``, ``split_k``, ``kbi`` steps in flight
+    wgmma: bool = False
+
+    def wgmma_config(self) -> cuda_wgmma.CudaWgmmaConfig:
+        groups = self.num_warps // 4
+        return cuda_wgmma.CudaWgmmaConfig(
+            self.block_n // (64 * groups), groups, self.block_m, self.num_stages, self.split_k, self.kbi
+        )
+
+    @staticmethod
+    def from_wgmma(c: cuda_wgmma.CudaWgmmaConfig) -> WNA16Config:
+        if not c.swizzle:
+            raise ValueError(f"{c}: the runtime runs the swizzled layout only")
+        return WNA16Config(c.tokens, c.block_rows, c.split, c.warps, c.stages, kbi=c.depth, wgmma=True)
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
         rows = self.block_n // (16 * (self.num_warps if self.stage else 1) if self.mma else 8)
@@ -98,7 +117,22 @@ def default_config(m: int, n: int, k: int) -> WNA16Config:
 
 def candidate_configs(m: int) -> list[WNA16Config]:
     """Launch configurations worth timing for a given M (benchmarks and tuning)."""
-    return _candidate_configs(m) + _dot_candidates(m) + _mma_candidates(m) + _cuda_candidates(m)
+    return (
+        _candidate_configs(m)
+        + _dot_candidates(m)
+        + _mma_candidates(m)
+        + _cuda_candidates(m)
+        + _wgmma_candidates(m)
+    )
+
+
+def _wgmma_candidates(m: int) -> list[WNA16Config]:
+    """The wgmma GEMM's launches (:func:`lowbit.kernels.cuda_wgmma.candidates`, swizzled) for 17-255 tokens, timed
+    only on a Hopper GPU. On the H200 (bench/notes/kernels.md, session 16) they beat cuBLAS bf16 at 64 tokens on
+    three of the four Llama-3 shapes and reach 0.81-0.95x at 128, ahead of every Triton launch there."""
+    if not 16 < m < DENSE_FROM_M:
+        return []
+    return [WNA16Config.from_wgmma(c) for c in cuda_wgmma.candidates(m) if c.swizzle]
 
 
 def _cuda_candidates(m: int) -> list[WNA16Config]:
@@ -109,23 +143,36 @@ def _cuda_candidates(m: int) -> list[WNA16Config]:
     warps; launches whose K-slice does not fit in shared memory fail and are skipped)."""
     if m > cuda_gemv.MAX_TOKENS:
         return []
-    core = [(1, 8, 4), (1, 8, 2), (1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 2), (2, 8, 2)] if m == 1 else []
+    core = (
+        [(1, 8, 4), (1, 8, 2), (1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 2), (2, 8, 2)]
+        if m == 1
+        else []
+    )
     mma = [(1, 4, 1), (1, 4, 2), (1, 8, 1), (2, 4, 1), (2, 8, 1), (1, 16, 1), (2, 4, 2), (4, 4, 1)]
-    return [
-        WNA16Config(1, 8 * r, sk, nw, kbi=kbi, cuda=True, stage=st)
-        for r, nw, kbi in core
-        for sk in (1, 2)
-        for st in (False, True)
-    ] + [
-        WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=True, persist=p)
-        for r, nw, kbi in core
-        for p in (2, 4)
-    ] + [WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True) for r, nw, kbi in mma for sk in (1, 2, 4)] + [
-        WNA16Config(1, 16 * r * nw, sk, nw, kbi=kbi, mma=True, cuda=True, stage=True)
-        for r, nw, kbi in STAGED_MMA
-        for sk in (1, 2, 4, 8)
-        if m > 1
-    ]
+    return (
+        [
+            WNA16Config(1, 8 * r, sk, nw, kbi=kbi, cuda=True, stage=st)
+            for r, nw, kbi in core
+            for sk in (1, 2)
+            for st in (False, True)
+        ]
+        + [
+            WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=True, persist=p)
+            for r, nw, kbi in core
+            for p in (2, 4)
+        ]
+        + [
+            WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True)
+            for r, nw, kbi in mma
+            for sk in (1, 2, 4)
+        ]
+        + [
+            WNA16Config(1, 16 * r * nw, sk, nw, kbi=kbi, mma=True, cuda=True, stage=True)
+            for r, nw, kbi in STAGED_MMA
+            for sk in (1, 2, 4, 8)
+            if m > 1
+        ]
+    )
 
 
 # the staged tensor-core kernel's (16-row tiles per warp, warps, K-blocks per load batch)
@@ -188,7 +235,15 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
             ]
         )
     if m <= 16:
-        tc = [(64, 4, True), (64, 8, True), (128, 8, True), (64, 4, False), (64, 8, False), (64, 16, True), (32, 8, True)]
+        tc = [
+            (64, 4, True),
+            (64, 8, True),
+            (128, 8, True),
+            (64, 4, False),
+            (64, 8, False),
+            (64, 16, True),
+            (32, 8, True),
+        ]
         tensor_cores = [
             WNA16Config(16, bn, sk, 4, 3, od, prefetch=pf, packed_math=pm)
             for bn, sk, od in tc
@@ -198,9 +253,15 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
         if m > 8:
             return tensor_cores
         # a few tokens on CUDA cores, the words read once for BLOCK_M of them: (block_m, block_n, kbi, split_k, warps)
-        few = [(bm, bn, kbi, sk, nw) for bm in (2, 4, 8) if bm <= triton.next_power_of_2(m)
-               for bn, kbi, sk, nw in ((16, 4, 1, 4), (16, 8, 1, 4), (32, 4, 1, 8), (8, 8, 1, 4), (16, 4, 2, 4))]
-        return tensor_cores + [WNA16Config(bm, bn, sk, nw, 2, packed_math=True, kbi=kbi) for bm, bn, kbi, sk, nw in few]
+        few = [
+            (bm, bn, kbi, sk, nw)
+            for bm in (2, 4, 8)
+            if bm <= triton.next_power_of_2(m)
+            for bn, kbi, sk, nw in ((16, 4, 1, 4), (16, 8, 1, 4), (32, 4, 1, 8), (8, 8, 1, 4), (16, 4, 2, 4))
+        ]
+        return tensor_cores + [
+            WNA16Config(bm, bn, sk, nw, 2, packed_math=True, kbi=kbi) for bm, bn, kbi, sk, nw in few
+        ]
     if m <= 64:
         tc = [(32, 128, 4, True), (32, 128, 2, False), (64, 128, 2, False), (64, 128, 4, False), (64, 64, 4, True),
               (64, 64, 8, True), (64, 128, 4, True)]  # fmt: skip
@@ -226,9 +287,7 @@ def _candidate_configs(m: int) -> list[WNA16Config]:
         for bm, bn in tc
         for pf in (True, False)
         for pm in (False, True)
-    ] + [
-        DENSE
-    ]
+    ] + [DENSE]
 
 
 @dataclass(frozen=True)
@@ -271,14 +330,24 @@ class Fusion:
         return cuda_gemv.Fused(self.norm, self.eps, self.glu, self.residual)
 
 
-def fusable(cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion, x2: torch.Tensor | None = None) -> bool:
+def fusable(
+    cfg: WNA16Config, packed: PackedWNA16, m: int, fusion: Fusion, x2: torch.Tensor | None = None
+) -> bool:
     """Whether ``cfg`` runs ``fusion`` in the kernel: the multi-K-block 4-bit Triton GEMV (one K-slice for a norm; no
     ``glu``), or the CUDA kernels (:func:`lowbit.kernels.cuda_gemv.fusable`, given the input ``x2``; no
     ``swiglu``)."""
+    if cfg.wgmma:
+        return False
     if cfg.cuda:
-        return x2 is not None and not fusion.swiglu and cuda_gemv.fusable(cfg.cuda_config(), x2, packed, fusion.cuda())
+        return (
+            x2 is not None
+            and not fusion.swiglu
+            and cuda_gemv.fusable(cfg.cuda_config(), x2, packed, fusion.cuda())
+        )
     ok = cfg.kbi > 0 and 0 < cfg.block_m <= 8 and m <= 8 and multi_block_ok(packed) and not fusion.glu
-    return ok and (fusion.norm is None or cfg.split_k == 1) and not (fusion.norm is not None and fusion.swiglu)
+    return (
+        ok and (fusion.norm is None or cfg.split_k == 1) and not (fusion.norm is not None and fusion.swiglu)
+    )
 
 
 def wna16_matmul(
@@ -318,9 +387,16 @@ def wna16_matmul(
         return fusion.unfused(x, packed)
     if cfg.mma and not multi_block_ok(packed):
         cfg = default_config(m, n, k)  # groups under a K-block, or 8-bit codes: no such kernel
+    if cfg.wgmma:
+        if cuda_wgmma.supported(x2, packed) and not interpreting():
+            out = cuda_wgmma.gemm(x2, packed, cfg.wgmma_config())
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        cfg = default_config(m, n, k)  # not bf16 tokens on a Hopper GPU: the Triton kernels
     if cfg.cuda:
         if cuda_gemv.supported(x2, packed, cfg.mma) and not interpreting():
-            out = cuda_gemv.gemv(x2, packed, cfg.cuda_config(), fused=fusion.cuda() if fusion is not None else None)
+            out = cuda_gemv.gemv(
+                x2, packed, cfg.cuda_config(), fused=fusion.cuda() if fusion is not None else None
+            )
             return out.reshape(*x.shape[:-1], out.shape[-1])
         if fusion is not None:  # the Triton GEMV's fusions differ (no glu): the separate operations
             return fusion.unfused(x, packed)
@@ -359,7 +435,9 @@ def wna16_matmul(
         residual = out if fusion.residual is None else fusion.residual.reshape(m, n)
         if residual.stride(-1) != 1:
             residual = residual.contiguous()
-        launch = pdl.launch_options(x.device, triton.cdiv(triton.cdiv(num_kb, cfg.kbi), cfg.split_k) * cfg.kbi)
+        launch = pdl.launch_options(
+            x.device, triton.cdiv(triton.cdiv(num_kb, cfg.kbi), cfg.split_k) * cfg.kbi
+        )
         w4_gemv_kernel[grid](
             *args, fusion.norm if fusion.norm is not None else packed.scale, residual, fusion.eps, residual.stride(0),
             BLOCK_M=cfg.block_m, KBI=cfg.kbi, PRO=1 if fusion.norm is not None else 2 if fusion.swiglu else 0,
@@ -395,7 +473,9 @@ def set_autotune(enabled: bool) -> None:
 
 def default_fused_config(m: int) -> WNA16Config:
     """The fused GEMV's untuned launch (the interpreter, CUDA-graph capture, autotuning off)."""
-    return WNA16Config(max(1, triton.next_power_of_2(m)), 16, 1, 4, 3, packed_math=True, prefetch=False, kbi=8)
+    return WNA16Config(
+        max(1, triton.next_power_of_2(m)), 16, 1, 4, 3, packed_math=True, prefetch=False, kbi=8
+    )
 
 
 # The CUDA-core kernel's launch where nothing was tuned (one bf16 token on a CUDA 9.0+ GPU): 2 rows per thread, 8 warps,
@@ -450,7 +530,9 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
     if kind:
         reference = fusion.unfused(x2, packed).float()
         candidates = [cfg for cfg in candidate_configs(m) if fusable(cfg, packed, m, fusion, x2)]
-        if any(cfg.cuda for cfg in candidates):  # the fused Triton GEMV lost to the CUDA kernel at every shape
+        if any(
+            cfg.cuda for cfg in candidates
+        ):  # the fused Triton GEMV lost to the CUDA kernel at every shape
             candidates = [cfg for cfg in candidates if cfg.cuda]
     else:
         reference = wna16_matmul(x2, packed, default_config(m, n, k)).float()
@@ -461,10 +543,12 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
             continue  # would run another kernel again under this one's name
         if cfg.cuda and not cuda_gemv.supported(x2, packed, cfg.mma):
             continue
+        if cfg.wgmma and not cuda_wgmma.supported(x2, packed):
+            continue
         try:
-            err = (wna16_matmul(x2, packed, cfg, fusion).float() - reference).norm() / reference.norm().clamp_min(
-                1e-30
-            )
+            err = (
+                wna16_matmul(x2, packed, cfg, fusion).float() - reference
+            ).norm() / reference.norm().clamp_min(1e-30)
             if not err < 2e-2:  # a variant that computes something else is never chosen
                 logger.warning(
                     "W%dA16 config %s disagrees with the default (rel. error %.2e)", packed.bits, cfg, err
