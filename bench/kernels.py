@@ -147,7 +147,7 @@ def best_of(
 
 
 def bench_shape(
-    k: int, n: int, ms: list[int], ceil: dict[str, float], tune: bool, w4: bool = True
+    k: int, n: int, ms: list[int], ceil: dict[str, float], tune: bool, w4: bool = True, w8: bool = True
 ) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(k * 7 + n)
     w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
@@ -167,10 +167,11 @@ def bench_shape(
         r["cublas_us"] = timed(lambda: F.linear(x, w_bf16))
         if w4:
             w4_point(x, r)
-        try:
-            w8a8_point(x, r)
-        except Exception:
-            traceback.print_exc()
+        if w8:
+            try:
+                w8a8_point(x, r)
+            except Exception:
+                traceback.print_exc()
         return r
 
     def w4_point(x: torch.Tensor, r: dict) -> None:  # W4A16 g128 symmetric
@@ -309,6 +310,7 @@ def main() -> None:
     parser.add_argument(
         "--no-w4", action="store_true", help="leave out the W4A16 columns (W8A8 and baselines only)"
     )
+    parser.add_argument("--no-w8a8", action="store_true", help="leave out the W8A8 columns")
     args = parser.parse_args()
     TIMER["kind"] = args.timer
     args.out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +321,9 @@ def main() -> None:
     rows: list[dict] = []
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))
-        rows += bench_shape(k, n, args.ms, ceil, tune=not args.no_tune, w4=not args.no_w4)
+        rows += bench_shape(
+            k, n, args.ms, ceil, tune=not args.no_tune, w4=not args.no_w4, w8=not args.no_w8a8
+        )
         (args.out / "kernels.json").write_text(json.dumps({"ceilings": ceil, "rows": rows}, indent=1))
     table = markdown(rows, ceil)
     (args.out / "kernels.md").write_text(table + "\n")

@@ -368,7 +368,7 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
     C = CudaWgmmaConfig
     tokens = min(next((t for t in TOKENS if t >= m), 128), 128)
     out = [C(2, 2, tokens, 4, depth=4), C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
-           C(2, 2, tokens, 4, depth=2), C(1, 2, tokens, 4, split=2, depth=2)]  # fmt: skip
+           C(1, 2, tokens, 4, split=8, depth=4), C(2, 2, tokens, 4, depth=2), C(1, 2, tokens, 4, split=2, depth=2)]  # fmt: skip
     if tokens <= 64:  # four warpgroups: 128 registers per thread, which 128 tokens' accumulators overflow
         out += [C(1, 4, tokens, 4, depth=4), C(1, 4, tokens, 4, split=2, depth=4)]
     else:
