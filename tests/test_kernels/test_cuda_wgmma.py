@@ -110,7 +110,12 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
             acc = torch.zeros(cfg.warps, cfg.rows, 32, tokens_per_block // 2, dtype=torch.float64)
             for kb in range(kb_lo, kb_hi):
                 rows_n = torch.clamp(n0 + torch.arange(rows_per_block), max=n - 1)
-                ws = words[kb, rows_n]  # [rows, 16]
+                ws = torch.zeros(
+                    rows_per_block, 16, dtype=torch.int64
+                )  # the staged rows, chunks XOR-swizzled
+                for r, q in itertools.product(range(rows_per_block), range(4)):
+                    at = 4 * (q ^ ((r >> 1) & 3))  # w_chunk(r, q), in words
+                    ws[r, at : at + 4] = words[kb, rows_n[r], 4 * q : 4 * q + 4]
                 smem = torch.full((8 * 16 * tokens_per_block,), STALE, dtype=torch.int64)
                 for m, part in itertools.product(range(tokens), range(16)):
                     at = x_piece(m, part, tokens_per_block, cfg.swizzle) // 2
@@ -125,16 +130,17 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
                         packs, neg_zero, scale2 = {}, {}, {}
                         for h in range(2):
                             row = wrow + 64 * r + 8 * h + G
-                            if bug == "words":
-                                lo, hi = (
-                                    (ws[row, 4 * T4], ws[row, 4 * T4 + 1]),
-                                    (ws[row, 4 * T4 + 2], ws[row, 4 * T4 + 3]),
-                                )
-                            else:
-                                lo, hi = (
-                                    (ws[row, 2 * T4], ws[row, 2 * T4 + 1]),
-                                    (ws[row, 2 * T4 + 8], ws[row, 2 * T4 + 9]),
-                                )
+                            swz = (row >> 1) & 3
+                            if (
+                                bug == "words"
+                            ):  # the mma.sync GEMM's words 4 t .. 4 t + 3 (its chunk t, unswizzled)
+                                lo = (ws[row, 4 * T4], ws[row, 4 * T4 + 1])
+                                hi = (ws[row, 4 * T4 + 2], ws[row, 4 * T4 + 3])
+                            else:  # uint2 at w_chunk(row, t >> 1) + 8 (t & 1) and at w_chunk(row, 2 + (t >> 1)) + ...
+                                at_lo = 4 * ((T4 >> 1) ^ swz) + 2 * (T4 & 1)
+                                at_hi = 4 * ((2 + (T4 >> 1)) ^ swz) + 2 * (T4 & 1)
+                                lo = (ws[row, at_lo], ws[row, at_lo + 1])
+                                hi = (ws[row, at_hi], ws[row, at_hi + 1])
                             packs[h] = [
                                 prmt(*lo, 0x5410),
                                 prmt(*lo, 0x7632),
@@ -285,11 +291,12 @@ def test_shared_memory_accounting_and_descriptor_fields():
 
 
 def test_candidates_are_short_and_cover_the_token_counts():
-    """A short list per token count, of valid launches whose blocks hold M tokens (at most 128 per block)."""
+    """A short list per token count, of valid launches whose blocks hold M tokens (at most 128 per block; past 64
+    tokens also 64-token blocks)."""
     for m in (16, 17, 32, 33, 64, 100, 128, 256):
         cands = cuda_wgmma.candidates(m)
-        assert 3 <= len(cands) <= 10 and len(set(cands)) == len(cands)
-        assert all(c.block_tokens >= min(m, 128) for c in cands), m
+        assert 3 <= len(cands) <= 12 and len(set(cands)) == len(cands)
+        assert all(c.block_tokens >= min(m, 128) or (m > 64 and c.block_tokens == 64) for c in cands), m
         assert any(c.split == 1 for c in cands) and any(c.split > 1 for c in cands)
 
 

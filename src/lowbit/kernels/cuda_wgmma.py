@@ -17,7 +17,8 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   ``2 t, 2 t + 1`` of the step: ``a0``) and ``2 t + 8, 2 t + 9`` (``a2``) of rows ``g`` (and ``g + 8``: ``a1``,
   ``a3``), two 8-byte shared loads per row and K-block; one ``prmt`` per word pair puts the two words' half-words
   side by side and ``raw_codes`` + two ``fma.bf16x2`` give ``s (q - z)`` in bf16 (per channel: ``q - z``, the scale
-  applied to the float32 sums).
+  applied to the float32 sums). A row's four 16-byte chunks are stored XORed with bits 1-2 of the row, so that
+  these loads take two shared-memory wavefronts per warp instead of four.
 * Activations in one of ``wgmma``'s canonical K-major layouts, each 16-byte piece ``p`` (features ``8 p .. 8 p +
   7``) of token ``m`` written straight to its place by ``cp.async``. With ``swizzle`` (the default, 128-byte
   swizzle): two 1 KiB-aligned halves of 64 features, token ``m``'s 128 bytes of a half at ``128 m``, its piece
@@ -105,6 +106,9 @@ __device__ __forceinline__ u32 x_piece(int m, int p) {
     return B_SWIZZLE ? (p >> 3) * (BLOCK_TOKENS * 128) + m * 128 + (((p & 7) ^ (m & 7)) << 4)
                      : 16 * (p * BLOCK_TOKENS + m);
 }
+// where 16-byte chunk q (words 4 q .. 4 q + 3) of the block's weight row r goes: chunks XORed with bits 1-2 of the
+// row, so that a warp's 8-byte loads of words (2 t, 2 t + 1) of rows g (64 bytes apart) take 2 wavefronts, not 4
+__device__ __forceinline__ u32 w_chunk(int r, int q) { return 64 * r + 16 * (q ^ ((r >> 1) & 3)); }
 __device__ __forceinline__ u32 x_step(int j) {
     return B_SWIZZLE ? (j >> 2) * (BLOCK_TOKENS * 128) + (j & 3) * 32 : 2 * j * (16 * BLOCK_TOKENS);
 }
@@ -142,9 +146,9 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             const int kb = kb_lo + i;
             const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
 #pragma unroll
-            for (int c = tid; c < BLOCK_ROWS * 4; c += NWARPS * 32) {
+            for (int c = tid; c < BLOCK_ROWS * 4; c += NWARPS * 32) {  // chunk q of row r at w_chunk(r, q)
                 const int n = min(n0 + (c >> 2), N - 1);
-                cp_async16(ws + 16 * c, qweight + ((size_t)kb * N + n) * 4 + (c & 3), 16u);
+                cp_async16(ws + w_chunk(c >> 2, c & 3), qweight + ((size_t)kb * N + n) * 4 + (c & 3), 16u);
             }
             for (int c = tid; c < tokens * 16; c += NWARPS * 32) {
                 const int m = c >> 4, part = c & 15;
@@ -214,8 +218,8 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = wrow + 64 * r + 8 * h + g;
-                const uint2 lo = *reinterpret_cast<const uint2*>(stage + 64 * row + 8 * t4);
-                const uint2 hi = *reinterpret_cast<const uint2*>(stage + 64 * row + 32 + 8 * t4);
+                const uint2 lo = *reinterpret_cast<const uint2*>(stage + w_chunk(row, t4 >> 1) + 8 * (t4 & 1));
+                const uint2 hi = *reinterpret_cast<const uint2*>(stage + w_chunk(row, 2 + (t4 >> 1)) + 8 * (t4 & 1));
                 packs[r][h][0] = prmt(lo.x, lo.y, 0x5410);
                 packs[r][h][1] = prmt(lo.x, lo.y, 0x7632);
                 packs[r][h][2] = prmt(hi.x, hi.y, 0x5410);
@@ -363,16 +367,21 @@ def fits(cfg: CudaWgmmaConfig, device: torch.device) -> bool:
 
 def candidates(m: int) -> list[CudaWgmmaConfig]:
     """Launches worth timing for ``m`` tokens: a block of the fewest tokens that holds ``m`` (at most 128; more tokens
-    are spread over the grid), 128 to 256 rows in 2-4 warpgroups, 2 or 4 steps in flight, one K-slice or a few
-    (N = 4096 has only 16-32 row tiles)."""
+    are spread over the grid; past 64 tokens also two 64-token tiles), 128 to 256 rows in 2-4 warpgroups, 2 or 4
+    steps in flight, one K-slice or a few (N = 4096 has only 16-32 row tiles), and two unswizzled launches for
+    comparison (the runtime takes the swizzled ones only)."""
     C = CudaWgmmaConfig
     tokens = min(next((t for t in TOKENS if t >= m), 128), 128)
     out = [C(2, 2, tokens, 4, depth=4), C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
            C(1, 2, tokens, 4, split=8, depth=4), C(2, 2, tokens, 4, depth=2), C(1, 2, tokens, 4, split=2, depth=2)]  # fmt: skip
     if tokens <= 64:  # four warpgroups: 128 registers per thread, which 128 tokens' accumulators overflow
         out += [C(1, 4, tokens, 4, depth=4), C(1, 4, tokens, 4, split=2, depth=4)]
-    else:
-        out += [C(1, 2, tokens, 4, depth=4)]
+    else:  # and two 64-token tiles of a row tile (twice the dequantization, twice the blocks)
+        out += [
+            C(1, 2, tokens, 4, depth=4),
+            C(1, 2, 64, 4, split=4, depth=4),
+            C(2, 2, 64, 4, split=2, depth=4),
+        ]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
