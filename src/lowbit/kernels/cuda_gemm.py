@@ -48,8 +48,9 @@ Status (measured on an H200, session 15 of issue 6, ``bench/cuda_gemm.py``, CUDA
 GPU) but slow: 0.80-1.86x cuBLAS bf16 at 16 tokens, 0.67-1.49x at 32, 0.50-0.89x at 64 and 0.51-0.56x at 128 on the
 four Llama-3 shapes (faster than ``torch._weight_int4pack_mm`` everywhere, 1.4-8.4x). It loses to the 1-16-token
 CUDA kernels at 16 tokens and reaches only 150-250 TFLOP/s at 128 (``mma.sync`` with the dequantization on the same
-warps, no warp specialization). So it is **not** among the runtime's tuning candidates; it is kept, tested, as the
-base for the next attempt (warp-specialized producers, ``wgmma`` with A from registers as vLLM's Machete does).
+warps, no warp specialization). So it is **not** among the runtime's tuning candidates. Its successor for this
+range is :mod:`lowbit.kernels.cuda_wgmma` (``wgmma`` with A from registers, as vLLM's Machete does), which shares
+this module's :data:`PIPELINE`.
 """
 
 from __future__ import annotations

@@ -38,6 +38,14 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128,
 compute capability 9.x (``wgmma`` is ``sm_90a`` only). :func:`supported` says whether a weight and input qualify.
+
+Status (H200, session 16 of issue 6, CUDA-graph device time, ``bench/cuda_gemm.py --kernel wgmma``; raw:
+``bench/notes/cuda_wgmma_h200_session16_call*.json``): exact against float64 on the GPU for every scheme, and the
+runtime's tuning candidate for 17-255 tokens (:func:`lowbit.kernels.w4a16.candidate_configs`). Best launch against
+cuBLAS bf16 on the four Llama-3 shapes (4096x4096, 4096x14336, 14336x4096, 8192x28672): 0.98-1.42x at 64 tokens,
+0.78-0.95x at 128 (unswizzled activations: 0.49-0.65x). What it lacks at 128 tokens: 8192x28672 has 112 blocks of 256
+rows for 132 SMs (a stream-K schedule would even them out), and N = 4096 needs split-K, whose blocks then run only
+7-8 K-blocks each.
 """
 
 from __future__ import annotations
