@@ -21,8 +21,8 @@ from pathlib import Path
 import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 import torch.nn.functional as F
-
 from kernels import int4pack_baseline
+
 from lowbit.kernels import cuda_gemm, cuda_wgmma, w4a16
 from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import pack_wna16

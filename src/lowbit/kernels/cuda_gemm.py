@@ -457,8 +457,12 @@ def _compiled(cfg: CudaGemmConfig, device_index: int, *scheme):
     kernel = cuda_gemv.compile_once(_KERNELS, key, device_index, lambda: source(cfg, *scheme), cfg.kernel_name,
                                     f"the CUDA GEMM for {cfg}")  # fmt: skip
     if fresh and shared_bytes(cfg) > 48 * 1024:  # past the default, up to the opt-in limit (fits)
-        with torch.cuda.device(device_index):
-            kernel.set_shared_memory_config(shared_bytes(cfg))
+        try:
+            with torch.cuda.device(device_index):
+                kernel.set_shared_memory_config(shared_bytes(cfg))
+        except Exception:
+            del _KERNELS[key]  # the next call tries again instead of launching without the shared memory
+            raise
     return kernel
 
 
