@@ -295,7 +295,7 @@ def test_candidates_are_short_and_cover_the_token_counts():
     tokens also 64-token blocks)."""
     for m in (16, 17, 32, 33, 64, 100, 128, 256):
         cands = cuda_wgmma.candidates(m)
-        assert 3 <= len(cands) <= 12 and len(set(cands)) == len(cands)
+        assert 3 <= len(cands) <= 16 and len(set(cands)) == len(cands)
         assert all(c.block_tokens >= min(m, 128) or (m > 64 and c.block_tokens == 64) for c in cands), m
         assert any(c.split == 1 for c in cands) and any(c.split > 1 for c in cands)
 
@@ -379,17 +379,20 @@ def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
 
 
 def test_runtime_candidates_round_trip_and_cover_17_to_255_tokens():
-    """The tuner times the swizzled wgmma launches for 17-255 tokens only (the GEMVs take 1-16, the dense path 256+),
-    and a WNA16Config names its CudaWgmmaConfig exactly."""
+    """The tuner times the measured wgmma launches (swizzled, no copy plan) for 17-255 tokens only (the GEMVs take
+    1-16, the dense path 256+), and a WNA16Config names its CudaWgmmaConfig exactly."""
     for m in (1, 8, 16, 256, 1024):
         assert not any(c.wgmma for c in w4a16.candidate_configs(m)), m
     for m in (17, 64, 100, 128, 255):
         launches = [c for c in w4a16.candidate_configs(m) if c.wgmma]
         assert launches, m
-        assert [c.wgmma_config() for c in launches] == [c for c in cuda_wgmma.candidates(m) if c.swizzle]
+        assert [c.wgmma_config() for c in launches] == [
+            c for c in cuda_wgmma.candidates(m) if c.swizzle and not c.copy_plan
+        ]
         assert all(w4a16.WNA16Config.from_wgmma(c.wgmma_config()) == c for c in launches)
-    with pytest.raises(ValueError, match="swizzled"):
-        w4a16.WNA16Config.from_wgmma(CudaWgmmaConfig(swizzle=False))
+    for unmeasured in (CudaWgmmaConfig(swizzle=False), CudaWgmmaConfig(copy_plan=True)):
+        with pytest.raises(ValueError, match="measured variant"):
+            w4a16.WNA16Config.from_wgmma(unmeasured)
 
 
 @pytest.mark.skipif(
@@ -418,3 +421,37 @@ def test_gpu_runtime_runs_wgmma(m):
         assert out.shape == (2, m, 2048)
         assert rel_err(out.reshape(-1, 2048), ref) < 3e-3, cfg
     assert rel_err(w4a16.wna16_matmul(x, packed).reshape(-1, 2048), ref) < 3e-3
+
+
+@pytest.mark.parametrize("swizzle", [True, False])
+@pytest.mark.parametrize(
+    ("rows", "groups", "tokens"), [(1, 1, 16), (2, 2, 128), (1, 4, 64), (1, 2, 32), (2, 1, 64)]
+)
+def test_copy_plan_copies_what_the_loops_copy(rows, groups, tokens, swizzle):
+    """``copy_plan``'s per-thread copies (offsets computed once: weight row tid / 4 + u NT / 4, token tid / 16 + u
+    NT / 16, shared offsets moving by a constant per u) are exactly the plain loops' copies, every (shared offset,
+    source) pair once, for a partial row tile (rows past N re-read row N - 1) and partial token tiles."""
+    cfg = CudaWgmmaConfig(rows, groups, tokens, 4, swizzle=swizzle, copy_plan=True)
+    nt, block_rows = 32 * cfg.warps, cfg.block_rows
+    w_copies, x_copies = block_rows * 4 // nt, -(-tokens * 16 // nt)
+    x_dst_step = (nt // 16) * 128 if swizzle else 16 * (nt // 16)
+
+    def w_chunk(r, q):
+        return 64 * r + 16 * (q ^ ((r >> 1) & 3))
+
+    for n0, n, live in ((0, 10**6, tokens), (64, 64 + block_rows - 5, max(1, tokens - 3)), (0, 10**6, 1)):
+        plain_w = sorted(
+            (w_chunk(c >> 2, c & 3), min(n0 + (c >> 2), n - 1), c & 3) for c in range(block_rows * 4)
+        )
+        plain_x = sorted((x_piece(c >> 4, c & 15, tokens, swizzle), c >> 4, c & 15) for c in range(live * 16))
+        plan_w, plan_x = [], []
+        for tid in range(nt):
+            w_row0, x_tok0 = tid >> 2, tid >> 4
+            w_dst0, x_dst0 = w_chunk(w_row0, tid & 3), x_piece(x_tok0, tid & 15, tokens, swizzle)
+            for u in range(w_copies):
+                plan_w.append((w_dst0 + u * (nt // 4) * 64, min(n0 + w_row0 + u * (nt // 4), n - 1), tid & 3))
+            for u in range(x_copies):
+                if x_tok0 + u * (nt // 16) < live:
+                    plan_x.append((x_dst0 + u * x_dst_step, x_tok0 + u * (nt // 16), tid & 15))
+        assert sorted(plan_w) == plain_w
+        assert sorted(plan_x) == plain_x

@@ -50,6 +50,7 @@ rows for 132 SMs (a stream-K schedule would even them out), and N = 4096 needs s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -90,6 +91,10 @@ SOURCE = r"""
 #define NWARPS (4 * GROUPS)
 #define TT (BLOCK_TOKENS / 8)
 #define AHEAD (STAGES - 2)  // K-blocks loaded ahead of the one computed (a third buffer is still being read)
+#define NT (NWARPS * 32)
+#define W_COPIES (BLOCK_ROWS * 4 / NT)  // 16-byte weight copies per thread and K-block (2 ROWS)
+#define X_COPIES ((BLOCK_TOKENS * 16 + NT - 1) / NT)  // activation copies per thread and K-block, at most
+#define X_DST_STEP (B_SWIZZLE ? (NT / 16) * 128 : 16 * (NT / 16))  // x_piece(m + NT / 16, p) - x_piece(m, p)
 #if STAGES < 3
 #error "the wgmma GEMM needs STAGES >= 3"
 #endif
@@ -147,12 +152,33 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
     unsigned char* smem = smem_raw + (smem_base - raw_base);
     const u16* xt = x + (size_t)m0 * stride_xm;
     const int wrow = (warp >> 2) * 64 * ROWS + 16 * (warp & 3);  // the warp's first row in the block
+#if COPY_PLAN
+    // this thread's copies: weight rows w_row0 + u NT / 4 (chunk tid & 3), tokens x_tok0 + u NT / 16 (piece tid & 15)
+    const int w_row0 = tid >> 2, x_tok0 = tid >> 4;
+    const u32 w_dst0 = w_chunk(w_row0, tid & 3), x_dst0 = x_piece(x_tok0, tid & 15);
+    const u16* x_src0 = xt + (size_t)x_tok0 * stride_xm + 8 * (tid & 15);
+#endif
 
     // stage i of the slice into buffer i % STAGES (one commit group, empty past the slice's end)
     auto load_stage = [&](int i) {
         if (i < nk) {
             const int kb = kb_lo + i;
             const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
+#if COPY_PLAN
+            // copy c = tid + u NT of the block is the same (row, chunk) or (token, piece) every K-block, and its shared
+            // offset moves by a constant per u (NT / 4 rows and NT / 16 tokens keep bits 0-2 of the row and token)
+            const uint4* wk = qweight + (size_t)kb * N * 4 + (tid & 3);
+#pragma unroll
+            for (int u = 0; u < W_COPIES; ++u) {
+                const int n = min(n0 + w_row0 + u * (NT / 4), N - 1);
+                cp_async16(ws + w_dst0 + u * (NT / 4) * 64, wk + (size_t)n * 4, 16u);
+            }
+            const u16* xk = x_src0 + kb * 128;
+#pragma unroll
+            for (int u = 0; u < X_COPIES; ++u)
+                if (x_tok0 + u * (NT / 16) < tokens)
+                    cp_async16(xs + x_dst0 + u * X_DST_STEP, xk + (size_t)u * (NT / 16) * stride_xm, 16u);
+#else
 #pragma unroll
             for (int c = tid; c < BLOCK_ROWS * 4; c += NWARPS * 32) {  // chunk q of row r at w_chunk(r, q)
                 const int n = min(n0 + (c >> 2), N - 1);
@@ -162,6 +188,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                 const int m = c >> 4, part = c & 15;
                 cp_async16(xs + x_piece(m, part), xt + (size_t)m * stride_xm + kb * 128 + 8 * part, 16u);
             }
+#endif
             if (!PER_CHANNEL) {
                 const int grp = kb / GROUP_BLOCKS;
                 if (vec_scales) {
@@ -291,7 +318,8 @@ class CudaWgmmaConfig:
     block's ``tokens`` (a block: ``64 * rows * groups`` rows by ``tokens`` tokens); ``stages`` K-blocks in the
     ``cp.async`` pipeline (``stages - 2`` loaded ahead); ``split`` blocks along K; ``depth`` 16-feature steps of
     products in flight per warpgroup (2 or 4); ``swizzle``: the activations in the 128-byte swizzled layout (else
-    unswizzled)."""
+    unswizzled); ``copy_plan``: each thread's ``cp.async`` offsets computed once, not per K-block (about 3
+    instructions per copy instead of 17; CPU-checked, not yet measured, so not a runtime candidate)."""
 
     rows: int = 1
     groups: int = 2
@@ -300,6 +328,7 @@ class CudaWgmmaConfig:
     split: int = 1
     depth: int = 2
     swizzle: bool = True
+    copy_plan: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -390,6 +419,7 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             C(1, 2, 64, 4, split=4, depth=4),
             C(2, 2, 64, 4, split=2, depth=4),
         ]
+    out += [dataclasses.replace(c, copy_plan=True) for c in out[:3]]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
@@ -414,6 +444,7 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "B_LBO": b_offsets(cfg.block_tokens, cfg.swizzle)[0],
         "B_SBO": b_offsets(cfg.block_tokens, cfg.swizzle)[1],
         "B_SWIZZLE": int(cfg.swizzle),
+        "COPY_PLAN": int(cfg.copy_plan),
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
     kernel = SOURCE.replace("WGMMA_FUNCTION", wgmma_function(cfg.block_tokens))
