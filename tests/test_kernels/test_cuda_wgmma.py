@@ -204,20 +204,22 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
 
 
 @pytest.mark.parametrize(
-    ("group", "asymmetric", "cfg"),
+    ("group", "asymmetric", "cfg", "k"),
     [
-        (128, False, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=1)),
-        (128, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=1, swizzle=False)),
-        (256, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, split=2)),
-        (-1, True, CudaWgmmaConfig(rows=1, groups=4, tokens=32, stages=3, split=3, depth=4)),
-        (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=4, split=1, swizzle=False)),
+        (128, False, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=1), 768),
+        (128, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=1, swizzle=False), 768),
+        (256, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, split=2), 768),
+        (-1, True, CudaWgmmaConfig(rows=1, groups=4, tokens=32, stages=3, split=3, depth=4), 768),
+        (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=4, split=1, swizzle=False), 768),
+        (128, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=4, no_drain=True), 640),
     ],
 )
-def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg):
+def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg, k):
     """The kernel's index mapping, replayed bit by bit on the CPU with B read by the PTX ISA's descriptor layout,
     gives ``x @ dequant(W).T`` (float64 reference): every scheme, rows past N (a partial row tile), tokens past M
-    (stale NaNs in shared memory reach no stored output), a second token tile, split-K over uneven K-slices."""
-    n, k, m = 150, 768, 19
+    (stale NaNs in shared memory reach no stored output), a second token tile, split-K (5 K-blocks in 4 slices:
+    2, 2, 1 and an empty one)."""
+    n, m = 150, 19
     packed = packed_weight(n, k, group, asymmetric, "cpu", seed=3)
     x = torch.randn(m, k).to(torch.bfloat16)
     out = emulate_wgmma(x, packed, cfg)
@@ -255,6 +257,7 @@ def test_config_validation():
         ({"tokens": 48}, "tokens"),
         ({"rows": 2, "tokens": 256}, "accumulators"),
         ({"stages": 2}, "stages"),
+        ({"groups": 4, "tokens": 128}, "128 registers"),
         ({"split": 0}, "split"),
         ({"split": cuda_wgmma.MAX_SPLIT + 1}, "split"),
     ):
@@ -295,7 +298,7 @@ def test_candidates_are_short_and_cover_the_token_counts():
     tokens also 64-token blocks)."""
     for m in (16, 17, 32, 33, 64, 100, 128, 256):
         cands = cuda_wgmma.candidates(m)
-        assert 3 <= len(cands) <= 16 and len(set(cands)) == len(cands)
+        assert 3 <= len(cands) <= 17 and len(set(cands)) == len(cands)
         assert all(c.block_tokens >= min(m, 128) or (m > 64 and c.block_tokens == 64) for c in cands), m
         assert any(c.split == 1 for c in cands) and any(c.split > 1 for c in cands)
 
@@ -379,18 +382,22 @@ def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
 
 
 def test_runtime_candidates_round_trip_and_cover_17_to_255_tokens():
-    """The tuner times the measured wgmma launches (swizzled, no copy plan) for 17-255 tokens only (the GEMVs take
-    1-16, the dense path 256+), and a WNA16Config names its CudaWgmmaConfig exactly."""
+    """The tuner times the measured wgmma launches (swizzled, no copy plan, drained) for 17-255 tokens only (the GEMVs
+    take 1-16, the dense path 256+), and a WNA16Config names its CudaWgmmaConfig exactly."""
     for m in (1, 8, 16, 256, 1024):
         assert not any(c.wgmma for c in w4a16.candidate_configs(m)), m
     for m in (17, 64, 100, 128, 255):
         launches = [c for c in w4a16.candidate_configs(m) if c.wgmma]
         assert launches, m
         assert [c.wgmma_config() for c in launches] == [
-            c for c in cuda_wgmma.candidates(m) if c.swizzle and not c.copy_plan
+            c for c in cuda_wgmma.candidates(m) if w4a16.WNA16Config.measured(c)
         ]
         assert all(w4a16.WNA16Config.from_wgmma(c.wgmma_config()) == c for c in launches)
-    for unmeasured in (CudaWgmmaConfig(swizzle=False), CudaWgmmaConfig(copy_plan=True)):
+    for unmeasured in (
+        CudaWgmmaConfig(swizzle=False),
+        CudaWgmmaConfig(copy_plan=True),
+        CudaWgmmaConfig(no_drain=True),
+    ):
         with pytest.raises(ValueError, match="measured variant"):
             w4a16.WNA16Config.from_wgmma(unmeasured)
 
@@ -455,3 +462,16 @@ def test_copy_plan_copies_what_the_loops_copy(rows, groups, tokens, swizzle):
                     plan_x.append((x_dst0 + u * x_dst_step, x_tok0 + u * (nt // 16), tid & 15))
         assert sorted(plan_w) == plain_w
         assert sorted(plan_x) == plain_x
+
+
+@hopper_only
+@pytest.mark.parametrize("no_drain", [False, True])
+def test_gpu_wgmma_empty_k_slices(no_drain):
+    """5 K-blocks in 4 slices (2, 2, 1 and an empty one) and 20 in 8 (one empty): the empty slice's zero partial is
+    counted in the reduction; both loop shapes (the drained, measured one and ``no_drain``)."""
+    for k, split in ((640, 4), (2560, 8)):
+        packed = packed_weight(512, k, 128, True, "cuda")
+        x = torch.randn(70, k, device="cuda", dtype=torch.bfloat16)
+        cfg = CudaWgmmaConfig(1, 2, 128, 4, split=split, depth=4, no_drain=no_drain)
+        out = assert_repeatable(lambda cfg=cfg, x=x, packed=packed: cuda_wgmma.gemm(x, packed, cfg))
+        assert rel_err(out, float64_product(x, packed)) < 3e-3, (k, split)

@@ -29,9 +29,10 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   in the same four banks.)
 * Per K-block and warpgroup: 8 steps of ``rows`` ``wgmma.m64nNk16`` (N = the block's tokens). The A registers of
   ``depth`` steps are in flight: step ``j + 1`` is dequantized while the products of steps ``j + 2 - depth .. j`` run,
-  and ``wgmma.wait_group depth - 1`` after each commit frees the buffer the next step writes. Nothing waits for a
-  K-block's products to finish: the pipeline loads ``stages - 2`` K-blocks ahead, so the stage it refills was last
-  read two K-blocks ago, which every warp's ``wait_group`` has retired by the barrier. ``fence.proxy.async`` makes
+  and ``wgmma.wait_group depth - 1`` after each commit frees the buffer the next step writes. The pipeline loads
+  ``stages - 2`` K-blocks ahead, so the stage it refills was last read two K-blocks ago, which every warp's
+  ``wait_group`` has retired by the barrier. (In the measured variant ptxas still waits for every product at the
+  end of each K-block, where the loop's paths meet: C7517, found in review; ``no_drain`` removes that wait.) ``fence.proxy.async`` makes
   each thread's ``cp.async`` writes visible to the tensor cores' reads.
 * Token rows past ``M`` are not copied: a column of B only reaches the same column of D, so stale shared memory
   there reaches only outputs that are not stored.
@@ -234,59 +235,64 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
 
 #pragma unroll
     for (int i = 0; i < AHEAD; ++i) load_stage(i);
-    for (int i = 0; i < nk; ++i) {
-        asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
-        async_proxy_fence();  // ... visible to the tensor cores ...
-        __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
-                              // running in any warp, so K-block i - 2's buffer is free to refill
-        load_stage(i + AHEAD);
-        const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES + X_BYTES;  // the weight rows
-        const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES;
-        const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
+    // NO_DRAIN: one path into the epilogue, the loop entered only with a K-block to do, so that ptxas needs no
+    // wait_group 0 at the back-edge; otherwise (the measured variant) it injects one at every K-block (C7517)
+    if (!NO_DRAIN || nk > 0) {
+        for (int i = 0; i < nk; ++i) {
+            asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
+            async_proxy_fence();  // ... visible to the tensor cores ...
+            __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
+                                  // running in any warp, so K-block i - 2's buffer is free to refill
+            load_stage(i + AHEAD);
+            const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES + X_BYTES;  // the weight rows
+            const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES;
+            const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
 
-        // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
-        // (k = 1); the same of words (2 t + 8, 2 t + 9) (k = 2, 3)
-        u32 packs[ROWS][2][4];
-        u32 neg_zero[ROWS][2], scale2[ROWS][2];
-#pragma unroll
-        for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = wrow + 64 * r + 8 * h + g;
-                const uint2 lo = *reinterpret_cast<const uint2*>(stage + w_chunk(row, t4 >> 1) + 8 * (t4 & 1));
-                const uint2 hi = *reinterpret_cast<const uint2*>(stage + w_chunk(row, 2 + (t4 >> 1)) + 8 * (t4 & 1));
-                packs[r][h][0] = prmt(lo.x, lo.y, 0x5410);
-                packs[r][h][1] = prmt(lo.x, lo.y, 0x7632);
-                packs[r][h][2] = prmt(hi.x, hi.y, 0x5410);
-                packs[r][h][3] = prmt(hi.x, hi.y, 0x7632);
-                if (PER_CHANNEL) {
-                    neg_zero[r][h] = channel_nz[r][h];
-                    scale2[r][h] = 0u;
-                } else {
-                    const u32 s = ss[row];
-                    scale2[r][h] = s | (s << 16);
-                    neg_zero[r][h] = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
-                }
-            }
-        u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15
-            const int b = j % DEPTH;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                a[b][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
-                a[b][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
-                a[b][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
-                a[b][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
-            }
-            wgmma_fence();
-#pragma unroll
+            // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
+            // (k = 1); the same of words (2 t + 8, 2 t + 9) (k = 2, 3)
+            u32 packs[ROWS][2][4];
+            u32 neg_zero[ROWS][2], scale2[ROWS][2];
+    #pragma unroll
             for (int r = 0; r < ROWS; ++r)
-                wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], b_desc(xs + x_step(j)));
-            wgmma_commit();
-            wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
+    #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = wrow + 64 * r + 8 * h + g;
+                    const uint2 lo = *reinterpret_cast<const uint2*>(stage + w_chunk(row, t4 >> 1) + 8 * (t4 & 1));
+                    const uint2 hi = *reinterpret_cast<const uint2*>(stage + w_chunk(row, 2 + (t4 >> 1)) + 8 * (t4 & 1));
+                    packs[r][h][0] = prmt(lo.x, lo.y, 0x5410);
+                    packs[r][h][1] = prmt(lo.x, lo.y, 0x7632);
+                    packs[r][h][2] = prmt(hi.x, hi.y, 0x5410);
+                    packs[r][h][3] = prmt(hi.x, hi.y, 0x7632);
+                    if (PER_CHANNEL) {
+                        neg_zero[r][h] = channel_nz[r][h];
+                        scale2[r][h] = 0u;
+                    } else {
+                        const u32 s = ss[row];
+                        scale2[r][h] = s | (s << 16);
+                        neg_zero[r][h] = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
+                    }
+                }
+            u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
+    #pragma unroll
+            for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15
+                const int b = j % DEPTH;
+    #pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    a[b][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
+                    a[b][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
+                    a[b][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
+                    a[b][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
+                }
+                wgmma_fence();
+    #pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+                    wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], b_desc(xs + x_step(j)));
+                wgmma_commit();
+                wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
+            }
+            if (!NO_DRAIN && i == nk - 1) wgmma_wait<0>();  // measured variant: ptxas drains here anyway (C7517)
         }
-        if (i == nk - 1) wgmma_wait<0>();  // inside the loop: no path joins the accumulators while products run
+        if (NO_DRAIN) wgmma_wait<0>();
     }
     cp_async_wait_all();
     __syncthreads();  // the pipeline's buffers become the block's float32 tile
@@ -319,7 +325,9 @@ class CudaWgmmaConfig:
     ``cp.async`` pipeline (``stages - 2`` loaded ahead); ``split`` blocks along K; ``depth`` 16-feature steps of
     products in flight per warpgroup (2 or 4); ``swizzle``: the activations in the 128-byte swizzled layout (else
     unswizzled); ``copy_plan``: each thread's ``cp.async`` offsets computed once, not per K-block (about 3
-    instructions per copy instead of 17; CPU-checked, not yet measured, so not a runtime candidate)."""
+    instructions per copy instead of 17); ``no_drain``: the K loop shaped so that ptxas does not wait for every
+    product at the end of each K-block (it does in the measured variant: C7517). The last two are compile- and
+    CPU-checked, not yet measured on a GPU, so not runtime candidates."""
 
     rows: int = 1
     groups: int = 2
@@ -329,6 +337,7 @@ class CudaWgmmaConfig:
     depth: int = 2
     swizzle: bool = True
     copy_plan: bool = False
+    no_drain: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -338,6 +347,10 @@ class CudaWgmmaConfig:
             problems.append("groups must be 1, 2 or 4")
         if self.tokens not in TOKENS:
             problems.append(f"tokens must be one of {TOKENS}")
+        if self.groups == 4 and self.rows * self.tokens > 64:
+            problems.append(
+                "four warpgroups have 128 registers per thread: rows * tokens at most 64 (more spills)"
+            )
         if self.rows * self.tokens > 256:
             problems.append(f"rows * tokens = {self.rows * self.tokens} needs more than 128 float32 accumulators per "
                             "lane; at most 256")  # fmt: skip
@@ -419,7 +432,8 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             C(1, 2, 64, 4, split=4, depth=4),
             C(2, 2, 64, 4, split=2, depth=4),
         ]
-    out += [dataclasses.replace(c, copy_plan=True) for c in out[:3]]
+    out += [dataclasses.replace(c, no_drain=True) for c in out[:3]]  # unmeasured variants, for the benchmark
+    out += [dataclasses.replace(c, no_drain=True, copy_plan=True) for c in out[:3]]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
@@ -445,6 +459,7 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "B_SBO": b_offsets(cfg.block_tokens, cfg.swizzle)[1],
         "B_SWIZZLE": int(cfg.swizzle),
         "COPY_PLAN": int(cfg.copy_plan),
+        "NO_DRAIN": int(cfg.no_drain),
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
     kernel = SOURCE.replace("WGMMA_FUNCTION", wgmma_function(cfg.block_tokens))

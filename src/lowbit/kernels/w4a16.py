@@ -79,9 +79,16 @@ class WNA16Config:
         )
 
     @staticmethod
+    def measured(c: cuda_wgmma.CudaWgmmaConfig) -> bool:
+        """Whether ``c`` is the variant measured on the H200 (session 16): swizzled, no copy plan, drained."""
+        return c.swizzle and not c.copy_plan and not c.no_drain
+
+    @staticmethod
     def from_wgmma(c: cuda_wgmma.CudaWgmmaConfig) -> WNA16Config:
-        if not c.swizzle or c.copy_plan:
-            raise ValueError(f"{c}: the runtime runs the measured variant only (swizzled, no copy plan)")
+        if not WNA16Config.measured(c):
+            raise ValueError(
+                f"{c}: the runtime runs the measured variant only (swizzled, no copy plan, drained)"
+            )
         return WNA16Config(c.tokens, c.block_rows, c.split, c.warps, c.stages, kbi=c.depth, wgmma=True)
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
@@ -132,7 +139,7 @@ def _wgmma_candidates(m: int) -> list[WNA16Config]:
     three of the four Llama-3 shapes and reach 0.81-0.95x at 128, ahead of every Triton launch there."""
     if not 16 < m < DENSE_FROM_M:
         return []
-    return [WNA16Config.from_wgmma(c) for c in cuda_wgmma.candidates(m) if c.swizzle and not c.copy_plan]
+    return [WNA16Config.from_wgmma(c) for c in cuda_wgmma.candidates(m) if WNA16Config.measured(c)]
 
 
 def _cuda_candidates(m: int) -> list[WNA16Config]:
