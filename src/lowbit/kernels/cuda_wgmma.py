@@ -395,6 +395,15 @@ def b_descriptor(address: int, tokens: int, swizzle: bool) -> int:
     return ((address & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32) | (int(swizzle) << 62)
 
 
+def workspace_bytes(cfg: CudaWgmmaConfig, m: int, n: int) -> int:
+    """The split-K workspace a launch needs for ``m`` tokens and ``n`` rows: a float32 block tile per tile and slice
+    (whole tiles, padded past M and N), none with one slice."""
+    if cfg.split == 1:
+        return 0
+    tiles = math.ceil(n / cfg.block_rows) * math.ceil(m / cfg.block_tokens)
+    return 4 * cfg.split * tiles * cfg.block_rows * cfg.block_tokens
+
+
 def stage_bytes(cfg: CudaWgmmaConfig) -> int:
     """Shared memory of one pipeline stage: a K-block of its tokens' activations (256 bytes each), of the block's
     weight rows (64 bytes each) and a bf16 scale and zero per row, rounded up to 1 KiB (each stage's activations
@@ -523,8 +532,7 @@ def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaWgmmaConfig) -> torch.T
     m_tiles = math.ceil(m / cfg.block_tokens)
     tiles = math.ceil(n / cfg.block_rows) * m_tiles
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    workspace_floats = cfg.split * tiles * cfg.block_rows * cfg.block_tokens if cfg.split > 1 else 0
-    workspace, counters = split_k_buffers(x2.device, workspace_floats, tiles)
+    workspace, counters = split_k_buffers(x2.device, workspace_bytes(cfg, m, n) // 4, tiles)
     zero = packed.zero if packed.zero is not None else packed.scale
     vec_scales = n % 8 == 0 and packed.scale.data_ptr() % 16 == 0 and zero.data_ptr() % 16 == 0
     args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k, m, x2.stride(0), out.stride(0),

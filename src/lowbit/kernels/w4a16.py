@@ -133,6 +133,16 @@ def candidate_configs(m: int) -> list[WNA16Config]:
     )
 
 
+# The largest split-K workspace a wgmma candidate may ask for (the buffer is kept for the process and reused).
+WGMMA_WORKSPACE_CAP = 64 * 2**20
+
+
+def wgmma_affordable(cfg: WNA16Config, m: int, n: int) -> bool:
+    """Whether a wgmma launch's split-K workspace (whole padded tiles per slice) stays under
+    :data:`WGMMA_WORKSPACE_CAP`: tuning 8192x28672 at 200 tokens with 8 slices would otherwise hold 235 MB."""
+    return cuda_wgmma.workspace_bytes(cfg.wgmma_config(), m, n) <= WGMMA_WORKSPACE_CAP
+
+
 def _wgmma_candidates(m: int) -> list[WNA16Config]:
     """The wgmma GEMM's launches (:func:`lowbit.kernels.cuda_wgmma.candidates`, swizzled) for 17-255 tokens, timed
     only on a Hopper GPU. On the H200 (bench/notes/kernels.md, session 16) they beat cuBLAS bf16 at 64 tokens on
@@ -550,7 +560,7 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
             continue  # would run another kernel again under this one's name
         if cfg.cuda and not cuda_gemv.supported(x2, packed, cfg.mma):
             continue
-        if cfg.wgmma and not cuda_wgmma.supported(x2, packed):
+        if cfg.wgmma and not (cuda_wgmma.supported(x2, packed) and wgmma_affordable(cfg, m, n)):
             continue
         try:
             err = (
