@@ -95,6 +95,35 @@ __device__ __forceinline__ u32 dequant_pair(u32 raw, u32 neg_zero, u32 scale2) {
     return PER_CHANNEL ? d : mul_bf16x2(d, scale2);
 }
 
+// -(128 + z) as a bf16 pair, from a zero point's bits (symmetric: 8)
+__device__ __forceinline__ u32 neg_zero_pair(u32 zbits) {
+    const u32 nz = float_to_bf16_bits(-(128.f + (HAS_ZERO ? bf16_bits_to_float(zbits) : 8.f)));
+    return nz | (nz << 16);
+}
+
+// K-block kb's scales (and zero points: BLOCK_ROWS bf16 further on) of rows n0 .. n0 + BLOCK_ROWS - 1 into a stage:
+// 16-byte cp.async copies to the shared address ss_addr where vec_scales (N % 8 == 0, aligned scales and zeros), else
+// plain loads through ss (that stage's buffer is free, and read after a barrier); nothing per channel
+__device__ __forceinline__ void load_scales(u32 ss_addr, u16* ss, int kb, int n0, int N, const u16* __restrict__ scale,
+                                            const u16* __restrict__ zero, int vec_scales, int tid, int threads) {
+    if (PER_CHANNEL) return;
+    const int grp = kb / GROUP_BLOCKS;
+    if (vec_scales) {
+        for (int c = tid; c < (HAS_ZERO ? 2 : 1) * (BLOCK_ROWS / 8); c += threads) {
+            const int z = c >= BLOCK_ROWS / 8, part = c - z * (BLOCK_ROWS / 8);
+            const int n = n0 + 8 * part;
+            cp_async16(ss_addr + 2 * BLOCK_ROWS * z + 16 * part, (z ? zero : scale) + (size_t)grp * N + min(n, N - 8),
+                       n < N ? 16u : 0u);
+        }
+    } else {
+        for (int c = tid; c < BLOCK_ROWS; c += threads) {
+            const int n = min(n0 + c, N - 1);
+            ss[c] = load_u16(scale + (size_t)grp * N + n);
+            if (HAS_ZERO) ss[BLOCK_ROWS + c] = load_u16(zero + (size_t)grp * N + n);
+        }
+    }
+}
+
 __device__ __forceinline__ float4 load_cg4(const float4* p) {
     float4 v;
     asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
@@ -194,34 +223,12 @@ lowbit_w4a16_gemm(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                 cp_async16(xs + m * (2 * X_PITCH) + 16 * part, xt + (size_t)(real ? m : 0) * stride_xm + kb * 128 + 8 * part,
                            real ? 16u : 0u);
             }
-            if (!PER_CHANNEL) {
-                const int grp = kb / GROUP_BLOCKS;
-                if (vec_scales) {
-                    const u32 ss = xs + X_BYTES;
-                    for (int c = tid; c < (HAS_ZERO ? 2 : 1) * (BLOCK_ROWS / 8); c += NWARPS * 32) {
-                        const int z = c >= BLOCK_ROWS / 8, part = c - z * (BLOCK_ROWS / 8);
-                        const int n = n0 + 8 * part;
-                        cp_async16(ss + 2 * BLOCK_ROWS * z + 16 * part, (z ? zero : scale) + (size_t)grp * N + min(n, N - 8),
-                                   n < N ? 16u : 0u);
-                    }
-                } else {  // odd N or unaligned scales: plain loads (this stage's buffer is free; read after a barrier)
-                    u16* ss = reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + W_BYTES + X_BYTES);
-                    for (int c = tid; c < BLOCK_ROWS; c += NWARPS * 32) {
-                        const int n = min(n0 + c, N - 1);
-                        ss[c] = load_u16(scale + (size_t)grp * N + n);
-                        if (HAS_ZERO) ss[BLOCK_ROWS + c] = load_u16(zero + (size_t)grp * N + n);
-                    }
-                }
-            }
+            load_scales(xs + X_BYTES, reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + W_BYTES + X_BYTES), kb,
+                        n0, N, scale, zero, vec_scales, tid, NWARPS * 32);
         }
         cp_async_commit();
     };
 
-    // -(128 + z) as a bf16 pair, from a zero point's bits (symmetric: 8)
-    auto neg_zero_pair = [](u32 zbits) {
-        const u32 nz = float_to_bf16_bits(-(128.f + (HAS_ZERO ? bf16_bits_to_float(zbits) : 8.f)));
-        return nz | (nz << 16);
-    };
     u32 channel_nz[ROWS][2];  // PER_CHANNEL: the lane's rows' zero points, once
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
@@ -449,29 +456,41 @@ def source(cfg: CudaGemmConfig, group_blocks: int, per_channel: bool, has_zero: 
 _KERNELS: dict[tuple, object] = {}
 
 
-def _compiled(cfg: CudaGemmConfig, device_index: int, *scheme):
-    """The kernel for one launch shape and scheme on device ``device_index`` (:func:`cuda_gemv.compile_once`), given
-    its shared memory when first loaded."""
-    key = (cfg, device_index, *scheme)
-    fresh = key not in _KERNELS
-    kernel = cuda_gemv.compile_once(_KERNELS, key, device_index, lambda: source(cfg, *scheme), cfg.kernel_name,
-                                    f"the CUDA GEMM for {cfg}")  # fmt: skip
-    if fresh and shared_bytes(cfg) > 48 * 1024:  # past the default, up to the opt-in limit (fits)
+def compile_with_shared(
+    cache: dict,
+    key: tuple,
+    device_index: int,
+    text,
+    name: str,
+    what: str,
+    shared: int,
+    arch: str | None = None,
+):
+    """:func:`cuda_gemv.compile_once`, then, when first loaded, the kernel's dynamic shared-memory limit raised to
+    ``shared`` bytes where that is past the 48 KiB default (up to the opt-in limit, which :func:`fits` checks). If
+    raising it fails, the kernel leaves the cache, so that the next call tries again instead of launching without."""
+    fresh = key not in cache
+    kernel = cuda_gemv.compile_once(cache, key, device_index, text, name, what, arch)
+    if fresh and shared > 48 * 1024:
         try:
             with torch.cuda.device(device_index):
-                kernel.set_shared_memory_config(shared_bytes(cfg))
+                kernel.set_shared_memory_config(shared)
         except Exception:
-            del _KERNELS[key]  # the next call tries again instead of launching without the shared memory
+            del cache[key]
             raise
     return kernel
+
+
+def _compiled(cfg: CudaGemmConfig, device_index: int, *scheme):
+    """The kernel for one launch shape and scheme on device ``device_index`` (:func:`compile_with_shared`)."""
+    return compile_with_shared(_KERNELS, (cfg, device_index, *scheme), device_index, lambda: source(cfg, *scheme),
+                               cfg.kernel_name, f"the CUDA GEMM for {cfg}", shared_bytes(cfg))  # fmt: skip
 
 
 def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemmConfig) -> torch.Tensor:
     """``x2 @ dequant(W).T`` (bf16 ``[M, N]``) for tokens ``x2`` ``[M, K]`` (bf16, rows may be strided) on the
     tensor-core GEMM (see :func:`supported`)."""
-    from lowbit.kernels.w4a16 import split_k_buffers
 
-    m = x2.shape[0] if x2.dim() == 2 else 0
     n, k = packed.out_features, packed.in_features
     if not supported(x2, packed):
         raise ValueError(f"the CUDA GEMM does not take tokens {tuple(x2.shape)} of {x2.dtype} on {x2.device} for a "
@@ -486,6 +505,15 @@ def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemmConfig) -> torch.Te
     group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None)
+    return launch(kernel, cfg, x2, packed, index, shared_bytes(cfg))
+
+
+def launch(kernel, cfg, x2: torch.Tensor, packed: PackedWNA16, index: int, shared: int) -> torch.Tensor:
+    """Run a GEMM kernel of this module or :mod:`lowbit.kernels.cuda_wgmma` (the same arguments): a block per row tile
+    and token tile, ``cfg.split`` along K (with its workspace and tile counters), ``shared`` bytes of shared memory."""
+    from lowbit.kernels.w4a16 import split_k_buffers
+
+    m, n, k = x2.shape[0], packed.out_features, packed.in_features
     m_tiles = math.ceil(m / cfg.block_tokens)
     tiles = math.ceil(n / cfg.block_rows) * m_tiles
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
@@ -496,7 +524,5 @@ def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemmConfig) -> torch.Te
     args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k, m, x2.stride(0), out.stride(0),
             m_tiles, int(vec_scales)]  # fmt: skip
     with torch.cuda.device(index):
-        kernel(
-            grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared_bytes(cfg)
-        )
+        kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
     return out

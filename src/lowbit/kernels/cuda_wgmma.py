@@ -190,34 +190,12 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                 cp_async16(xs + x_piece(m, part), xt + (size_t)m * stride_xm + kb * 128 + 8 * part, 16u);
             }
 #endif
-            if (!PER_CHANNEL) {
-                const int grp = kb / GROUP_BLOCKS;
-                if (vec_scales) {
-                    const u32 ss = ws + W_BYTES;
-                    for (int c = tid; c < (HAS_ZERO ? 2 : 1) * (BLOCK_ROWS / 8); c += NWARPS * 32) {
-                        const int z = c >= BLOCK_ROWS / 8, part = c - z * (BLOCK_ROWS / 8);
-                        const int n = n0 + 8 * part;
-                        cp_async16(ss + 2 * BLOCK_ROWS * z + 16 * part, (z ? zero : scale) + (size_t)grp * N + min(n, N - 8),
-                                   n < N ? 16u : 0u);
-                    }
-                } else {  // odd N or unaligned scales: plain loads (this stage's buffer is free; read after a barrier)
-                    u16* ss = reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES);
-                    for (int c = tid; c < BLOCK_ROWS; c += NWARPS * 32) {
-                        const int n = min(n0 + c, N - 1);
-                        ss[c] = load_u16(scale + (size_t)grp * N + n);
-                        if (HAS_ZERO) ss[BLOCK_ROWS + c] = load_u16(zero + (size_t)grp * N + n);
-                    }
-                }
-            }
+            load_scales(ws + W_BYTES, reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES), kb,
+                        n0, N, scale, zero, vec_scales, tid, NT);
         }
         cp_async_commit();
     };
 
-    // -(128 + z) as a bf16 pair, from a zero point's bits (symmetric: 8)
-    auto neg_zero_pair = [](u32 zbits) {
-        const u32 nz = float_to_bf16_bits(-(128.f + (HAS_ZERO ? bf16_bits_to_float(zbits) : 8.f)));
-        return nz | (nz << 16);
-    };
     u32 channel_nz[ROWS][2];  // PER_CHANNEL: the lane's rows' zero points, once
 #pragma unroll
     for (int r = 0; r < ROWS; ++r)
@@ -493,28 +471,17 @@ _KERNELS: dict[tuple, object] = {}
 
 
 def _compiled(cfg: CudaWgmmaConfig, device_index: int, *scheme):
-    """The kernel for one launch shape and scheme on device ``device_index`` (:func:`cuda_gemv.compile_once`, for
-    ``sm_90a``), given its shared memory when first loaded."""
-    key = (cfg, device_index, *scheme)
-    fresh = key not in _KERNELS
-    kernel = cuda_gemv.compile_once(_KERNELS, key, device_index, lambda: source(cfg, *scheme), cfg.kernel_name,
-                                    f"the wgmma GEMM for {cfg}", arch="90a")  # fmt: skip
-    if fresh and shared_bytes(cfg) > 48 * 1024:  # past the default, up to the opt-in limit (fits)
-        try:
-            with torch.cuda.device(device_index):
-                kernel.set_shared_memory_config(shared_bytes(cfg))
-        except Exception:
-            del _KERNELS[key]  # the next call tries again instead of launching without the shared memory
-            raise
-    return kernel
+    """The kernel for one launch shape and scheme on device ``device_index``, built for ``sm_90a``
+    (:func:`lowbit.kernels.cuda_gemm.compile_with_shared`)."""
+    return cuda_gemm.compile_with_shared(_KERNELS, (cfg, device_index, *scheme), device_index,
+                                         lambda: source(cfg, *scheme), cfg.kernel_name, f"the wgmma GEMM for {cfg}",
+                                         shared_bytes(cfg), arch="90a")  # fmt: skip
 
 
 def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaWgmmaConfig) -> torch.Tensor:
     """``x2 @ dequant(W).T`` (bf16 ``[M, N]``) for tokens ``x2`` ``[M, K]`` (bf16, rows may be strided) on the
     ``wgmma`` GEMM (see :func:`supported`)."""
-    from lowbit.kernels.w4a16 import split_k_buffers
 
-    m = x2.shape[0] if x2.dim() == 2 else 0
     n, k = packed.out_features, packed.in_features
     if not supported(x2, packed):
         raise ValueError(f"the wgmma GEMM does not take tokens {tuple(x2.shape)} of {x2.dtype} on {x2.device} for a "
@@ -529,16 +496,4 @@ def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaWgmmaConfig) -> torch.T
     group_blocks = 1 if per_channel else packed.group_size // 128
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None)
-    m_tiles = math.ceil(m / cfg.block_tokens)
-    tiles = math.ceil(n / cfg.block_rows) * m_tiles
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    workspace, counters = split_k_buffers(x2.device, workspace_bytes(cfg, m, n) // 4, tiles)
-    zero = packed.zero if packed.zero is not None else packed.scale
-    vec_scales = n % 8 == 0 and packed.scale.data_ptr() % 16 == 0 and zero.data_ptr() % 16 == 0
-    args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k, m, x2.stride(0), out.stride(0),
-            m_tiles, int(vec_scales)]  # fmt: skip
-    with torch.cuda.device(index):
-        kernel(
-            grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared_bytes(cfg)
-        )
-    return out
+    return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg))
