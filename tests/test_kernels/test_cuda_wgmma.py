@@ -402,6 +402,18 @@ def test_runtime_candidates_round_trip_and_cover_17_to_255_tokens():
             w4a16.WNA16Config.from_wgmma(unmeasured)
 
 
+def test_tuner_skips_launches_whose_workspace_is_too_large():
+    """Split-K workspaces are whole padded float32 tiles per slice, kept for the process: the tuner leaves out launches
+    past WGMMA_WORKSPACE_CAP (8 slices of 8192x28672 at 200 tokens: 235 MB) and keeps one-slice launches (none)."""
+    eight = CudaWgmmaConfig(1, 2, 128, 4, split=8, depth=4)
+    assert cuda_wgmma.workspace_bytes(eight, 200, 28672) == 4 * 8 * (224 * 2) * 128 * 128
+    assert cuda_wgmma.workspace_bytes(CudaWgmmaConfig(2, 2, 128, 4, depth=4), 200, 28672) == 0
+    assert not w4a16.wgmma_affordable(w4a16.WNA16Config.from_wgmma(eight), 200, 28672)
+    assert w4a16.wgmma_affordable(w4a16.WNA16Config.from_wgmma(eight), 128, 4096)
+    launches = [c for c in w4a16.candidate_configs(200) if c.wgmma]
+    assert any(w4a16.wgmma_affordable(c, 200, 28672) for c in launches)
+
+
 @pytest.mark.skipif(
     HOPPER, reason="the fallback where wgmma cannot run; test_gpu_runtime_runs_wgmma covers Hopper"
 )
