@@ -16,7 +16,8 @@
 # options): bench/decode_shapes.py, every tuned GEMV launch at the decode shapes and a decode-attention sweep.
 # TESTS="tests/test_kernels/test_cuda_gemv.py -k staged": the GPU tests to run instead of the default subset.
 # GEMV="--quick --no-triton --ms 16 4 --shapes o 4096x14336 down 8192x28672": bench/cuda_gemv.py with these options;
-# GEMM=1 (or its options): bench/cuda_gemm.py (the CUDA GEMM for 17-128 tokens).
+# GEMM=1 (or its options): bench/cuda_gemm.py (the CUDA GEMMs for 17-128 tokens; GEMM="--kernel wgmma --ms 64 128" for
+# the wgmma one). Session 16's calls ran their commands inline (bench/notes/kernels.md, "Session 16").
 set -uo pipefail
 OUT="${OUT:-bench/results/issue6}"
 mkdir -p "$OUT"
