@@ -418,6 +418,7 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             C(1, 2, tokens, 4, depth=4),
             C(1, 2, 64, 4, split=4, depth=4),
             C(2, 2, 64, 4, split=2, depth=4),
+            C(1, 1, tokens, 3, split=4, depth=4),  # 64 rows, two blocks per SM (N = 4096: 256 blocks, 8 K-blocks each)
         ]
     out += [dataclasses.replace(c, no_drain=True) for c in out[:3]]  # unmeasured variants, for the benchmark
     out += [dataclasses.replace(c, no_drain=True, copy_plan=True) for c in out[:3]]
