@@ -26,6 +26,7 @@ from tests.test_kernels.test_cuda_gemv import float64_product, packed_weight, re
 
 from lowbit.kernels import cuda_wgmma, w4a16
 from lowbit.kernels.cuda_wgmma import CudaWgmmaConfig
+from lowbit.kernels.layout import pack_wna16
 
 GPU = torch.cuda.is_available()
 HOPPER = GPU and torch.cuda.get_device_capability()[0] == 9
@@ -315,12 +316,37 @@ def test_source_names_the_launch_and_scheme():
 
 
 def test_gemm_refuses_what_it_cannot_take():
-    """CPU tensors (and on a GPU: fp16, 8-bit codes, 64-feature groups, misaligned rows) are an error, not garbage."""
+    """CPU tensors are an error, not garbage (the GPU cases: test_gpu_wgmma_refuses_and_the_runtime_falls_back)."""
     packed = packed_weight(64, 256, 128, False, "cpu")
     x = torch.randn(20, 256).to(torch.bfloat16)
     assert not cuda_wgmma.supported(x, packed)
     with pytest.raises(ValueError, match="does not take"):
         cuda_wgmma.gemm(x, packed, CudaWgmmaConfig())
+
+
+@hopper_only
+def test_gpu_wgmma_refuses_and_the_runtime_falls_back():
+    """fp16 tokens, 8-bit codes, 64-feature groups and tokens whose rows are not 16-byte aligned are refused by the
+    kernel, and wna16_matmul given a wgmma launch runs the default launch for them instead (the same output)."""
+    n, k, m = 256, 512, 40
+    gen = torch.Generator().manual_seed(5)
+    q8 = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.int16).cuda()
+    scale = (torch.rand(n, k // 128, generator=gen) * 0.004 + 0.001).to(torch.bfloat16).cuda()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    wide = torch.randn(m, k + 8, device="cuda", dtype=torch.bfloat16)
+    cases = {
+        "fp16 tokens": (x.half(), packed_weight(n, k, 128, False, "cuda", dtype=torch.float16)),
+        "8-bit codes": (x, pack_wna16(q8, scale, None, 8, 128)),
+        "64-feature groups": (x, packed_weight(n, k, 64, True, "cuda")),
+        "misaligned rows": (wide[:, 4 : 4 + k], packed_weight(n, k, 128, False, "cuda")),
+    }
+    cfg = next(c for c in w4a16.candidate_configs(m) if c.wgmma)
+    for name, (tokens, packed) in cases.items():
+        assert not cuda_wgmma.supported(tokens, packed), name
+        with pytest.raises(ValueError, match="does not take"):
+            cuda_wgmma.gemm(tokens, packed, cfg.wgmma_config())
+        default = w4a16.wna16_matmul(tokens, packed, w4a16.default_config(m, n, k))
+        assert torch.equal(w4a16.wna16_matmul(tokens, packed, cfg), default), name
 
 
 # --- on a Hopper GPU ---------------------------------------------------------------------------------------------
