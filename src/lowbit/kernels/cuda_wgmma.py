@@ -32,8 +32,8 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   and ``wgmma.wait_group depth - 1`` after each commit frees the buffer the next step writes. The pipeline loads
   ``stages - 2`` K-blocks ahead, so the stage it refills was last read two K-blocks ago, which every warp's
   ``wait_group`` has retired by the barrier. (In the measured variant ptxas still waits for every product at the
-  end of each K-block, where the loop's paths meet: C7517, found in review; ``no_drain`` removes that wait.) ``fence.proxy.async`` makes
-  each thread's ``cp.async`` writes visible to the tensor cores' reads.
+  end of each K-block, where the loop's paths meet: C7517, found in review; ``no_drain`` removes that wait.)
+  ``fence.proxy.async`` makes each thread's ``cp.async`` writes visible to the tensor cores' reads.
 * Token rows past ``M`` are not copied: a column of B only reaches the same column of D, so stale shared memory
   there reaches only outputs that are not stored.
 
@@ -45,8 +45,8 @@ Status (H200, session 16 of issue 6, CUDA-graph device time, ``bench/cuda_gemm.p
 runtime's tuning candidate for 17-255 tokens (:func:`lowbit.kernels.w4a16.candidate_configs`). Best launch against
 cuBLAS bf16 on the four Llama-3 shapes (4096x4096, 4096x14336, 14336x4096, 8192x28672): 0.98-1.42x at 64 tokens,
 0.78-0.95x at 128 (unswizzled activations: 0.49-0.65x). What it lacks at 128 tokens: 8192x28672 has 112 blocks of 256
-rows for 132 SMs (a stream-K schedule would even them out), and N = 4096 needs split-K, whose blocks then run only
-7-8 K-blocks each.
+rows for 132 SMs (a stream-K schedule would even them out), and N = 4096 needs split-K, whose blocks then run 8
+(4096x4096) or 28 (14336x4096) K-blocks each, so the pipeline's fill and the split-K reduction weigh more.
 """
 
 from __future__ import annotations
