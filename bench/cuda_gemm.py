@@ -75,7 +75,9 @@ def shape_rows(name: str, k: int, n: int, ms: list[int], flush_ms: float, kernel
             except Exception as exc:  # noqa: BLE001  (a launch past this GPU's registers or shared memory)
                 print(f"  {name} M={m} {cfg}: {exc!r:.160}", flush=True)
                 continue
-            timed.append({"us": us, "rel_err": err, "wrong": err >= WRONG, "config": cfg.__dict__, "launch": str(cfg)})
+            timed.append(
+                {"us": us, "rel_err": err, "wrong": err >= WRONG, "config": cfg.__dict__, "launch": str(cfg)}
+            )
         timed.sort(key=lambda t: t["us"])
         good = [t for t in timed if not t["wrong"]]
         best = good[0] if good else None
@@ -96,7 +98,24 @@ def shape_rows(name: str, k: int, n: int, ms: list[int], flush_ms: float, kernel
               flush=True)  # fmt: skip
         for t in timed[1:4]:
             print(f"      {t['us']:8.2f} us  err {t['rel_err']:.1e}  {t['launch']}")
+        variants = variant_bests(good)
+        if len(variants) > 1:
+            print("      best per variant: " + ", ".join(f"{v} {us:.2f} us" for v, us in variants.items()))
     return rows
+
+
+def variant_bests(timed: list[dict]) -> dict[str, float]:
+    """The fastest time of each kernel variant among ``timed`` (the wgmma GEMM's unmeasured options ``no_drain`` and
+    ``copy_plan``, and its unswizzled layout), so that a variant's gain reads off one line."""
+    best: dict[str, float] = {}
+    for t in timed:
+        c = t["config"]
+        flags = [f for f in ("no_drain", "copy_plan") if c.get(f)] + (
+            [] if c.get("swizzle", True) else ["unswizzled"]
+        )
+        key = "+".join(flags) or "measured"
+        best[key] = min(best.get(key, float("inf")), t["us"])
+    return best
 
 
 def main() -> None:
@@ -112,7 +131,9 @@ def main() -> None:
     for name in args.shapes:
         k, n = SHAPES[name]
         result["rows"] += shape_rows(name, k, n, args.ms, flush_ms, KERNELS[args.kernel])
-        (args.out / f"cuda_{'gemm' if args.kernel == 'mma' else 'wgmma'}.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"cuda_{'gemm' if args.kernel == 'mma' else 'wgmma'}.json").write_text(
+            json.dumps(result, indent=1)
+        )
         torch.cuda.empty_cache()
 
 
