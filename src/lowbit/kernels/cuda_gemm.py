@@ -174,6 +174,18 @@ __device__ __forceinline__ void finish_split(const float* partial, int tile, int
     if (threadIdx.x == 0) counters[tile] = 0;
 }
 
+
+// The block's float32 tile partial[token][row] (its first `tokens` token rows; rows n0 .. of the output), once every
+// thread has written its part: stored as bf16 (one K-slice, through finish_rows), or added to the other slices'
+// (finish_split)
+__device__ __forceinline__ void store_tile(const float* partial, int tile, int n0, int tokens, int N, u16* __restrict__ out,
+                                           int stride_om, float* __restrict__ workspace, int* __restrict__ counters) {
+    __syncthreads();
+    if (SPLIT == 1)
+        finish_rows(partial, 1, BLOCK_TOKENS, BLOCK_ROWS, n0, tile, tokens, N, out, stride_om, workspace, counters, 1.f,
+                    nullptr);
+    else finish_split(partial, tile, n0, tokens, N, out, stride_om, workspace, counters);
+}
 """
 
 SOURCE = r"""
@@ -316,11 +328,7 @@ lowbit_w4a16_gemm(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #pragma unroll
                 for (int c = 0; c < 2; ++c) partial[(8 * nt + 2 * t4 + c) * BLOCK_ROWS + row] = s * acc[r][nt][2 * h + c];
         }
-    __syncthreads();
-    if (SPLIT == 1)
-        finish_rows(partial, 1, BLOCK_TOKENS, BLOCK_ROWS, n0, tile, tokens, N, out + (size_t)m0 * stride_om, stride_om,
-                    workspace, counters, 1.f, nullptr);
-    else finish_split(partial, tile, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om, workspace, counters);
+    store_tile(partial, tile, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om, workspace, counters);
 }
 """
 
