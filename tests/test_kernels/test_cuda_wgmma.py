@@ -166,8 +166,9 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
                                                   (regs[2], G, 2 * T4 + 8), (regs[3], G + 8, 2 * T4 + 8)):  # fmt: skip
                                 low, high = halves(reg)
                                 A[16 * wq + row, col], A[16 * wq + row, col + 1] = low.double(), high.double()
-                        desc = cuda_wgmma.b_descriptor(
-                            xs_base + x_step(j, tokens_per_block, cfg.swizzle), tokens_per_block, cfg.swizzle
+                        # the stage's descriptor plus the step's offset in 16-byte units, as the kernel builds it
+                        desc = cuda_wgmma.b_descriptor(xs_base, tokens_per_block, cfg.swizzle) + (
+                            x_step(j, tokens_per_block, cfg.swizzle) >> 4
                         )
                         if bug == "offsets":
                             desc = (
@@ -212,7 +213,7 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
         (256, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, split=2), 768),
         (-1, True, CudaWgmmaConfig(rows=1, groups=4, tokens=32, stages=3, split=3, depth=4), 768),
         (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=4, split=1, swizzle=False), 768),
-        (128, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=4, no_drain=True), 640),
+        (128, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=4), 640),
     ],
 )
 def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg, k):
@@ -292,6 +293,15 @@ def test_shared_memory_accounting_and_descriptor_fields():
         and (desc >> 32) & 0x3FFF == 64
         and desc >> 62 == 1
     )
+    # the kernel adds step j's offset (in 16-byte units) to its stage's descriptor: the same as building the
+    # descriptor at the step's address, for every stage of every candidate (the 14-bit address field never carries)
+    for m in (16, 64, 128):
+        for c in cuda_wgmma.candidates(m):
+            for stage, j in itertools.product(range(c.stages), range(8)):
+                base = 1024 + stage * cuda_wgmma.stage_bytes(c)
+                step = x_step(j, c.tokens, c.swizzle)
+                stage_desc = cuda_wgmma.b_descriptor(base, c.tokens, c.swizzle)
+                assert stage_desc + (step >> 4) == cuda_wgmma.b_descriptor(base + step, c.tokens, c.swizzle)
 
 
 def test_candidates_are_short_and_cover_the_token_counts():
@@ -408,24 +418,17 @@ def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
 
 
 def test_runtime_candidates_round_trip_and_cover_17_to_255_tokens():
-    """The tuner times the measured wgmma launches (swizzled, no copy plan, drained) for 17-255 tokens only (the GEMVs
+    """The tuner times the swizzled wgmma launches for 17-255 tokens only (the GEMVs
     take 1-16, the dense path 256+), and a WNA16Config names its CudaWgmmaConfig exactly."""
     for m in (1, 8, 16, 256, 1024):
         assert not any(c.wgmma for c in w4a16.candidate_configs(m)), m
     for m in (17, 64, 100, 128, 255):
         launches = [c for c in w4a16.candidate_configs(m) if c.wgmma]
         assert launches, m
-        assert [c.wgmma_config() for c in launches] == [
-            c for c in cuda_wgmma.candidates(m) if w4a16.WNA16Config.measured(c)
-        ]
+        assert [c.wgmma_config() for c in launches] == [c for c in cuda_wgmma.candidates(m) if c.swizzle]
         assert all(w4a16.WNA16Config.from_wgmma(c.wgmma_config()) == c for c in launches)
-    for unmeasured in (
-        CudaWgmmaConfig(swizzle=False),
-        CudaWgmmaConfig(copy_plan=True),
-        CudaWgmmaConfig(no_drain=True),
-    ):
-        with pytest.raises(ValueError, match="measured variant"):
-            w4a16.WNA16Config.from_wgmma(unmeasured)
+    with pytest.raises(ValueError, match="swizzled"):
+        w4a16.WNA16Config.from_wgmma(CudaWgmmaConfig(swizzle=False))
 
 
 def test_tuner_skips_launches_whose_workspace_is_too_large():
@@ -472,11 +475,11 @@ def test_gpu_runtime_runs_wgmma(m):
 @pytest.mark.parametrize(
     ("rows", "groups", "tokens"), [(1, 1, 16), (2, 2, 128), (1, 4, 64), (1, 2, 32), (2, 1, 64)]
 )
-def test_copy_plan_copies_what_the_loops_copy(rows, groups, tokens, swizzle):
-    """``copy_plan``'s per-thread copies (offsets computed once: weight row tid / 4 + u NT / 4, token tid / 16 + u
-    NT / 16, shared offsets moving by a constant per u) are exactly the plain loops' copies, every (shared offset,
+def test_copy_plan_copies_every_piece_once(rows, groups, tokens, swizzle):
+    """The kernel's per-thread copies (offsets computed once: weight row tid / 4 + u NT / 4, token tid / 16 + u
+    NT / 16, shared offsets moving by a constant per u) are exactly the copies of a plain loop over the pieces, every (shared offset,
     source) pair once, for a partial row tile (rows past N re-read row N - 1) and partial token tiles."""
-    cfg = CudaWgmmaConfig(rows, groups, tokens, 4, swizzle=swizzle, copy_plan=True)
+    cfg = CudaWgmmaConfig(rows, groups, tokens, 4, swizzle=swizzle)
     nt, block_rows = 32 * cfg.warps, cfg.block_rows
     w_copies, x_copies = block_rows * 4 // nt, -(-tokens * 16 // nt)
     x_dst_step = (nt // 16) * 128 if swizzle else 16 * (nt // 16)
@@ -503,13 +506,12 @@ def test_copy_plan_copies_what_the_loops_copy(rows, groups, tokens, swizzle):
 
 
 @hopper_only
-@pytest.mark.parametrize("no_drain", [False, True])
-def test_gpu_wgmma_empty_k_slices(no_drain):
+def test_gpu_wgmma_empty_k_slices():
     """5 K-blocks in 4 slices (2, 2, 1 and an empty one) and 20 in 8 (one empty): the empty slice's zero partial is
-    counted in the reduction; both loop shapes (the drained, measured one and ``no_drain``)."""
+    counted in the reduction."""
     for k, split in ((640, 4), (2560, 8)):
         packed = packed_weight(512, k, 128, True, "cuda")
         x = torch.randn(70, k, device="cuda", dtype=torch.bfloat16)
-        cfg = CudaWgmmaConfig(1, 2, 128, 4, split=split, depth=4, no_drain=no_drain)
+        cfg = CudaWgmmaConfig(1, 2, 128, 4, split=split, depth=4)
         out = assert_repeatable(lambda cfg=cfg, x=x, packed=packed: cuda_wgmma.gemm(x, packed, cfg))
         assert rel_err(out, float64_product(x, packed)) < 3e-3, (k, split)

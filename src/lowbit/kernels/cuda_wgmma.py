@@ -31,8 +31,8 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   ``depth`` steps are in flight: step ``j + 1`` is dequantized while the products of steps ``j + 2 - depth .. j`` run,
   and ``wgmma.wait_group depth - 1`` after each commit frees the buffer the next step writes. The pipeline loads
   ``stages - 2`` K-blocks ahead, so the stage it refills was last read two K-blocks ago, which every warp's
-  ``wait_group`` has retired by the barrier. (In the measured variant ptxas still waits for every product at the
-  end of each K-block, where the loop's paths meet: C7517, found in review; ``no_drain`` removes that wait.)
+  ``wait_group`` has retired by the barrier. Each thread's copy offsets are computed once, and the loop has one
+  path in and out (else ptxas waits for every product at each K-block's end: C7517).
   ``fence.proxy.async`` makes each thread's ``cp.async`` writes visible to the tensor cores' reads.
 * Token rows past ``M`` are not copied: a column of B only reaches the same column of D, so stale shared memory
   there reaches only outputs that are not stored.
@@ -51,7 +51,6 @@ rows for 132 SMs (a stream-K schedule would even them out), and N = 4096 needs s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -153,19 +152,17 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
     unsigned char* smem = smem_raw + (smem_base - raw_base);
     const u16* xt = x + (size_t)m0 * stride_xm;
     const int wrow = (warp >> 2) * 64 * ROWS + 16 * (warp & 3);  // the warp's first row in the block
-#if COPY_PLAN
-    // this thread's copies: weight rows w_row0 + u NT / 4 (chunk tid & 3), tokens x_tok0 + u NT / 16 (piece tid & 15)
+    // this thread's copies, the same every K-block (offsets computed once: about 3 instructions per copy, not 17):
+    // weight rows w_row0 + u NT / 4 (chunk tid & 3), tokens x_tok0 + u NT / 16 (piece tid & 15)
     const int w_row0 = tid >> 2, x_tok0 = tid >> 4;
     const u32 w_dst0 = w_chunk(w_row0, tid & 3), x_dst0 = x_piece(x_tok0, tid & 15);
     const u16* x_src0 = xt + (size_t)x_tok0 * stride_xm + 8 * (tid & 15);
-#endif
 
     // stage i of the slice into buffer i % STAGES (one commit group, empty past the slice's end)
     auto load_stage = [&](int i) {
         if (i < nk) {
             const int kb = kb_lo + i;
             const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
-#if COPY_PLAN
             // copy c = tid + u NT of the block is the same (row, chunk) or (token, piece) every K-block, and its shared
             // offset moves by a constant per u (NT / 4 rows and NT / 16 tokens keep bits 0-2 of the row and token)
             const uint4* wk = qweight + (size_t)kb * N * 4 + (tid & 3);
@@ -179,17 +176,6 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             for (int u = 0; u < X_COPIES; ++u)
                 if (x_tok0 + u * (NT / 16) < tokens)
                     cp_async16(xs + x_dst0 + u * X_DST_STEP, xk + (size_t)u * (NT / 16) * stride_xm, 16u);
-#else
-#pragma unroll
-            for (int c = tid; c < BLOCK_ROWS * 4; c += NWARPS * 32) {  // chunk q of row r at w_chunk(r, q)
-                const int n = min(n0 + (c >> 2), N - 1);
-                cp_async16(ws + w_chunk(c >> 2, c & 3), qweight + ((size_t)kb * N + n) * 4 + (c & 3), 16u);
-            }
-            for (int c = tid; c < tokens * 16; c += NWARPS * 32) {
-                const int m = c >> 4, part = c & 15;
-                cp_async16(xs + x_piece(m, part), xt + (size_t)m * stride_xm + kb * 128 + 8 * part, 16u);
-            }
-#endif
             load_scales(ws + W_BYTES, reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES), kb,
                         n0, N, scale, zero, vec_scales, tid, NT);
         }
@@ -213,9 +199,10 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
 
 #pragma unroll
     for (int i = 0; i < AHEAD; ++i) load_stage(i);
-    // NO_DRAIN: one path into the epilogue, the loop entered only with a K-block to do, so that ptxas needs no
-    // wait_group 0 at the back-edge; otherwise (the measured variant) it injects one at every K-block (C7517)
-    if (!NO_DRAIN || nk > 0) {
+    // One path into the epilogue, the loop entered only with a K-block to do and one wait_group 0 after it: shaped
+    // otherwise (a wait_group 0 in the last iteration, or a path skipping the loop with products in flight), ptxas
+    // waits for every product at each K-block's end (C7517) or serializes every wgmma (C7515)
+    if (nk > 0) {
         for (int i = 0; i < nk; ++i) {
             asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
             async_proxy_fence();  // ... visible to the tensor cores ...
@@ -223,7 +210,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                                   // running in any warp, so K-block i - 2's buffer is free to refill
             load_stage(i + AHEAD);
             const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES + X_BYTES;  // the weight rows
-            const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES;
+            const unsigned long long desc = b_desc(smem_base + (i % STAGES) * STAGE_BYTES);  // step j: + x_step(j) / 16
             const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
 
             // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
@@ -264,13 +251,12 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                 wgmma_fence();
     #pragma unroll
                 for (int r = 0; r < ROWS; ++r)
-                    wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], b_desc(xs + x_step(j)));
+                    wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4));
                 wgmma_commit();
                 wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
             }
-            if (!NO_DRAIN && i == nk - 1) wgmma_wait<0>();  // measured variant: ptxas drains here anyway (C7517)
         }
-        if (NO_DRAIN) wgmma_wait<0>();
+        wgmma_wait<0>();
     }
     cp_async_wait_all();
     __syncthreads();  // the pipeline's buffers become the block's float32 tile
@@ -298,10 +284,7 @@ class CudaWgmmaConfig:
     block's ``tokens`` (a block: ``64 * rows * groups`` rows by ``tokens`` tokens); ``stages`` K-blocks in the
     ``cp.async`` pipeline (``stages - 2`` loaded ahead); ``split`` blocks along K; ``depth`` 16-feature steps of
     products in flight per warpgroup (2 or 4); ``swizzle``: the activations in the 128-byte swizzled layout (else
-    unswizzled); ``copy_plan``: each thread's ``cp.async`` offsets computed once, not per K-block (about 3
-    instructions per copy instead of 17); ``no_drain``: the K loop shaped so that ptxas does not wait for every
-    product at the end of each K-block (it does in the measured variant: C7517). The last two are compile- and
-    CPU-checked, not yet measured on a GPU, so not runtime candidates."""
+    unswizzled, for comparison: not a runtime candidate)."""
 
     rows: int = 1
     groups: int = 2
@@ -310,8 +293,6 @@ class CudaWgmmaConfig:
     split: int = 1
     depth: int = 2
     swizzle: bool = True
-    copy_plan: bool = False
-    no_drain: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -417,8 +398,6 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             # 64 rows, two blocks per SM (N = 4096: 256 blocks, 8 K-blocks each)
             C(1, 1, tokens, 3, split=4, depth=4),
         ]
-    out += [dataclasses.replace(c, no_drain=True) for c in out[:3]]  # unmeasured variants, for the benchmark
-    out += [dataclasses.replace(c, no_drain=True, copy_plan=True) for c in out[:3]]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
@@ -443,8 +422,6 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "B_LBO": b_offsets(cfg.block_tokens, cfg.swizzle)[0],
         "B_SBO": b_offsets(cfg.block_tokens, cfg.swizzle)[1],
         "B_SWIZZLE": int(cfg.swizzle),
-        "COPY_PLAN": int(cfg.copy_plan),
-        "NO_DRAIN": int(cfg.no_drain),
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
     kernel = SOURCE.replace("WGMMA_FUNCTION", wgmma_function(cfg.block_tokens))

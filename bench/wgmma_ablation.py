@@ -1,0 +1,117 @@
+"""Where the ``wgmma`` W4A16 GEMM's time goes (issue 6): the kernel timed with parts of its K loop taken out.
+
+Run on a Hopper GPU:  ``python bench/wgmma_ablation.py --out DIR [--ms 64 128]``
+
+For each Llama-3 shape and token count, the launch that was fastest in session 17 (``bench/cuda_gemm.py --kernel
+wgmma``) is built as it is and in variants whose source has parts of the loop edited out, so that their outputs are
+wrong and only their times mean anything:
+
+* ``no_dequant``: the A registers are the packed words as loaded (no ``raw_codes`` / ``fma`` / ``mul``);
+* ``no_copy``: the loop issues no ``cp.async`` (the prologue's stages are computed over and over);
+* ``no_wgmma``: no tensor-core products (each step's A registers are folded into one accumulator instead, so the
+  dequantization is not optimized away);
+* ``skeleton``: ``no_dequant`` and ``no_copy`` together: the products, barriers and waits alone.
+
+The gap between ``full`` and each variant is what that part costs where it is not hidden. Times are CUDA-graph device
+time (:func:`lowbit.kernels.w4a16.device_time`, L2 flushed) minus the flush, with cuBLAS bf16 in the same run.
+Writes ``wgmma_ablation.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import cuda_gemm, cuda_wgmma, w4a16
+from lowbit.kernels.cuda_wgmma import CudaWgmmaConfig as C
+from lowbit.kernels.layout import pack_wna16
+
+# the fastest launch per (shape, tokens) in session 17's call 1 (bench/notes/cuda_wgmma_h200_session17_call1.json)
+BEST = {
+    ("4096x4096", 64): C(1, 2, 64, 5, split=4, depth=4),
+    ("4096x4096", 128): C(1, 2, 128, 5, split=4, depth=4),
+    ("4096x14336", 64): C(2, 2, 64, 4, split=2, depth=4),
+    ("4096x14336", 128): C(2, 2, 128, 4, split=2, depth=4),
+    ("14336x4096", 64): C(1, 2, 64, 5, split=4, depth=4),
+    ("14336x4096", 128): C(1, 2, 128, 5, split=4, depth=4),
+    ("8192x28672", 64): C(2, 2, 64, 4, split=1, depth=4),
+    ("8192x28672", 128): C(2, 2, 128, 4, split=1, depth=4),
+}
+SHAPES = {"4096x4096": (4096, 4096), "4096x14336": (4096, 14336), "14336x4096": (14336, 4096),
+          "8192x28672": (8192, 28672)}  # fmt: skip
+
+DEQUANT = re.compile(r"dequant_pair\(raw_codes\((packs\[r\]\[\d\]\[[^\]]+\]), j & 3\), [^;]+\);")
+LOOP_COPY = "            load_stage(i + AHEAD);\n"
+PRODUCT = "wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4));"
+
+
+def variant(source: str, name: str) -> str:
+    """``source`` with the parts ``name`` leaves out edited away (each edit must find its text: a changed kernel
+    fails here rather than timing the wrong thing)."""
+    if name in ("no_dequant", "skeleton"):
+        source, count = DEQUANT.subn(r"\1 ^ (u32)j;", source)
+        assert count == 4, count
+    if name in ("no_copy", "skeleton"):
+        assert source.count(LOOP_COPY) == 1
+        source = source.replace(LOOP_COPY, "            cp_async_commit();\n")
+    if name == "no_wgmma":
+        assert source.count(PRODUCT) == 1
+        source = source.replace(
+            PRODUCT, "acc[r][j] += __uint_as_float(a[b][r][0] ^ a[b][r][1] ^ a[b][r][2] ^ a[b][r][3]);"
+        )
+    return source
+
+
+VARIANTS = ("full", "no_dequant", "no_copy", "no_wgmma", "skeleton")
+_CACHE: dict = {}
+
+
+def timed(cfg: C, name: str, x: torch.Tensor, packed, flush_ms: float) -> float:
+    index = torch.cuda.current_device()
+    shared = cuda_wgmma.shared_bytes(cfg)
+    kernel = cuda_gemm.compile_with_shared(_CACHE, (cfg, name), index, lambda: variant(cuda_wgmma.source(cfg, 1, False, False), name),
+                                           cfg.kernel_name, f"{name} {cfg}", shared, arch="90a")  # fmt: skip
+    run = lambda: cuda_gemm.launch(kernel, cfg, x, packed, index, shared)  # noqa: E731
+    run()
+    return 1e3 * (w4a16.device_time(run) - flush_ms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--ms", type=int, nargs="*", default=[64, 128])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    flush_ms = w4a16.device_time(lambda: None)
+    rows = []
+    for (shape, m), cfg in BEST.items():
+        if m not in args.ms:
+            continue
+        k, n = SHAPES[shape]
+        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+        scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
+        packed = pack_wna16(q, scale, None, 4, 128)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        cublas = 1e3 * (w4a16.device_time(lambda x=x, dense=dense: F.linear(x, dense)) - flush_ms)
+        times = {name: timed(cfg, name, x, packed, flush_ms) for name in VARIANTS}
+        tflops = {name: 2 * m * n * k / us / 1e6 for name, us in times.items()}
+        rows.append(
+            {"shape": shape, "m": m, "config": str(cfg), "cublas_us": cublas, "us": times, "tflops": tflops}
+        )
+        print(f"{shape:11s} M={m:3d} cuBLAS {cublas:7.2f} us | " + " | ".join(
+            f"{name} {us:7.2f} us ({tflops[name]:4.0f} TF/s)" for name, us in times.items()) + f"  {cfg}",
+            flush=True)  # fmt: skip
+        (args.out / "wgmma_ablation.json").write_text(json.dumps(rows, indent=1))
+        del dense, packed
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
