@@ -15,6 +15,10 @@ wrong and only their times mean anything:
 The gap between ``full`` and each variant is what that part costs where it is not hidden. Times are CUDA-graph device
 time (:func:`lowbit.kernels.w4a16.device_time`, L2 flushed) minus the flush, with cuBLAS bf16 in the same run.
 Writes ``wgmma_ablation.json`` under ``--out``.
+
+``--profile SHAPE:M``: for Nsight Compute, run each of ``--variants`` at that point three times, untimed and outside
+CUDA graphs (``ncu -k lowbit_w4a16_wgmma --launch-skip 1 --launch-count 1 python bench/wgmma_ablation.py
+--profile 4096x14336:128 --variants full``).
 """
 
 from __future__ import annotations
@@ -72,21 +76,44 @@ VARIANTS = ("full", "no_dequant", "no_copy", "no_wgmma", "skeleton")
 _CACHE: dict = {}
 
 
-def timed(cfg: C, name: str, x: torch.Tensor, packed, flush_ms: float) -> float:
+def launcher(cfg: C, name: str, x: torch.Tensor, packed):
+    """A function that runs variant ``name`` of launch ``cfg`` (symmetric g128 codes) once."""
     index = torch.cuda.current_device()
     shared = cuda_wgmma.shared_bytes(cfg)
     kernel = cuda_gemm.compile_with_shared(_CACHE, (cfg, name), index, lambda: variant(cuda_wgmma.source(cfg, 1, False, False), name),
                                            cfg.kernel_name, f"{name} {cfg}", shared, arch="90a")  # fmt: skip
-    run = lambda: cuda_gemm.launch(kernel, cfg, x, packed, index, shared)  # noqa: E731
+    return lambda: cuda_gemm.launch(kernel, cfg, x, packed, index, shared)
+
+
+def timed(cfg: C, name: str, x: torch.Tensor, packed, flush_ms: float) -> float:
+    run = launcher(cfg, name, x, packed)
     run()
     return 1e3 * (w4a16.device_time(run) - flush_ms)
+
+
+def weights(shape: str, m: int):
+    k, n = SHAPES[shape]
+    q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+    scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
+    return pack_wna16(q, scale, None, 4, 128), torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--ms", type=int, nargs="*", default=[64, 128])
+    parser.add_argument("--profile", help="SHAPE:M, e.g. 4096x14336:128: run untimed, for ncu")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     args = parser.parse_args()
+    if args.profile:
+        shape, m = args.profile.split(":")
+        packed, x = weights(shape, int(m))
+        for name in args.variants:
+            run = launcher(BEST[shape, int(m)], name, x, packed)
+            for _ in range(3):
+                run()
+        torch.cuda.synchronize()
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     flush_ms = w4a16.device_time(lambda: None)
     rows = []
@@ -94,13 +121,10 @@ def main() -> None:
         if m not in args.ms:
             continue
         k, n = SHAPES[shape]
-        q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
-        scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
-        packed = pack_wna16(q, scale, None, 4, 128)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        packed, x = weights(shape, m)
         dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         cublas = 1e3 * (w4a16.device_time(lambda x=x, dense=dense: F.linear(x, dense)) - flush_ms)
-        times = {name: timed(cfg, name, x, packed, flush_ms) for name in VARIANTS}
+        times = {name: timed(cfg, name, x, packed, flush_ms) for name in args.variants}
         tflops = {name: 2 * m * n * k / us / 1e6 for name, us in times.items()}
         rows.append(
             {"shape": shape, "m": m, "config": str(cfg), "cublas_us": cublas, "us": times, "tflops": tflops}

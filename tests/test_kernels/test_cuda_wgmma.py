@@ -70,13 +70,17 @@ def x_step(j: int, tokens: int, swizzle: bool) -> int:
     return (j >> 2) * (tokens * 128) + (j & 3) * 32 if swizzle else 2 * j * (16 * tokens)
 
 
-def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None = None) -> torch.Tensor:
+def emulate_wgmma(
+    x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None = None, workers: int = 5
+) -> torch.Tensor:
     """``lowbit_w4a16_wgmma`` replayed warpgroup by warpgroup and lane by lane from its source: the staged weight
     rows, the activations written where its ``cp.async`` puts them (stale NaNs past M), the ``prmt`` packs and
     dequantization of every A register, each step's B read through the descriptor the kernel builds, the products
     into the accumulators (the D fragment layout), the float32 tile and the split-K sum in slice order.
     ``bug="words"``: A from the mma.sync GEMM's words 4t .. 4t + 3 (its permuted K order); ``bug="offsets"``: the
-    descriptor's two byte offsets swapped; ``bug="swizzle"``: the descriptor's swizzle mode flipped."""
+    descriptor's two byte offsets swapped; ``bug="swizzle"``: the descriptor's swizzle mode flipped. Stream-K: the
+    tiles' K-blocks shared out among ``workers`` as :func:`lowbit.kernels.cuda_wgmma.stream_segments` says, each
+    tile's partial sums added in slot order."""
     m_total, k = x.shape
     n = packed.out_features
     words = packed.qweight.to(torch.int64) & MASK32  # [K / 128, N, 16]
@@ -101,12 +105,23 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
         nz = float_to_bf16_bits(-(128.0 + z))
         return nz | (nz << 16)
 
+    m_tiles = -(-m_total // tokens_per_block)
+    tiles = -(-n // rows_per_block) * m_tiles
+    ranges = {
+        t: [(s * per_split, min(num_kb, (s + 1) * per_split)) for s in range(cfg.split)] for t in range(tiles)
+    }
+    if cfg.stream:  # the tile's (first K-block, end) by slot
+        by_slot = {}
+        for share in cuda_wgmma.stream_segments(tiles, num_kb, workers):
+            for tile, kb_lo, nk, slot, _ in share:
+                by_slot[tile, slot] = (kb_lo, kb_lo + nk)
+        ranges = {
+            t: [by_slot[t, s] for s in range(sum(key[0] == t for key in by_slot))] for t in range(tiles)
+        }
     for n0, m0 in itertools.product(range(0, n, rows_per_block), range(0, m_total, tokens_per_block)):
         tokens = min(tokens_per_block, m_total - m0)
         slices = []
-        for split in range(cfg.split):
-            kb_lo = split * per_split
-            kb_hi = min(num_kb, kb_lo + per_split)
+        for kb_lo, kb_hi in ranges[(n0 // rows_per_block) * m_tiles + m0 // tokens_per_block]:
             # acc[warp][64-row tile][lane][4 c + 2 h + e]
             acc = torch.zeros(cfg.warps, cfg.rows, 32, tokens_per_block // 2, dtype=torch.float64)
             for kb in range(kb_lo, kb_hi):
@@ -214,6 +229,8 @@ def emulate_wgmma(x: torch.Tensor, packed, cfg: CudaWgmmaConfig, bug: str | None
         (-1, True, CudaWgmmaConfig(rows=1, groups=4, tokens=32, stages=3, split=3, depth=4), 768),
         (-1, False, CudaWgmmaConfig(rows=1, groups=1, tokens=32, stages=4, split=1, swizzle=False), 768),
         (128, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, split=4), 640),
+        (128, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, stream=True), 640),
+        (-1, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, stream=True), 768),
     ],
 )
 def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg, k):
@@ -262,6 +279,7 @@ def test_config_validation():
         ({"groups": 4, "tokens": 128}, "128 registers"),
         ({"split": 0}, "split"),
         ({"split": cuda_wgmma.MAX_SPLIT + 1}, "split"),
+        ({"stream": True, "split": 2}, "stream-K"),
     ):
         with pytest.raises(ValueError, match=match):
             CudaWgmmaConfig(**bad)
@@ -302,6 +320,45 @@ def test_shared_memory_accounting_and_descriptor_fields():
                 step = x_step(j, c.tokens, c.swizzle)
                 stage_desc = cuda_wgmma.b_descriptor(base, c.tokens, c.swizzle)
                 assert stage_desc + (step >> 4) == cuda_wgmma.b_descriptor(base + step, c.tokens, c.swizzle)
+
+
+@pytest.mark.parametrize(
+    ("tiles", "num_kb", "workers"),
+    [(112, 64, 132), (56, 32, 132), (3, 5, 7), (4, 22, 11), (2, 3, 6), (9, 1, 4)],
+)
+def test_stream_segments_share_every_k_block_once(tiles, num_kb, workers):
+    """Stream-K's shares: every (tile, K-block) in exactly one segment, each worker's segments one contiguous run of
+    near-equal length, and a tile's segments numbered 0 .. count - 1 in K order, all of them with the same count."""
+    shares = cuda_wgmma.stream_segments(tiles, num_kb, workers)
+    assert len(shares) == workers
+    seen = []
+    for share in shares:
+        units = [t * num_kb + kb for t, kb_lo, nk, _, _ in share for kb in range(kb_lo, kb_lo + nk)]
+        assert units == list(range(units[0], units[0] + len(units))) if units else True
+        assert tiles * num_kb // workers <= len(units) <= -(-tiles * num_kb // workers)
+        seen += units
+    assert sorted(seen) == list(range(tiles * num_kb))
+    for tile in range(tiles):
+        parts = sorted(
+            (slot, kb_lo, nk, count) for share in shares for t, kb_lo, nk, slot, count in share if t == tile
+        )
+        assert [p[0] for p in parts] == list(range(len(parts)))
+        assert {p[3] for p in parts} == {len(parts)}
+        assert [p[1] for p in parts] == sorted(p[1] for p in parts) and parts[0][1] == 0
+        assert sum(p[2] for p in parts) == num_kb
+
+
+def test_stream_workers_keep_each_tile_within_its_slots():
+    """One worker per SM where every tile is shared by at most STREAM_SLOTS of them (the 112 256x128 tiles of
+    8192x28672 at 128 tokens: all 132 SMs), fewer where tiles are short (a 4-tile, 22-K-block product: not 88)."""
+    cfg = CudaWgmmaConfig(2, 2, 128, 4, depth=4, stream=True)
+    assert cuda_wgmma.stream_workers(cfg, 128, 28672, 8192, 132) == 132
+    assert cuda_wgmma.stream_workers(cfg, 128, 14336, 4096, 132) == 132
+    few = cuda_wgmma.stream_workers(cfg, 100, 1000, 2816, 132)
+    assert few < 88
+    assert cuda_wgmma.max_sharers(cuda_wgmma.stream_segments(4, 22, few)) <= cuda_wgmma.STREAM_SLOTS
+    assert cuda_wgmma.max_sharers(cuda_wgmma.stream_segments(4, 22, few + 1)) > cuda_wgmma.STREAM_SLOTS
+    assert cuda_wgmma.workspace_bytes(cfg, 128, 28672) == 4 * cuda_wgmma.STREAM_SLOTS * 112 * 256 * 128
 
 
 def test_candidates_are_short_and_cover_the_token_counts():
@@ -400,7 +457,9 @@ def test_gpu_wgmma_odd_row_counts(n):
 @hopper_only
 @pytest.mark.parametrize("cfg", [CudaWgmmaConfig(1, 2, 128, 4, split=2), CudaWgmmaConfig(2, 2, 64, 3, split=3, depth=4),
                                  CudaWgmmaConfig(1, 1, 128, 4, split=8, depth=4),
-                                 CudaWgmmaConfig(1, 4, 64, 5, split=8, depth=4)])  # fmt: skip
+                                 CudaWgmmaConfig(1, 4, 64, 5, split=8, depth=4),
+                                 CudaWgmmaConfig(2, 2, 128, 4, depth=4, stream=True),
+                                 CudaWgmmaConfig(1, 2, 64, 5, depth=4, stream=True)])  # fmt: skip
 def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
     """Split-K slices are added in order by the last block of a tile (bitwise the same every call, counters reset),
     eagerly and replayed from a CUDA graph; tokens read through a row stride (a view of a wider tensor)."""

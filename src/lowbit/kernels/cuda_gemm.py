@@ -130,26 +130,30 @@ __device__ __forceinline__ float4 load_cg4(const float4* p) {
     return v;
 }
 
-// SPLIT > 1: the block's float32 tile (partial[token][row], its first `tokens` token rows) goes to its own slice
-// workspace[tile][blockIdx.y]; the last block of the tile to finish adds the SPLIT slices in order (deterministic),
-// U * SPLIT 16-byte loads in flight per thread, and resets the tile's counter
+// The block's float32 tile (partial[token][row], its first `tokens` token rows) is one of the `count` partial sums of
+// the tile: it goes to slice `slot` of the tile's SLOTS slices in the workspace; the last of the `count` blocks to
+// finish adds slices 0 .. count - 1 in order (deterministic), U * SLOTS 16-byte loads in flight per thread, and
+// resets the tile's counter. Split-K: slot blockIdx.y of count = SLOTS = SPLIT; stream-K (cuda_wgmma): a runtime
+// count of at most SLOTS
+template <int SLOTS>
 __device__ __forceinline__ void finish_split(const float* partial, int tile, int n0, int tokens, int N,
                                              u16* __restrict__ out, int stride_om, float* __restrict__ workspace,
-                                             int* __restrict__ counters) {
+                                             int* __restrict__ counters, int slot, int count) {
     constexpr int VECS = BLOCK_TOKENS * BLOCK_ROWS / 4;
-    constexpr int U = SPLIT >= 8 ? 1 : 8 / SPLIT;
+    constexpr int U = SLOTS >= 8 ? 1 : 8 / SLOTS;
     const int live = tokens * (BLOCK_ROWS / 4);
-    float4* slices = reinterpret_cast<float4*>(workspace) + (size_t)tile * SPLIT * VECS;
+    float4* slices = reinterpret_cast<float4*>(workspace) + (size_t)tile * SLOTS * VECS;
     const float4* mine = reinterpret_cast<const float4*>(partial);
-    for (int i = threadIdx.x; i < live; i += blockDim.x) slices[(size_t)blockIdx.y * VECS + i] = mine[i];
-    if (!last_to_arrive(counters, tile)) return;
+    for (int i = threadIdx.x; i < live; i += blockDim.x) slices[(size_t)slot * VECS + i] = mine[i];
+    if (!last_of(counters, tile, count)) return;
     for (int i0 = threadIdx.x; i0 < live; i0 += U * blockDim.x) {
-        float4 v[U][SPLIT];
+        float4 v[U][SLOTS];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int i = min(i0 + u * (int)blockDim.x, live - 1);
 #pragma unroll
-            for (int s = 0; s < SPLIT; ++s) v[u][s] = load_cg4(slices + (size_t)s * VECS + i);
+            for (int s = 0; s < SLOTS; ++s)
+                if (s < count) v[u][s] = load_cg4(slices + (size_t)s * VECS + i);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -157,7 +161,8 @@ __device__ __forceinline__ void finish_split(const float* partial, int tile, int
             if (i >= live) continue;
             float4 sum = v[u][0];
 #pragma unroll
-            for (int s = 1; s < SPLIT; ++s) {
+            for (int s = 1; s < SLOTS; ++s) {
+                if (s >= count) break;
                 sum.x += v[u][s].x;
                 sum.y += v[u][s].y;
                 sum.z += v[u][s].z;
@@ -176,15 +181,17 @@ __device__ __forceinline__ void finish_split(const float* partial, int tile, int
 
 
 // The block's float32 tile partial[token][row] (its first `tokens` token rows; rows n0 .. of the output), once every
-// thread has written its part: stored as bf16 (one K-slice, through finish_rows), or added to the other slices'
-// (finish_split)
+// thread has written its part: stored as bf16 (the tile's only partial sum, through finish_rows), or added to the
+// others' (finish_split: partial sum `slot` of `count`, SLOTS slices per tile in the workspace)
+template <int SLOTS>
 __device__ __forceinline__ void store_tile(const float* partial, int tile, int n0, int tokens, int N, u16* __restrict__ out,
-                                           int stride_om, float* __restrict__ workspace, int* __restrict__ counters) {
+                                           int stride_om, float* __restrict__ workspace, int* __restrict__ counters,
+                                           int slot, int count) {
     __syncthreads();
-    if (SPLIT == 1)
+    if (count == 1)
         finish_rows(partial, 1, BLOCK_TOKENS, BLOCK_ROWS, n0, tile, tokens, N, out, stride_om, workspace, counters, 1.f,
                     nullptr);
-    else finish_split(partial, tile, n0, tokens, N, out, stride_om, workspace, counters);
+    else finish_split<SLOTS>(partial, tile, n0, tokens, N, out, stride_om, workspace, counters, slot, count);
 }
 """
 
@@ -328,7 +335,8 @@ lowbit_w4a16_gemm(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #pragma unroll
                 for (int c = 0; c < 2; ++c) partial[(8 * nt + 2 * t4 + c) * BLOCK_ROWS + row] = s * acc[r][nt][2 * h + c];
         }
-    store_tile(partial, tile, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om, workspace, counters);
+    store_tile<SPLIT>(partial, tile, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om, workspace, counters,
+                      blockIdx.y, SPLIT);
 }
 """
 
@@ -516,21 +524,33 @@ def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemmConfig) -> torch.Te
     return launch(kernel, cfg, x2, packed, index, shared_bytes(cfg))
 
 
-def launch(kernel, cfg, x2: torch.Tensor, packed: PackedWNA16, index: int, shared: int) -> torch.Tensor:
+def launch(
+    kernel,
+    cfg,
+    x2: torch.Tensor,
+    packed: PackedWNA16,
+    index: int,
+    shared: int,
+    workers: int = 0,
+    slots: int = 0,
+) -> torch.Tensor:
     """Run a GEMM kernel of this module or :mod:`lowbit.kernels.cuda_wgmma` (the same arguments): a block per row tile
-    and token tile, ``cfg.split`` along K (with its workspace and tile counters), ``shared`` bytes of shared memory."""
+    and token tile, ``cfg.split`` along K (with its workspace and tile counters), ``shared`` bytes of shared memory.
+    With ``workers`` (the ``wgmma`` GEMM's stream-K): that many blocks, and ``slots`` partial sums per tile."""
     from lowbit.kernels.w4a16 import split_k_buffers
 
     m, n, k = x2.shape[0], packed.out_features, packed.in_features
     m_tiles = math.ceil(m / cfg.block_tokens)
     tiles = math.ceil(n / cfg.block_rows) * m_tiles
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    workspace_floats = cfg.split * tiles * cfg.block_rows * cfg.block_tokens if cfg.split > 1 else 0
+    slices = slots if workers else cfg.split
+    workspace_floats = slices * tiles * cfg.block_rows * cfg.block_tokens if slices > 1 else 0
     workspace, counters = split_k_buffers(x2.device, workspace_floats, tiles)
     zero = packed.zero if packed.zero is not None else packed.scale
     vec_scales = n % 8 == 0 and packed.scale.data_ptr() % 16 == 0 and zero.data_ptr() % 16 == 0
     args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k, m, x2.stride(0), out.stride(0),
             m_tiles, int(vec_scales)]  # fmt: skip
     with torch.cuda.device(index):
-        kernel(grid=(tiles, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
+        grid = (workers, 1, 1) if workers else (tiles, cfg.split, 1)
+        kernel(grid=grid, block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
     return out

@@ -127,17 +127,21 @@ __device__ __forceinline__ float pair_sum(u32 p) {
     return __uint_as_float(p << 16) + __uint_as_float(p & 0xFFFF0000u);
 }
 
-// Split-K: whether this block is the last of the SPLIT blocks of row tile `tile` to arrive, once its partials are
+// Split-K: whether this block is the last of the `count` blocks of row tile `tile` to arrive, once its partials are
 // written (fenced, then counted); the same answer in every thread of the block, and fenced again for the last
-__device__ __forceinline__ bool last_to_arrive(int* __restrict__ counters, int tile) {
+__device__ __forceinline__ bool last_of(int* __restrict__ counters, int tile, int count) {
     __threadfence();
     __syncthreads();
     __shared__ int is_last;
-    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == SPLIT - 1;
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == count - 1;
     __syncthreads();
     if (!is_last) return false;
     __threadfence();
     return true;
+}
+
+__device__ __forceinline__ bool last_to_arrive(int* __restrict__ counters, int tile) {
+    return last_of(counters, tile, SPLIT);
 }
 
 // The block's outputs: sum the warps' partials (partial[(w * tokens + m) * rows + i] for token m, row n0 + i) and

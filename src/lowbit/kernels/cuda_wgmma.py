@@ -62,6 +62,8 @@ from lowbit.kernels.layout import PackedWNA16
 
 TOKENS = (16, 32, 64, 128, 256)
 MAX_SPLIT = 8
+# stream-K: the most partial sums of one tile (workers are fewer where a tile would need more)
+STREAM_SLOTS = 4
 
 
 def wgmma_function(tokens: int) -> str:
@@ -128,8 +130,11 @@ __device__ __forceinline__ u32 x_step(int j) {
 
 WGMMA_FUNCTION
 
-// out[M, N] = x[M, K] @ dequant(W)^T (module docstring). Block: rows n0 .. n0 + BLOCK_ROWS - 1 (past N: row N - 1
-// again, not stored), tokens m0 .. m0 + BLOCK_TOKENS - 1, K-blocks of slice blockIdx.y. Warpgroup q: rows
+// out[M, N] = x[M, K] @ dequant(W)^T (module docstring). A tile: rows n0 .. n0 + BLOCK_ROWS - 1 (past N: row N - 1
+// again, not stored), tokens m0 .. m0 + BLOCK_TOKENS - 1. Split-K: block (tile, slice blockIdx.y) takes that slice's
+// K-blocks of one tile; stream-K (STREAM_K): worker blockIdx.x of gridDim.x takes an equal share of all tiles'
+// K-blocks, in order (stream_segments in Python: the end of one tile, whole tiles, the start of another; each
+// tile's partial sums added by its last contributor in a fixed order, so deterministic). Warpgroup q: rows
 // 64 ROWS q .. 64 ROWS (q + 1) - 1 of the block; its warp w (0-3): rows 16 w .. 16 w + 15 of each 64-row tile. Lane
 // (g, t): rows g and g + 8 of those; outputs rows (g, g + 8) x tokens 8 c + 2 t + (0, 1) for c < BLOCK_TOKENS / 8.
 extern "C" __global__ void __launch_bounds__(NWARPS * 32)
@@ -140,140 +145,159 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
     extern __shared__ __align__(128) unsigned char smem_raw[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int t4 = lane & 3, g = lane >> 2;
-    const int tile = blockIdx.x;
-    const int n0 = (tile / m_tiles) * BLOCK_ROWS, m0 = (tile % m_tiles) * BLOCK_TOKENS;
-    const int tokens = min(BLOCK_TOKENS, M - m0);
     const int num_kb = K >> 7;
-    const int per_split = (num_kb + SPLIT - 1) / SPLIT;
-    const int kb_lo = blockIdx.y * per_split;
-    const int nk = min(num_kb, kb_lo + per_split) - kb_lo;  // <= 0 for an empty slice
     const u32 raw_base = (u32)__cvta_generic_to_shared(smem_raw);
     const u32 smem_base = (raw_base + 1023u) & ~1023u;  // 1 KiB more than the stages is allocated for this
     unsigned char* smem = smem_raw + (smem_base - raw_base);
-    const u16* xt = x + (size_t)m0 * stride_xm;
     const int wrow = (warp >> 2) * 64 * ROWS + 16 * (warp & 3);  // the warp's first row in the block
     // this thread's copies, the same every K-block (offsets computed once: about 3 instructions per copy, not 17):
     // weight rows w_row0 + u NT / 4 (chunk tid & 3), tokens x_tok0 + u NT / 16 (piece tid & 15)
     const int w_row0 = tid >> 2, x_tok0 = tid >> 4;
     const u32 w_dst0 = w_chunk(w_row0, tid & 3), x_dst0 = x_piece(x_tok0, tid & 15);
-    const u16* x_src0 = xt + (size_t)x_tok0 * stride_xm + 8 * (tid & 15);
 
-    // stage i of the slice into buffer i % STAGES (one commit group, empty past the slice's end)
-    auto load_stage = [&](int i) {
-        if (i < nk) {
-            const int kb = kb_lo + i;
-            const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
-            // copy c = tid + u NT of the block is the same (row, chunk) or (token, piece) every K-block, and its shared
-            // offset moves by a constant per u (NT / 4 rows and NT / 16 tokens keep bits 0-2 of the row and token)
-            const uint4* wk = qweight + (size_t)kb * N * 4 + (tid & 3);
-#pragma unroll
-            for (int u = 0; u < W_COPIES; ++u) {
-                const int n = min(n0 + w_row0 + u * (NT / 4), N - 1);
-                cp_async16(ws + w_dst0 + u * (NT / 4) * 64, wk + (size_t)n * 4, 16u);
+    // K-blocks kb_lo .. kb_lo + nk - 1 (none if nk <= 0) of `tile`, the tile's partial sum `slot` of `count`
+    auto tile_product = [&](const int tile, const int kb_lo, const int nk, const int slot, const int count) {
+        const int n0 = (tile / m_tiles) * BLOCK_ROWS, m0 = (tile % m_tiles) * BLOCK_TOKENS;
+        const int tokens = min(BLOCK_TOKENS, M - m0);
+        const u16* xt = x + (size_t)m0 * stride_xm;
+        const u16* x_src0 = xt + (size_t)x_tok0 * stride_xm + 8 * (tid & 15);
+
+        // stage i of the slice into buffer i % STAGES (one commit group, empty past the slice's end)
+        auto load_stage = [&](int i) {
+            if (i < nk) {
+                const int kb = kb_lo + i;
+                const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
+                // copy c = tid + u NT of the block is the same (row, chunk) or (token, piece) every K-block, and its shared
+                // offset moves by a constant per u (NT / 4 rows and NT / 16 tokens keep bits 0-2 of the row and token)
+                const uint4* wk = qweight + (size_t)kb * N * 4 + (tid & 3);
+                #pragma unroll
+                for (int u = 0; u < W_COPIES; ++u) {
+                    const int n = min(n0 + w_row0 + u * (NT / 4), N - 1);
+                    cp_async16(ws + w_dst0 + u * (NT / 4) * 64, wk + (size_t)n * 4, 16u);
+                }
+                const u16* xk = x_src0 + kb * 128;
+                #pragma unroll
+                for (int u = 0; u < X_COPIES; ++u)
+                    if (x_tok0 + u * (NT / 16) < tokens)
+                        cp_async16(xs + x_dst0 + u * X_DST_STEP, xk + (size_t)u * (NT / 16) * stride_xm, 16u);
+                load_scales(ws + W_BYTES, reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES), kb,
+                            n0, N, scale, zero, vec_scales, tid, NT);
             }
-            const u16* xk = x_src0 + kb * 128;
-#pragma unroll
-            for (int u = 0; u < X_COPIES; ++u)
-                if (x_tok0 + u * (NT / 16) < tokens)
-                    cp_async16(xs + x_dst0 + u * X_DST_STEP, xk + (size_t)u * (NT / 16) * stride_xm, 16u);
-            load_scales(ws + W_BYTES, reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES), kb,
-                        n0, N, scale, zero, vec_scales, tid, NT);
+            cp_async_commit();
+        };
+
+        u32 channel_nz[ROWS][2];  // PER_CHANNEL: the lane's rows' zero points, once
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h)
+                channel_nz[r][h] = PER_CHANNEL
+                    ? neg_zero_pair(HAS_ZERO ? load_u16(zero + min(n0 + wrow + 64 * r + 8 * h + g, N - 1)) : 0u)
+                    : 0u;
+
+        float acc[ROWS][BLOCK_TOKENS / 2];  // [64-row tile][4 c + (rows g, g + 8) x tokens (2 t, 2 t + 1) of tile c]
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            #pragma unroll
+            for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[r][e] = 0.f;
+
+        #pragma unroll
+        for (int i = 0; i < AHEAD; ++i) load_stage(i);
+        // One path into the epilogue, the loop entered only with a K-block to do and one wait_group 0 after it: shaped
+        // otherwise (a wait_group 0 in the last iteration, or a path skipping the loop with products in flight), ptxas
+        // waits for every product at each K-block's end (C7517) or serializes every wgmma (C7515)
+        if (nk > 0) {
+            for (int i = 0; i < nk; ++i) {
+                asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
+                async_proxy_fence();  // ... visible to the tensor cores ...
+                __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
+                                      // running in any warp, so K-block i - 2's buffer is free to refill
+                load_stage(i + AHEAD);
+                const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES + X_BYTES;  // the weight rows
+                const unsigned long long desc = b_desc(smem_base + (i % STAGES) * STAGE_BYTES);  // step j: + x_step(j) / 16
+                const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
+
+                // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
+                // (k = 1); the same of words (2 t + 8, 2 t + 9) (k = 2, 3)
+                u32 packs[ROWS][2][4];
+                u32 neg_zero[ROWS][2], scale2[ROWS][2];
+                #pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+                    #pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = wrow + 64 * r + 8 * h + g;
+                        const uint2 lo = *reinterpret_cast<const uint2*>(stage + w_chunk(row, t4 >> 1) + 8 * (t4 & 1));
+                        const uint2 hi = *reinterpret_cast<const uint2*>(stage + w_chunk(row, 2 + (t4 >> 1)) + 8 * (t4 & 1));
+                        packs[r][h][0] = prmt(lo.x, lo.y, 0x5410);
+                        packs[r][h][1] = prmt(lo.x, lo.y, 0x7632);
+                        packs[r][h][2] = prmt(hi.x, hi.y, 0x5410);
+                        packs[r][h][3] = prmt(hi.x, hi.y, 0x7632);
+                        if (PER_CHANNEL) {
+                            neg_zero[r][h] = channel_nz[r][h];
+                            scale2[r][h] = 0u;
+                        } else {
+                            const u32 s = ss[row];
+                            scale2[r][h] = s | (s << 16);
+                            neg_zero[r][h] = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
+                        }
+                    }
+                u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15
+                    const int b = j % DEPTH;
+                    #pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        a[b][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
+                        a[b][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
+                        a[b][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
+                        a[b][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
+                    }
+                    wgmma_fence();
+                    #pragma unroll
+                    for (int r = 0; r < ROWS; ++r)
+                        wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4));
+                    wgmma_commit();
+                    wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
+                }
+            }
+            wgmma_wait<0>();
         }
-        cp_async_commit();
+        cp_async_wait_all();
+        __syncthreads();  // the pipeline's buffers become the block's float32 tile
+
+        float* partial = reinterpret_cast<float*>(smem);  // [token][row of the block]
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+            #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = wrow + 64 * r + 8 * h + g;
+                const float s = PER_CHANNEL ? bf16_bits_to_float(load_u16(scale + min(n0 + row, N - 1))) : 1.f;
+                #pragma unroll
+                for (int c = 0; c < TT; ++c)
+                    #pragma unroll
+                    for (int e = 0; e < 2; ++e) partial[(8 * c + 2 * t4 + e) * BLOCK_ROWS + row] = s * acc[r][4 * c + 2 * h + e];
+            }
+        store_tile<STREAM_K ? STREAM_SLOTS : SPLIT>(partial, tile, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om,
+                                                    workspace, counters, slot, count);
     };
 
-    u32 channel_nz[ROWS][2];  // PER_CHANNEL: the lane's rows' zero points, once
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            channel_nz[r][h] = PER_CHANNEL
-                ? neg_zero_pair(HAS_ZERO ? load_u16(zero + min(n0 + wrow + 64 * r + 8 * h + g, N - 1)) : 0u)
-                : 0u;
-
-    float acc[ROWS][BLOCK_TOKENS / 2];  // [64-row tile][4 c + (rows g, g + 8) x tokens (2 t, 2 t + 1) of tile c]
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-        for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[r][e] = 0.f;
-
-#pragma unroll
-    for (int i = 0; i < AHEAD; ++i) load_stage(i);
-    // One path into the epilogue, the loop entered only with a K-block to do and one wait_group 0 after it: shaped
-    // otherwise (a wait_group 0 in the last iteration, or a path skipping the loop with products in flight), ptxas
-    // waits for every product at each K-block's end (C7517) or serializes every wgmma (C7515)
-    if (nk > 0) {
-        for (int i = 0; i < nk; ++i) {
-            asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
-            async_proxy_fence();  // ... visible to the tensor cores ...
-            __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
-                                  // running in any warp, so K-block i - 2's buffer is free to refill
-            load_stage(i + AHEAD);
-            const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES + X_BYTES;  // the weight rows
-            const unsigned long long desc = b_desc(smem_base + (i % STAGES) * STAGE_BYTES);  // step j: + x_step(j) / 16
-            const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
-
-            // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
-            // (k = 1); the same of words (2 t + 8, 2 t + 9) (k = 2, 3)
-            u32 packs[ROWS][2][4];
-            u32 neg_zero[ROWS][2], scale2[ROWS][2];
-    #pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-    #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = wrow + 64 * r + 8 * h + g;
-                    const uint2 lo = *reinterpret_cast<const uint2*>(stage + w_chunk(row, t4 >> 1) + 8 * (t4 & 1));
-                    const uint2 hi = *reinterpret_cast<const uint2*>(stage + w_chunk(row, 2 + (t4 >> 1)) + 8 * (t4 & 1));
-                    packs[r][h][0] = prmt(lo.x, lo.y, 0x5410);
-                    packs[r][h][1] = prmt(lo.x, lo.y, 0x7632);
-                    packs[r][h][2] = prmt(hi.x, hi.y, 0x5410);
-                    packs[r][h][3] = prmt(hi.x, hi.y, 0x7632);
-                    if (PER_CHANNEL) {
-                        neg_zero[r][h] = channel_nz[r][h];
-                        scale2[r][h] = 0u;
-                    } else {
-                        const u32 s = ss[row];
-                        scale2[r][h] = s | (s << 16);
-                        neg_zero[r][h] = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
-                    }
-                }
-            u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
-    #pragma unroll
-            for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15
-                const int b = j % DEPTH;
-    #pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                    a[b][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
-                    a[b][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
-                    a[b][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
-                    a[b][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
-                }
-                wgmma_fence();
-    #pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-                    wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4));
-                wgmma_commit();
-                wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
-            }
-        }
-        wgmma_wait<0>();
+#if STREAM_K
+    const int tiles = (N + BLOCK_ROWS - 1) / BLOCK_ROWS * m_tiles, units = tiles * num_kb, workers = gridDim.x;
+    const int hi = (int)((long long)(blockIdx.x + 1) * units / workers);
+    for (int u = (int)((long long)blockIdx.x * units / workers); u < hi;) {
+        const int tile = u / num_kb, end = min(hi, (tile + 1) * num_kb);
+        // the workers whose shares hold the tile's first and last K-blocks (owner of unit v: ((v + 1) W - 1) / units)
+        const int first = (int)((((long long)tile * num_kb + 1) * workers - 1) / units);
+        const int last = (int)(((long long)(tile + 1) * num_kb * workers - 1) / units);
+        tile_product(tile, u - tile * num_kb, end - u, blockIdx.x - first, last - first + 1);
+        __syncthreads();  // the tile's partial sum in shared memory is read before the next tile's copies land
+        u = end;
     }
-    cp_async_wait_all();
-    __syncthreads();  // the pipeline's buffers become the block's float32 tile
-
-    float* partial = reinterpret_cast<float*>(smem);  // [token][row of the block]
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int row = wrow + 64 * r + 8 * h + g;
-            const float s = PER_CHANNEL ? bf16_bits_to_float(load_u16(scale + min(n0 + row, N - 1))) : 1.f;
-#pragma unroll
-            for (int c = 0; c < TT; ++c)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) partial[(8 * c + 2 * t4 + e) * BLOCK_ROWS + row] = s * acc[r][4 * c + 2 * h + e];
-        }
-    store_tile(partial, tile, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om, workspace, counters);
+#else
+    const int per_split = (num_kb + SPLIT - 1) / SPLIT;
+    const int kb_lo = blockIdx.y * per_split;
+    tile_product(blockIdx.x, kb_lo, min(num_kb, kb_lo + per_split) - kb_lo, blockIdx.y, SPLIT);  // nk <= 0: empty
+#endif
 }
 """
 
@@ -284,7 +308,9 @@ class CudaWgmmaConfig:
     block's ``tokens`` (a block: ``64 * rows * groups`` rows by ``tokens`` tokens); ``stages`` K-blocks in the
     ``cp.async`` pipeline (``stages - 2`` loaded ahead); ``split`` blocks along K; ``depth`` 16-feature steps of
     products in flight per warpgroup (2 or 4); ``swizzle``: the activations in the 128-byte swizzled layout (else
-    unswizzled, for comparison: not a runtime candidate)."""
+    unswizzled, for comparison: not a runtime candidate); ``stream``: stream-K instead of split-K, one block per SM
+    each taking an equal share of all tiles' K-blocks (:func:`stream_segments`), so that 112 tiles keep 132 SMs
+    busy."""
 
     rows: int = 1
     groups: int = 2
@@ -293,6 +319,7 @@ class CudaWgmmaConfig:
     split: int = 1
     depth: int = 2
     swizzle: bool = True
+    stream: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -315,6 +342,8 @@ class CudaWgmmaConfig:
             problems.append("depth must be 2 or 4")
         if not 1 <= self.split <= MAX_SPLIT:
             problems.append(f"split must be 1 to {MAX_SPLIT}")
+        if self.stream and self.split != 1:
+            problems.append("stream-K shares out the K-blocks itself: split must be 1")
         if problems:
             raise ValueError(f"{self}: " + "; ".join(problems))
 
@@ -352,11 +381,51 @@ def b_descriptor(address: int, tokens: int, swizzle: bool) -> int:
 
 def workspace_bytes(cfg: CudaWgmmaConfig, m: int, n: int) -> int:
     """The split-K workspace a launch needs for ``m`` tokens and ``n`` rows: a float32 block tile per tile and slice
-    (whole tiles, padded past M and N), none with one slice."""
-    if cfg.split == 1:
+    (whole tiles, padded past M and N; stream-K: :data:`STREAM_SLOTS` per tile), none with one slice."""
+    slices = STREAM_SLOTS if cfg.stream else cfg.split
+    if slices == 1:
         return 0
     tiles = math.ceil(n / cfg.block_rows) * math.ceil(m / cfg.block_tokens)
-    return 4 * cfg.split * tiles * cfg.block_rows * cfg.block_tokens
+    return 4 * slices * tiles * cfg.block_rows * cfg.block_tokens
+
+
+def stream_segments(tiles: int, num_kb: int, workers: int) -> list[list[tuple[int, int, int, int, int]]]:
+    """Stream-K's shares, as the kernel computes them: the ``tiles * num_kb`` (tile, K-block) units in tile order,
+    worker ``w`` taking units ``w units // workers`` up to ``(w + 1) units // workers``. Per worker, its segments
+    ``(tile, first K-block, K-blocks, slot, count)``: the tile's partial sum ``slot`` of ``count`` (the workers
+    whose shares meet the tile, in order; ``count == 1``: the whole tile, stored directly)."""
+    units = tiles * num_kb
+
+    def owner(u: int) -> int:  # the last worker whose share starts at or before unit u
+        return ((u + 1) * workers - 1) // units
+
+    shares = []
+    for w in range(workers):
+        segments, u, hi = [], w * units // workers, (w + 1) * units // workers
+        while u < hi:
+            tile = u // num_kb
+            end = min(hi, (tile + 1) * num_kb)
+            first, last = owner(tile * num_kb), owner((tile + 1) * num_kb - 1)
+            segments.append((tile, u - tile * num_kb, end - u, w - first, last - first + 1))
+            u = end
+        shares.append(segments)
+    return shares
+
+
+def max_sharers(shares: list[list[tuple[int, int, int, int, int]]]) -> int:
+    """The most workers sharing one tile among stream-K's ``shares``."""
+    return max(segment[4] for share in shares for segment in share)
+
+
+def stream_workers(cfg: CudaWgmmaConfig, m: int, n: int, k: int, sms: int) -> int:
+    """How many stream-K blocks a launch runs: one per SM, at most one per (tile, K-block), and fewer where a tile
+    would otherwise be shared by more than :data:`STREAM_SLOTS` workers."""
+    tiles = math.ceil(n / cfg.block_rows) * math.ceil(m / cfg.block_tokens)
+    num_kb = k // 128
+    workers = min(sms, tiles * num_kb)
+    while workers > 1 and max_sharers(stream_segments(tiles, num_kb, workers)) > STREAM_SLOTS:
+        workers -= 1
+    return workers
 
 
 def stage_bytes(cfg: CudaWgmmaConfig) -> int:
@@ -382,8 +451,9 @@ def fits(cfg: CudaWgmmaConfig, device: torch.device) -> bool:
 def candidates(m: int) -> list[CudaWgmmaConfig]:
     """Launches worth timing for ``m`` tokens: a block of the fewest tokens that holds ``m`` (at most 128; more tokens
     are spread over the grid; past 64 tokens also two 64-token tiles), 128 to 256 rows in 2-4 warpgroups, 2 or 4
-    steps in flight, one K-slice or a few (N = 4096 has only 16-32 row tiles), and two unswizzled launches for
-    comparison (the runtime takes the swizzled ones only)."""
+    steps in flight, one K-slice or a few (N = 4096 has only 16-32 row tiles), stream-K with 128 or 256 rows (112
+    tiles of 4096x14336 and 8192x28672 for 132 SMs), and two unswizzled launches for comparison (the runtime takes
+    the swizzled ones only)."""
     C = CudaWgmmaConfig
     tokens = min(next((t for t in TOKENS if t >= m), 128), 128)
     out = [C(2, 2, tokens, 4, depth=4), C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
@@ -398,6 +468,7 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             # 64 rows, two blocks per SM (N = 4096: 256 blocks, 8 K-blocks each)
             C(1, 1, tokens, 3, split=4, depth=4),
         ]
+    out += [C(2, 2, tokens, 4, depth=4, stream=True), C(1, 2, tokens, 5, depth=4, stream=True)]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
@@ -422,6 +493,8 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "B_LBO": b_offsets(cfg.block_tokens, cfg.swizzle)[0],
         "B_SBO": b_offsets(cfg.block_tokens, cfg.swizzle)[1],
         "B_SWIZZLE": int(cfg.swizzle),
+        "STREAM_K": int(cfg.stream),
+        "STREAM_SLOTS": STREAM_SLOTS,
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
     kernel = SOURCE.replace("WGMMA_FUNCTION", wgmma_function(cfg.block_tokens))
@@ -471,4 +544,12 @@ def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaWgmmaConfig) -> torch.T
     group_blocks = 1 if per_channel else packed.group_size // 128
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None)
-    return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg))
+    if not cfg.stream:
+        return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg))
+    workers = stream_workers(cfg, x2.shape[0], n, k, _sm_count(index))
+    return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg), workers, STREAM_SLOTS)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -62,9 +62,9 @@ class WNA16Config:
     # with ``cuda``: activations staged in shared memory, weights pipelined (with ``mma``: the staged tensor-core
     # kernel, whose warps take different rows, ``block_n / num_warps`` each)
     stage: bool = False
-    persist: int = (
-        0  # with ``cuda`` and ``stage``: blocks per SM looping over the row tiles (CudaGemvConfig.persist)
-    )
+    # with ``cuda`` and ``stage``: blocks per SM looping over the row tiles (CudaGemvConfig.persist); with ``wgmma``:
+    # 1 for stream-K (one block per SM, CudaWgmmaConfig.stream)
+    persist: int = 0
     pipe: int = (
         1  # with ``cuda``, ``mma`` and ``stage``: load batches in flight per warp (CudaGemvConfig.pipe)
     )
@@ -74,8 +74,9 @@ class WNA16Config:
 
     def wgmma_config(self) -> cuda_wgmma.CudaWgmmaConfig:
         groups = self.num_warps // 4
+        rows = self.block_n // (64 * groups)
         return cuda_wgmma.CudaWgmmaConfig(
-            self.block_n // (64 * groups), groups, self.block_m, self.num_stages, self.split_k, self.kbi
+            rows, groups, self.block_m, self.num_stages, self.split_k, self.kbi, stream=self.persist > 0
         )
 
     @staticmethod
@@ -84,7 +85,9 @@ class WNA16Config:
             raise ValueError(
                 f"{c}: the runtime runs swizzled launches only (unswizzled: 0.49-0.65x cuBLAS at 128 tokens)"
             )
-        return WNA16Config(c.tokens, c.block_rows, c.split, c.warps, c.stages, kbi=c.depth, wgmma=True)
+        return WNA16Config(
+            c.tokens, c.block_rows, c.split, c.warps, c.stages, kbi=c.depth, persist=int(c.stream), wgmma=True
+        )
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
         rows = self.block_n // (16 * (self.num_warps if self.stage else 1) if self.mma else 8)
