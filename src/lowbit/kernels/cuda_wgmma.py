@@ -36,17 +36,23 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   ``fence.proxy.async`` makes each thread's ``cp.async`` writes visible to the tensor cores' reads.
 * Token rows past ``M`` are not copied: a column of B only reaches the same column of D, so stale shared memory
   there reaches only outputs that are not stored.
+* Split-K (``split``): block ``(tile, s)`` takes slice ``s`` of the tile's K-blocks. Stream-K (``stream``): one block
+  per SM, worker ``w`` taking units ``w U / W .. (w + 1) U / W`` of the ``U`` (tile, K-block) units in tile order
+  (:func:`stream_segments`): the end of one tile, whole tiles, the start of another, each run through the same
+  pipeline. Either way a tile's partial sums go to its slots of a float32 workspace and the last block of the tile
+  to finish adds them in slot order (deterministic), then resets the tile's counter.
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128,
 compute capability 9.x (``wgmma`` is ``sm_90a`` only). :func:`supported` says whether a weight and input qualify.
 
-Status (H200, session 16 of issue 6, CUDA-graph device time, ``bench/cuda_gemm.py --kernel wgmma``; raw:
-``bench/notes/cuda_wgmma_h200_session16_call*.json``): exact against float64 on the GPU for every scheme, and the
-runtime's tuning candidate for 17-255 tokens (:func:`lowbit.kernels.w4a16.candidate_configs`). Best launch against
-cuBLAS bf16 on the four Llama-3 shapes (4096x4096, 4096x14336, 14336x4096, 8192x28672): 0.98-1.42x at 64 tokens,
-0.78-0.95x at 128 (unswizzled activations: 0.49-0.65x). What it lacks at 128 tokens: 8192x28672 has 112 blocks of 256
-rows for 132 SMs (a stream-K schedule would even them out), and N = 4096 needs split-K, whose blocks then run 8
-(4096x4096) or 28 (14336x4096) K-blocks each, so the pipeline's fill and the split-K reduction weigh more.
+Status (H200, sessions 16-17 of issue 6, CUDA-graph device time, ``bench/cuda_gemm.py --kernel wgmma``; raw:
+``bench/notes/cuda_wgmma_h200_session1[67]_call*.json``): exact against float64 on the GPU for every scheme, and the
+runtime's tuning candidate for 17-255 tokens (:func:`lowbit.kernels.w4a16.candidate_configs`). Best split-K launch
+against cuBLAS bf16 on the four Llama-3 shapes (4096x4096, 4096x14336, 14336x4096, 8192x28672), session 17: 1.03-1.53x
+at 64 tokens, 0.90-1.18x at 128 (unswizzled activations: 0.49-0.65x). Where the time goes at 128 tokens
+(``bench/wgmma_ablation.py``, Nsight Compute): the copies and the dequantization are not fully hidden behind the
+products (8192x28672: 128 us in all, 91 us for the products, barriers and waits alone, 68 us for the copies and
+dequantization alone), and 112 tiles of 4096x14336 or 8192x28672 leave 20 of 132 SMs idle, which stream-K is for.
 """
 
 from __future__ import annotations
