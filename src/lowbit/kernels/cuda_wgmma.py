@@ -52,7 +52,9 @@ against cuBLAS bf16 on the four Llama-3 shapes (4096x4096, 4096x14336, 14336x409
 at 64 tokens, 0.90-1.18x at 128 (unswizzled activations: 0.49-0.65x). Where the time goes at 128 tokens
 (``bench/wgmma_ablation.py``, Nsight Compute): the copies and the dequantization are not fully hidden behind the
 products (8192x28672: 128 us in all, 91 us for the products, barriers and waits alone, 68 us for the copies and
-dequantization alone), and 112 tiles of 4096x14336 or 8192x28672 leave 20 of 132 SMs idle, which stream-K is for.
+dequantization alone), and 112 tiles of 4096x14336 or 8192x28672 leave 20 of 132 SMs idle. Stream-K evens the SMs
+out but only ties split-K (14336x4096 and 8192x28672 at 128 tokens) or loses 2-5 us: a worker changing tiles drains
+and refills its pipeline and writes a float32 partial tile.
 """
 
 from __future__ import annotations

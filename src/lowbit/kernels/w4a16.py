@@ -143,8 +143,9 @@ def wgmma_affordable(cfg: WNA16Config, m: int, n: int) -> bool:
 
 def _wgmma_candidates(m: int) -> list[WNA16Config]:
     """The wgmma GEMM's launches (:func:`lowbit.kernels.cuda_wgmma.candidates`, swizzled) for 17-255 tokens, timed
-    only on a Hopper GPU. On the H200 (bench/notes/kernels.md, session 16) they beat cuBLAS bf16 at 64 tokens on
-    three of the four Llama-3 shapes and reach 0.81-0.95x at 128, ahead of every Triton launch there."""
+    only on a Hopper GPU (split-K and stream-K). On the H200 (bench/notes/kernels.md, session 17) the tuner's pick
+    among them is 1.23-1.63x cuBLAS bf16 at 64 tokens on the four Llama-3 shapes and 0.97-1.18x at 128, ahead of
+    every Triton launch there."""
     if not 16 < m < DENSE_FROM_M:
         return []
     return [WNA16Config.from_wgmma(c) for c in cuda_wgmma.candidates(m) if c.swizzle]
