@@ -6,6 +6,7 @@ in a CUDA graph) and strided tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -280,6 +281,8 @@ def test_config_validation():
         ({"split": 0}, "split"),
         ({"split": cuda_wgmma.MAX_SPLIT + 1}, "split"),
         ({"stream": True, "split": 2}, "stream-K"),
+        ({"cluster": True}, "cluster"),
+        ({"cluster": True, "split": 2, "stream": True}, "cluster"),
     ):
         with pytest.raises(ValueError, match=match):
             CudaWgmmaConfig(**bad)
@@ -380,6 +383,12 @@ def test_source_names_the_launch_and_scheme():
         assert line in src
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in src
     assert src.index("cp_async16") < src.index("lowbit_w4a16_wgmma")
+    assert "#define CLUSTER 0" in src and "#define STREAM_K 0" in src
+    clustered = cuda_wgmma.source(
+        CudaWgmmaConfig(rows=2, groups=2, tokens=64, split=4, cluster=True), 1, False, True
+    )
+    assert "#define CLUSTER 1" in clustered and "__cluster_dims__(1, SPLIT, 1)" in clustered
+    assert cuda_wgmma.workspace_bytes(CudaWgmmaConfig(split=4, cluster=True), 128, 4096) == 0
 
 
 def test_gemm_refuses_what_it_cannot_take():
@@ -459,7 +468,8 @@ def test_gpu_wgmma_odd_row_counts(n):
                                  CudaWgmmaConfig(1, 1, 128, 4, split=8, depth=4),
                                  CudaWgmmaConfig(1, 4, 64, 5, split=8, depth=4),
                                  CudaWgmmaConfig(2, 2, 128, 4, depth=4, stream=True),
-                                 CudaWgmmaConfig(1, 2, 64, 5, depth=4, stream=True)])  # fmt: skip
+                                 CudaWgmmaConfig(1, 2, 64, 5, depth=4, stream=True),
+                                 CudaWgmmaConfig(1, 2, 128, 5, split=4, depth=4, cluster=True)])  # fmt: skip
 def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
     """Split-K slices are added in order by the last block of a tile (bitwise the same every call, counters reset),
     eagerly and replayed from a CUDA graph; tokens read through a row stride (a view of a wider tensor)."""
@@ -484,10 +494,13 @@ def test_runtime_candidates_round_trip_and_cover_17_to_255_tokens():
     for m in (17, 64, 100, 128, 255):
         launches = [c for c in w4a16.candidate_configs(m) if c.wgmma]
         assert launches, m
-        assert [c.wgmma_config() for c in launches] == [c for c in cuda_wgmma.candidates(m) if c.swizzle]
+        assert [c.wgmma_config() for c in launches] == [
+            c for c in cuda_wgmma.candidates(m) if c.swizzle and not c.cluster
+        ]
         assert all(w4a16.WNA16Config.from_wgmma(c.wgmma_config()) == c for c in launches)
-    with pytest.raises(ValueError, match="swizzled"):
-        w4a16.WNA16Config.from_wgmma(CudaWgmmaConfig(swizzle=False))
+    for unmeasured in (CudaWgmmaConfig(swizzle=False), CudaWgmmaConfig(split=4, cluster=True)):
+        with pytest.raises(ValueError, match="swizzled"):
+            w4a16.WNA16Config.from_wgmma(unmeasured)
 
 
 def test_tuner_skips_launches_whose_workspace_is_too_large():
@@ -562,6 +575,19 @@ def test_copy_plan_copies_every_piece_once(rows, groups, tokens, swizzle):
                     plan_x.append((x_dst0 + u * x_dst_step, x_tok0 + u * (nt // 16), tid & 15))
         assert sorted(plan_w) == plain_w
         assert sorted(plan_x) == plain_x
+
+
+@hopper_only
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_gpu_wgmma_cluster_adds_like_split_k(split):
+    """A cluster's blocks add their partial tiles in the order split-K's last block adds its slices: the same bits,
+    for a partial row tile and a partial token tile."""
+    packed = packed_weight(1000, 2048, 128, True, "cuda")
+    x = torch.randn(150, 2048, device="cuda", dtype=torch.bfloat16)
+    cfg = CudaWgmmaConfig(1, 2, 128, 4, split=split, depth=4)
+    clustered = cuda_wgmma.gemm(x, packed, dataclasses.replace(cfg, cluster=True))
+    assert torch.equal(clustered, cuda_wgmma.gemm(x, packed, cfg))
+    assert rel_err(clustered, float64_product(x, packed)) < 3e-3
 
 
 @hopper_only

@@ -536,14 +536,16 @@ def launch(
 ) -> torch.Tensor:
     """Run a GEMM kernel of this module or :mod:`lowbit.kernels.cuda_wgmma` (the same arguments): a block per row tile
     and token tile, ``cfg.split`` along K (with its workspace and tile counters), ``shared`` bytes of shared memory.
-    With ``workers`` (the ``wgmma`` GEMM's stream-K): that many blocks, and ``slots`` partial sums per tile."""
+    With ``workers`` (the ``wgmma`` GEMM's stream-K): that many blocks. ``slots``: the partial sums per tile in the
+    workspace, where not ``cfg.split`` (stream-K's slots; 1 where the split-K blocks add their partial sums without
+    one, the ``wgmma`` GEMM's clusters)."""
     from lowbit.kernels.w4a16 import split_k_buffers
 
     m, n, k = x2.shape[0], packed.out_features, packed.in_features
     m_tiles = math.ceil(m / cfg.block_tokens)
     tiles = math.ceil(n / cfg.block_rows) * m_tiles
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    slices = slots if workers else cfg.split
+    slices = slots or cfg.split
     workspace_floats = slices * tiles * cfg.block_rows * cfg.block_tokens if slices > 1 else 0
     workspace, counters = split_k_buffers(x2.device, workspace_floats, tiles)
     zero = packed.zero if packed.zero is not None else packed.scale

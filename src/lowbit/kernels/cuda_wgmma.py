@@ -59,6 +59,7 @@ and refills its pipeline and writes a float32 partial tile.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -138,6 +139,68 @@ __device__ __forceinline__ u32 x_step(int j) {
 
 WGMMA_FUNCTION
 
+#if CLUSTER
+// the SPLIT blocks of a tile are one thread-block cluster (blockIdx.y is the block's rank in it); each adds a share of
+// the tile's outputs over every block's partial tile, read from their shared memory (no workspace, no counter)
+#define CLUSTER_DIMS __cluster_dims__(1, SPLIT, 1)
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// the shared address of the same byte in block `rank`'s shared memory, for ld.shared::cluster
+__device__ __forceinline__ u32 cluster_address(u32 addr, int rank) {
+    u32 out;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(addr), "r"(rank));
+    return out;
+}
+__device__ __forceinline__ float4 load_cluster4(u32 addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr));
+    return v;
+}
+// The tile's outputs from the SPLIT blocks' float32 tiles partial[token][row] (the same shared offset in each):
+// block r of the cluster takes the r-th of SPLIT runs of the live 16-byte vectors, adding blocks 0 .. SPLIT - 1 in
+// order (the order finish_split adds its slices in: the same bits), U vectors' loads in flight per thread
+__device__ __forceinline__ void finish_cluster(const float* partial, int n0, int tokens, int N, u16* __restrict__ out,
+                                               int stride_om) {
+    constexpr int U = 4;
+    const int live = tokens * (BLOCK_ROWS / 4), run = (live + SPLIT - 1) / SPLIT;
+    const int lo = blockIdx.y * run, hi = min(live, lo + run);
+    const u32 base = (u32)__cvta_generic_to_shared(partial);
+    cluster_sync();  // every block's partial tile is written
+    for (int i0 = lo + threadIdx.x; i0 < hi; i0 += U * blockDim.x) {
+        float4 v[U][SPLIT];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = min(i0 + u * (int)blockDim.x, hi - 1);
+#pragma unroll
+            for (int s = 0; s < SPLIT; ++s) v[u][s] = load_cluster4(cluster_address(base + 16 * i, s));
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * blockDim.x;
+            if (i >= hi) continue;
+            float4 sum = v[u][0];
+#pragma unroll
+            for (int s = 1; s < SPLIT; ++s) {
+                sum.x += v[u][s].x;
+                sum.y += v[u][s].y;
+                sum.z += v[u][s].z;
+                sum.w += v[u][s].w;
+            }
+            const int m = (4 * i) / BLOCK_ROWS, n = n0 + (4 * i) % BLOCK_ROWS;
+            u16* o = out + (size_t)m * stride_om + n;
+            if (n < N) o[0] = float_to_bf16_bits(sum.x);
+            if (n + 1 < N) o[1] = float_to_bf16_bits(sum.y);
+            if (n + 2 < N) o[2] = float_to_bf16_bits(sum.z);
+            if (n + 3 < N) o[3] = float_to_bf16_bits(sum.w);
+        }
+    }
+    cluster_sync();  // no block leaves while another reads its shared memory
+}
+#else
+#define CLUSTER_DIMS
+#endif
+
 // out[M, N] = x[M, K] @ dequant(W)^T (module docstring). A tile: rows n0 .. n0 + BLOCK_ROWS - 1 (past N: row N - 1
 // again, not stored), tokens m0 .. m0 + BLOCK_TOKENS - 1. Split-K: block (tile, slice blockIdx.y) takes that slice's
 // K-blocks of one tile; stream-K (STREAM_K): worker blockIdx.x of gridDim.x takes an equal share of all tiles'
@@ -145,7 +208,7 @@ WGMMA_FUNCTION
 // tile's partial sums added by its last contributor in a fixed order, so deterministic). Warpgroup q: rows
 // 64 ROWS q .. 64 ROWS (q + 1) - 1 of the block; its warp w (0-3): rows 16 w .. 16 w + 15 of each 64-row tile. Lane
 // (g, t): rows g and g + 8 of those; outputs rows (g, g + 8) x tokens 8 c + 2 t + (0, 1) for c < BLOCK_TOKENS / 8.
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+extern "C" __global__ void __launch_bounds__(NWARPS * 32) CLUSTER_DIMS
 lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
                    const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
                    int* __restrict__ counters, int N, int K, int M, int stride_xm, int stride_om, int m_tiles,
@@ -285,8 +348,12 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                     #pragma unroll
                     for (int e = 0; e < 2; ++e) partial[(8 * c + 2 * t4 + e) * BLOCK_ROWS + row] = s * acc[r][4 * c + 2 * h + e];
             }
+#if CLUSTER
+        finish_cluster(partial, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om);
+#else
         store_tile<STREAM_K ? STREAM_SLOTS : SPLIT>(partial, tile, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om,
                                                     workspace, counters, slot, count);
+#endif
     };
 
 #if STREAM_K
@@ -318,7 +385,9 @@ class CudaWgmmaConfig:
     products in flight per warpgroup (2 or 4); ``swizzle``: the activations in the 128-byte swizzled layout (else
     unswizzled, for comparison: not a runtime candidate); ``stream``: stream-K instead of split-K, one block per SM
     each taking an equal share of all tiles' K-blocks (:func:`stream_segments`), so that 112 tiles keep 132 SMs
-    busy."""
+    busy; ``cluster``: a tile's ``split`` blocks as one thread-block cluster, adding their partial tiles through
+    distributed shared memory instead of a float32 workspace in global memory (not measured yet, so not a runtime
+    candidate)."""
 
     rows: int = 1
     groups: int = 2
@@ -328,6 +397,7 @@ class CudaWgmmaConfig:
     depth: int = 2
     swizzle: bool = True
     stream: bool = False
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -352,6 +422,8 @@ class CudaWgmmaConfig:
             problems.append(f"split must be 1 to {MAX_SPLIT}")
         if self.stream and self.split != 1:
             problems.append("stream-K shares out the K-blocks itself: split must be 1")
+        if self.cluster and (self.split == 1 or self.stream):
+            problems.append("cluster: a tile's split-K blocks as one cluster, so split > 1 and no stream-K")
         if problems:
             raise ValueError(f"{self}: " + "; ".join(problems))
 
@@ -390,7 +462,7 @@ def b_descriptor(address: int, tokens: int, swizzle: bool) -> int:
 def workspace_bytes(cfg: CudaWgmmaConfig, m: int, n: int) -> int:
     """The split-K workspace a launch needs for ``m`` tokens and ``n`` rows: a float32 block tile per tile and slice
     (whole tiles, padded past M and N; stream-K: :data:`STREAM_SLOTS` per tile), none with one slice."""
-    slices = STREAM_SLOTS if cfg.stream else cfg.split
+    slices = STREAM_SLOTS if cfg.stream else 1 if cfg.cluster else cfg.split
     if slices == 1:
         return 0
     tiles = math.ceil(n / cfg.block_rows) * math.ceil(m / cfg.block_tokens)
@@ -460,8 +532,8 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
     """Launches worth timing for ``m`` tokens: a block of the fewest tokens that holds ``m`` (at most 128; more tokens
     are spread over the grid; past 64 tokens also two 64-token tiles), 128 to 256 rows in 2-4 warpgroups, 2 or 4
     steps in flight, one K-slice or a few (N = 4096 has only 16-32 row tiles), stream-K with 128 or 256 rows (112
-    tiles of 4096x14336 and 8192x28672 for 132 SMs), and two unswizzled launches for comparison (the runtime takes
-    the swizzled ones only)."""
+    tiles of 4096x14336 and 8192x28672 for 132 SMs), cluster twins of four split-K launches, and two unswizzled
+    launches for comparison (the runtime takes neither of the last two)."""
     C = CudaWgmmaConfig
     tokens = min(next((t for t in TOKENS if t >= m), 128), 128)
     out = [C(2, 2, tokens, 4, depth=4), C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
@@ -477,6 +549,12 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             C(1, 1, tokens, 3, split=4, depth=4),
         ]
     out += [C(2, 2, tokens, 4, depth=4, stream=True), C(1, 2, tokens, 5, depth=4, stream=True)]
+    # split-K through a cluster's shared memory (not measured yet: the benchmark's, not the runtime's)
+    clustered = [C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4)]
+    clustered += (
+        [C(1, 2, tokens, 4, split=8, depth=4)] if tokens <= 64 else [C(1, 2, 64, 4, split=4, depth=4)]
+    )
+    out += [dataclasses.replace(c, cluster=True) for c in clustered]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
@@ -502,6 +580,7 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "B_SBO": b_offsets(cfg.block_tokens, cfg.swizzle)[1],
         "B_SWIZZLE": int(cfg.swizzle),
         "STREAM_K": int(cfg.stream),
+        "CLUSTER": int(cfg.cluster),
         "STREAM_SLOTS": STREAM_SLOTS,
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
@@ -553,7 +632,8 @@ def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaWgmmaConfig) -> torch.T
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None)
     if not cfg.stream:
-        return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg))
+        slots = 1 if cfg.cluster else 0  # a cluster adds its blocks' partial tiles without the workspace
+        return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg), slots=slots)
     workers = stream_workers(cfg, x2.shape[0], n, k, _sm_count(index))
     return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg), workers, STREAM_SLOTS)
 
