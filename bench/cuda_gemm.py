@@ -106,12 +106,13 @@ def shape_rows(name: str, k: int, n: int, ms: list[int], flush_ms: float, kernel
 
 def variant_bests(timed: list[dict]) -> dict[str, float]:
     """The fastest time of each kernel variant among ``timed`` (the wgmma GEMM's swizzled and unswizzled layouts, with
-    split-K, stream-K or split-K through a cluster), so that a variant's gain reads off one line."""
+    split-K, stream-K, split-K through a cluster, or a producer warpgroup), so that a variant's gain reads off one
+    line."""
     best: dict[str, float] = {}
     for t in timed:
         c = t["config"]
         layout = "swizzled" if c.get("swizzle", True) else "unswizzled"
-        key = layout + (" stream-K" if c.get("stream") else "") + (" cluster" if c.get("cluster") else "")
+        key = layout + "".join(f" {flag}" for flag in ("stream", "cluster", "producer") if c.get(flag))
         best[key] = min(best.get(key, float("inf")), t["us"])
     return best
 

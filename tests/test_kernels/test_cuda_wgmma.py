@@ -283,6 +283,7 @@ def test_config_validation():
         ({"stream": True, "split": 2}, "stream-K"),
         ({"cluster": True}, "cluster"),
         ({"cluster": True, "split": 2, "stream": True}, "cluster"),
+        ({"producer": True, "stream": True}, "producer"),
     ):
         with pytest.raises(ValueError, match=match):
             CudaWgmmaConfig(**bad)
@@ -366,10 +367,11 @@ def test_stream_workers_keep_each_tile_within_its_slots():
 
 def test_candidates_are_short_and_cover_the_token_counts():
     """A short list per token count, of valid launches whose blocks hold M tokens (at most 128 per block; past 64
-    tokens also 64-token blocks)."""
+    tokens also 64-token blocks); the tuner times at most 14 of them (the rest: the benchmark's variants)."""
     for m in (16, 17, 32, 33, 64, 100, 128, 256):
         cands = cuda_wgmma.candidates(m)
-        assert 3 <= len(cands) <= 18 and len(set(cands)) == len(cands)
+        assert 3 <= len(cands) <= 24 and len(set(cands)) == len(cands)
+        assert 3 <= sum(map(cuda_wgmma.in_runtime, cands)) <= 14
         assert all(c.block_tokens >= min(m, 128) or (m > 64 and c.block_tokens == 64) for c in cands), m
         assert any(c.split == 1 for c in cands) and any(c.split > 1 for c in cands)
 
@@ -469,7 +471,9 @@ def test_gpu_wgmma_odd_row_counts(n):
                                  CudaWgmmaConfig(1, 4, 64, 5, split=8, depth=4),
                                  CudaWgmmaConfig(2, 2, 128, 4, depth=4, stream=True),
                                  CudaWgmmaConfig(1, 2, 64, 5, depth=4, stream=True),
-                                 CudaWgmmaConfig(1, 2, 128, 5, split=4, depth=4, cluster=True)])  # fmt: skip
+                                 CudaWgmmaConfig(1, 2, 128, 5, split=4, depth=4, cluster=True),
+                                 CudaWgmmaConfig(1, 2, 128, 4, split=2, depth=4, producer=True),
+                                 CudaWgmmaConfig(2, 2, 64, 4, depth=4, producer=True)])  # fmt: skip
 def test_gpu_wgmma_split_k_is_deterministic_and_graph_safe(cfg):
     """Split-K slices are added in order by the last block of a tile (bitwise the same every call, counters reset),
     eagerly and replayed from a CUDA graph; tokens read through a row stride (a view of a wider tensor)."""
@@ -495,10 +499,15 @@ def test_runtime_candidates_round_trip_and_cover_17_to_255_tokens():
         launches = [c for c in w4a16.candidate_configs(m) if c.wgmma]
         assert launches, m
         assert [c.wgmma_config() for c in launches] == [
-            c for c in cuda_wgmma.candidates(m) if c.swizzle and not c.cluster
+            c for c in cuda_wgmma.candidates(m) if cuda_wgmma.in_runtime(c)
         ]
+        assert all(c.wgmma_config().swizzle and not c.wgmma_config().producer for c in launches)
         assert all(w4a16.WNA16Config.from_wgmma(c.wgmma_config()) == c for c in launches)
-    for unmeasured in (CudaWgmmaConfig(swizzle=False), CudaWgmmaConfig(split=4, cluster=True)):
+    for unmeasured in (
+        CudaWgmmaConfig(swizzle=False),
+        CudaWgmmaConfig(split=4, cluster=True),
+        CudaWgmmaConfig(producer=True),
+    ):
         with pytest.raises(ValueError, match="swizzled"):
             w4a16.WNA16Config.from_wgmma(unmeasured)
 
@@ -543,16 +552,21 @@ def test_gpu_runtime_runs_wgmma(m):
     assert rel_err(w4a16.wna16_matmul(x, packed).reshape(-1, 2048), ref) < 3e-3
 
 
-@pytest.mark.parametrize("swizzle", [True, False])
+@pytest.mark.parametrize(("swizzle", "producer"), [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize(
     ("rows", "groups", "tokens"), [(1, 1, 16), (2, 2, 128), (1, 4, 64), (1, 2, 32), (2, 1, 64)]
 )
-def test_copy_plan_copies_every_piece_once(rows, groups, tokens, swizzle):
-    """The kernel's per-thread copies (offsets computed once: weight row tid / 4 + u NT / 4, token tid / 16 + u
-    NT / 16, shared offsets moving by a constant per u) are exactly the copies of a plain loop over the pieces, every (shared offset,
-    source) pair once, for a partial row tile (rows past N re-read row N - 1) and partial token tiles."""
-    cfg = CudaWgmmaConfig(rows, groups, tokens, 4, swizzle=swizzle)
-    nt, block_rows = 32 * cfg.warps, cfg.block_rows
+def test_copy_plan_copies_every_piece_once(rows, groups, tokens, swizzle, producer):
+    """The kernel's per-thread copies (offsets computed once: weight row tid / 4 + u CT / 4, token tid / 16 + u
+    CT / 16, shared offsets moving by a constant per u; CT copying threads: all of them, or the producer warpgroup's
+    128) are exactly the copies of a plain loop over the pieces, every (shared offset, source) pair once, for a
+    partial row tile (rows past N re-read row N - 1) and partial token tiles."""
+    if producer and groups == 4:
+        pytest.skip(
+            "four multiplying warpgroups and a producer would be 640 threads: not a launch the kernel takes"
+        )
+    cfg = CudaWgmmaConfig(rows, groups, tokens, 4, swizzle=swizzle, producer=producer)
+    nt, block_rows = 128 if producer else 32 * cfg.warps, cfg.block_rows
     w_copies, x_copies = block_rows * 4 // nt, -(-tokens * 16 // nt)
     x_dst_step = (nt // 16) * 128 if swizzle else 16 * (nt // 16)
 

@@ -102,13 +102,53 @@ SOURCE = r"""
 #define NWARPS (4 * GROUPS)
 #define TT (BLOCK_TOKENS / 8)
 #define AHEAD (STAGES - 2)  // K-blocks loaded ahead of the one computed (a third buffer is still being read)
-#define NT (NWARPS * 32)
-#define W_COPIES (BLOCK_ROWS * 4 / NT)  // 16-byte weight copies per thread and K-block (2 ROWS)
-#define X_COPIES ((BLOCK_TOKENS * 16 + NT - 1) / NT)  // activation copies per thread and K-block, at most
-#define X_DST_STEP (B_SWIZZLE ? (NT / 16) * 128 : 16 * (NT / 16))  // x_piece(m + NT / 16, p) - x_piece(m, p)
+#define NT (NWARPS * 32)  // the threads that multiply
+#define CT (PRODUCER ? 128 : NT)  // the threads that copy: a producer warpgroup of their own, or the same
+// PRODUCER: registers per thread while the roles differ (the producer gives its own to the multipliers:
+// setmaxnreg), and in the epilogue, which every thread runs; 128 (GROUPS + 1) threads hold 64 Ki registers
+#define PRODUCER_REGS 40
+#define MULTIPLIER_REGS_ ((65536 / 128 - PRODUCER_REGS) / GROUPS / 8 * 8)
+#define MULTIPLIER_REGS (MULTIPLIER_REGS_ > 256 ? 256 : MULTIPLIER_REGS_)
+#define EPILOGUE_REGS (65536 / (128 * (GROUPS + 1)) / 8 * 8)
+#define COPY_UNROLL (PRODUCER ? 2 : 16)  // the producer's few registers: its copies' addresses computed as it goes
+#define W_COPIES (BLOCK_ROWS * 4 / CT)  // 16-byte weight copies per copying thread and K-block
+#define X_COPIES ((BLOCK_TOKENS * 16 + CT - 1) / CT)  // activation copies per copying thread and K-block, at most
+#define X_DST_STEP (B_SWIZZLE ? (CT / 16) * 128 : 16 * (CT / 16))  // x_piece(m + CT / 16, p) - x_piece(m, p)
 #if STAGES < 3
 #error "the wgmma GEMM needs STAGES >= 3"
 #endif
+#if PRODUCER  // one block per SM, so that ptxas knows the registers at entry and setmaxnreg can move them
+#define BOUNDS __launch_bounds__(NT + 128, 1)
+#else
+#define BOUNDS __launch_bounds__(NT)
+#endif
+#if PRODUCER && STREAM_K
+#error "the producer's barriers count one tile's K-blocks: no stream-K"
+#endif
+
+// PRODUCER: stage s is full (the producer threads' copies landed: 2 CT arrivals) and empty again (every multiplying
+// thread is past its products: NT arrivals); phase parity p of a barrier is its (p mod 2)-th completion
+__device__ __forceinline__ void mbar_init(u32 bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+// one arrival once every cp.async this thread has issued lands (counted in the barrier's init count)
+__device__ __forceinline__ void mbar_arrive_on_copies(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
+    asm volatile("{\n.reg .pred done;\nwait_%=:\n"
+                 "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra wait_%=;\n}" :: "r"(bar), "r"(parity) : "memory");
+}
+// the multiplying threads only (named barrier 1), while the producer warpgroup goes its own way
+__device__ __forceinline__ void multipliers_sync() { asm volatile("bar.sync 1, %0;" :: "n"(NT) : "memory"); }
+template <int REGS>
+__device__ __forceinline__ void regs_down() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(REGS)); }
+template <int REGS>
+__device__ __forceinline__ void regs_up() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(REGS)); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -208,7 +248,7 @@ __device__ __forceinline__ void finish_cluster(const float* partial, int n0, int
 // tile's partial sums added by its last contributor in a fixed order, so deterministic). Warpgroup q: rows
 // 64 ROWS q .. 64 ROWS (q + 1) - 1 of the block; its warp w (0-3): rows 16 w .. 16 w + 15 of each 64-row tile. Lane
 // (g, t): rows g and g + 8 of those; outputs rows (g, g + 8) x tokens 8 c + 2 t + (0, 1) for c < BLOCK_TOKENS / 8.
-extern "C" __global__ void __launch_bounds__(NWARPS * 32) CLUSTER_DIMS
+extern "C" __global__ void BOUNDS CLUSTER_DIMS
 lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight, const u16* __restrict__ scale,
                    const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
                    int* __restrict__ counters, int N, int K, int M, int stride_xm, int stride_om, int m_tiles,
@@ -222,41 +262,68 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
     unsigned char* smem = smem_raw + (smem_base - raw_base);
     const int wrow = (warp >> 2) * 64 * ROWS + 16 * (warp & 3);  // the warp's first row in the block
     // this thread's copies, the same every K-block (offsets computed once: about 3 instructions per copy, not 17):
-    // weight rows w_row0 + u NT / 4 (chunk tid & 3), tokens x_tok0 + u NT / 16 (piece tid & 15)
-    const int w_row0 = tid >> 2, x_tok0 = tid >> 4;
-    const u32 w_dst0 = w_chunk(w_row0, tid & 3), x_dst0 = x_piece(x_tok0, tid & 15);
+    // weight rows w_row0 + u CT / 4 (chunk ctid & 3), tokens x_tok0 + u CT / 16 (piece ctid & 15)
+    const int ctid = PRODUCER ? tid - NT : tid;
+    const int w_row0 = ctid >> 2, x_tok0 = ctid >> 4;
+    const u32 w_dst0 = w_chunk(w_row0, ctid & 3), x_dst0 = x_piece(x_tok0, ctid & 15);
+#if PRODUCER
+    __shared__ __align__(8) unsigned long long stage_bars[2 * STAGES];  // full[s], then empty[s]
+    const u32 full_bar = (u32)__cvta_generic_to_shared(stage_bars), empty_bar = full_bar + 8 * STAGES;
+    if (tid == 0)
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full_bar + 8 * s, 2 * CT);  // each producer thread: once its copies land, once at once
+            mbar_init(empty_bar + 8 * s, NT);
+        }
+    __syncthreads();
+#endif
 
     // K-blocks kb_lo .. kb_lo + nk - 1 (none if nk <= 0) of `tile`, the tile's partial sum `slot` of `count`
     auto tile_product = [&](const int tile, const int kb_lo, const int nk, const int slot, const int count) {
         const int n0 = (tile / m_tiles) * BLOCK_ROWS, m0 = (tile % m_tiles) * BLOCK_TOKENS;
         const int tokens = min(BLOCK_TOKENS, M - m0);
         const u16* xt = x + (size_t)m0 * stride_xm;
-        const u16* x_src0 = xt + (size_t)x_tok0 * stride_xm + 8 * (tid & 15);
+        const u16* x_src0 = xt + (size_t)x_tok0 * stride_xm + 8 * (ctid & 15);
 
         // stage i of the slice into buffer i % STAGES (one commit group, empty past the slice's end)
         auto load_stage = [&](int i) {
             if (i < nk) {
                 const int kb = kb_lo + i;
                 const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
-                // copy c = tid + u NT of the block is the same (row, chunk) or (token, piece) every K-block, and its shared
-                // offset moves by a constant per u (NT / 4 rows and NT / 16 tokens keep bits 0-2 of the row and token)
-                const uint4* wk = qweight + (size_t)kb * N * 4 + (tid & 3);
-                #pragma unroll
+                // copy c = ctid + u CT of the block is the same (row, chunk) or (token, piece) every K-block, and its
+                // shared offset moves by a constant per u (CT / 4 rows and CT / 16 tokens keep bits 0-2 of the row and
+                // token)
+                const uint4* wk = qweight + (size_t)kb * N * 4 + (ctid & 3);
+                #pragma unroll COPY_UNROLL
                 for (int u = 0; u < W_COPIES; ++u) {
-                    const int n = min(n0 + w_row0 + u * (NT / 4), N - 1);
-                    cp_async16(ws + w_dst0 + u * (NT / 4) * 64, wk + (size_t)n * 4, 16u);
+                    const int n = min(n0 + w_row0 + u * (CT / 4), N - 1);
+                    cp_async16(ws + w_dst0 + u * (CT / 4) * 64, wk + (size_t)n * 4, 16u);
                 }
                 const u16* xk = x_src0 + kb * 128;
-                #pragma unroll
+                #pragma unroll COPY_UNROLL
                 for (int u = 0; u < X_COPIES; ++u)
-                    if (x_tok0 + u * (NT / 16) < tokens)
-                        cp_async16(xs + x_dst0 + u * X_DST_STEP, xk + (size_t)u * (NT / 16) * stride_xm, 16u);
+                    if (x_tok0 + u * (CT / 16) < tokens)
+                        cp_async16(xs + x_dst0 + u * X_DST_STEP, xk + (size_t)u * (CT / 16) * stride_xm, 16u);
                 load_scales(ws + W_BYTES, reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES), kb,
-                            n0, N, scale, zero, vec_scales, tid, NT);
+                            n0, N, scale, zero, vec_scales, ctid, CT);
             }
             cp_async_commit();
         };
 
+        float* partial = reinterpret_cast<float*>(smem);  // after the K loop: [token][row of the block]
+#if PRODUCER
+        if (warp >= NWARPS) {  // the producer warpgroup: K-block i once its buffer is free (K-block i - STAGES done)
+            regs_down<PRODUCER_REGS>();
+            for (int i = 0; i < nk; ++i) {
+                if (i >= STAGES) mbar_wait(empty_bar + 8 * (i % STAGES), (i / STAGES - 1) & 1);
+                load_stage(i);
+                mbar_arrive_on_copies(full_bar + 8 * (i % STAGES));
+                mbar_arrive(full_bar + 8 * (i % STAGES));  // releases its plain stores (scales, where not vec_scales)
+            }
+            cp_async_wait_all();
+            regs_up<EPILOGUE_REGS>();
+        } else {
+            regs_up<MULTIPLIER_REGS>();
+#endif
         u32 channel_nz[ROWS][2];  // PER_CHANNEL: the lane's rows' zero points, once
         #pragma unroll
         for (int r = 0; r < ROWS; ++r)
@@ -272,18 +339,24 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             #pragma unroll
             for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[r][e] = 0.f;
 
-        #pragma unroll
-        for (int i = 0; i < AHEAD; ++i) load_stage(i);
+        if (!PRODUCER)
+            #pragma unroll
+            for (int i = 0; i < AHEAD; ++i) load_stage(i);
         // One path into the epilogue, the loop entered only with a K-block to do and one wait_group 0 after it: shaped
         // otherwise (a wait_group 0 in the last iteration, or a path skipping the loop with products in flight), ptxas
         // waits for every product at each K-block's end (C7517) or serializes every wgmma (C7515)
         if (nk > 0) {
             for (int i = 0; i < nk; ++i) {
+#if PRODUCER
+                mbar_wait(full_bar + 8 * (i % STAGES), (i / STAGES) & 1);  // K-block i is here ...
+                async_proxy_fence();  // ... and visible to the tensor cores
+#else
                 asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
                 async_proxy_fence();  // ... visible to the tensor cores ...
                 __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
                                       // running in any warp, so K-block i - 2's buffer is free to refill
                 load_stage(i + AHEAD);
+#endif
                 const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES + X_BYTES;  // the weight rows
                 const unsigned long long desc = b_desc(smem_base + (i % STAGES) * STAGE_BYTES);  // step j: + x_step(j) / 16
                 const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
@@ -329,14 +402,21 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                         wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4));
                     wgmma_commit();
                     wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
+#if PRODUCER
+                    // step 0 done, so all of K-block i - 1: its buffer may be refilled
+                    if (j == DEPTH - 1 && i > 0) mbar_arrive(empty_bar + 8 * ((i - 1) % STAGES));
+#endif
                 }
             }
             wgmma_wait<0>();
         }
+#if PRODUCER
+        multipliers_sync();  // every product is done: the pipeline's buffers (all copies landed) become the float32 tile
+#else
         cp_async_wait_all();
         __syncthreads();  // the pipeline's buffers become the block's float32 tile
+#endif
 
-        float* partial = reinterpret_cast<float*>(smem);  // [token][row of the block]
         #pragma unroll
         for (int r = 0; r < ROWS; ++r)
             #pragma unroll
@@ -348,6 +428,10 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                     #pragma unroll
                     for (int e = 0; e < 2; ++e) partial[(8 * c + 2 * t4 + e) * BLOCK_ROWS + row] = s * acc[r][4 * c + 2 * h + e];
             }
+#if PRODUCER
+            regs_down<EPILOGUE_REGS>();
+        }
+#endif
 #if CLUSTER
         finish_cluster(partial, n0, tokens, N, out + (size_t)m0 * stride_om, stride_om);
 #else
@@ -386,8 +470,10 @@ class CudaWgmmaConfig:
     unswizzled, for comparison: not a runtime candidate); ``stream``: stream-K instead of split-K, one block per SM
     each taking an equal share of all tiles' K-blocks (:func:`stream_segments`), so that 112 tiles keep 132 SMs
     busy; ``cluster``: a tile's ``split`` blocks as one thread-block cluster, adding their partial tiles through
-    distributed shared memory instead of a float32 workspace in global memory (not measured yet, so not a runtime
-    candidate)."""
+    distributed shared memory instead of a float32 workspace in global memory; ``producer``: one more warpgroup issues
+    every copy and signals each stage through ``mbarrier``s, so that the multiplying warpgroups never stop at a
+    block-wide barrier (it hands them its registers: ``setmaxnreg``) (the last two not measured yet, so not runtime
+    candidates)."""
 
     rows: int = 1
     groups: int = 2
@@ -398,6 +484,7 @@ class CudaWgmmaConfig:
     swizzle: bool = True
     stream: bool = False
     cluster: bool = False
+    producer: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -422,6 +509,8 @@ class CudaWgmmaConfig:
             problems.append(f"split must be 1 to {MAX_SPLIT}")
         if self.stream and self.split != 1:
             problems.append("stream-K shares out the K-blocks itself: split must be 1")
+        if self.producer and self.stream:
+            problems.append("producer: its barriers count one tile's K-blocks, so no stream-K")
         if self.cluster and (self.split == 1 or self.stream):
             problems.append("cluster: a tile's split-K blocks as one cluster, so split > 1 and no stream-K")
         if problems:
@@ -437,7 +526,7 @@ class CudaWgmmaConfig:
 
     @property
     def warps(self) -> int:
-        return 4 * self.groups
+        return 4 * (self.groups + int(self.producer))
 
     @property
     def kernel_name(self) -> str:
@@ -525,15 +614,23 @@ def fits(cfg: CudaWgmmaConfig, device: torch.device) -> bool:
     """Whether a block's shared memory fits in ``device``'s opt-in limit (227 KiB on Hopper)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-    return shared_bytes(cfg) + cuda_gemm.STATIC_SHARED_BYTES <= limit
+    barriers = 16 * cfg.stages if cfg.producer else 0
+    return shared_bytes(cfg) + cuda_gemm.STATIC_SHARED_BYTES + barriers <= limit
+
+
+def in_runtime(cfg: CudaWgmmaConfig) -> bool:
+    """Whether the runtime's tuner may take ``cfg``: swizzled (unswizzled: 0.49-0.65x cuBLAS at 128 tokens), and
+    not one of the variants not yet measured on a GPU (``cluster``, ``producer``)."""
+    return cfg.swizzle and not cfg.cluster and not cfg.producer
 
 
 def candidates(m: int) -> list[CudaWgmmaConfig]:
     """Launches worth timing for ``m`` tokens: a block of the fewest tokens that holds ``m`` (at most 128; more tokens
     are spread over the grid; past 64 tokens also two 64-token tiles), 128 to 256 rows in 2-4 warpgroups, 2 or 4
     steps in flight, one K-slice or a few (N = 4096 has only 16-32 row tiles), stream-K with 128 or 256 rows (112
-    tiles of 4096x14336 and 8192x28672 for 132 SMs), cluster twins of four split-K launches, and two unswizzled
-    launches for comparison (the runtime takes neither of the last two)."""
+    tiles of 4096x14336 and 8192x28672 for 132 SMs), cluster twins of three split-K launches and producer twins of
+    three launches (not measured yet), and two unswizzled launches for comparison (the runtime takes only the
+    launches :func:`in_runtime` allows)."""
     C = CudaWgmmaConfig
     tokens = min(next((t for t in TOKENS if t >= m), 128), 128)
     out = [C(2, 2, tokens, 4, depth=4), C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
@@ -555,6 +652,13 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
         [C(1, 2, tokens, 4, split=8, depth=4)] if tokens <= 64 else [C(1, 2, 64, 4, split=4, depth=4)]
     )
     out += [dataclasses.replace(c, cluster=True) for c in clustered]
+    # a producer warpgroup for the copies (not measured yet either)
+    produced = [
+        C(1, 2, tokens, 4, depth=4),
+        C(2, 2, tokens, 4, depth=4),
+        C(1, 2, tokens, 5, split=4, depth=4),
+    ]
+    out += [dataclasses.replace(c, producer=True) for c in produced]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
@@ -581,6 +685,7 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "B_SWIZZLE": int(cfg.swizzle),
         "STREAM_K": int(cfg.stream),
         "CLUSTER": int(cfg.cluster),
+        "PRODUCER": int(cfg.producer),
         "STREAM_SLOTS": STREAM_SLOTS,
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())

@@ -81,10 +81,10 @@ class WNA16Config:
 
     @staticmethod
     def from_wgmma(c: cuda_wgmma.CudaWgmmaConfig) -> WNA16Config:
-        if not c.swizzle or c.cluster:
+        if not cuda_wgmma.in_runtime(c):
             raise ValueError(
                 f"{c}: the runtime runs swizzled launches only (unswizzled: 0.49-0.65x cuBLAS at 128 tokens), "
-                "and no cluster launch until one is measured"
+                "and no cluster or producer launch until one is measured"
             )
         return WNA16Config(
             c.tokens, c.block_rows, c.split, c.warps, c.stages, kbi=c.depth, persist=int(c.stream), wgmma=True
@@ -149,7 +149,7 @@ def _wgmma_candidates(m: int) -> list[WNA16Config]:
     every Triton launch there."""
     if not 16 < m < DENSE_FROM_M:
         return []
-    return [WNA16Config.from_wgmma(c) for c in cuda_wgmma.candidates(m) if c.swizzle and not c.cluster]
+    return [WNA16Config.from_wgmma(c) for c in cuda_wgmma.candidates(m) if cuda_wgmma.in_runtime(c)]
 
 
 def _cuda_candidates(m: int) -> list[WNA16Config]:
