@@ -101,6 +101,19 @@ __device__ __forceinline__ u32 neg_zero_pair(u32 zbits) {
     return nz | (nz << 16);
 }
 
+// A row's constants for dequant_pair in one K-block: -(128 + z) and the scale as bf16 pairs, from the stage's scales
+// and zero points ss (per channel: the zero point loaded once, channel_nz, and the scale applied to the sums instead)
+__device__ __forceinline__ void row_constants(const u16* ss, int row, u32 channel_nz, u32& neg_zero, u32& scale2) {
+    if (PER_CHANNEL) {
+        neg_zero = channel_nz;
+        scale2 = 0u;
+    } else {
+        const u32 s = ss[row];
+        scale2 = s | (s << 16);
+        neg_zero = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
+    }
+}
+
 // K-block kb's scales (and zero points: BLOCK_ROWS bf16 further on) of rows n0 .. n0 + BLOCK_ROWS - 1 into a stage:
 // 16-byte cp.async copies to the shared address ss_addr where vec_scales (N % 8 == 0, aligned scales and zeros), else
 // plain loads through ss (that stage's buffer is free, and read after a barrier); nothing per channel
@@ -128,6 +141,28 @@ __device__ __forceinline__ float4 load_cg4(const float4* p) {
     float4 v;
     asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
     return v;
+}
+
+// Vector i of a block's float32 tile (token 4 i / BLOCK_ROWS, rows n0 + 4 i % BLOCK_ROWS ..: 4 outputs) summed over
+// its partial sums v[0 .. count - 1] in that order, stored as bf16 where the row is before N
+template <int SLOTS>
+__device__ __forceinline__ void store_sum(const float4 (&v)[SLOTS], int count, int i, int n0, int N, u16* __restrict__ out,
+                                          int stride_om) {
+    float4 sum = v[0];
+#pragma unroll
+    for (int s = 1; s < SLOTS; ++s) {
+        if (s >= count) break;
+        sum.x += v[s].x;
+        sum.y += v[s].y;
+        sum.z += v[s].z;
+        sum.w += v[s].w;
+    }
+    const int m = (4 * i) / BLOCK_ROWS, n = n0 + (4 * i) % BLOCK_ROWS;
+    u16* o = out + (size_t)m * stride_om + n;
+    if (n < N) o[0] = float_to_bf16_bits(sum.x);
+    if (n + 1 < N) o[1] = float_to_bf16_bits(sum.y);
+    if (n + 2 < N) o[2] = float_to_bf16_bits(sum.z);
+    if (n + 3 < N) o[3] = float_to_bf16_bits(sum.w);
 }
 
 // The block's float32 tile (partial[token][row], its first `tokens` token rows) is one of the `count` partial sums of
@@ -159,21 +194,7 @@ __device__ __forceinline__ void finish_split(const float* partial, int tile, int
         for (int u = 0; u < U; ++u) {
             const int i = i0 + u * blockDim.x;
             if (i >= live) continue;
-            float4 sum = v[u][0];
-#pragma unroll
-            for (int s = 1; s < SLOTS; ++s) {
-                if (s >= count) break;
-                sum.x += v[u][s].x;
-                sum.y += v[u][s].y;
-                sum.z += v[u][s].z;
-                sum.w += v[u][s].w;
-            }
-            const int m = (4 * i) / BLOCK_ROWS, n = n0 + (4 * i) % BLOCK_ROWS;
-            u16* o = out + (size_t)m * stride_om + n;
-            if (n < N) o[0] = float_to_bf16_bits(sum.x);
-            if (n + 1 < N) o[1] = float_to_bf16_bits(sum.y);
-            if (n + 2 < N) o[2] = float_to_bf16_bits(sum.z);
-            if (n + 3 < N) o[3] = float_to_bf16_bits(sum.w);
+            store_sum(v[u], count, i, n0, N, out, stride_om);
         }
     }
     if (threadIdx.x == 0) counters[tile] = 0;
@@ -288,14 +309,7 @@ lowbit_w4a16_gemm(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                 packs[r][h][1] = prmt(w.x, w.y, 0x7632);
                 packs[r][h][2] = prmt(w.z, w.w, 0x5410);
                 packs[r][h][3] = prmt(w.z, w.w, 0x7632);
-                if (PER_CHANNEL) {
-                    neg_zero[r][h] = channel_nz[r][h];
-                    scale2[r][h] = 0u;
-                } else {
-                    const u32 s = ss[row];
-                    scale2[r][h] = s | (s << 16);
-                    neg_zero[r][h] = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
-                }
+                row_constants(ss, row, channel_nz[r][h], neg_zero[r][h], scale2[r][h]);
             }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15

@@ -219,20 +219,7 @@ __device__ __forceinline__ void finish_cluster(const float* partial, int n0, int
         for (int u = 0; u < U; ++u) {
             const int i = i0 + u * blockDim.x;
             if (i >= hi) continue;
-            float4 sum = v[u][0];
-#pragma unroll
-            for (int s = 1; s < SPLIT; ++s) {
-                sum.x += v[u][s].x;
-                sum.y += v[u][s].y;
-                sum.z += v[u][s].z;
-                sum.w += v[u][s].w;
-            }
-            const int m = (4 * i) / BLOCK_ROWS, n = n0 + (4 * i) % BLOCK_ROWS;
-            u16* o = out + (size_t)m * stride_om + n;
-            if (n < N) o[0] = float_to_bf16_bits(sum.x);
-            if (n + 1 < N) o[1] = float_to_bf16_bits(sum.y);
-            if (n + 2 < N) o[2] = float_to_bf16_bits(sum.z);
-            if (n + 3 < N) o[3] = float_to_bf16_bits(sum.w);
+            store_sum(v[u], SPLIT, i, n0, N, out, stride_om);
         }
     }
     cluster_sync();  // no block leaves while another reads its shared memory
@@ -376,14 +363,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                         packs[r][h][1] = prmt(lo.x, lo.y, 0x7632);
                         packs[r][h][2] = prmt(hi.x, hi.y, 0x5410);
                         packs[r][h][3] = prmt(hi.x, hi.y, 0x7632);
-                        if (PER_CHANNEL) {
-                            neg_zero[r][h] = channel_nz[r][h];
-                            scale2[r][h] = 0u;
-                        } else {
-                            const u32 s = ss[row];
-                            scale2[r][h] = s | (s << 16);
-                            neg_zero[r][h] = neg_zero_pair(HAS_ZERO ? (u32)ss[BLOCK_ROWS + row] : 0u);
-                        }
+                        row_constants(ss, row, channel_nz[r][h], neg_zero[r][h], scale2[r][h]);
                     }
                 u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
                 #pragma unroll
