@@ -106,11 +106,11 @@ SOURCE = r"""
 #define CT (PRODUCER ? 128 : NT)  // the threads that copy: a producer warpgroup of their own, or the same
 // PRODUCER: registers per thread while the roles differ (the producer gives its own to the multipliers:
 // setmaxnreg), and in the epilogue, which every thread runs; 128 (GROUPS + 1) threads hold 64 Ki registers
-#define PRODUCER_REGS 40
-#define MULTIPLIER_REGS_ ((65536 / 128 - PRODUCER_REGS) / GROUPS / 8 * 8)
+#define PRODUCER_REGS 56
+#define EPILOGUE_REGS (65536 / (128 * (GROUPS + 1)) / 8 * 8)  // what ptxas gives every thread at entry
+#define MULTIPLIER_REGS_ (((GROUPS + 1) * EPILOGUE_REGS - PRODUCER_REGS) / GROUPS / 8 * 8)
 #define MULTIPLIER_REGS (MULTIPLIER_REGS_ > 256 ? 256 : MULTIPLIER_REGS_)
-#define EPILOGUE_REGS (65536 / (128 * (GROUPS + 1)) / 8 * 8)
-#define COPY_UNROLL (PRODUCER ? 2 : 16)  // the producer's few registers: its copies' addresses computed as it goes
+#define COPY_UNROLL (PRODUCER ? 2 : 32)  // the producer's few registers: its copies' addresses computed as it goes
 #define W_COPIES (BLOCK_ROWS * 4 / CT)  // 16-byte weight copies per copying thread and K-block
 #define X_COPIES ((BLOCK_TOKENS * 16 + CT - 1) / CT)  // activation copies per copying thread and K-block, at most
 #define X_DST_STEP (B_SWIZZLE ? (CT / 16) * 128 : 16 * (CT / 16))  // x_piece(m + CT / 16, p) - x_piece(m, p)
@@ -124,6 +124,10 @@ SOURCE = r"""
 #endif
 #if PRODUCER && STREAM_K
 #error "the producer's barriers count one tile's K-blocks: no stream-K"
+#endif
+#if PRODUCER
+static_assert(128 * PRODUCER_REGS + NT * MULTIPLIER_REGS <= (NT + 128) * EPILOGUE_REGS,
+              "the multipliers ask for more registers than the producer gives back");
 #endif
 
 // PRODUCER: stage s is full (the producer threads' copies landed: 2 CT arrivals) and empty again (every multiplying
@@ -250,7 +254,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
     const int wrow = (warp >> 2) * 64 * ROWS + 16 * (warp & 3);  // the warp's first row in the block
     // this thread's copies, the same every K-block (offsets computed once: about 3 instructions per copy, not 17):
     // weight rows w_row0 + u CT / 4 (chunk ctid & 3), tokens x_tok0 + u CT / 16 (piece ctid & 15)
-    const int ctid = PRODUCER ? tid - NT : tid;
+    const int ctid = PRODUCER ? tid - NT : tid;  // (negative, and unused, in the multiplying threads)
     const int w_row0 = ctid >> 2, x_tok0 = ctid >> 4;
     const u32 w_dst0 = w_chunk(w_row0, ctid & 3), x_dst0 = x_piece(x_tok0, ctid & 15);
 #if PRODUCER
@@ -307,6 +311,9 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                 mbar_arrive(full_bar + 8 * (i % STAGES));  // releases its plain stores (scales, where not vec_scales)
             }
             cp_async_wait_all();
+            // the multipliers have given their registers back (and the producer's warps are in step between its two
+            // setmaxnreg, as the PTX ISA asks): only then take the epilogue's
+            asm volatile("bar.sync 2, %0;" :: "n"(NT + 128) : "memory");
             regs_up<EPILOGUE_REGS>();
         } else {
             regs_up<MULTIPLIER_REGS>();
@@ -384,7 +391,10 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                     wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
 #if PRODUCER
                     // step 0 done, so all of K-block i - 1: its buffer may be refilled
-                    if (j == DEPTH - 1 && i > 0) mbar_arrive(empty_bar + 8 * ((i - 1) % STAGES));
+                    if (j == DEPTH - 1 && i > 0) {
+                        async_proxy_fence();  // the products' reads before the producer's next writes there
+                        mbar_arrive(empty_bar + 8 * ((i - 1) % STAGES));
+                    }
 #endif
                 }
             }
@@ -410,6 +420,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             }
 #if PRODUCER
             regs_down<EPILOGUE_REGS>();
+            asm volatile("bar.arrive 2, %0;" :: "n"(NT + 128) : "memory");
         }
 #endif
 #if CLUSTER
@@ -489,8 +500,9 @@ class CudaWgmmaConfig:
             problems.append(f"split must be 1 to {MAX_SPLIT}")
         if self.stream and self.split != 1:
             problems.append("stream-K shares out the K-blocks itself: split must be 1")
-        if self.producer and self.stream:
-            problems.append("producer: its barriers count one tile's K-blocks, so no stream-K")
+        if self.producer and (self.stream or self.groups != 2):
+            problems.append("producer: two multiplying warpgroups (the registers it hands over are counted for two), "
+                            "and no stream-K (its barriers count one tile's K-blocks)")  # fmt: skip
         if self.cluster and (self.split == 1 or self.stream):
             problems.append("cluster: a tile's split-K blocks as one cluster, so split > 1 and no stream-K")
         if problems:
