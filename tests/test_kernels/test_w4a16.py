@@ -333,3 +333,21 @@ def test_fusion_outside_the_fused_kernel_runs_as_separate_ops() -> None:
     x = torch.randn(1, 256)
     expected = wna16_matmul(torch.nn.functional.rms_norm(x, (256,), torch.ones(256), 1e-5), packed) + 1
     assert rel_err(wna16_matmul(x, packed, fusion=fusion), expected) < 1e-5
+
+
+def test_tuner_keeps_one_choice_per_token_dtype(monkeypatch) -> None:
+    """A launch tuned for bf16 tokens is not reused for fp16 ones (the CUDA kernels take bf16 only): the key carries
+    the dtype where it is not bf16, and bf16 keys keep their old shape."""
+    from lowbit.kernels import w4a16
+
+    q, scale, zero = random_codes(64, 256, 4, 128, True, torch.bfloat16, seed=0)
+    packed = pack_wna16(q, scale, zero, 4, 128)
+    x = torch.randn(20, 256).to(torch.bfloat16)
+    monkeypatch.setattr(w4a16, "_TUNED", {})
+    chosen = WNA16Config(32, 64, 2, num_warps=8)
+    w4a16._TUNED[w4a16.tuning_key(x, packed)] = chosen
+    assert w4a16.tuning_key(x, packed) == (32, 64, 256, 4, 128, True)
+    assert w4a16.tuned_config(x, packed) == chosen
+    half = x.to(torch.float16)
+    assert w4a16.tuning_key(half, packed) == (32, 64, 256, 4, 128, True, "torch.float16")
+    assert w4a16.tuned_config(half, packed) == w4a16.untuned_config(half, packed) != chosen

@@ -516,6 +516,20 @@ def untuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None 
     return default_fused_config(m) if fused and m <= 8 else default_config(m, n, k)
 
 
+def tuning_key(x2: torch.Tensor, packed: PackedWNA16, kind: str = "") -> tuple:
+    """What the tuner keeps one choice per: (M, rounded up to a power of two past 16), N, K, bits, group size, whether
+    symmetric, then the fused work's kind where there is one, then the tokens' dtype where it is not bf16 (kernels
+    differ by dtype: the CUDA kernels take bf16 only, so an fp16 product must not reuse a bf16 choice; bf16 keys
+    keep the shape that seeds written before have, e.g. bench/decode_profile.py's)."""
+    m = x2.shape[0]
+    return (
+        (m if m <= 16 else triton.next_power_of_2(m), packed.out_features, packed.in_features)
+        + (packed.bits, packed.group_size, packed.zero is None)
+        + ((kind,) if kind else ())
+        + ((str(x2.dtype),) if x2.dtype != torch.bfloat16 else ())
+    )
+
+
 def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = None) -> WNA16Config:
     """The fastest candidate configuration for this shape, timed once per (M, N, K, scheme, fusion) on CUDA.
 
@@ -527,14 +541,7 @@ def tuned_config(x2: torch.Tensor, packed: PackedWNA16, fusion: Fusion | None = 
     kind = fusion.kind if fusion is not None else ""
     if m >= DENSE_FROM_M:
         return DENSE
-    key = (
-        m if m <= 16 else triton.next_power_of_2(m),
-        n,
-        k,
-        packed.bits,
-        packed.group_size,
-        packed.zero is None,
-    ) + ((kind,) if kind else ())
+    key = tuning_key(x2, packed, kind)
     if key in _TUNED:
         return _TUNED[key]
     if (
