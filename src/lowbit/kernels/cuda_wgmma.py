@@ -41,6 +41,11 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   (:func:`stream_segments`): the end of one tile, whole tiles, the start of another, each run through the same
   pipeline. Either way a tile's partial sums go to its slots of a float32 workspace and the last block of the tile
   to finish adds them in slot order (deterministic), then resets the tile's counter.
+* Not measured yet, so not runtime candidates (:func:`in_runtime`): ``cluster``, a tile's split-K blocks as one
+  thread-block cluster adding their partial tiles from each other's shared memory (``mapa``, ``ld.shared::cluster``;
+  no workspace, the same bits as split-K); ``producer``, one more warpgroup issuing every copy and signalling each
+  stage through ``mbarrier``s (full: its threads' copies landed; empty: K-block ``i``'s products done, arrived at
+  step ``depth - 1`` of K-block ``i + 1``), handing its registers to the multiplying warpgroups with ``setmaxnreg``.
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128,
 compute capability 9.x (``wgmma`` is ``sm_90a`` only). :func:`supported` says whether a weight and input qualify.
