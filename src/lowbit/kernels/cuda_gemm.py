@@ -101,6 +101,11 @@ __device__ __forceinline__ u32 neg_zero_pair(u32 zbits) {
     return nz | (nz << 16);
 }
 
+// PER_CHANNEL: output row n's -(128 + z) as a bf16 pair (row N - 1 past N), loaded once; else unused
+__device__ __forceinline__ u32 channel_neg_zero(const u16* __restrict__ zero, int n, int N) {
+    return PER_CHANNEL ? neg_zero_pair(HAS_ZERO ? load_u16(zero + min(n, N - 1)) : 0u) : 0u;
+}
+
 // A row's constants for dequant_pair in one K-block: -(128 + z) and the scale as bf16 pairs, from the stage's scales
 // and zero points ss (per channel: the zero point loaded once, channel_nz, and the scale applied to the sums instead)
 __device__ __forceinline__ void row_constants(const u16* ss, int row, u32 channel_nz, u32& neg_zero, u32& scale2) {
@@ -274,9 +279,7 @@ lowbit_w4a16_gemm(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     for (int r = 0; r < ROWS; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-            channel_nz[r][h] = PER_CHANNEL
-                ? neg_zero_pair(HAS_ZERO ? load_u16(zero + min(n0 + wrow + 16 * r + 8 * h + g, N - 1)) : 0u)
-                : 0u;
+            channel_nz[r][h] = channel_neg_zero(zero, n0 + wrow + 16 * r + 8 * h + g, N);
 
     float acc[ROWS][TT][4];  // [row tile][token tile][rows (g, g + 8) x tokens (2 t, 2 t + 1)]
 #pragma unroll

@@ -328,9 +328,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
         for (int r = 0; r < ROWS; ++r)
             #pragma unroll
             for (int h = 0; h < 2; ++h)
-                channel_nz[r][h] = PER_CHANNEL
-                    ? neg_zero_pair(HAS_ZERO ? load_u16(zero + min(n0 + wrow + 64 * r + 8 * h + g, N - 1)) : 0u)
-                    : 0u;
+                channel_nz[r][h] = channel_neg_zero(zero, n0 + wrow + 64 * r + 8 * h + g, N);
 
         float acc[ROWS][BLOCK_TOKENS / 2];  // [64-row tile][4 c + (rows g, g + 8) x tokens (2 t, 2 t + 1) of tile c]
         #pragma unroll
