@@ -101,6 +101,15 @@ __device__ __forceinline__ u32 neg_zero_pair(u32 zbits) {
     return nz | (nz << 16);
 }
 
+// Two pairs of a row's packed words (a, b) and (c, d), their half-words side by side: codes 0-3 of a and b, 4-7 of
+// a and b, then the same of c and d (what raw_codes takes, one code pair per K-step)
+__device__ __forceinline__ void word_packs(u32 a, u32 b, u32 c, u32 d, u32 (&packs)[4]) {
+    packs[0] = prmt(a, b, 0x5410);
+    packs[1] = prmt(a, b, 0x7632);
+    packs[2] = prmt(c, d, 0x5410);
+    packs[3] = prmt(c, d, 0x7632);
+}
+
 // PER_CHANNEL: output row n's -(128 + z) as a bf16 pair (row N - 1 past N), loaded once; else unused
 __device__ __forceinline__ u32 channel_neg_zero(const u16* __restrict__ zero, int n, int N) {
     return PER_CHANNEL ? neg_zero_pair(HAS_ZERO ? load_u16(zero + min(n, N - 1)) : 0u) : 0u;
@@ -308,10 +317,7 @@ lowbit_w4a16_gemm(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             for (int h = 0; h < 2; ++h) {
                 const int row = wrow + 16 * r + 8 * h + g;
                 const uint4 w = ws[4 * row + t4];
-                packs[r][h][0] = prmt(w.x, w.y, 0x5410);
-                packs[r][h][1] = prmt(w.x, w.y, 0x7632);
-                packs[r][h][2] = prmt(w.z, w.w, 0x5410);
-                packs[r][h][3] = prmt(w.z, w.w, 0x7632);
+                word_packs(w.x, w.y, w.z, w.w, packs[r][h]);
                 row_constants(ss, row, channel_nz[r][h], neg_zero[r][h], scale2[r][h]);
             }
 #pragma unroll

@@ -369,10 +369,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                         const int row = wrow + 64 * r + 8 * h + g;
                         const uint2 lo = *reinterpret_cast<const uint2*>(stage + w_chunk(row, t4 >> 1) + 8 * (t4 & 1));
                         const uint2 hi = *reinterpret_cast<const uint2*>(stage + w_chunk(row, 2 + (t4 >> 1)) + 8 * (t4 & 1));
-                        packs[r][h][0] = prmt(lo.x, lo.y, 0x5410);
-                        packs[r][h][1] = prmt(lo.x, lo.y, 0x7632);
-                        packs[r][h][2] = prmt(hi.x, hi.y, 0x5410);
-                        packs[r][h][3] = prmt(hi.x, hi.y, 0x7632);
+                        word_packs(lo.x, lo.y, hi.x, hi.y, packs[r][h]);
                         row_constants(ss, row, channel_nz[r][h], neg_zero[r][h], scale2[r][h]);
                     }
                 u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
