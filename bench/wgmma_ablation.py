@@ -36,10 +36,15 @@ from lowbit.kernels import cuda_gemm, cuda_wgmma, w4a16
 from lowbit.kernels.cuda_wgmma import CudaWgmmaConfig as C
 from lowbit.kernels.layout import pack_wna16
 
-# the fastest launch per (shape, tokens) in session 17's call 1 (bench/notes/cuda_wgmma_h200_session17_call1.json)
+# the fastest plain split-K launch per (shape, tokens) in session 18's call 1 (bench/notes/cuda_wgmma_h200_session18_call1.json;
+# 64 and 128 tokens as in session 17's call 1 but for 4096x4096 at 128 tokens)
 BEST = {
+    ("4096x4096", 16): C(1, 2, 16, 5, split=4, depth=4),
+    ("4096x14336", 16): C(1, 2, 16, 4, split=8, depth=4),
+    ("14336x4096", 16): C(1, 2, 16, 4, split=8, depth=4),
+    ("8192x28672", 16): C(2, 2, 16, 4, split=2, depth=4),
     ("4096x4096", 64): C(1, 2, 64, 5, split=4, depth=4),
-    ("4096x4096", 128): C(1, 2, 128, 5, split=4, depth=4),
+    ("4096x4096", 128): C(1, 2, 64, 4, split=4, depth=4),
     ("4096x14336", 64): C(2, 2, 64, 4, split=2, depth=4),
     ("4096x14336", 128): C(2, 2, 128, 4, split=2, depth=4),
     ("14336x4096", 64): C(1, 2, 64, 5, split=4, depth=4),

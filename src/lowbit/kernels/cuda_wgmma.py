@@ -41,7 +41,7 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   (:func:`stream_segments`): the end of one tile, whole tiles, the start of another, each run through the same
   pipeline. Either way a tile's partial sums go to its slots of a float32 workspace and the last block of the tile
   to finish adds them in slot order (deterministic), then resets the tile's counter.
-* Not measured yet, so not runtime candidates (:func:`in_runtime`): ``cluster``, a tile's split-K blocks as one
+* Two variants (runtime candidates since session 18's measurements, :func:`in_runtime`): ``cluster``, a tile's split-K blocks as one
   thread-block cluster adding their partial tiles from each other's shared memory (``mapa``, ``ld.shared::cluster``;
   no workspace, the same bits as split-K); ``producer``, one more warpgroup issuing every copy and signalling each
   stage through ``mbarrier``s (full: its threads' copies landed; empty: K-block ``i``'s products done, arrived at
@@ -52,7 +52,7 @@ compute capability 9.x (``wgmma`` is ``sm_90a`` only). :func:`supported` says wh
 
 Status (H200, sessions 16-17 of issue 6, CUDA-graph device time, ``bench/cuda_gemm.py --kernel wgmma``; raw:
 ``bench/notes/cuda_wgmma_h200_session1[67]_call*.json``): exact against float64 on the GPU for every scheme, and the
-runtime's tuning candidate for 17-255 tokens (:func:`lowbit.kernels.w4a16.candidate_configs`). Best split-K launch
+runtime's tuning candidate for 16-255 tokens (:func:`lowbit.kernels.w4a16.candidate_configs`). Best split-K launch
 against cuBLAS bf16 on the four Llama-3 shapes (4096x4096, 4096x14336, 14336x4096, 8192x28672), session 17: 1.03-1.53x
 at 64 tokens, 0.90-1.18x at 128 (unswizzled activations: 0.49-0.65x). Where the time goes at 128 tokens
 (``bench/wgmma_ablation.py``, Nsight Compute): the copies and the dequantization are not fully hidden behind the
@@ -463,8 +463,7 @@ class CudaWgmmaConfig:
     busy; ``cluster``: a tile's ``split`` blocks as one thread-block cluster, adding their partial tiles through
     distributed shared memory instead of a float32 workspace in global memory; ``producer``: one more warpgroup issues
     every copy and signals each stage through ``mbarrier``s, so that the multiplying warpgroups never stop at a
-    block-wide barrier (it hands them its registers: ``setmaxnreg``) (the last two not measured yet, so not runtime
-    candidates)."""
+    block-wide barrier (it hands them its registers: ``setmaxnreg``)."""
 
     rows: int = 1
     groups: int = 2
@@ -611,9 +610,11 @@ def fits(cfg: CudaWgmmaConfig, device: torch.device) -> bool:
 
 
 def in_runtime(cfg: CudaWgmmaConfig) -> bool:
-    """Whether the runtime's tuner may take ``cfg``: swizzled (unswizzled: 0.49-0.65x cuBLAS at 128 tokens), and
-    not one of the variants not yet measured on a GPU (``cluster``, ``producer``)."""
-    return cfg.swizzle and not cfg.cluster and not cfg.producer
+    """Whether the runtime's tuner may take ``cfg``: swizzled (unswizzled: 0.49-0.65x cuBLAS at 128 tokens). The
+    cluster and producer twins are in since session 18's sweep (H200): exact at every point, the cluster's the fastest
+    launch on 4096x14336 at 16, 64 and 128 tokens (2-4% ahead) and 8192x28672 at 16, the producer's on 4096x4096 and
+    14336x4096 at 16 tokens (1%)."""
+    return cfg.swizzle
 
 
 def candidates(m: int) -> list[CudaWgmmaConfig]:
@@ -621,7 +622,7 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
     are spread over the grid; past 64 tokens also two 64-token tiles), 128 to 256 rows in 2-4 warpgroups, 2 or 4
     steps in flight, one K-slice or a few (N = 4096 has only 16-32 row tiles), stream-K with 128 or 256 rows (112
     tiles of 4096x14336 and 8192x28672 for 132 SMs), cluster twins of three split-K launches and producer twins of
-    three launches (not measured yet), and two unswizzled launches for comparison (the runtime takes only the
+    three launches, and two unswizzled launches for comparison (the runtime takes only the
     launches :func:`in_runtime` allows)."""
     C = CudaWgmmaConfig
     tokens = min(next((t for t in TOKENS if t >= m), 128), 128)
@@ -638,13 +639,13 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             C(1, 1, tokens, 3, split=4, depth=4),
         ]
     out += [C(2, 2, tokens, 4, depth=4, stream=True), C(1, 2, tokens, 5, depth=4, stream=True)]
-    # split-K through a cluster's shared memory (not measured yet: the benchmark's, not the runtime's)
+    # split-K through a cluster's shared memory
     clustered = [C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4)]
     clustered += (
         [C(1, 2, tokens, 4, split=8, depth=4)] if tokens <= 64 else [C(1, 2, 64, 4, split=4, depth=4)]
     )
     out += [dataclasses.replace(c, cluster=True) for c in clustered]
-    # a producer warpgroup for the copies (not measured yet either)
+    # a producer warpgroup for the copies
     produced = [
         C(1, 2, tokens, 4, depth=4),
         C(2, 2, tokens, 4, depth=4),

@@ -68,26 +68,46 @@ class WNA16Config:
     pipe: int = (
         1  # with ``cuda``, ``mma`` and ``stage``: load batches in flight per warp (CudaGemvConfig.pipe)
     )
-    # True: the wgmma GEMM (:mod:`lowbit.kernels.cuda_wgmma`, Hopper, 17-255 tokens): ``block_m`` tokens and
+    # True: the wgmma GEMM (:mod:`lowbit.kernels.cuda_wgmma`, Hopper, 16-255 tokens): ``block_m`` tokens and
     # ``block_n`` rows per block, ``num_warps`` (4 per warpgroup), ``num_stages``, ``split_k``, ``kbi`` steps in flight
     wgmma: bool = False
+    # with ``wgmma``: split-K through a thread-block cluster's shared memory (CudaWgmmaConfig.cluster), or a producer
+    # warpgroup of its own for the copies (CudaWgmmaConfig.producer; ``num_warps`` counts the multiplying warps only)
+    cluster: bool = False
+    producer: bool = False
 
     def wgmma_config(self) -> cuda_wgmma.CudaWgmmaConfig:
         groups = self.num_warps // 4
         rows = self.block_n // (64 * groups)
         return cuda_wgmma.CudaWgmmaConfig(
-            rows, groups, self.block_m, self.num_stages, self.split_k, self.kbi, stream=self.persist > 0
+            rows,
+            groups,
+            self.block_m,
+            self.num_stages,
+            self.split_k,
+            self.kbi,
+            stream=self.persist > 0,
+            cluster=self.cluster,
+            producer=self.producer,
         )
 
     @staticmethod
     def from_wgmma(c: cuda_wgmma.CudaWgmmaConfig) -> WNA16Config:
         if not cuda_wgmma.in_runtime(c):
             raise ValueError(
-                f"{c}: the runtime runs swizzled launches only (unswizzled: 0.49-0.65x cuBLAS at 128 tokens), "
-                "and no cluster or producer launch until one is measured"
+                f"{c}: the runtime runs swizzled launches only (unswizzled: 0.49-0.65x cuBLAS at 128 tokens)"
             )
         return WNA16Config(
-            c.tokens, c.block_rows, c.split, c.warps, c.stages, kbi=c.depth, persist=int(c.stream), wgmma=True
+            c.tokens,
+            c.block_rows,
+            c.split,
+            4 * c.groups,
+            c.stages,
+            kbi=c.depth,
+            persist=int(c.stream),
+            wgmma=True,
+            cluster=c.cluster,
+            producer=c.producer,
         )
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
@@ -143,11 +163,12 @@ def wgmma_affordable(cfg: WNA16Config, m: int, n: int) -> bool:
 
 
 def _wgmma_candidates(m: int) -> list[WNA16Config]:
-    """The wgmma GEMM's launches (:func:`lowbit.kernels.cuda_wgmma.candidates`, swizzled) for 17-255 tokens, timed
-    only on a Hopper GPU (split-K and stream-K). On the H200 (bench/notes/kernels.md, session 17) the tuner's pick
-    among them is 1.23-1.63x cuBLAS bf16 at 64 tokens on the four Llama-3 shapes and 0.97-1.18x at 128, ahead of
-    every Triton launch there."""
-    if not 16 < m < DENSE_FROM_M:
+    """The wgmma GEMM's launches (:func:`lowbit.kernels.cuda_wgmma.candidates`, swizzled) for 16-255 tokens, timed
+    only on a Hopper GPU (split-K, stream-K, cluster split-K, producer warpgroup). On the H200 (bench/notes/kernels.md,
+    sessions 17-18) the tuner's pick among them is 1.23-1.63x cuBLAS bf16 at 64 tokens on the four Llama-3 shapes and
+    0.97-1.18x at 128, ahead of every Triton launch there; at 16 tokens they are within 5% of the staged GEMV's
+    launches either way (1.48-2.17x), so both kinds are timed there."""
+    if not 16 <= m < DENSE_FROM_M:
         return []
     return [WNA16Config.from_wgmma(c) for c in cuda_wgmma.candidates(m) if cuda_wgmma.in_runtime(c)]
 
