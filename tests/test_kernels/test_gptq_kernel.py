@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.test_kernels.markers import INTERPRETER_ONLY
 
 from lowbit.algorithms.gptq import gptq
 from lowbit.algorithms.hessian import relative_output_error
@@ -17,6 +18,7 @@ def _problem(out_features: int = 24, in_features: int = 96, seed: int = 0):
     return weight, x.T @ x / x.shape[0]
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize(("bits", "symmetric", "group_size", "act_order"),
                          [(4, True, 32, True), (3, False, 32, True), (2, False, -1, False), (8, True, -1, True)])
 def test_kernel_matches_the_pytorch_loop(monkeypatch, bits, symmetric, group_size, act_order) -> None:
@@ -35,6 +37,7 @@ def test_kernel_matches_the_pytorch_loop(monkeypatch, bits, symmetric, group_siz
     assert abs(error_kernel - error_reference) <= 0.01 * error_reference + 1e-9
 
 
+@INTERPRETER_ONLY
 def test_kernel_block_handles_ragged_edges(monkeypatch) -> None:
     """Rows not a multiple of the row tile and a last block shorter than the block size."""
     weight, hessian = _problem(out_features=21, in_features=80)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 # tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU;
-# with one, these tests run the compiled kernels.
+# with one, the tests marked INTERPRETER_ONLY (CPU tensors) skip and the test_gpu_* tests run the compiled kernels.
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tests.test_kernels.gpu_chains import chain_configs, chain_weights, graph_replay, small_w4_decoder  # noqa: E402
+from tests.test_kernels.markers import INTERPRETER_ONLY  # noqa: E402
 
 from lowbit.kernels import linear as linear_mod  # noqa: E402
 from lowbit.kernels.runtime import (  # noqa: E402
@@ -99,6 +100,7 @@ def test_compiled_decode_step_matches_eager(attention: str, caplog, monkeypatch)
     assert torch.equal(compiled.tokens, eager.tokens)
 
 
+@INTERPRETER_ONLY
 def test_custom_ops_match_the_modules() -> None:
     """The kernels' custom ops (what torch.compile sees) compute what the modules compute."""
     layer = linear_factory("w4a16", "cpu")(128, 48)
@@ -157,6 +159,7 @@ def test_attention_modes_match_the_matmul_path(mode: str, t: int, monkeypatch) -
     torch.testing.assert_close(got, probs @ values, atol=1e-5, rtol=1e-5)
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize(("compile_step", "fuse_lm_head"), [(False, False), (True, False), (False, True)])
 def test_fused_decode_layers_give_the_unfused_tokens(compile_step: bool, fuse_lm_head: bool, monkeypatch) -> None:
     """With the norms, SwiGLU and residual adds inside the GEMV launches (``FUSE``), greedy decoding gives the same

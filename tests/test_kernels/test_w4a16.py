@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 # tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU;
-# with one, these tests run the compiled kernels.
+# with one, the tests marked INTERPRETER_ONLY (CPU tensors) skip and the test_gpu_* tests run the compiled kernels.
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tests.test_kernels.markers import INTERPRETER_ONLY  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -43,6 +44,7 @@ def test_pack_roundtrip(bits: int, group_size: int, symmetric: bool) -> None:
     assert (zero2 is None) == symmetric and (symmetric or torch.equal(zero2, zero))
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -60,6 +62,7 @@ def test_matches_reference_all_schemes(bits: int, group_size: int, symmetric: bo
         assert rel_err(out, ref) < BF16_TOL, (cfg, rel_err(out, ref))
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize(
     "config",
     [
@@ -86,6 +89,7 @@ def test_launch_configs_and_tails(config: WNA16Config, dtype: torch.dtype) -> No
     assert rel_err(out, ref) < BF16_TOL
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize(
     "group_size,symmetric,k,config",
     [
@@ -120,6 +124,7 @@ def test_multi_block_gemv(
         assert rel_err(out, ref) < BF16_TOL, rel_err(out, ref)
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize(
     "bits,group_size,symmetric,k,config",
     [
@@ -146,6 +151,7 @@ def test_one_product_per_k_block_kernel(bits: int, group_size: int, symmetric: b
         assert out.shape == (m, n) and rel_err(out, ref) < BF16_TOL, rel_err(out, ref)
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize(
     "group_size,symmetric,k,m,config",
     [
@@ -174,6 +180,7 @@ def test_mma_kernel_codes_undequantized(
         assert rel_err(out, ref) < BF16_TOL, rel_err(out, ref)
 
 
+@INTERPRETER_ONLY
 def test_mma_config_on_a_scheme_without_the_kernel_runs_the_default() -> None:
     """8-bit codes and groups under a K-block have no tensor-core code kernel: the default launch runs instead."""
     for bits, group_size in ((8, 128), (4, 32)):
@@ -184,6 +191,7 @@ def test_mma_config_on_a_scheme_without_the_kernel_runs_the_default() -> None:
         assert rel_err(wna16_matmul(x, packed, WNA16Config(8, 32, 1, 1, 2, mma=True)), ref) < BF16_TOL
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, False), (8, -1, True)])
 def test_dequantize_packed(bits: int, group_size: int, symmetric: bool) -> None:
     q, scale, zero = random_codes(33, 320, bits, group_size, symmetric, torch.bfloat16, seed=9)
@@ -191,6 +199,7 @@ def test_dequantize_packed(bits: int, group_size: int, symmetric: bool) -> None:
     torch.testing.assert_close(dense, dequantize_weight(q, scale, zero, bits), rtol=0, atol=0)
 
 
+@INTERPRETER_ONLY
 def test_default_config_and_batched_input() -> None:
     q, scale, zero = random_codes(64, 256, 4, 128, True, torch.bfloat16, seed=1)
     packed = pack_wna16(q, scale, zero, 4, 128)
@@ -323,6 +332,7 @@ def test_fused_gemv_matches_separate_ops_cpu_and_gpu(m: int, symmetric: bool, gr
         assert rel_err(got, expected) < (BF16_TOL if dtype == torch.bfloat16 else 1e-5), (config, kind)
 
 
+@INTERPRETER_ONLY
 def test_fusion_outside_the_fused_kernel_runs_as_separate_ops() -> None:
     """8-bit codes (no fused kernel): the same result through the unfused path, not an error."""
     from lowbit.kernels.w4a16 import Fusion

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 # tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU;
-# with one, these tests run the compiled kernels.
+# with one, the tests marked INTERPRETER_ONLY (CPU tensors) skip and the test_gpu_* tests run the compiled kernels.
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tests.test_kernels.markers import INTERPRETER_ONLY  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -24,6 +25,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("k", [200, 4100 * 5])
 def test_quantize_rows_matches_reference(dtype: torch.dtype, k: int) -> None:
@@ -39,6 +41,7 @@ def test_quantize_rows_matches_reference(dtype: torch.dtype, k: int) -> None:
     assert xq.float().abs().amax() <= (127 if dtype == torch.int8 else 448)
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize(
     "config", [W8A8Config(16, 32, 64, 2, 2, 2), W8A8Config(32, 64, 32, 1, 4, 3)], ids=["bm16", "bm32"]
@@ -60,6 +63,7 @@ def test_w8a8_linear_matches_reference(dtype: torch.dtype, config: W8A8Config) -
     assert rel_err(gemm, exact) < 1e-5
 
 
+@INTERPRETER_ONLY
 def test_default_config_batched_input() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 128, generator=gen).to(torch.float16)
@@ -69,6 +73,7 @@ def test_default_config_batched_input() -> None:
     assert rel_err(out.reshape(10, 64), w8a8_matmul_reference(x.reshape(10, 128), wq, w_scale)) < 1e-2
 
 
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
 def test_vendor_gemm_is_the_same_product(dtype: torch.dtype) -> None:
     """VENDOR (torch's 8-bit GEMM behind lowbit's quantization pass; on the CPU too) computes what the Triton kernel
@@ -100,6 +105,7 @@ def test_vendor_takes_only_what_torch_takes() -> None:
     assert not w8a8.vendor_ok(32, 64, 128, torch.int8, torch.bfloat16, torch.device("meta"))
 
 
+@INTERPRETER_ONLY
 def test_vendor_launch_falls_back_to_the_triton_kernel(monkeypatch, caplog) -> None:
     """A VENDOR launch on a shape torch's GEMM does not take, or that it refuses, runs the default Triton launch (the
     refusal logged): the same product either way."""
