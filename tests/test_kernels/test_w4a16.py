@@ -361,3 +361,18 @@ def test_tuner_keeps_one_choice_per_token_dtype(monkeypatch) -> None:
     half = x.to(torch.float16)
     assert w4a16.tuning_key(half, packed) == (32, 64, 256, 4, 128, True, "torch.float16")
     assert w4a16.tuned_config(half, packed) == w4a16.untuned_config(half, packed) != chosen
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused_clearly(monkeypatch) -> None:
+    """Compiled Triton kernels take CUDA tensors: a CPU tensor without TRITON_INTERPRET (on a machine with a GPU, or
+    without one) gets an error that says what to do, not a failure inside Triton's launcher."""
+    from lowbit.kernels.w8a8 import quantize_rows
+
+    q, scale, zero = random_codes(16, 128, 4, 128, True, torch.bfloat16, seed=1)
+    packed = pack_wna16(q, scale, zero, 4, 128)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="take CUDA tensors"):
+        wna16_matmul(x, packed, WNA16Config(1, 32, 1))
+    with pytest.raises(ValueError, match="take CUDA tensors"):
+        quantize_rows(x, torch.int8)

@@ -414,6 +414,7 @@ def wna16_matmul(
     k_in = 2 * k if fusion is not None and fusion.swiglu else k
     if x.shape[-1] != k_in:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {k_in}")
+    require_triton_device(x, "wna16_matmul")
     x2 = x.reshape(-1, k_in)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -698,3 +699,15 @@ def packed_math_ok(packed: PackedWNA16, dtype: torch.dtype) -> bool:
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def require_triton_device(x: torch.Tensor, what: str) -> None:
+    """Refuse, with a message that says what to do, a tensor Triton cannot run on: compiled Triton kernels take CUDA
+    tensors, and CPU tensors run only under its interpreter (``TRITON_INTERPRET=1``, set before triton is imported).
+    Without this, a CPU tensor on a machine with a GPU fails deep in Triton's launcher."""
+    if not x.is_cuda and not interpreting():
+        raise ValueError(
+            f"{what} runs Triton kernels, which take CUDA tensors (this one is on {x.device}); move the tensors to "
+            "the GPU, run on the CPU with TRITON_INTERPRET=1 set before triton is imported, or use "
+            "lowbit.kernels.linear's modules, which fall back to PyTorch off the GPU"
+        )

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.w4a16 import interpreting
+from lowbit.kernels.w4a16 import interpreting, require_triton_device
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ def candidate_configs(m: int) -> list[W8A8Config]:
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token quantization ``[M, K]`` to int8 or fp8 e4m3; scale float32 ``[M]``."""
+    require_triton_device(x, "quantize_rows")
     m, k = x.shape
     xq = torch.empty((m, k), dtype=dtype, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -279,6 +280,7 @@ def w8a8_gemm(
                     "torch's 8-bit GEMM refused M=%d N=%d K=%d (%s); the Triton kernel runs", m, n, k, exc
                 )
         cfg = default_config(m, n, k)  # a shape of the tuned bucket that torch's GEMM does not take
+    require_triton_device(xq, "w8a8_gemm")
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _w8a8_kernel[grid](
