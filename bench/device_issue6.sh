@@ -5,7 +5,8 @@
 # Here, once (wheels for the machine's Python 3.12; .whl is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl/dev \
-#       pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 gguf compressed-tensors==0.19.0
+#       pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 gguf compressed-tensors==0.19.0 \
+#       pytest-xdist execnet
 # Device call: carry [".whl/dev"], command e.g.
 #   KERNELS="--ms 16 64 128" DECODE="" bash bench/device_issue6.sh      (tests + part of the kernel table)
 #   KERNELS="" DECODE="--schemes bf16 w4a16" bash bench/device_issue6.sh  (tests + decode, one harness run)
@@ -25,9 +26,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD/src"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+# pytest-xdist, where .whl/dev carries it (session 18): the GPU tests in parallel, 12 workers (NVRTC compiles are CPU-bound)
+PARALLEL=""
+if python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n 12 -p no:benchmark"; fi
 if [ -z "${SKIP_TESTS-}" ]; then
     # shellcheck disable=SC2086
-    timeout 400 python3 -m pytest -q -p no:cacheprovider -rfE \
+    timeout 400 python3 -m pytest -q -p no:cacheprovider -rfE $PARALLEL \
         ${TESTS:-tests/test_kernels/test_w4a16.py tests/test_kernels/test_w8a8.py tests/test_kernels/test_attention.py -k "gpu or attention"} \
         2>&1 | tail -15 | tee "$OUT/tests.log"
 fi
