@@ -106,13 +106,16 @@ def shape_rows(name: str, k: int, n: int, ms: list[int], flush_ms: float, kernel
 
 def variant_bests(timed: list[dict]) -> dict[str, float]:
     """The fastest time of each kernel variant among ``timed`` (the wgmma GEMM's swizzled and unswizzled layouts, with
-    split-K, stream-K, split-K through a cluster, or a producer warpgroup), so that a variant's gain reads off one
+    split-K, stream-K (continuous or not, 1 or 2 workers per SM), split-K through a cluster, or a producer warpgroup), so that a variant's gain reads off one
     line."""
     best: dict[str, float] = {}
     for t in timed:
         c = t["config"]
         layout = "swizzled" if c.get("swizzle", True) else "unswizzled"
-        key = layout + "".join(f" {flag}" for flag in ("stream", "cluster", "producer") if c.get(flag))
+        key = layout + "".join(
+            f" {flag}" for flag in ("stream", "continuous", "cluster", "producer") if c.get(flag)
+        )
+        key += " 2/SM" if c.get("per_sm", 1) > 1 else ""
         best[key] = min(best.get(key, float("inf")), t["us"])
     return best
 

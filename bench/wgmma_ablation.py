@@ -56,7 +56,7 @@ SHAPES = {"4096x4096": (4096, 4096), "4096x14336": (4096, 14336), "14336x4096": 
           "8192x28672": (8192, 28672)}  # fmt: skip
 
 DEQUANT = re.compile(r"dequant_pair\(raw_codes\((packs\[r\]\[\d\]\[[^\]]+\]), j & 3\), [^;]+\);")
-LOOP_COPY = "            load_stage(i + AHEAD);\n"
+LOOP_COPY = "                load_stage(g0 + i + AHEAD);\n"
 PRODUCT = "wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4));"
 
 

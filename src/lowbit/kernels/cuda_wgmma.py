@@ -78,6 +78,8 @@ TOKENS = (16, 32, 64, 128, 256)
 MAX_SPLIT = 8
 # stream-K: the most partial sums of one tile (workers are fewer where a tile would need more)
 STREAM_SLOTS = 4
+# shared memory a block may opt in to on Hopper (227 KiB); fits() asks the device itself
+HOPPER_SHARED_BYTES = 232448
 
 
 def wgmma_function(tokens: int) -> str:
@@ -124,11 +126,16 @@ SOURCE = r"""
 #endif
 #if PRODUCER  // one block per SM, so that ptxas knows the registers at entry and setmaxnreg can move them
 #define BOUNDS __launch_bounds__(NT + 128, 1)
+#elif PER_SM > 1  // PER_SM stream-K workers per SM: at most 128 registers per thread at 2
+#define BOUNDS __launch_bounds__(NT, PER_SM)
 #else
 #define BOUNDS __launch_bounds__(NT)
 #endif
 #if PRODUCER && STREAM_K
 #error "the producer's barriers count one tile's K-blocks: no stream-K"
+#endif
+#if CONTINUOUS && !STREAM_K
+#error "CONTINUOUS is a kind of stream-K"
 #endif
 #if PRODUCER
 static_assert(128 * PRODUCER_REGS + NT * MULTIPLIER_REGS <= (NT + 128) * EPILOGUE_REGS,
@@ -273,39 +280,54 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
     __syncthreads();
 #endif
 
-    // K-blocks kb_lo .. kb_lo + nk - 1 (none if nk <= 0) of `tile`, the tile's partial sum `slot` of `count`
-    auto tile_product = [&](const int tile, const int kb_lo, const int nk, const int slot, const int count) {
+    // The copy cursor: the next (tile, K-block) unit to load and how many of the block's run of units are left (split-K:
+    // a tile's slice; stream-K: a segment of a worker's share, or with CONTINUOUS the whole share, across tiles)
+    int ld_tile = 0, ld_kb = 0, ld_left = 0, ld_n0 = 0, ld_tokens = 0;
+    const u16* ld_x = x;  // this thread's first activation piece of the cursor's tile
+    auto seek = [&](int tile, int kb, int count) {
+        ld_tile = tile;
+        ld_kb = kb;
+        ld_left = count;
+        ld_n0 = (tile / m_tiles) * BLOCK_ROWS;
+        const int m0 = (tile % m_tiles) * BLOCK_TOKENS;
+        ld_tokens = min(BLOCK_TOKENS, M - m0);
+        ld_x = x + (size_t)(m0 + x_tok0) * stride_xm + 8 * (ctid & 15);
+    };
+    // the cursor's unit into buffer g % STAGES (g: the stage's index in the run), then the cursor moves on; one commit
+    // group, empty past the run's end
+    auto load_stage = [&](int g) {
+        if (ld_left > 0) {
+            const int kb = ld_kb, n0 = ld_n0;
+            const u32 xs = smem_base + (g % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
+            // copy c = ctid + u CT of the block is the same (row, chunk) or (token, piece) every K-block, and its shared
+            // offset moves by a constant per u (CT / 4 rows and CT / 16 tokens keep bits 0-2 of the row and token)
+            const uint4* wk = qweight + (size_t)kb * N * 4 + (ctid & 3);
+            #pragma unroll COPY_UNROLL
+            for (int u = 0; u < W_COPIES; ++u) {
+                const int n = min(n0 + w_row0 + u * (CT / 4), N - 1);
+                cp_async16(ws + w_dst0 + u * (CT / 4) * 64, wk + (size_t)n * 4, 16u);
+            }
+            const u16* xk = ld_x + kb * 128;
+            #pragma unroll COPY_UNROLL
+            for (int u = 0; u < X_COPIES; ++u)
+                if (x_tok0 + u * (CT / 16) < ld_tokens)
+                    cp_async16(xs + x_dst0 + u * X_DST_STEP, xk + (size_t)u * (CT / 16) * stride_xm, 16u);
+            load_scales(ws + W_BYTES, reinterpret_cast<u16*>(smem + (g % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES), kb,
+                        n0, N, scale, zero, vec_scales, ctid, CT);
+            if (--ld_left > 0 && ++ld_kb == num_kb) seek(ld_tile + 1, 0, ld_left);
+        }
+        cp_async_commit();
+    };
+
+    // nk K-blocks (none if nk <= 0) of `tile`, from the copy cursor, the tile's partial sum `slot` of `count`; g0: the
+    // index of its first K-block in the block's run (CONTINUOUS: the pipeline runs on from the previous tile; else 0)
+    auto tile_product = [&](const int tile, const int nk, const int slot, const int count, const int g0) {
         const int n0 = (tile / m_tiles) * BLOCK_ROWS, m0 = (tile % m_tiles) * BLOCK_TOKENS;
         const int tokens = min(BLOCK_TOKENS, M - m0);
-        const u16* xt = x + (size_t)m0 * stride_xm;
-        const u16* x_src0 = xt + (size_t)x_tok0 * stride_xm + 8 * (ctid & 15);
 
-        // stage i of the slice into buffer i % STAGES (one commit group, empty past the slice's end)
-        auto load_stage = [&](int i) {
-            if (i < nk) {
-                const int kb = kb_lo + i;
-                const u32 xs = smem_base + (i % STAGES) * STAGE_BYTES, ws = xs + X_BYTES;
-                // copy c = ctid + u CT of the block is the same (row, chunk) or (token, piece) every K-block, and its
-                // shared offset moves by a constant per u (CT / 4 rows and CT / 16 tokens keep bits 0-2 of the row and
-                // token)
-                const uint4* wk = qweight + (size_t)kb * N * 4 + (ctid & 3);
-                #pragma unroll COPY_UNROLL
-                for (int u = 0; u < W_COPIES; ++u) {
-                    const int n = min(n0 + w_row0 + u * (CT / 4), N - 1);
-                    cp_async16(ws + w_dst0 + u * (CT / 4) * 64, wk + (size_t)n * 4, 16u);
-                }
-                const u16* xk = x_src0 + kb * 128;
-                #pragma unroll COPY_UNROLL
-                for (int u = 0; u < X_COPIES; ++u)
-                    if (x_tok0 + u * (CT / 16) < tokens)
-                        cp_async16(xs + x_dst0 + u * X_DST_STEP, xk + (size_t)u * (CT / 16) * stride_xm, 16u);
-                load_scales(ws + W_BYTES, reinterpret_cast<u16*>(smem + (i % STAGES) * STAGE_BYTES + X_BYTES + W_BYTES), kb,
-                            n0, N, scale, zero, vec_scales, ctid, CT);
-            }
-            cp_async_commit();
-        };
-
-        float* partial = reinterpret_cast<float*>(smem);  // after the K loop: [token][row of the block]
+        // after the K loop: [token][row of the block], in the pipeline's buffers (CONTINUOUS: a region of its own, as
+        // the next tile's K-blocks are already on their way into the buffers)
+        float* partial = reinterpret_cast<float*>(smem + (CONTINUOUS ? STAGES * STAGE_BYTES : 0));
 #if PRODUCER
         if (warp >= NWARPS) {  // the producer warpgroup: K-block i once its buffer is free (K-block i - STAGES done)
             regs_down<PRODUCER_REGS>();
@@ -336,7 +358,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             #pragma unroll
             for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[r][e] = 0.f;
 
-        if (!PRODUCER)
+        if (!PRODUCER && !CONTINUOUS)
             #pragma unroll
             for (int i = 0; i < AHEAD; ++i) load_stage(i);
         // One path into the epilogue, the loop entered only with a K-block to do and one wait_group 0 after it: shaped
@@ -352,10 +374,11 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                 async_proxy_fence();  // ... visible to the tensor cores ...
                 __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
                                       // running in any warp, so K-block i - 2's buffer is free to refill
-                load_stage(i + AHEAD);
+                load_stage(g0 + i + AHEAD);
 #endif
-                const unsigned char* stage = smem + (i % STAGES) * STAGE_BYTES + X_BYTES;  // the weight rows
-                const unsigned long long desc = b_desc(smem_base + (i % STAGES) * STAGE_BYTES);  // step j: + x_step(j) / 16
+                const int buf = (g0 + i) % STAGES;
+                const unsigned char* stage = smem + buf * STAGE_BYTES + X_BYTES;  // the weight rows
+                const unsigned long long desc = b_desc(smem_base + buf * STAGE_BYTES);  // step j: + x_step(j) / 16
                 const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
 
                 // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
@@ -402,7 +425,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
         }
 #if PRODUCER
         multipliers_sync();  // every product is done: the pipeline's buffers (all copies landed) become the float32 tile
-#else
+#elif !CONTINUOUS
         cp_async_wait_all();
         __syncthreads();  // the pipeline's buffers become the block's float32 tile
 #endif
@@ -434,19 +457,36 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
 #if STREAM_K
     const int tiles = (N + BLOCK_ROWS - 1) / BLOCK_ROWS * m_tiles, units = tiles * num_kb, workers = gridDim.x;
     const int hi = (int)((long long)(blockIdx.x + 1) * units / workers);
-    for (int u = (int)((long long)blockIdx.x * units / workers); u < hi;) {
+    const int lo = (int)((long long)blockIdx.x * units / workers);
+#if CONTINUOUS  // one pipeline over the whole share: the next tile's first K-blocks load while this one's are summed
+    seek(lo / num_kb, lo % num_kb, hi - lo);
+    #pragma unroll
+    for (int i = 0; i < AHEAD; ++i) load_stage(i);
+#endif
+    for (int u = lo; u < hi;) {
         const int tile = u / num_kb, end = min(hi, (tile + 1) * num_kb);
         // the workers whose shares hold the tile's first and last K-blocks (owner of unit v: ((v + 1) W - 1) / units)
         const int first = (int)((((long long)tile * num_kb + 1) * workers - 1) / units);
         const int last = (int)(((long long)(tile + 1) * num_kb * workers - 1) / units);
-        tile_product(tile, u - tile * num_kb, end - u, blockIdx.x - first, last - first + 1);
+#if CONTINUOUS
+        // the partial tile has a region of its own, rewritten only after every thread passed this tile's first
+        // K-block barrier, so after the previous tile's store
+        tile_product(tile, end - u, blockIdx.x - first, last - first + 1, u - lo);
+#else
+        seek(tile, u - tile * num_kb, end - u);
+        tile_product(tile, end - u, blockIdx.x - first, last - first + 1, 0);
         __syncthreads();  // the tile's partial sum in shared memory is read before the next tile's copies land
+#endif
         u = end;
     }
+#if CONTINUOUS
+    cp_async_wait_all();  // (empty groups past the share's end)
+#endif
 #else
     const int per_split = (num_kb + SPLIT - 1) / SPLIT;
     const int kb_lo = blockIdx.y * per_split;
-    tile_product(blockIdx.x, kb_lo, min(num_kb, kb_lo + per_split) - kb_lo, blockIdx.y, SPLIT);  // nk <= 0: empty
+    seek(blockIdx.x, kb_lo, min(num_kb, kb_lo + per_split) - kb_lo);
+    tile_product(blockIdx.x, min(num_kb, kb_lo + per_split) - kb_lo, blockIdx.y, SPLIT, 0);  // nk <= 0: empty
 #endif
 }
 """
@@ -463,7 +503,11 @@ class CudaWgmmaConfig:
     busy; ``cluster``: a tile's ``split`` blocks as one thread-block cluster, adding their partial tiles through
     distributed shared memory instead of a float32 workspace in global memory; ``producer``: one more warpgroup issues
     every copy and signals each stage through ``mbarrier``s, so that the multiplying warpgroups never stop at a
-    block-wide barrier (it hands them its registers: ``setmaxnreg``)."""
+    block-wide barrier (it hands them its registers: ``setmaxnreg``); ``continuous`` (with ``stream``): one copy
+    pipeline over a worker's whole share, running on across tile boundaries (the next tile's first K-blocks load while
+    one tile's partial sums are stored, from a float32 tile of its own in shared memory), where plain stream-K drains
+    and refills the pipeline at each tile; ``per_sm`` (stream-K): workers per SM (2: twice the warps to hide latency
+    with, the registers capped at 128 per thread)."""
 
     rows: int = 1
     groups: int = 2
@@ -475,6 +519,8 @@ class CudaWgmmaConfig:
     stream: bool = False
     cluster: bool = False
     producer: bool = False
+    continuous: bool = False
+    per_sm: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -502,6 +548,12 @@ class CudaWgmmaConfig:
         if self.producer and (self.stream or self.groups != 2):
             problems.append("producer: two multiplying warpgroups (the registers it hands over are counted for two), "
                             "and no stream-K (its barriers count one tile's K-blocks)")  # fmt: skip
+        if self.per_sm not in (1, 2) or (self.per_sm == 2 and (not self.stream or self.groups != 2)):
+            problems.append(
+                "per_sm: 1, or 2 stream-K workers of two warpgroups per SM (128 registers per thread)"
+            )
+        if self.continuous and not self.stream:
+            problems.append("continuous: a stream-K pipeline running across tiles, so stream=True")
         if self.cluster and (self.split == 1 or self.stream):
             problems.append("cluster: a tile's split-K blocks as one cluster, so split > 1 and no stream-K")
         if problems:
@@ -578,11 +630,11 @@ def max_sharers(shares: list[list[tuple[int, int, int, int, int]]]) -> int:
 
 
 def stream_workers(cfg: CudaWgmmaConfig, m: int, n: int, k: int, sms: int) -> int:
-    """How many stream-K blocks a launch runs: one per SM, at most one per (tile, K-block), and fewer where a tile
-    would otherwise be shared by more than :data:`STREAM_SLOTS` workers."""
+    """How many stream-K blocks a launch runs: ``per_sm`` per SM, at most one per (tile, K-block), and fewer where a
+    tile would otherwise be shared by more than :data:`STREAM_SLOTS` workers."""
     tiles = math.ceil(n / cfg.block_rows) * math.ceil(m / cfg.block_tokens)
     num_kb = k // 128
-    workers = min(sms, tiles * num_kb)
+    workers = min(sms * cfg.per_sm, tiles * num_kb)
     while workers > 1 and max_sharers(stream_segments(tiles, num_kb, workers)) > STREAM_SLOTS:
         workers -= 1
     return workers
@@ -597,8 +649,10 @@ def stage_bytes(cfg: CudaWgmmaConfig) -> int:
 
 def shared_bytes(cfg: CudaWgmmaConfig) -> int:
     """Dynamic shared memory of a launch: the pipeline's stages, reused after the loop for the block's float32
-    output tile (whichever is larger), and 1 KiB to align the first stage."""
-    return max(cfg.stages * stage_bytes(cfg), 4 * cfg.block_rows * cfg.block_tokens) + 1024
+    output tile (whichever is larger; ``continuous``: both, as the next tile's copies are in flight while the tile is
+    stored), and 1 KiB to align the first stage."""
+    stages, tile = cfg.stages * stage_bytes(cfg), 4 * cfg.block_rows * cfg.block_tokens
+    return (stages + tile if cfg.continuous else max(stages, tile)) + 1024
 
 
 def fits(cfg: CudaWgmmaConfig, device: torch.device) -> bool:
@@ -621,7 +675,7 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
     """Launches worth timing for ``m`` tokens: a block of the fewest tokens that holds ``m`` (at most 128; more tokens
     are spread over the grid; past 64 tokens also two 64-token tiles), 128 to 256 rows in 2-4 warpgroups, 2 or 4
     steps in flight, one K-slice or a few (N = 4096 has only 16-32 row tiles), stream-K with 128 or 256 rows (112
-    tiles of 4096x14336 and 8192x28672 for 132 SMs), cluster twins of three split-K launches and producer twins of
+    tiles of 4096x14336 and 8192x28672 for 132 SMs) and its continuous twins, cluster twins of three split-K launches and producer twins of
     three launches, and two unswizzled launches for comparison (the runtime takes only the
     launches :func:`in_runtime` allows)."""
     C = CudaWgmmaConfig
@@ -639,6 +693,14 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             C(1, 1, tokens, 3, split=4, depth=4),
         ]
     out += [C(2, 2, tokens, 4, depth=4, stream=True), C(1, 2, tokens, 5, depth=4, stream=True)]
+    # continuous stream-K, one with a deeper pipeline (a block per SM: 3-4 K-blocks in flight); its float32 tile takes
+    # shared memory of its own, so at most 64 tokens per block, and only launches within Hopper's opt-in limit
+    few = min(tokens, 64)
+    flowing = [C(2, 2, few, 4, depth=4, stream=True, continuous=True),
+               C(1, 2, few, 5, depth=4, stream=True, continuous=True),
+               C(1, 2, few, 6, depth=4, stream=True, continuous=True),
+               C(1, 2, few, 4 if few <= 32 else 3, depth=4, stream=True, continuous=True, per_sm=2)]  # fmt: skip
+    out += [c for c in flowing if shared_bytes(c) + cuda_gemm.STATIC_SHARED_BYTES <= HOPPER_SHARED_BYTES]
     # split-K through a cluster's shared memory
     clustered = [C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4)]
     clustered += (
@@ -679,6 +741,8 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "STREAM_K": int(cfg.stream),
         "CLUSTER": int(cfg.cluster),
         "PRODUCER": int(cfg.producer),
+        "CONTINUOUS": int(cfg.continuous),
+        "PER_SM": cfg.per_sm,
         "STREAM_SLOTS": STREAM_SLOTS,
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())

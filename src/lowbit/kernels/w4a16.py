@@ -63,7 +63,7 @@ class WNA16Config:
     # kernel, whose warps take different rows, ``block_n / num_warps`` each)
     stage: bool = False
     # with ``cuda`` and ``stage``: blocks per SM looping over the row tiles (CudaGemvConfig.persist); with ``wgmma``:
-    # 1 for stream-K (one block per SM, CudaWgmmaConfig.stream)
+    # stream-K's blocks per SM (CudaWgmmaConfig.stream, .per_sm)
     persist: int = 0
     pipe: int = (
         1  # with ``cuda``, ``mma`` and ``stage``: load batches in flight per warp (CudaGemvConfig.pipe)
@@ -75,6 +75,8 @@ class WNA16Config:
     # warpgroup of its own for the copies (CudaWgmmaConfig.producer; ``num_warps`` counts the multiplying warps only)
     cluster: bool = False
     producer: bool = False
+    # with ``wgmma`` and ``persist``: stream-K with one copy pipeline over a worker's share (CudaWgmmaConfig.continuous)
+    continuous: bool = False
 
     def wgmma_config(self) -> cuda_wgmma.CudaWgmmaConfig:
         groups = self.num_warps // 4
@@ -88,6 +90,8 @@ class WNA16Config:
             self.kbi,
             stream=self.persist > 0,
             cluster=self.cluster,
+            continuous=self.continuous,
+            per_sm=max(1, self.persist),
             producer=self.producer,
         )
 
@@ -104,10 +108,11 @@ class WNA16Config:
             4 * c.groups,
             c.stages,
             kbi=c.depth,
-            persist=int(c.stream),
+            persist=c.per_sm if c.stream else 0,
             wgmma=True,
             cluster=c.cluster,
             producer=c.producer,
+            continuous=c.continuous,
         )
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
