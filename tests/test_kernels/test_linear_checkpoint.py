@@ -73,7 +73,11 @@ def compressed_tensors_entries(weight: torch.Tensor, bits: int, group_size: int,
         "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64),
     }
     if zero is not None:
-        entries["weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), bits, packed_dim=0)
+        # compressed-tensors 0.19 packs along dim 0 through a transpose (0.20 copies); safetensors saves contiguous
+        # tensors only, so contiguous here, as lowbit's exporter does
+        entries["weight_zero_point"] = pack_to_int32(
+            (zero - offset).to(torch.int8), bits, packed_dim=0
+        ).contiguous()
     return entries, dequantize_weight(q, scale, zero, bits)
 
 

@@ -691,15 +691,21 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             C(2, 2, 64, 4, split=2, depth=4),
             # 64 rows, two blocks per SM (N = 4096: 256 blocks, 8 K-blocks each)
             C(1, 1, tokens, 3, split=4, depth=4),
+            # around the fastest launch of 4096x4096 at 128 tokens (64-token tiles, split 4; 0.97x cuBLAS in sessions
+            # 17-19): a deeper pipeline, or eight slices
+            C(1, 2, 64, 5, split=4, depth=4),
+            C(1, 2, 64, 4, split=8, depth=4),
         ]
     out += [C(2, 2, tokens, 4, depth=4, stream=True), C(1, 2, tokens, 5, depth=4, stream=True)]
-    # continuous stream-K, one with a deeper pipeline (a block per SM: 3-4 K-blocks in flight); its float32 tile takes
-    # shared memory of its own, so at most 64 tokens per block, and only launches within Hopper's opt-in limit
+    # continuous stream-K: 256-row workers, one per SM, or 128-row workers, two per SM (session 19, H200: the fastest
+    # launch on 4096x14336 and 8192x28672 at 16 tokens, 8192x28672 at 64, by 0.1-3%; 128-row workers alone per SM,
+    # with 3-4 K-blocks in flight, never were). Its float32 tile takes shared memory of its own, so at most 64 tokens
+    # per block, and only launches within Hopper's opt-in limit
     few = min(tokens, 64)
     flowing = [C(2, 2, few, 4, depth=4, stream=True, continuous=True),
-               C(1, 2, few, 5, depth=4, stream=True, continuous=True),
-               C(1, 2, few, 6, depth=4, stream=True, continuous=True),
                C(1, 2, few, 4 if few <= 32 else 3, depth=4, stream=True, continuous=True, per_sm=2)]  # fmt: skip
+    if few <= 32:
+        flowing.append(C(1, 2, few, 5, depth=4, stream=True, continuous=True, per_sm=2))
     out += [c for c in flowing if shared_bytes(c) + cuda_gemm.STATIC_SHARED_BYTES <= HOPPER_SHARED_BYTES]
     # split-K through a cluster's shared memory
     clustered = [C(2, 2, tokens, 4, split=2, depth=4), C(1, 2, tokens, 5, split=4, depth=4)]
