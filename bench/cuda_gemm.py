@@ -113,7 +113,9 @@ def variant_bests(timed: list[dict]) -> dict[str, float]:
         c = t["config"]
         layout = "swizzled" if c.get("swizzle", True) else "unswizzled"
         key = layout + "".join(
-            f" {flag}" for flag in ("stream", "continuous", "cluster", "producer") if c.get(flag)
+            f" {flag}"
+            for flag in ("stream", "continuous", "cluster", "producer", "late_scale")
+            if c.get(flag)
         )
         key += " 2/SM" if c.get("per_sm", 1) > 1 else ""
         best[key] = min(best.get(key, float("inf")), t["us"])

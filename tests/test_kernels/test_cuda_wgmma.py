@@ -88,6 +88,7 @@ def emulate_wgmma(
     scale_bits = packed.scale.view(torch.int16).to(torch.int64) & 0xFFFF
     zero_bits = None if packed.zero is None else packed.zero.view(torch.int16).to(torch.int64) & 0xFFFF
     per_channel = packed.group_size == -1
+    late = cfg.late_scale and not per_channel
     group_blocks = 1 if per_channel else packed.group_size // 128
     x_bits = x.view(torch.int16).to(torch.int64) & 0xFFFF
     rows_per_block, tokens_per_block = cfg.block_rows, cfg.block_tokens
@@ -171,11 +172,12 @@ def emulate_wgmma(
                         A = torch.zeros(64, 16, dtype=torch.float64)
                         for wq in range(4):
                             packs, neg_zero, scale2 = frags[wq]
+                            unscaled = per_channel or late  # q - z: the scale goes on the float32 sums
                             regs = [
-                                dequant_pair(raw_codes(packs[0][j >> 2], j & 3), neg_zero[0], scale2[0], per_channel),
-                                dequant_pair(raw_codes(packs[1][j >> 2], j & 3), neg_zero[1], scale2[1], per_channel),
-                                dequant_pair(raw_codes(packs[0][2 + (j >> 2)], j & 3), neg_zero[0], scale2[0], per_channel),
-                                dequant_pair(raw_codes(packs[1][2 + (j >> 2)], j & 3), neg_zero[1], scale2[1], per_channel),
+                                dequant_pair(raw_codes(packs[0][j >> 2], j & 3), neg_zero[0], scale2[0], unscaled),
+                                dequant_pair(raw_codes(packs[1][j >> 2], j & 3), neg_zero[1], scale2[1], unscaled),
+                                dequant_pair(raw_codes(packs[0][2 + (j >> 2)], j & 3), neg_zero[0], scale2[0], unscaled),
+                                dequant_pair(raw_codes(packs[1][2 + (j >> 2)], j & 3), neg_zero[1], scale2[1], unscaled),
                             ]  # fmt: skip
                             # the A fragment of warp wq (PTX ISA: as mma.m16n8k16's A, rows 16 wq .. 16 wq + 15)
                             for reg, row, col in ((regs[0], G, 2 * T4), (regs[1], G + 8, 2 * T4),
@@ -197,9 +199,12 @@ def emulate_wgmma(
                         for wq, h, c, e in itertools.product(
                             range(4), range(2), range(tokens_per_block // 8), range(2)
                         ):
-                            acc[4 * q + wq, r, :, 4 * c + 2 * h + e] += D[
-                                16 * wq + 8 * h + G, 8 * c + 2 * T4 + e
-                            ]
+                            # late_scale: the K-block's sums times the row's scale (linear, so per step here)
+                            row = q * 64 * cfg.rows + 16 * wq + 64 * r + 8 * h + G
+                            s = bf16_bits_to_float(ss[row]).double() if late else 1.0
+                            acc[4 * q + wq, r, :, 4 * c + 2 * h + e] += (
+                                s * D[16 * wq + 8 * h + G, 8 * c + 2 * T4 + e]
+                            )
             # the epilogue: partial[(8 c + 2 t + e) * BLOCK_ROWS + row] = s * acc[r][4 c + 2 h + e], in float32
             partial = torch.zeros(tokens_per_block, rows_per_block, dtype=torch.float32)
             for warp, r, h, c, e in itertools.product(
@@ -238,6 +243,9 @@ def emulate_wgmma(
             CudaWgmmaConfig(rows=1, groups=2, tokens=16, stages=4, stream=True, continuous=True, per_sm=2),
             640,
         ),
+        (256, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, split=2, late_scale=True), 768),
+        (128, False, CudaWgmmaConfig(rows=1, groups=2, tokens=32, stages=3, split=3, late_scale=True), 640),
+        (-1, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, late_scale=True), 768),
     ],
 )
 def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg, k):
@@ -295,6 +303,7 @@ def test_config_validation():
         ({"per_sm": 2}, "per_sm"),
         ({"per_sm": 3, "stream": True}, "per_sm"),
         ({"per_sm": 2, "stream": True, "groups": 4, "tokens": 16}, "per_sm"),
+        ({"late_scale": True, "tokens": 64}, "late_scale"),
     ):
         with pytest.raises(ValueError, match=match):
             CudaWgmmaConfig(**bad)
@@ -490,6 +499,7 @@ def test_gpu_wgmma_odd_row_counts(n):
                                  CudaWgmmaConfig(1, 2, 64, 5, depth=4, stream=True, continuous=True),
                                  CudaWgmmaConfig(2, 2, 64, 4, depth=4, stream=True, continuous=True),
                                  CudaWgmmaConfig(1, 2, 16, 4, depth=4, stream=True, continuous=True, per_sm=2),
+                                 CudaWgmmaConfig(1, 2, 32, 5, split=4, depth=4, late_scale=True),
                                  CudaWgmmaConfig(1, 2, 128, 5, split=4, depth=4, cluster=True),
                                  CudaWgmmaConfig(1, 2, 128, 4, split=2, depth=4, producer=True),
                                  CudaWgmmaConfig(2, 2, 64, 4, depth=4, producer=True)])  # fmt: skip

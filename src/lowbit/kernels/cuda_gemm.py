@@ -87,12 +87,15 @@ __device__ __forceinline__ void cp_async_wait_stages() {
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+#ifndef LATE_SCALE
+#define LATE_SCALE 0  // lowbit.kernels.cuda_wgmma's option: grouped scales applied to each K-block's float32 sums
+#endif
 // (q0 - z, q1 - z) exactly from raw = (128 + q0, 128 + q1) and neg_zero = -(128 + z) twice; times scale2 (a bf16
-// pair, rounded once) unless PER_CHANNEL (the scale is applied to the float32 sums)
+// pair, rounded once) unless PER_CHANNEL or LATE_SCALE (the scale is applied to the float32 sums)
 __device__ __forceinline__ u32 dequant_pair(u32 raw, u32 neg_zero, u32 scale2) {
     u32 d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(raw), "r"(0x3F803F80u), "r"(neg_zero));
-    return PER_CHANNEL ? d : mul_bf16x2(d, scale2);
+    return PER_CHANNEL || LATE_SCALE ? d : mul_bf16x2(d, scale2);
 }
 
 // -(128 + z) as a bf16 pair, from a zero point's bits (symmetric: 8)

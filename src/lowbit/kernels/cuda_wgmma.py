@@ -83,7 +83,8 @@ HOPPER_SHARED_BYTES = 232448
 
 
 def wgmma_function(tokens: int) -> str:
-    """``wgmma_tile(d, a0..a3, desc)``: ``d += A B`` for one ``m64n{tokens}k16`` product, A (bf16, 64 x 16) from four
+    """``wgmma_tile(d, a0..a3, desc, accumulate)``: ``d += A B`` (``d = A B`` without ``accumulate``) for one
+    ``m64n{tokens}k16`` product, A (bf16, 64 x 16) from four
     registers per lane, B (bf16, 16 x tokens) from shared memory through ``desc``; ``d`` float32, ``tokens / 2`` per
     lane."""
     regs = tokens // 2
@@ -92,11 +93,11 @@ def wgmma_function(tokens: int) -> str:
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
     return (
         f"__device__ __forceinline__ void wgmma_tile(float (&d)[{regs}], u32 a0, u32 a1, u32 a2, u32 a3, "
-        "unsigned long long desc) {\n"
-        '    asm volatile("{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"\n'
+        "unsigned long long desc, bool accumulate) {\n"
+        f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 5}, 0;\\n"\n'
         f'        "wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.bf16.bf16 {{{acc}}}, {{{a}}}, %{regs + 4}, p, 1, 1, 0;\\n}}"\n'
         f"        : {outs}\n"
-        '        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));\n'
+        '        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"((int)accumulate));\n'
         "}\n"
     )
 
@@ -110,6 +111,7 @@ SOURCE = r"""
 #define TT (BLOCK_TOKENS / 8)
 #define AHEAD (STAGES - 2)  // K-blocks loaded ahead of the one computed (a third buffer is still being read)
 #define NT (NWARPS * 32)  // the threads that multiply
+#define LATE (LATE_SCALE && !PER_CHANNEL)  // grouped scales applied to each K-block's float32 sums (per channel: always)
 #define CT (PRODUCER ? 128 : NT)  // the threads that copy: a producer warpgroup of their own, or the same
 // PRODUCER: registers per thread while the roles differ (the producer gives its own to the multipliers:
 // setmaxnreg), and in the epilogue, which every thread runs; 128 (GROUPS + 1) threads hold 64 Ki registers
@@ -361,66 +363,87 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
         if (!PRODUCER && !CONTINUOUS)
             #pragma unroll
             for (int i = 0; i < AHEAD; ++i) load_stage(i);
+        // LATE (LATE_SCALE, grouped scales): the codes go into the products as q - z, each K-block's sums into kacc
+        // (its first step overwriting it), scaled in float32 and added to acc once the K-block's products are done.
+        // (Reading a buffer of K-block i - 1 while K-block i multiplies makes ptxas serialize every wgmma, C7514, so
+        // the K-block's products are waited for.)
+#if LATE
+        float kacc[ROWS][BLOCK_TOKENS / 2];
+#endif
+        // K-block i of the slice, its sums into kacc (LATE) or acc
+        auto k_block = [&](const int i) {
+#if PRODUCER
+            mbar_wait(full_bar + 8 * (i % STAGES), (i / STAGES) & 1);  // K-block i is here ...
+            async_proxy_fence();  // ... and visible to the tensor cores
+#else
+            asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
+            async_proxy_fence();  // ... visible to the tensor cores ...
+            __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
+                                  // running in any warp, so K-block i - 2's buffer is free to refill
+            load_stage(g0 + i + AHEAD);
+#endif
+            const int buf = (g0 + i) % STAGES;
+            const unsigned char* stage = smem + buf * STAGE_BYTES + X_BYTES;  // the weight rows
+            const unsigned long long desc = b_desc(smem_base + buf * STAGE_BYTES);  // step j: + x_step(j) / 16
+            const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
+
+            // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
+            // (k = 1); the same of words (2 t + 8, 2 t + 9) (k = 2, 3)
+            u32 packs[ROWS][2][4];
+            u32 neg_zero[ROWS][2], scale2[ROWS][2];
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                #pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int row = wrow + 64 * r + 8 * h + g;
+                    const uint2 lo = *reinterpret_cast<const uint2*>(stage + w_chunk(row, t4 >> 1) + 8 * (t4 & 1));
+                    const uint2 hi = *reinterpret_cast<const uint2*>(stage + w_chunk(row, 2 + (t4 >> 1)) + 8 * (t4 & 1));
+                    word_packs(lo.x, lo.y, hi.x, hi.y, packs[r][h]);
+                    row_constants(ss, row, channel_nz[r][h], neg_zero[r][h], scale2[r][h]);
+                }
+            u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15
+                const int b = j % DEPTH;
+                #pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    a[b][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
+                    a[b][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
+                    a[b][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
+                    a[b][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
+                }
+                wgmma_fence();
+                #pragma unroll
+                for (int r = 0; r < ROWS; ++r)
+#if LATE
+                    wgmma_tile(kacc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4), j > 0);
+#else
+                    wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4), true);
+#endif
+                wgmma_commit();
+                wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
+#if PRODUCER
+                // step 0 done, so all of K-block i - 1: its buffer may be refilled
+                if (j == DEPTH - 1 && i > 0) {
+                    async_proxy_fence();  // the products' reads before the producer's next writes there
+                    mbar_arrive(empty_bar + 8 * ((i - 1) % STAGES));
+                }
+#endif
+            }
+#if LATE
+            wgmma_wait<0>();
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                #pragma unroll
+                for (int e = 0; e < BLOCK_TOKENS / 2; ++e)
+                    acc[r][e] = fmaf(bf16_bits_to_float(scale2[r][(e >> 1) & 1] & 0xFFFFu), kacc[r][e], acc[r][e]);
+#endif
+        };
         // One path into the epilogue, the loop entered only with a K-block to do and one wait_group 0 after it: shaped
         // otherwise (a wait_group 0 in the last iteration, or a path skipping the loop with products in flight), ptxas
         // waits for every product at each K-block's end (C7517) or serializes every wgmma (C7515)
         if (nk > 0) {
-            for (int i = 0; i < nk; ++i) {
-#if PRODUCER
-                mbar_wait(full_bar + 8 * (i % STAGES), (i / STAGES) & 1);  // K-block i is here ...
-                async_proxy_fence();  // ... and visible to the tensor cores
-#else
-                asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");  // stage i is here (this thread's) ...
-                async_proxy_fence();  // ... visible to the tensor cores ...
-                __syncthreads();      // ... and everyone's. At most DEPTH - 1 step groups, all of K-block i - 1, are still
-                                      // running in any warp, so K-block i - 2's buffer is free to refill
-                load_stage(g0 + i + AHEAD);
-#endif
-                const int buf = (g0 + i) % STAGES;
-                const unsigned char* stage = smem + buf * STAGE_BYTES + X_BYTES;  // the weight rows
-                const unsigned long long desc = b_desc(smem_base + buf * STAGE_BYTES);  // step j: + x_step(j) / 16
-                const u16* ss = reinterpret_cast<const u16*>(stage + W_BYTES);
-
-                // [64-row tile][row g, g + 8][k]: half-words of words (2 t, 2 t + 1) side by side, codes 0-3 (k = 0) and 4-7
-                // (k = 1); the same of words (2 t + 8, 2 t + 9) (k = 2, 3)
-                u32 packs[ROWS][2][4];
-                u32 neg_zero[ROWS][2], scale2[ROWS][2];
-                #pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-                    #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int row = wrow + 64 * r + 8 * h + g;
-                        const uint2 lo = *reinterpret_cast<const uint2*>(stage + w_chunk(row, t4 >> 1) + 8 * (t4 & 1));
-                        const uint2 hi = *reinterpret_cast<const uint2*>(stage + w_chunk(row, 2 + (t4 >> 1)) + 8 * (t4 & 1));
-                        word_packs(lo.x, lo.y, hi.x, hi.y, packs[r][h]);
-                        row_constants(ss, row, channel_nz[r][h], neg_zero[r][h], scale2[r][h]);
-                    }
-                u32 a[DEPTH][ROWS][4];  // A fragments of DEPTH steps in flight: step j in a[j % DEPTH] (DEPTH divides 8)
-                #pragma unroll
-                for (int j = 0; j < 8; ++j) {  // code j of every word: features 16 j .. 16 j + 15
-                    const int b = j % DEPTH;
-                    #pragma unroll
-                    for (int r = 0; r < ROWS; ++r) {
-                        a[b][r][0] = dequant_pair(raw_codes(packs[r][0][j >> 2], j & 3), neg_zero[r][0], scale2[r][0]);
-                        a[b][r][1] = dequant_pair(raw_codes(packs[r][1][j >> 2], j & 3), neg_zero[r][1], scale2[r][1]);
-                        a[b][r][2] = dequant_pair(raw_codes(packs[r][0][2 + (j >> 2)], j & 3), neg_zero[r][0], scale2[r][0]);
-                        a[b][r][3] = dequant_pair(raw_codes(packs[r][1][2 + (j >> 2)], j & 3), neg_zero[r][1], scale2[r][1]);
-                    }
-                    wgmma_fence();
-                    #pragma unroll
-                    for (int r = 0; r < ROWS; ++r)
-                        wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4));
-                    wgmma_commit();
-                    wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
-#if PRODUCER
-                    // step 0 done, so all of K-block i - 1: its buffer may be refilled
-                    if (j == DEPTH - 1 && i > 0) {
-                        async_proxy_fence();  // the products' reads before the producer's next writes there
-                        mbar_arrive(empty_bar + 8 * ((i - 1) % STAGES));
-                    }
-#endif
-                }
-            }
+            for (int i = 0; i < nk; ++i) k_block(i);
             wgmma_wait<0>();
         }
 #if PRODUCER
@@ -507,7 +530,10 @@ class CudaWgmmaConfig:
     pipeline over a worker's whole share, running on across tile boundaries (the next tile's first K-blocks load while
     one tile's partial sums are stored, from a float32 tile of its own in shared memory), where plain stream-K drains
     and refills the pipeline at each tile; ``per_sm`` (stream-K): workers per SM (2: twice the warps to hide latency
-    with, the registers capped at 128 per thread)."""
+    with, the registers capped at 128 per thread); ``late_scale`` (at most 32 tokens): the codes go into the products
+    as ``q - z`` (one ``fma.bf16x2`` per register instead of two instructions) and each K-block's sums into a float32
+    buffer of its own, scaled and added to the running sums once the K-block's products are done (grouped scales;
+    per channel the scale is applied once at the end anyway)."""
 
     rows: int = 1
     groups: int = 2
@@ -521,6 +547,7 @@ class CudaWgmmaConfig:
     producer: bool = False
     continuous: bool = False
     per_sm: int = 1
+    late_scale: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -552,6 +579,8 @@ class CudaWgmmaConfig:
             problems.append(
                 "per_sm: 1, or 2 stream-K workers of two warpgroups per SM (128 registers per thread)"
             )
+        if self.late_scale and self.tokens > 32:
+            problems.append("late_scale: at most 32 tokens (a second float32 accumulator per 64-row tile)")
         if self.continuous and not self.stream:
             problems.append("continuous: a stream-K pipeline running across tiles, so stream=True")
         if self.cluster and (self.split == 1 or self.stream):
@@ -720,6 +749,12 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
         C(1, 2, tokens, 5, split=4, depth=4),
     ]
     out += [dataclasses.replace(c, producer=True) for c in produced]
+    if (
+        tokens <= 32
+    ):  # grouped scales on float32 sums: a multiply fewer per A register, a wait per K-block more
+        scaled_late = [C(1, 2, tokens, 4, split=8, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
+                       C(2, 2, tokens, 4, split=2, depth=4)]  # fmt: skip
+        out += [dataclasses.replace(c, late_scale=True) for c in scaled_late]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
@@ -749,6 +784,7 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "PRODUCER": int(cfg.producer),
         "CONTINUOUS": int(cfg.continuous),
         "PER_SM": cfg.per_sm,
+        "LATE_SCALE": int(cfg.late_scale),
         "STREAM_SLOTS": STREAM_SLOTS,
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())

@@ -77,6 +77,8 @@ class WNA16Config:
     producer: bool = False
     # with ``wgmma`` and ``persist``: stream-K with one copy pipeline over a worker's share (CudaWgmmaConfig.continuous)
     continuous: bool = False
+    # with ``wgmma``: grouped scales applied to each K-block's float32 sums (CudaWgmmaConfig.late_scale)
+    late_scale: bool = False
 
     def wgmma_config(self) -> cuda_wgmma.CudaWgmmaConfig:
         groups = self.num_warps // 4
@@ -92,6 +94,7 @@ class WNA16Config:
             cluster=self.cluster,
             continuous=self.continuous,
             per_sm=max(1, self.persist),
+            late_scale=self.late_scale,
             producer=self.producer,
         )
 
@@ -113,6 +116,7 @@ class WNA16Config:
             cluster=c.cluster,
             producer=c.producer,
             continuous=c.continuous,
+            late_scale=c.late_scale,
         )
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
