@@ -41,11 +41,20 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   (:func:`stream_segments`): the end of one tile, whole tiles, the start of another, each run through the same
   pipeline. Either way a tile's partial sums go to its slots of a float32 workspace and the last block of the tile
   to finish adds them in slot order (deterministic), then resets the tile's counter.
-* Two variants (runtime candidates since session 18's measurements, :func:`in_runtime`): ``cluster``, a tile's split-K blocks as one
-  thread-block cluster adding their partial tiles from each other's shared memory (``mapa``, ``ld.shared::cluster``;
-  no workspace, the same bits as split-K); ``producer``, one more warpgroup issuing every copy and signalling each
-  stage through ``mbarrier``s (full: its threads' copies landed; empty: K-block ``i``'s products done, arrived at
-  step ``depth - 1`` of K-block ``i + 1``), handing its registers to the multiplying warpgroups with ``setmaxnreg``.
+* Two variants (runtime candidates since session 18's measurements, :func:`in_runtime`): ``cluster``, a tile's split-K
+  blocks as one thread-block cluster adding their partial tiles from each other's shared memory (``mapa``,
+  ``ld.shared::cluster``; no workspace, the same bits as split-K); ``producer``, one more warpgroup issuing every copy
+  and signalling each stage through ``mbarrier``s (full: its threads' copies landed; empty: K-block ``i``'s products
+  done, arrived at step ``depth - 1`` of K-block ``i + 1``), handing its registers to the multiplying warpgroups with
+  ``setmaxnreg``.
+* The copies follow a cursor (``seek``, ``load_stage``): the next (tile, K-block) unit of the block's run and how many
+  are left. ``continuous`` stream-K (runtime candidates since session 19) runs one pipeline over a worker's whole
+  share, so the next tile's first K-blocks load while a tile's partial sums are stored, from a float32 tile of its own
+  in shared memory (plain stream-K drains and refills at each tile); ``per_sm = 2`` puts two such workers on an SM.
+* ``late_scale`` (at most 32 tokens; written in session 19, not yet run on a GPU, so not a runtime candidate): the
+  codes go into the products as ``q - z`` and each K-block's sums into a float32 buffer, scaled and added once the
+  K-block's products are done. Adding K-block ``i - 1``'s buffer while K-block ``i`` multiplies, as ``wait_group``
+  would allow, makes ptxas serialize every ``wgmma`` (C7514), so each K-block is waited for.
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128,
 compute capability 9.x (``wgmma`` is ``sm_90a`` only). :func:`supported` says whether a weight and input qualify.
@@ -59,7 +68,11 @@ at 64 tokens, 0.90-1.18x at 128 (unswizzled activations: 0.49-0.65x). Where the 
 products (8192x28672: 128 us in all, 91 us for the products, barriers and waits alone, 68 us for the copies and
 dequantization alone), and 112 tiles of 4096x14336 or 8192x28672 leave 20 of 132 SMs idle. Stream-K evens the SMs
 out but only ties split-K (14336x4096 and 8192x28672 at 128 tokens) or loses 2-5 us: a worker changing tiles drains
-and refills its pipeline and writes a float32 partial tile.
+and refills its pipeline and writes a float32 partial tile. Session 19
+(``bench/notes/cuda_wgmma_h200_session19_call2.json``): the continuous form with two 128-row workers per SM is the
+fastest launch at 16 tokens on 4096x14336 (19.17 us, 3% ahead of the cluster) and 8192x28672 (56.08 us, 0.2%), and
+with one 256-row worker per SM on 8192x28672 at 64 (80.00 us, 0.3%); at 128 tokens, with its tile kept apart from the
+stages (64-token tiles only), it loses 15-20%.
 """
 
 from __future__ import annotations
