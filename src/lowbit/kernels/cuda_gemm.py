@@ -56,6 +56,7 @@ this module's :data:`PIPELINE`.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -532,22 +533,30 @@ def _compiled(cfg: CudaGemmConfig, device_index: int, *scheme):
 def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaGemmConfig) -> torch.Tensor:
     """``x2 @ dequant(W).T`` (bf16 ``[M, N]``) for tokens ``x2`` ``[M, K]`` (bf16, rows may be strided) on the
     tensor-core GEMM (see :func:`supported`)."""
+    kernel, index = checked_kernel(x2, packed, cfg, sys.modules[__name__], "the CUDA GEMM",
+                                   "a GPU of compute capability 9.0+")  # fmt: skip
+    return launch(kernel, cfg, x2, packed, index, shared_bytes(cfg))
 
+
+def checked_kernel(x2: torch.Tensor, packed: PackedWNA16, cfg, module, name: str, gpu: str):
+    """The compiled kernel of ``module`` (this one or :mod:`lowbit.kernels.cuda_wgmma`: the same ``supported``,
+    ``fits``, ``shared_bytes`` and ``_compiled``) for launch ``cfg`` and the weight's scheme, and the device index,
+    once the kernel takes these tokens and weight (else an error that says what it needs, on ``gpu``) and the
+    launch's shared memory fits the device."""
     n, k = packed.out_features, packed.in_features
-    if not supported(x2, packed):
-        raise ValueError(f"the CUDA GEMM does not take tokens {tuple(x2.shape)} of {x2.dtype} on {x2.device} for a "
+    if not module.supported(x2, packed):
+        raise ValueError(f"{name} does not take tokens {tuple(x2.shape)} of {x2.dtype} on {x2.device} for a "
                          f"{packed.bits}-bit weight [{n}, {k}] with group size {packed.group_size}: it needs bf16 "
-                         "tokens [M, K] on a GPU of compute capability 9.0+, 16-byte aligned rows, 4-bit codes, "
-                         "K a multiple of 128 and groups of 128 features or more (see "
-                         "lowbit.kernels.cuda_gemm.supported); use lowbit.kernels.w4a16.wna16_matmul")  # fmt: skip
-    if not fits(cfg, x2.device):
-        raise ValueError(f"{cfg}: {shared_bytes(cfg)} bytes of shared memory per block exceed this GPU's limit; use "
-                         "fewer stages, rows or token tiles")  # fmt: skip
+                         f"tokens [M, K] on {gpu}, 16-byte aligned rows, 4-bit codes, K a multiple of 128 and "
+                         f"groups of 128 features or more (see {module.__name__}.supported); use "
+                         "lowbit.kernels.w4a16.wna16_matmul")  # fmt: skip
+    if not module.fits(cfg, x2.device):
+        raise ValueError(f"{cfg}: {module.shared_bytes(cfg)} bytes of shared memory per block exceed this GPU's "
+                         "limit; use fewer stages, rows or tokens")  # fmt: skip
     per_channel = packed.group_size == -1
     group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None)
-    return launch(kernel, cfg, x2, packed, index, shared_bytes(cfg))
+    return module._compiled(cfg, index, group_blocks, per_channel, packed.zero is not None), index
 
 
 def launch(

@@ -80,6 +80,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -835,25 +836,12 @@ def _compiled(cfg: CudaWgmmaConfig, device_index: int, *scheme):
 def gemm(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaWgmmaConfig) -> torch.Tensor:
     """``x2 @ dequant(W).T`` (bf16 ``[M, N]``) for tokens ``x2`` ``[M, K]`` (bf16, rows may be strided) on the
     ``wgmma`` GEMM (see :func:`supported`)."""
-
-    n, k = packed.out_features, packed.in_features
-    if not supported(x2, packed):
-        raise ValueError(f"the wgmma GEMM does not take tokens {tuple(x2.shape)} of {x2.dtype} on {x2.device} for a "
-                         f"{packed.bits}-bit weight [{n}, {k}] with group size {packed.group_size}: it needs bf16 "
-                         "tokens [M, K] on a Hopper GPU (compute capability 9.x), 16-byte aligned rows, 4-bit codes, "
-                         "K a multiple of 128 and groups of 128 features or more (see "
-                         "lowbit.kernels.cuda_wgmma.supported); use lowbit.kernels.w4a16.wna16_matmul")  # fmt: skip
-    if not fits(cfg, x2.device):
-        raise ValueError(f"{cfg}: {shared_bytes(cfg)} bytes of shared memory per block exceed this GPU's limit; use "
-                         "fewer stages, rows or tokens")  # fmt: skip
-    per_channel = packed.group_size == -1
-    group_blocks = 1 if per_channel else packed.group_size // 128
-    index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None)
+    kernel, index = cuda_gemm.checked_kernel(x2, packed, cfg, sys.modules[__name__], "the wgmma GEMM",
+                                             "a Hopper GPU (compute capability 9.x)")  # fmt: skip
     if not cfg.stream:
         slots = 1 if cfg.cluster else 0  # a cluster adds its blocks' partial tiles without the workspace
         return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg), slots=slots)
-    workers = stream_workers(cfg, x2.shape[0], n, k, _sm_count(index))
+    workers = stream_workers(cfg, x2.shape[0], packed.out_features, packed.in_features, _sm_count(index))
     return cuda_gemm.launch(kernel, cfg, x2, packed, index, shared_bytes(cfg), workers, STREAM_SLOTS)
 
 
