@@ -304,13 +304,19 @@ def test_gemm_refuses_what_it_cannot_take():
 def test_gpu_gemm_matches_float64(group, asymmetric, m):
     """Every candidate launch for M tokens against float64: every scheme, a partial row tile (N = 1000 with 128-,
     256- and 64-row blocks), partial token tiles, split-K over uneven K-slices (22 K-blocks in 2)."""
+    assert_candidates_match_float64(cuda_gemm, group, asymmetric, m)
+
+
+def assert_candidates_match_float64(module, group: int, asymmetric: bool, m: int) -> None:
+    """Every launch of ``module.candidates(m)`` (:mod:`lowbit.kernels.cuda_gemm` or ``cuda_wgmma``) on N = 1000,
+    K = 2816 (22 K-blocks) against float64: the whole product, and each token's row."""
     n, k = 1000, 2816
     packed = packed_weight(n, k, group, asymmetric, "cuda")
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    assert cuda_gemm.supported(x, packed)
+    assert module.supported(x, packed)
     ref = float64_product(x, packed)
-    for cfg in cuda_gemm.candidates(m):
-        out = cuda_gemm.gemm(x, packed, cfg)
+    for cfg in module.candidates(m):
+        out = module.gemm(x, packed, cfg)
         assert out.shape == (m, n) and out.dtype == torch.bfloat16
         assert rel_err(out, ref) < 3e-3, cfg
         worst = max(rel_err(out[row : row + 1], ref[row : row + 1]) for row in range(m))

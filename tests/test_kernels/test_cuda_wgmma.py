@@ -16,6 +16,7 @@ from tests.test_kernels.test_cuda_gemm import (
     MASK32,
     T4,
     G,
+    assert_candidates_match_float64,
     bf16_bits_to_float,
     dequant_pair,
     float_to_bf16_bits,
@@ -469,17 +470,7 @@ def test_gpu_wgmma_refuses_and_the_runtime_falls_back():
 def test_gpu_wgmma_matches_float64(group, asymmetric, m):
     """Every candidate launch for M tokens against float64: every scheme, a partial row tile (N = 1000 with 128-
     and 256-row blocks), partial token tiles, split-K over uneven K-slices (22 K-blocks in 2 or 4)."""
-    n, k = 1000, 2816
-    packed = packed_weight(n, k, group, asymmetric, "cuda")
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    assert cuda_wgmma.supported(x, packed)
-    ref = float64_product(x, packed)
-    for cfg in cuda_wgmma.candidates(m):
-        out = cuda_wgmma.gemm(x, packed, cfg)
-        assert out.shape == (m, n) and out.dtype == torch.bfloat16
-        assert rel_err(out, ref) < 3e-3, cfg
-        worst = max(rel_err(out[row : row + 1], ref[row : row + 1]) for row in range(m))
-        assert worst < 4e-3, (cfg, worst)
+    assert_candidates_match_float64(cuda_wgmma, group, asymmetric, m)
 
 
 @hopper_only
