@@ -16,6 +16,8 @@ The gap between ``full`` and each variant is what that part costs where it is no
 time (:func:`lowbit.kernels.w4a16.device_time`, L2 flushed) minus the flush, with cuBLAS bf16 in the same run.
 Writes ``wgmma_ablation.json`` under ``--out``.
 
+``--launches continuous``: session 19's continuous stream-K launches at 16 tokens instead of split-K.
+
 ``--profile SHAPE:M``: for Nsight Compute, run each of ``--variants`` at that point three times, untimed and outside
 CUDA graphs (``ncu -k lowbit_w4a16_wgmma --launch-skip 1 --launch-count 1 python bench/wgmma_ablation.py
 --profile 4096x14336:128 --variants full``).
@@ -52,12 +54,19 @@ BEST = {
     ("8192x28672", 64): C(2, 2, 64, 4, split=1, depth=4),
     ("8192x28672", 128): C(2, 2, 128, 4, split=1, depth=4),
 }
+# --launches continuous: the continuous stream-K launches session 19's sweep found fastest at 16 tokens
+# (bench/notes/cuda_wgmma_h200_session19_call2.json), two 128-row workers per SM
+CONTINUOUS = {
+    ("4096x14336", 16): C(1, 2, 16, 4, depth=4, stream=True, continuous=True, per_sm=2),
+    ("8192x28672", 16): C(1, 2, 16, 4, depth=4, stream=True, continuous=True, per_sm=2),
+    ("14336x4096", 16): C(1, 2, 16, 4, depth=4, stream=True, continuous=True, per_sm=2),
+}
 SHAPES = {"4096x4096": (4096, 4096), "4096x14336": (4096, 14336), "14336x4096": (14336, 4096),
           "8192x28672": (8192, 28672)}  # fmt: skip
 
 DEQUANT = re.compile(r"dequant_pair\(raw_codes\((packs\[r\]\[\d\]\[[^\]]+\]), j & 3\), [^;]+\);")
-LOOP_COPY = "                load_stage(g0 + i + AHEAD);\n"
-PRODUCT = "wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4));"
+LOOP_COPY = "            load_stage(g0 + i + AHEAD);\n"
+PRODUCT = "wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4), true);"
 
 
 def variant(source: str, name: str) -> str:
@@ -87,7 +96,12 @@ def launcher(cfg: C, name: str, x: torch.Tensor, packed):
     shared = cuda_wgmma.shared_bytes(cfg)
     kernel = cuda_gemm.compile_with_shared(_CACHE, (cfg, name), index, lambda: variant(cuda_wgmma.source(cfg, 1, False, False), name),
                                            cfg.kernel_name, f"{name} {cfg}", shared, arch="90a")  # fmt: skip
-    return lambda: cuda_gemm.launch(kernel, cfg, x, packed, index, shared)
+    if not cfg.stream:
+        return lambda: cuda_gemm.launch(kernel, cfg, x, packed, index, shared)
+    n, k = packed.out_features, packed.in_features
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    workers = cuda_wgmma.stream_workers(cfg, x.shape[0], n, k, sms)
+    return lambda: cuda_gemm.launch(kernel, cfg, x, packed, index, shared, workers, cuda_wgmma.STREAM_SLOTS)
 
 
 def timed(cfg: C, name: str, x: torch.Tensor, packed, flush_ms: float) -> float:
@@ -109,12 +123,15 @@ def main() -> None:
     parser.add_argument("--ms", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--profile", help="SHAPE:M, e.g. 4096x14336:128: run untimed, for ncu")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--launches", choices=["split", "continuous"], default="split",
+                        help="the fastest plain split-K launches, or session 19's continuous stream-K ones")  # fmt: skip
     args = parser.parse_args()
+    launches = BEST if args.launches == "split" else CONTINUOUS
     if args.profile:
         shape, m = args.profile.split(":")
         packed, x = weights(shape, int(m))
         for name in args.variants:
-            run = launcher(BEST[shape, int(m)], name, x, packed)
+            run = launcher(launches[shape, int(m)], name, x, packed)
             for _ in range(3):
                 run()
         torch.cuda.synchronize()
@@ -122,7 +139,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     flush_ms = w4a16.device_time(lambda: None)
     rows = []
-    for (shape, m), cfg in BEST.items():
+    for (shape, m), cfg in launches.items():
         if m not in args.ms:
             continue
         k, n = SHAPES[shape]

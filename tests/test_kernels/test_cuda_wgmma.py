@@ -7,7 +7,10 @@ in a CUDA graph) and strided tokens."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -636,3 +639,20 @@ def test_gpu_wgmma_empty_k_slices():
     x = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
     cfg = CudaWgmmaConfig(2, 2, 64, 4, depth=4, producer=True)
     assert rel_err(cuda_wgmma.gemm(x, packed, cfg), float64_product(x, packed)) < 3e-3
+
+
+def test_ablation_edits_still_find_their_text():
+    """bench/wgmma_ablation.py takes parts of the kernel out by editing its source text, and asserts each edit found
+    its text: every variant of every launch it times still builds (session 19 moved the K-block into a lambda, which
+    re-indented the copy it removes)."""
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        ablation = importlib.import_module("wgmma_ablation")
+    finally:
+        sys.path.remove(str(bench))
+    for cfg in [*ablation.BEST.values(), *ablation.CONTINUOUS.values()]:
+        full = cuda_wgmma.source(cfg, 1, False, False)
+        for name in ablation.VARIANTS:
+            edited = ablation.variant(full, name)
+            assert (edited == full) == (name == "full"), (cfg, name)
