@@ -250,6 +250,7 @@ def emulate_wgmma(
         (256, True, CudaWgmmaConfig(rows=2, groups=1, tokens=16, stages=3, split=2, late_scale=True), 768),
         (128, False, CudaWgmmaConfig(rows=1, groups=2, tokens=32, stages=3, split=3, late_scale=True), 640),
         (-1, True, CudaWgmmaConfig(rows=1, groups=1, tokens=16, stages=3, late_scale=True), 768),
+        (128, True, CudaWgmmaConfig(rows=1, groups=2, tokens=16, stages=3, split=2, depth=8), 768),
     ],
 )
 def test_emulated_kernel_mapping_gives_the_product(group, asymmetric, cfg, k):
@@ -397,11 +398,13 @@ def test_stream_workers_keep_each_tile_within_its_slots():
 def test_candidates_are_short_and_cover_the_token_counts():
     """A short list per token count, of valid launches whose blocks hold M tokens (at most 128 per block; past 64
     tokens also 64-token blocks); the tuner times the swizzled ones (the unswizzled two and the unmeasured
-    ``late_scale`` ones: the benchmark's)."""
+    ``late_scale`` and ``depth = 8`` ones: the benchmark's)."""
     for m in (16, 17, 32, 33, 64, 100, 128, 256):
         cands = cuda_wgmma.candidates(m)
-        assert 3 <= len(cands) <= 24 and len(set(cands)) == len(cands)
-        unmeasured = sum(c.late_scale for c in cands)  # the benchmark's until measured on a GPU
+        assert 3 <= len(cands) <= 26 and len(set(cands)) == len(cands)
+        unmeasured = sum(
+            c.late_scale or c.depth == 8 for c in cands
+        )  # the benchmark's until measured on a GPU
         assert 3 <= sum(map(cuda_wgmma.in_runtime, cands)) == len(cands) - 2 - unmeasured
         assert all(c.block_tokens >= min(m, 128) or (m > 64 and c.block_tokens == 64) for c in cands), m
         assert any(c.split == 1 for c in cands) and any(c.split > 1 for c in cands)

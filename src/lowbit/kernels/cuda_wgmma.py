@@ -534,7 +534,7 @@ class CudaWgmmaConfig:
     """Launch shape of the ``wgmma`` GEMM: ``groups`` warpgroups, each taking ``rows`` 64-row tiles and all of the
     block's ``tokens`` (a block: ``64 * rows * groups`` rows by ``tokens`` tokens); ``stages`` K-blocks in the
     ``cp.async`` pipeline (``stages - 2`` loaded ahead); ``split`` blocks along K; ``depth`` 16-feature steps of
-    products in flight per warpgroup (2 or 4); ``swizzle``: the activations in the 128-byte swizzled layout (else
+    products in flight per warpgroup (2, 4 or 8); ``swizzle``: the activations in the 128-byte swizzled layout (else
     unswizzled, for comparison: not a runtime candidate); ``stream``: stream-K instead of split-K, one block per SM
     each taking an equal share of all tiles' K-blocks (:func:`stream_segments`), so that 112 tiles keep 132 SMs
     busy; ``cluster``: a tile's ``split`` blocks as one thread-block cluster, adding their partial tiles through
@@ -580,8 +580,8 @@ class CudaWgmmaConfig:
                             "lane; at most 256")  # fmt: skip
         if not 3 <= self.stages <= 6:
             problems.append("stages must be 3 to 6")
-        if self.depth not in (2, 4):
-            problems.append("depth must be 2 or 4")
+        if self.depth not in (2, 4, 8):
+            problems.append("depth must be 2, 4 or 8")
         if not 1 <= self.split <= MAX_SPLIT:
             problems.append(f"split must be 1 to {MAX_SPLIT}")
         if self.stream and self.split != 1:
@@ -710,10 +710,10 @@ def in_runtime(cfg: CudaWgmmaConfig) -> bool:
     """Whether the runtime's tuner may take ``cfg``: swizzled (unswizzled: 0.49-0.65x cuBLAS at 128 tokens). The
     cluster and producer twins are in since session 18's sweep (H200): exact at every point, the cluster's the fastest
     launch on 4096x14336 at 16, 64 and 128 tokens (2-4% ahead) and 8192x28672 at 16, the producer's on 4096x4096 and
-    14336x4096 at 16 tokens (1%); the continuous stream-K launches since session 19's. ``late_scale`` launches are not
-    (yet): written in session 19, compiled and emulated here, never run on a GPU (no device time was left), so only
-    the benchmark times them."""
-    return cfg.swizzle and not cfg.late_scale
+    14336x4096 at 16 tokens (1%); the continuous stream-K launches since session 19's. ``late_scale`` launches and
+    eight steps in flight (``depth = 8``) are not (yet): written in session 19, compiled here (no serialization, no
+    spill) and the first emulated, never run on a GPU (no device time was left), so only the benchmark times them."""
+    return cfg.swizzle and not cfg.late_scale and cfg.depth != 8
 
 
 def candidates(m: int) -> list[CudaWgmmaConfig]:
@@ -737,9 +737,11 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             # 64 rows, two blocks per SM (N = 4096: 256 blocks, 8 K-blocks each)
             C(1, 1, tokens, 3, split=4, depth=4),
             # around the fastest launch of 4096x4096 at 128 tokens (64-token tiles, split 4; 0.97x cuBLAS in sessions
-            # 17-19): a deeper pipeline, or eight slices
+            # 17-19, latency-bound): a deeper pipeline, eight slices, or all eight steps of a K-block in flight (127
+            # registers: still two blocks per SM)
             C(1, 2, 64, 5, split=4, depth=4),
             C(1, 2, 64, 4, split=8, depth=4),
+            C(1, 2, 64, 4, split=4, depth=8),
         ]
     out += [C(2, 2, tokens, 4, depth=4, stream=True), C(1, 2, tokens, 5, depth=4, stream=True)]
     # continuous stream-K: 256-row workers, one per SM, or 128-row workers, two per SM (session 19, H200: the fastest
@@ -771,6 +773,7 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
         scaled_late = [C(1, 2, tokens, 4, split=8, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
                        C(2, 2, tokens, 4, split=2, depth=4)]  # fmt: skip
         out += [dataclasses.replace(c, late_scale=True) for c in scaled_late]
+        out.append(C(1, 2, tokens, 4, split=8, depth=8))  # all eight steps in flight
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
