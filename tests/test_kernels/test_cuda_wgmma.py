@@ -308,6 +308,7 @@ def test_config_validation():
         ({"per_sm": 2}, "per_sm"),
         ({"per_sm": 3, "stream": True}, "per_sm"),
         ({"per_sm": 2, "stream": True, "groups": 4, "tokens": 16}, "per_sm"),
+        ({"per_sm": 2, "stream": True, "rows": 2, "tokens": 64}, "per_sm"),
         ({"late_scale": True, "tokens": 64}, "late_scale"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -534,6 +535,8 @@ def test_runtime_candidates_round_trip_and_cover_16_to_255_tokens():
         assert all(w4a16.WNA16Config.from_wgmma(c.wgmma_config()) == c for c in launches)
     with pytest.raises(ValueError, match="swizzled"):
         w4a16.WNA16Config.from_wgmma(CudaWgmmaConfig(swizzle=False))
+    with pytest.raises(ValueError, match="not yet measured"):
+        w4a16.WNA16Config.from_wgmma(CudaWgmmaConfig(tokens=16, late_scale=True))
 
 
 def test_tuner_skips_launches_whose_workspace_is_too_large():

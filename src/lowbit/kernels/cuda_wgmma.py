@@ -535,7 +535,7 @@ class CudaWgmmaConfig:
     block's ``tokens`` (a block: ``64 * rows * groups`` rows by ``tokens`` tokens); ``stages`` K-blocks in the
     ``cp.async`` pipeline (``stages - 2`` loaded ahead); ``split`` blocks along K; ``depth`` 16-feature steps of
     products in flight per warpgroup (2, 4 or 8); ``swizzle``: the activations in the 128-byte swizzled layout (else
-    unswizzled, for comparison: not a runtime candidate); ``stream``: stream-K instead of split-K, one block per SM
+    unswizzled, for comparison: not a runtime candidate); ``stream``: stream-K instead of split-K, ``per_sm`` blocks per SM
     each taking an equal share of all tiles' K-blocks (:func:`stream_segments`), so that 112 tiles keep 132 SMs
     busy; ``cluster``: a tile's ``split`` blocks as one thread-block cluster, adding their partial tiles through
     distributed shared memory instead of a float32 workspace in global memory; ``producer``: one more warpgroup issues
@@ -589,10 +589,11 @@ class CudaWgmmaConfig:
         if self.producer and (self.stream or self.groups != 2):
             problems.append("producer: two multiplying warpgroups (the registers it hands over are counted for two), "
                             "and no stream-K (its barriers count one tile's K-blocks)")  # fmt: skip
-        if self.per_sm not in (1, 2) or (self.per_sm == 2 and (not self.stream or self.groups != 2)):
-            problems.append(
-                "per_sm: 1, or 2 stream-K workers of two warpgroups per SM (128 registers per thread)"
-            )
+        if self.per_sm not in (1, 2) or (
+            self.per_sm == 2 and (not self.stream or self.groups != 2 or self.rows * self.tokens > 64)
+        ):
+            problems.append("per_sm: 1, or 2 stream-K workers of two warpgroups per SM, rows * tokens at most 64 "
+                            "(128 registers per thread: more spills)")  # fmt: skip
         if self.late_scale and self.tokens > 32:
             problems.append("late_scale: at most 32 tokens (a second float32 accumulator per 64-row tile)")
         if self.continuous and not self.stream:
