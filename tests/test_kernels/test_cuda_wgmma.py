@@ -402,7 +402,7 @@ def test_candidates_are_short_and_cover_the_token_counts():
     ``late_scale`` and ``depth = 8`` ones: the benchmark's)."""
     for m in (16, 17, 32, 33, 64, 100, 128, 256):
         cands = cuda_wgmma.candidates(m)
-        assert 3 <= len(cands) <= 26 and len(set(cands)) == len(cands)
+        assert 3 <= len(cands) <= 28 and len(set(cands)) == len(cands)
         unmeasured = sum(
             c.late_scale or c.depth == 8 for c in cands
         )  # the benchmark's until measured on a GPU

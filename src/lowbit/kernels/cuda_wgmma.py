@@ -773,8 +773,12 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
     ):  # grouped scales on float32 sums: a multiply fewer per A register, a wait per K-block more
         scaled_late = [C(1, 2, tokens, 4, split=8, depth=4), C(1, 2, tokens, 5, split=4, depth=4),
                        C(2, 2, tokens, 4, split=2, depth=4)]  # fmt: skip
+        # and the fastest launch at 16 tokens in session 19 (continuous, two workers per SM: 117 registers) with it
+        scaled_late.append(C(1, 2, tokens, 4, depth=4, stream=True, continuous=True, per_sm=2))
         out += [dataclasses.replace(c, late_scale=True) for c in scaled_late]
-        out.append(C(1, 2, tokens, 4, split=8, depth=8))  # all eight steps in flight
+        # all eight steps of a K-block in flight (the continuous one at 127 registers)
+        out += [C(1, 2, tokens, 4, split=8, depth=8),
+                C(1, 2, tokens, 4, depth=8, stream=True, continuous=True, per_sm=2)]  # fmt: skip
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),
