@@ -713,10 +713,10 @@ def in_runtime(cfg: CudaWgmmaConfig) -> bool:
     """Whether the runtime's tuner may take ``cfg``: swizzled (unswizzled: 0.49-0.65x cuBLAS at 128 tokens). The
     cluster and producer twins are in since session 18's sweep (H200): exact at every point, the cluster's the fastest
     launch on 4096x14336 at 16, 64 and 128 tokens (2-4% ahead) and 8192x28672 at 16, the producer's on 4096x4096 and
-    14336x4096 at 16 tokens (1%); the continuous stream-K launches since session 19's. ``late_scale`` launches and
-    eight steps in flight (``depth = 8``) are not (yet): written in session 19, compiled here (no serialization, no
-    spill) and the first emulated, never run on a GPU (no device time was left), so only the benchmark times them."""
-    return cfg.swizzle and not cfg.late_scale and cfg.depth != 8
+    14336x4096 at 16 tokens (1%); the continuous stream-K launches since session 19's; ``late_scale`` since session
+    20's (exact against float64 on the H200, and the fastest launch at 16 tokens on the three larger shapes, by
+    1-2%)."""
+    return cfg.swizzle
 
 
 def candidates(m: int) -> list[CudaWgmmaConfig]:
@@ -740,11 +740,10 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             # 64 rows, two blocks per SM (N = 4096: 256 blocks, 8 K-blocks each)
             C(1, 1, tokens, 3, split=4, depth=4),
             # around the fastest launch of 4096x4096 at 128 tokens (64-token tiles, split 4; 0.97x cuBLAS in sessions
-            # 17-19, latency-bound): a deeper pipeline, eight slices, or all eight steps of a K-block in flight (127
-            # registers: still two blocks per SM)
+            # 17-19, latency-bound): a deeper pipeline, or eight slices. (All eight steps of a K-block in flight,
+            # depth 8, was 1% slower than depth 4 in session 20: no longer a candidate.)
             C(1, 2, 64, 5, split=4, depth=4),
             C(1, 2, 64, 4, split=8, depth=4),
-            C(1, 2, 64, 4, split=4, depth=8),
         ]
     out += [C(2, 2, tokens, 4, depth=4, stream=True), C(1, 2, tokens, 5, depth=4, stream=True)]
     # continuous stream-K: 256-row workers, one per SM, or 128-row workers, two per SM (session 19, H200: the fastest
@@ -778,9 +777,8 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
         # and the fastest launch at 16 tokens in session 19 (continuous, two workers per SM: 117 registers) with it
         scaled_late.append(C(1, 2, tokens, 4, depth=4, stream=True, continuous=True, per_sm=2))
         out += [dataclasses.replace(c, late_scale=True) for c in scaled_late]
-        # all eight steps of a K-block in flight (the continuous one at 127 registers)
-        out += [C(1, 2, tokens, 4, split=8, depth=8),
-                C(1, 2, tokens, 4, depth=8, stream=True, continuous=True, per_sm=2)]  # fmt: skip
+        # (depth 8, all eight steps of a K-block in flight, timed in session 20 with split-K and continuous at 16
+        # tokens: 2-3% behind depth 4, so no longer a candidate)
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),

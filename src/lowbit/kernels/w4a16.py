@@ -103,8 +103,7 @@ class WNA16Config:
         if not cuda_wgmma.in_runtime(c):
             raise ValueError(
                 f"{c}: not a runtime launch: the runtime runs swizzled launches only (unswizzled: 0.49-0.65x cuBLAS "
-                "at 128 tokens), and none not yet measured on a GPU (late_scale, depth 8: "
-                "lowbit.kernels.cuda_wgmma.in_runtime)"
+                "at 128 tokens; lowbit.kernels.cuda_wgmma.in_runtime)"
             )
         return WNA16Config(
             c.tokens,
