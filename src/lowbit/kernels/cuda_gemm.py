@@ -79,16 +79,6 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 bytes) 
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 
-// the same for the packed weights, L2::evict_first where EVICT_FIRST (lowbit.kernels.cuda_gemv.HELPERS)
-__device__ __forceinline__ void cp_async16_weights(u32 dst, const void* src, u32 bytes) {
-#if EVICT_FIRST
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
-                 :: "r"(dst), "l"(src), "r"(bytes), "l"(weight_policy()) : "memory");
-#else
-    cp_async16(dst, src, bytes);
-#endif
-}
-
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 // all but the newest STAGES - 2 groups of this thread complete
@@ -282,7 +272,7 @@ lowbit_w4a16_gemm(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #pragma unroll
             for (int c = tid; c < BLOCK_ROWS * 4; c += NWARPS * 32) {
                 const int n = min(n0 + (c >> 2), N - 1);
-                cp_async16_weights(base + 16 * c, qweight + ((size_t)kb * N + n) * 4 + (c & 3), 16u);
+                cp_async16(base + 16 * c, qweight + ((size_t)kb * N + n) * 4 + (c & 3), 16u);
             }
             const u32 xs = base + W_BYTES;
             for (int c = tid; c < live * 128; c += NWARPS * 32) {
@@ -384,15 +374,13 @@ MAX_SPLIT = 8
 class CudaGemmConfig:
     """Launch shape of the GEMM: each of ``warps`` warps takes ``rows`` 16-row tiles and ``token_tiles`` 8-token tiles
     (a block: ``16 * rows * warps`` rows by ``8 * token_tiles`` tokens); ``stages`` K-blocks of weights and
-    activations in the ``cp.async`` pipeline; ``split`` blocks along K; ``evict_first``: the weight copies marked
-    ``L2::evict_first`` (:data:`lowbit.kernels.cuda_gemv.HELPERS`)."""
+    activations in the ``cp.async`` pipeline; ``split`` blocks along K."""
 
     rows: int = 2
     token_tiles: int = 8
     warps: int = 4
     stages: int = 3
     split: int = 1
-    evict_first: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -503,7 +491,6 @@ def source(cfg: CudaGemmConfig, group_blocks: int, per_channel: bool, has_zero: 
         "X_PITCH": X_PITCH,
         "BLOCK_ROWS": cfg.block_rows,
         "BLOCK_TOKENS": cfg.block_tokens,
-        "EVICT_FIRST": int(cfg.evict_first),
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
     return defines + cuda_gemv.HELPERS + PIPELINE + SOURCE

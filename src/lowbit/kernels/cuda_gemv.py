@@ -56,27 +56,10 @@ HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
-#ifndef EVICT_FIRST
-#define EVICT_FIRST 0
-#endif
-// EVICT_FIRST: the packed weights, read once per launch, are the first lines L2 gives up when it needs room, before
-// lines that other work wrote (which would cost a write-back to DRAM) or will read again. (The .L2::evict_first
-// qualifier of ld takes 32-byte vectors only; a cache policy operand marks 16-byte loads.)
-__device__ __forceinline__ unsigned long long weight_policy() {
-    unsigned long long policy;
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    return policy;
-}
-
 __device__ __forceinline__ uint4 load_words(const uint4* p) {
     uint4 v;
-#if EVICT_FIRST
-    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "l"(weight_policy()));
-#else
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-#endif
     return v;
 }
 
@@ -823,8 +806,6 @@ class CudaGemvConfig:
     # the staged tensor-core kernel: batches of ``unroll`` K-blocks in flight per warp while one is computed (a ring of
     # register buffers; 1 = the next batch only, as measured in session 15; deeper rings are not measured yet)
     pipe: int = 1
-    # the weight loads marked L2::evict_first (session 20: a benchmark candidate until a GPU has timed it)
-    evict_first: bool = False
 
     def __post_init__(self) -> None:
         if min(self.rows, self.warps, self.unroll, self.split, self.pipe) < 1:
@@ -972,7 +953,6 @@ def source(
         "STAGE": int(cfg.stage),
         "PERSIST": int(cfg.persist > 0),
         "PIPE": cfg.pipe,
-        "EVICT_FIRST": int(cfg.evict_first),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 

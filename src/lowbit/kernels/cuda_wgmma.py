@@ -321,7 +321,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             #pragma unroll COPY_UNROLL
             for (int u = 0; u < W_COPIES; ++u) {
                 const int n = min(n0 + w_row0 + u * (CT / 4), N - 1);
-                cp_async16_weights(ws + w_dst0 + u * (CT / 4) * 64, wk + (size_t)n * 4, 16u);
+                cp_async16(ws + w_dst0 + u * (CT / 4) * 64, wk + (size_t)n * 4, 16u);
             }
             const u16* xk = ld_x + kb * 128;
             #pragma unroll COPY_UNROLL
@@ -547,8 +547,7 @@ class CudaWgmmaConfig:
     with, the registers capped at 128 per thread); ``late_scale`` (at most 32 tokens): the codes go into the products
     as ``q - z`` (one ``fma.bf16x2`` per register instead of two instructions) and each K-block's sums into a float32
     buffer of its own, scaled and added to the running sums once the K-block's products are done (grouped scales;
-    per channel the scale is applied once at the end anyway); ``evict_first``: the weight copies marked
-    ``L2::evict_first`` (:data:`lowbit.kernels.cuda_gemv.HELPERS`)."""
+    per channel the scale is applied once at the end anyway)."""
 
     rows: int = 1
     groups: int = 2
@@ -563,7 +562,6 @@ class CudaWgmmaConfig:
     continuous: bool = False
     per_sm: int = 1
     late_scale: bool = False
-    evict_first: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -809,7 +807,6 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "CONTINUOUS": int(cfg.continuous),
         "PER_SM": cfg.per_sm,
         "LATE_SCALE": int(cfg.late_scale),
-        "EVICT_FIRST": int(cfg.evict_first),
         "STREAM_SLOTS": STREAM_SLOTS,
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
