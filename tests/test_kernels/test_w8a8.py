@@ -44,10 +44,17 @@ def test_quantize_rows_matches_reference(dtype: torch.dtype, k: int) -> None:
 @INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize(
-    "config", [W8A8Config(16, 32, 64, 2, 2, 2), W8A8Config(32, 64, 32, 1, 4, 3)], ids=["bm16", "bm32"]
+    "config",
+    [
+        W8A8Config(16, 32, 64, 2, 2, 2),
+        W8A8Config(32, 64, 32, 1, 4, 3),
+        W8A8Config(16, 32, 64, 2, 2, 2, split_k=3),
+    ],
+    ids=["bm16", "bm32", "split3"],
 )
 def test_w8a8_linear_matches_reference(dtype: torch.dtype, config: W8A8Config) -> None:
-    """Ragged M and N, K not a multiple of BLOCK_K (masked tail)."""
+    """Ragged M and N, K not a multiple of BLOCK_K (masked tail); split-K with a masked slice and an empty one (4
+    K-blocks in 3 slices of 2)."""
     gen = torch.Generator().manual_seed(0)
     m, n, k = 21, 72, 200
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -71,6 +78,26 @@ def test_default_config_batched_input() -> None:
     out = w8a8_linear(x, wq, w_scale)
     assert out.shape == (2, 5, 64) and out.dtype == torch.float16
     assert rel_err(out.reshape(10, 64), w8a8_matmul_reference(x.reshape(10, 128), wq, w_scale)) < 1e-2
+
+
+@INTERPRETER_ONLY
+def test_split_k_adds_the_slices_in_order_and_resets_its_counters() -> None:
+    """Split-K gives the one-slice product (int8 partials are exact integers; the slices are added in slice order), the
+    arrival counters are zero after each launch (so a second launch, or a CUDA-graph replay, starts clean), and a
+    split outside 1..MAX_SPLIT_K is refused."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 512, generator=gen).to(torch.bfloat16)
+    wq, w_scale = quantize_per_channel(torch.randn(96, 512, generator=gen), torch.int8)
+    xq, sx = quantize_per_token(x, torch.int8)
+    whole = w8a8_gemm(xq, sx[:, 0], wq, w_scale[:, 0], torch.float32, W8A8Config(16, 32, 64, 2, 2, 2))
+    for split in (2, 8):
+        cfg = W8A8Config(16, 32, 64, 2, 2, 2, split_k=split)
+        first = w8a8_gemm(xq, sx[:, 0], wq, w_scale[:, 0], torch.float32, cfg)
+        assert torch.equal(first, whole)
+        assert not w8a8._WORKSPACE[("cpu", None)][1].any()
+        assert torch.equal(w8a8_gemm(xq, sx[:, 0], wq, w_scale[:, 0], torch.float32, cfg), first)
+    with pytest.raises(ValueError, match="split_k"):
+        W8A8Config(16, 32, split_k=9)
 
 
 @INTERPRETER_ONLY
@@ -146,3 +173,36 @@ def test_gpu_compiled_kernel(dtype: torch.dtype) -> None:  # pragma: no cover - 
     x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
     wq, w_scale = quantize_per_channel(torch.randn(1024, 4096, device="cuda"), dtype)
     assert rel_err(w8a8_linear(x, wq, w_scale), w8a8_matmul_reference(x, wq, w_scale)) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
+def test_gpu_split_k_is_the_one_slice_product(dtype: torch.dtype) -> None:  # pragma: no cover - CI has no GPU
+    """Compiled split-K (the slices' partials through the workspace, the last slice adding them in order): int8 equal
+    to one slice (exact int32 sums), fp8 within float32 rounding; bitwise repeatable in CUDA-graph replays (the
+    counters reset themselves)."""
+    from lowbit.kernels import w4a16
+
+    x = torch.randn(128, 4096, device="cuda", dtype=torch.bfloat16)
+    wq, w_scale = quantize_per_channel(torch.randn(4096, 4096, device="cuda"), dtype)
+    xq, sx = quantize_rows(x, dtype)
+    one = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, W8A8Config(128, 64, 128, 8, 4, 4))
+    for split in (2, 4, 8):
+        cfg = W8A8Config(128, 64, 128, 8, 4, 4, split_k=split)
+        out = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, cfg)
+        if dtype == torch.int8:
+            assert torch.equal(out, one), split
+        else:
+            assert rel_err(out, one) < 1e-6, split
+        static = {}
+
+        def run(cfg=cfg, static=static) -> None:
+            static["out"] = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, cfg)
+
+        graph = w4a16.captured(run)  # static["out"]: the graph's output, rewritten by each replay
+        for _ in range(3):
+            static["out"].zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static["out"], out), split
+        assert not w8a8._WORKSPACE[("cuda", x.device.index)][1].any()

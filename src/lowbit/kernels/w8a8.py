@@ -99,6 +99,8 @@ def _w8a8_kernel(
     b_ptr,
     sb_ptr,
     out_ptr,
+    ws_ptr,
+    count_ptr,
     M,
     N,
     K,
@@ -112,8 +114,10 @@ def _w8a8_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
@@ -135,7 +139,11 @@ def _w8a8_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # split-K: slice pid_k of the K-blocks (the last slices may be empty)
+    per_slice = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * per_slice
+    k_hi = tl.minimum(K, k_lo + per_slice)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs + k0)
             b = tl.load(b_ptrs + k0)
@@ -153,12 +161,37 @@ def _w8a8_kernel(
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         else:
             acc = tl.dot(a, b, acc)
+    if SPLIT_K > 1:
+        # Each slice stores its partial tile; the last to arrive (a counter per tile, reset by it for the next launch)
+        # adds the slices in order, so the result does not depend on which finished first.
+        within = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile = ws_ptr + pid * BLOCK_M * BLOCK_N + within
+        slice_stride = tl.num_programs(0) * BLOCK_M * BLOCK_N
+        tl.store(tile + pid_k * slice_stride, acc)
+        tl.debug_barrier()  # every thread's partial is written before the arrival below releases them
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.load(tile, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLIT_K):
+                acc += tl.load(tile + s * slice_stride, cache_modifier=".cg")
+            tl.store(count_ptr + pid, 0)
+            _w8a8_epilogue(acc, sa_ptr, sb_ptr, out_ptr, offs_m, offs_n, m_safe, n_safe, M, N, stride_om)
+    else:
+        _w8a8_epilogue(acc, sa_ptr, sb_ptr, out_ptr, offs_m, offs_n, m_safe, n_safe, M, N, stride_om)
+
+
+@triton.jit
+def _w8a8_epilogue(acc, sa_ptr, sb_ptr, out_ptr, offs_m, offs_n, m_safe, n_safe, M, N, stride_om):
+    """Both scales applied to a tile's sums and the tile stored."""
     sa = tl.load(sa_ptr + m_safe)
     sb = tl.load(sb_ptr + n_safe)
     y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+MAX_SPLIT_K = 8
 
 
 @dataclass(frozen=True)
@@ -173,9 +206,31 @@ class W8A8Config:
     num_stages: int = 3
     # torch's 8-bit GEMM (cuBLASLt) instead of the Triton kernel; the tile fields are then unused
     vendor: bool = False
+    # slices along K, for products with too few output tiles to fill the GPU (N = 4096 at 128 tokens: 64 tiles of
+    # 128 x 64 for 132 SMs); partial tiles through a float32 / int32 workspace, added in order by the last slice
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.split_k <= MAX_SPLIT_K:
+            raise ValueError(f"{self}: split_k must be 1 to {MAX_SPLIT_K}")
 
 
 VENDOR = W8A8Config(0, 0, vendor=True)
+
+_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_buffers(device: torch.device, words: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace (at least ``words`` 4-byte words) and per-tile arrival counters (zero between launches:
+    the last slice of a tile resets its counter) for ``device``, grown as needed and kept. One stream at a time: two
+    split-K launches running concurrently on the same device would share them."""
+    ws, counts = _WORKSPACE.get((device.type, device.index), (None, None))
+    if ws is None or ws.numel() < words:
+        ws = torch.empty(words, dtype=torch.int32, device=device)
+    if counts is None or counts.numel() < tiles:
+        counts = torch.zeros(tiles, dtype=torch.int32, device=device)
+    _WORKSPACE[(device.type, device.index)] = (ws, counts)
+    return ws, counts
 
 
 def vendor_ok(
@@ -222,15 +277,25 @@ def candidate_configs(m: int) -> list[W8A8Config]:
     if m <= 64:
         bm = 16 if m <= 16 else 64
         return [W8A8Config(bm, bn, bk, 8, 4, 4) for bn in (64, 128) for bk in (128, 256)]
+    # split-K (session 20): at 128 tokens N = 4096 has only 32-64 output tiles for 132 SMs, and session 16 found the
+    # Triton kernel behind bare _int_mm / _scaled_mm exactly there (4096x4096 and 14336x4096)
     if m <= 128:
         return [
             W8A8Config(bm, bn, bk, 8, nw, st)
             for bm, bn, bk, nw in ((64, 128, 256, 4), (128, 64, 128, 4), (128, 128, 128, 8), (64, 64, 256, 4))
             for st in (3, 4)
+        ] + [
+            W8A8Config(128, 64, 128, 8, 4, 4, split_k=2),
+            W8A8Config(128, 64, 128, 8, 4, 4, split_k=4),
+            W8A8Config(64, 64, 256, 8, 4, 4, split_k=2),
+            W8A8Config(64, 128, 256, 8, 4, 4, split_k=2),
         ]
-    return [W8A8Config(128, bn, 128, 8, 8, st) for bn in (128, 256) for st in (3, 4)] + [
-        W8A8Config(128, 128, 64, 8, 4, 4)
-    ]
+    split = [W8A8Config(128, 128, 128, 8, 8, 4, split_k=2)] if m <= 512 else []
+    return (
+        [W8A8Config(128, bn, 128, 8, 8, st) for bn in (128, 256) for st in (3, 4)]
+        + [W8A8Config(128, 128, 64, 8, 4, 4)]
+        + split
+    )
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,13 +347,22 @@ def w8a8_gemm(
         cfg = default_config(m, n, k)  # a shape of the tuned bucket that torch's GEMM does not take
     require_triton_device(xq, "w8a8_gemm")
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _w8a8_kernel[grid](
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if cfg.split_k > 1:
+        ws, counts = _split_buffers(xq.device, cfg.split_k * tiles * cfg.block_m * cfg.block_n, tiles)
+        # int32 partials for int8, float32 for fp8 (and in the interpreter, whose products are float32)
+        if xq.dtype != torch.int8 or interpreting():
+            ws = ws.view(torch.float32)
+    else:
+        ws = counts = out  # unused
+    _w8a8_kernel[(tiles, cfg.split_k)](
         xq,
         x_scale,
         wq,
         w_scale,
         out,
+        ws,
+        counts,
         m,
         n,
         k,
@@ -302,6 +376,7 @@ def w8a8_gemm(
         GROUP_M=cfg.group_m,
         EVEN_K=k % cfg.block_k == 0,
         DOT_F32=interpreting(),
+        SPLIT_K=cfg.split_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
