@@ -212,13 +212,7 @@ def bench_shape(
                 )
                 r[f"{tag}_cfg"] = str(cfg8)
                 r[f"{tag}_timings"] = log
-                # the fastest launch without programmatic dependent launch (W8A8Config.pdl, session 20), for its gain
-                plain = [us for c, us in log.items() if "pdl=True" not in c]
-                r[f"{tag}_plain_us"] = min(plain) if plain else float("nan")
-                print(
-                    f"  {tag} M={m}: best {t:.2f} us {cfg8}; best without PDL {r[f'{tag}_plain_us']:.2f} us",
-                    flush=True,
-                )
+                print(f"  {tag} M={m}: best {t:.2f} us {cfg8}", flush=True)
             else:
                 cfg8 = None
                 t = timed(lambda wq=wq, ws=ws: w8a8.w8a8_linear(x, wq, ws))

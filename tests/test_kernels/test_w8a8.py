@@ -208,38 +208,3 @@ def test_gpu_split_k_is_the_one_slice_product(dtype: torch.dtype) -> None:  # pr
             torch.cuda.synchronize()
             assert torch.equal(static["out"], out), split
         assert not w8a8._WORKSPACE[("cuda", x.device.index)][1].any()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
-@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
-@pytest.mark.parametrize("split", [1, 2])
-def test_gpu_pdl_launch_is_the_same_product(
-    dtype: torch.dtype, split: int
-) -> None:  # pragma: no cover - no GPU in CI
-    """W8A8Config.pdl (the GEMM launched while the quantization kernel runs, its weights prefetched before it waits)
-    computes bit for bit what the plain launch does, alone and in a CUDA graph after other work; among the tuner's
-    candidates where PDL is supported."""
-    from lowbit.kernels import w4a16
-
-    if not w8a8.pdl_ok(torch.device("cuda")):
-        pytest.skip("no programmatic dependent launch here (compute capability < 9.0 or this Triton)")
-    x = torch.randn(128, 4096, device="cuda", dtype=torch.bfloat16)
-    wq, w_scale = quantize_per_channel(torch.randn(4096, 4096, device="cuda"), dtype)
-    plain = W8A8Config(64, 64, 256, 8, 4, 4, split_k=split)
-    early = W8A8Config(64, 64, 256, 8, 4, 4, split_k=split, pdl=True)
-    assert early in w8a8.tuning_candidates(x, wq)
-    expected = w8a8_linear(x, wq, w_scale, plain)
-    assert torch.equal(w8a8_linear(x, wq, w_scale, early), expected)
-    static = {}
-
-    def step() -> (
-        None
-    ):  # work before the pair, so that the quantization kernel has a predecessor in the graph
-        static["out"] = w8a8_linear(x * 1, wq, w_scale, early)
-
-    graph = w4a16.captured(step)
-    for _ in range(3):
-        static["out"].zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static["out"], expected)

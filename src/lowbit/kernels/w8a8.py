@@ -19,7 +19,6 @@ cuBLASLt beats the Triton kernel takes it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -27,9 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import pdl
-from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
-from lowbit.kernels.prefetch import PDL_PREFETCH_PTX
 from lowbit.kernels.w4a16 import interpreting, require_triton_device
 
 logger = logging.getLogger(__name__)
@@ -68,12 +64,7 @@ def _quantize_rows_kernel(
     IS_INT8: tl.constexpr,
     BLOCK: tl.constexpr,
     EMULATE_FP8_ROUNDING: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    if (
-        PDL
-    ):  # the GEMM after this kernel may launch now and stream its weights in while the rows are quantized
-        gdc_launch_dependents()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     x_row = x_ptr + row * stride_xm
@@ -124,8 +115,6 @@ def _w8a8_kernel(
     EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    PDL: tl.constexpr,
-    PF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -154,17 +143,6 @@ def _w8a8_kernel(
     per_slice = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = pid_k * per_slice
     k_hi = tl.minimum(K, k_lo + per_slice)
-    if PDL:
-        # launched while the quantization kernel runs (programmatic dependent launch): ask the L2 for this tile's
-        # weight rows over the K-slice (one bulk prefetch per row, 1-byte codes: contiguous, 16-byte aligned where
-        # PF), which do not depend on that kernel, then wait for its codes and scales. Every read of the activations
-        # and every write (output, split-K workspace and counters) comes after the wait.
-        if PF:
-            rows = b_ptr + n_safe.to(tl.int64) * stride_bn + k_lo
-            issue = ((offs_n < N) & (k_hi > k_lo)).to(tl.int32)
-            tl.inline_asm_elementwise(PDL_PREFETCH_PTX, "=r,l,r,r", [rows, issue, tl.zeros_like(issue) + (k_hi - k_lo)],
-                                      dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
-        gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs + k0)
@@ -231,9 +209,6 @@ class W8A8Config:
     # slices along K, for products with too few output tiles to fill the GPU (N = 4096 at 128 tokens: 64 tiles of
     # 128 x 64 for 132 SMs); partial tiles through a float32 / int32 workspace, added in order by the last slice
     split_k: int = 1
-    # programmatic dependent launch (Hopper): the GEMM launches while lowbit's quantization kernel runs and
-    # prefetches its weights into L2 before waiting for the codes (w8a8_linear; session 20)
-    pdl: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.split_k <= MAX_SPLIT_K:
@@ -256,12 +231,6 @@ def _split_buffers(device: torch.device, words: int, tiles: int) -> tuple[torch.
         counts = torch.zeros(tiles, dtype=torch.int32, device=device)
     _WORKSPACE[(device.type, device.index)] = (ws, counts)
     return ws, counts
-
-
-def pdl_ok(device: torch.device) -> bool:
-    """Whether the W8A8 kernels may use programmatic dependent launch on ``device`` (:func:`lowbit.kernels.pdl.supported`:
-    CUDA, compute capability 9.0+, a Triton with it; never in the interpreter)."""
-    return not interpreting() and pdl.supported(device)
 
 
 def vendor_ok(
@@ -329,12 +298,8 @@ def candidate_configs(m: int) -> list[W8A8Config]:
     )
 
 
-def quantize_rows(
-    x: torch.Tensor, dtype: torch.dtype, early: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token quantization ``[M, K]`` to int8 or fp8 e4m3; scale float32 ``[M]``. ``early``: the next
-    kernel, if launched with programmatic dependent launch, may start as this one starts (it must wait for it
-    before reading the codes: :func:`w8a8_gemm` with ``W8A8Config.pdl``)."""
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token quantization ``[M, K]`` to int8 or fp8 e4m3; scale float32 ``[M]``."""
     require_triton_device(x, "quantize_rows")
     m, k = x.shape
     xq = torch.empty((m, k), dtype=dtype, device=x.device)
@@ -353,7 +318,6 @@ def quantize_rows(
         IS_INT8=is_int8,
         BLOCK=block,
         EMULATE_FP8_ROUNDING=interpreting(),
-        PDL=early and pdl_ok(x.device),
         num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
     )
     return xq, scale
@@ -391,11 +355,6 @@ def w8a8_gemm(
             ws = ws.view(torch.float32)
     else:
         ws = counts = out  # unused
-    launch = {"PDL": False, "PF": False}
-    if cfg.pdl and pdl_ok(xq.device):
-        # the weight rows' bulk prefetches need 16-byte multiples at 16-byte aligned addresses
-        aligned = k % 16 == 0 and wq.stride(0) % 16 == 0 and wq.data_ptr() % 16 == 0
-        launch = {"PDL": True, "PF": aligned, "launch_pdl": True}
     _w8a8_kernel[(tiles, cfg.split_k)](
         xq,
         x_scale,
@@ -418,7 +377,6 @@ def w8a8_gemm(
         EVEN_K=k % cfg.block_k == 0,
         DOT_F32=interpreting(),
         SPLIT_K=cfg.split_k,
-        **launch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -443,7 +401,7 @@ def w8a8_linear(
     w_scale = w_scale.reshape(-1).float()
     if config is None:
         config = tuned_config(x2, wq, w_scale)
-    xq, sx = quantize_rows(x2, wq.dtype, early=config.pdl and not config.vendor)
+    xq, sx = quantize_rows(x2, wq.dtype)
     y = w8a8_gemm(xq, sx, wq, w_scale, x.dtype, config)
     return y.reshape(*x.shape[:-1], wq.shape[0])
 
@@ -457,12 +415,7 @@ def tuning_candidates(x2: torch.Tensor, wq: torch.Tensor) -> list[W8A8Config]:
     m, k = x2.shape
     n = wq.shape[0]
     vendor = [VENDOR] if vendor_ok(m, n, k, wq.dtype, x2.dtype, x2.device) else []
-    triton_launches = candidate_configs(m)
-    if pdl_ok(
-        x2.device
-    ):  # each also launched early, its weights prefetched while the activations are quantized
-        triton_launches += [dataclasses.replace(c, pdl=True) for c in triton_launches]
-    return triton_launches + vendor
+    return candidate_configs(m) + vendor
 
 
 def tuned_config(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> W8A8Config:
