@@ -742,12 +742,6 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
             # depth 8, was 1% slower than depth 4 in session 20: no longer a candidate.)
             C(1, 2, 64, 5, split=4, depth=4),
             C(1, 2, 64, 4, split=8, depth=4),
-            # one warpgroup of 64 rows by 64 tokens: three blocks per SM with 3 stages (67 KB of shared memory, 96
-            # registers), against two of the 128-row form (session 20, for 4096x4096 at 128 tokens)
-            C(1, 1, 64, 3, split=4, depth=4),
-            C(1, 1, 64, 3, split=2, depth=4),
-            C(1, 1, 64, 4, split=4, depth=4),
-            C(1, 2, 64, 3, split=4, depth=4),
         ]
     out += [C(2, 2, tokens, 4, depth=4, stream=True), C(1, 2, tokens, 5, depth=4, stream=True)]
     # continuous stream-K: 256-row workers, one per SM, or 128-row workers, two per SM (session 19, H200: the fastest
