@@ -10,7 +10,7 @@ from tests.test_kernels.markers import INTERPRETER_ONLY  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lowbit.kernels import w8a8  # noqa: E402
+from lowbit.kernels import w4a16, w8a8  # noqa: E402
 from lowbit.kernels.reference import (  # noqa: E402
     quantize_per_channel,
     quantize_per_token,
@@ -94,10 +94,16 @@ def test_split_k_adds_the_slices_in_order_and_resets_its_counters() -> None:
         cfg = W8A8Config(16, 32, 64, 2, 2, 2, split_k=split)
         first = w8a8_gemm(xq, sx[:, 0], wq, w_scale[:, 0], torch.float32, cfg)
         assert torch.equal(first, whole)
-        assert not w8a8._WORKSPACE[("cpu", None)][1].any()
+        assert not w4a16._SPLIT_K_BUFFERS[torch.device("cpu")][1].any()
         assert torch.equal(w8a8_gemm(xq, sx[:, 0], wq, w_scale[:, 0], torch.float32, cfg), first)
     with pytest.raises(ValueError, match="split_k"):
         W8A8Config(16, 32, split_k=9)
+    # the tuner leaves out split launches whose workspace would pass the cap (8192x28672 at 512 tokens, split 2: 117 MB)
+    two = W8A8Config(128, 128, 128, 8, 8, 4, split_k=2)
+    assert w8a8.workspace_bytes(two, 512, 28672) == 4 * 2 * 512 * 28672 > w4a16.WGMMA_WORKSPACE_CAP
+    big = torch.zeros(512, 8192, dtype=torch.bfloat16)
+    assert two not in w8a8.tuning_candidates(big, torch.zeros(28672, 8192, dtype=torch.int8))
+    assert two in w8a8.tuning_candidates(big, torch.zeros(4096, 8192, dtype=torch.int8))
 
 
 @INTERPRETER_ONLY
@@ -182,8 +188,6 @@ def test_gpu_split_k_is_the_one_slice_product(dtype: torch.dtype) -> None:  # pr
     to one slice (exact int32 sums); fp8 as close to the exact product as one slice (Hopper's fp8 products accumulate
     with fewer bits than float32, so a different K split rounds differently); bitwise repeatable in CUDA-graph replays
     (the counters reset themselves)."""
-    from lowbit.kernels import w4a16
-
     x = torch.randn(128, 4096, device="cuda", dtype=torch.bfloat16)
     wq, w_scale = quantize_per_channel(torch.randn(4096, 4096, device="cuda"), dtype)
     xq, sx = quantize_rows(x, dtype)
@@ -207,4 +211,4 @@ def test_gpu_split_k_is_the_one_slice_product(dtype: torch.dtype) -> None:  # pr
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(static["out"], out), split
-        assert not w8a8._WORKSPACE[("cuda", x.device.index)][1].any()
+        assert not w4a16._SPLIT_K_BUFFERS[x.device][1].any()

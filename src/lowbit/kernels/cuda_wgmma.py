@@ -53,8 +53,9 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   in shared memory (plain stream-K drains and refills at each tile); ``per_sm = 2`` puts two such workers on an SM.
 * ``late_scale`` (at most 32 tokens; written in session 19, a runtime candidate since session 20 measured it the
   fastest 16-token launch on the three larger shapes, by 1-2%): the codes go into the products as ``q - z`` and each
-  K-block's sums into a float32 buffer, scaled and added once the K-block's products are done. Adding K-block ``i - 1``'s buffer while K-block ``i`` multiplies, as ``wait_group``
-  would allow, makes ptxas serialize every ``wgmma`` (C7514), so each K-block is waited for.
+  K-block's sums into a float32 buffer, scaled and added once the K-block's products are done. Adding K-block
+  ``i - 1``'s buffer while K-block ``i`` multiplies, as ``wait_group`` would allow, makes ptxas serialize every
+  ``wgmma`` (C7514), so each K-block is waited for.
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128,
 compute capability 9.x (``wgmma`` is ``sm_90a`` only). :func:`supported` says whether a weight and input qualify.

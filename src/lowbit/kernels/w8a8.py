@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels.w4a16 import interpreting, require_triton_device
+from lowbit.kernels.w4a16 import WGMMA_WORKSPACE_CAP, interpreting, require_triton_device, split_k_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -217,20 +217,19 @@ class W8A8Config:
 
 VENDOR = W8A8Config(0, 0, vendor=True)
 
-_WORKSPACE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-
-def _split_buffers(device: torch.device, words: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K workspace (at least ``words`` 4-byte words) and per-tile arrival counters (zero between launches:
-    the last slice of a tile resets its counter) for ``device``, grown as needed and kept. One stream at a time: two
-    split-K launches running concurrently on the same device would share them."""
-    ws, counts = _WORKSPACE.get((device.type, device.index), (None, None))
-    if ws is None or ws.numel() < words:
-        ws = torch.empty(words, dtype=torch.int32, device=device)
-    if counts is None or counts.numel() < tiles:
-        counts = torch.zeros(tiles, dtype=torch.int32, device=device)
-    _WORKSPACE[(device.type, device.index)] = (ws, counts)
-    return ws, counts
+def workspace_bytes(cfg: W8A8Config, m: int, n: int) -> int:
+    """Bytes of split-K workspace a launch asks for (every slice's partial tiles, 4-byte sums; 0 for one slice)."""
+    if cfg.vendor or cfg.split_k == 1:
+        return 0
+    return (
+        4
+        * cfg.split_k
+        * triton.cdiv(m, cfg.block_m)
+        * cfg.block_m
+        * triton.cdiv(n, cfg.block_n)
+        * cfg.block_n
+    )
 
 
 def vendor_ok(
@@ -348,11 +347,11 @@ def w8a8_gemm(
     require_triton_device(xq, "w8a8_gemm")
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    if cfg.split_k > 1:
-        ws, counts = _split_buffers(xq.device, cfg.split_k * tiles * cfg.block_m * cfg.block_n, tiles)
+    if cfg.split_k > 1:  # the W4A16 kernels' buffers (each launch leaves its counters at zero)
+        ws, counts = split_k_buffers(xq.device, workspace_bytes(cfg, m, n) // 4, tiles)
         # int32 partials for int8, float32 for fp8 (and in the interpreter, whose products are float32)
-        if xq.dtype != torch.int8 or interpreting():
-            ws = ws.view(torch.float32)
+        if xq.dtype == torch.int8 and not interpreting():
+            ws = ws.view(torch.int32)
     else:
         ws = counts = out  # unused
     _w8a8_kernel[(tiles, cfg.split_k)](
@@ -415,7 +414,9 @@ def tuning_candidates(x2: torch.Tensor, wq: torch.Tensor) -> list[W8A8Config]:
     m, k = x2.shape
     n = wq.shape[0]
     vendor = [VENDOR] if vendor_ok(m, n, k, wq.dtype, x2.dtype, x2.device) else []
-    return candidate_configs(m) + vendor
+    # split-K launches whose workspace would pass the W4A16 tuner's cap are left out (the buffer is kept and reused)
+    affordable = [c for c in candidate_configs(m) if workspace_bytes(c, m, n) <= WGMMA_WORKSPACE_CAP]
+    return affordable + vendor
 
 
 def tuned_config(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> W8A8Config:
