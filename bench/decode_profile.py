@@ -37,8 +37,11 @@ import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from lowbit.kernels import attention as attention_kernel
 from lowbit.kernels import pdl, persistent, prefetch, runtime, w4a16
 from lowbit.kernels.runtime import LLAMA3_8B, linear_factory, random_decoder
+
+DEFAULT_ROPE_LAUNCH = dict(attention_kernel.ROPE_LAUNCH)
 
 
 def load_tuned(path: Path) -> int:
@@ -130,9 +133,14 @@ def recorded_launches():
 def profile_scheme(
     scheme: str, batch: int, lm_head_quantized: bool, attention: str, replays: int = 50, fuse: str = "off",
     use_pdl: str = "off", l2_mb: tuple[float, float] = (0.0, 0.0), late_attention_prefetch: bool = False,
-    persistent_mode: str = "off",
+    persistent_mode: str = "off", attention_launch: str = "default",
 ) -> dict:
     runtime.ATTENTION[0] = attention
+    launch = dict(DEFAULT_ROPE_LAUNCH)
+    if attention_launch != "default":
+        split, block_l, warps, new_slice = (int(v) for v in attention_launch.split(","))
+        launch.update(split=split or None, block_l=block_l, num_warps=warps, new_slice=bool(new_slice))
+    attention_kernel.ROPE_LAUNCH.update(launch)
     persistent.PERSISTENT[0] = persistent_mode
     runtime.FUSE[0], runtime.FUSE_LM_HEAD[0] = fuse.removesuffix("+head"), fuse.endswith("+head")
     pdl.PDL[0] = use_pdl
@@ -189,6 +197,7 @@ def profile_scheme(
         "scheme": scheme + ("+lm_head" if lm_head_quantized and scheme != "bf16" else ""),
         "batch": batch,
         "attention": attention,
+        "attention_launch": dict(launch),
         "fuse": fuse,
         "pdl": use_pdl,
         "persistent": persistent_mode,
@@ -243,6 +252,9 @@ def main() -> None:
                         help="GEMV:attention megabytes pairs to compare: lowbit.kernels.prefetch.NEXT_MB and "
                         "ATTENTION_MB (L2 prefetch of the next weights); a trailing L: the attention "
                         "prefetches after its work (ATTENTION_LATE)")  # fmt: skip
+    parser.add_argument("--attention-launch", nargs="*", default=["default"],
+                        help="fused decode-attention launches to compare: 'default' (attention.ROPE_LAUNCH) or "
+                        "SPLIT,BLOCK_L,WARPS,NEW_SLICE (SPLIT 0: default_split; NEW_SLICE 0/1)")  # fmt: skip
     parser.add_argument("--tuned", type=Path, nargs="*", default=[],
                         help="seed the tuner with these launches (see load_tuned); several files: one set of rows "
                         "per file, each with only that file's launches seeded")  # fmt: skip
@@ -278,12 +290,13 @@ def profile_all(args: argparse.Namespace, seeds: Path | None, rows: list[dict]) 
             variants = [True]
         fuses = args.fuse if scheme != "bf16" else ["off"]
         persistents = args.persistent if scheme != "bf16" else ["off"]
-        runs = [(v, a, f, p, mb, pm) for v in variants for a in args.attention for f in fuses for p in args.pdl
-                for mb in args.l2_prefetch for pm in persistents]  # fmt: skip
-        for quantized_head, attention, fuse, use_pdl, mb, pm in runs:
+        runs = [(v, a, f, p, mb, pm, al) for v in variants for a in args.attention for f in fuses for p in args.pdl
+                for mb in args.l2_prefetch for pm in persistents for al in args.attention_launch]  # fmt: skip
+        for quantized_head, attention, fuse, use_pdl, mb, pm, al in runs:
             l2_mb, late = parse_l2(mb)
             row = profile_scheme(scheme, args.batch, quantized_head, attention, fuse=fuse, use_pdl=use_pdl,
-                                 l2_mb=l2_mb, late_attention_prefetch=late, persistent_mode=pm)  # fmt: skip
+                                 l2_mb=l2_mb, late_attention_prefetch=late, persistent_mode=pm,
+                                 attention_launch=al)  # fmt: skip
             row["seeded_from"] = str(seeds) if seeds else None
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
@@ -295,11 +308,12 @@ def profile_all(args: argparse.Namespace, seeds: Path | None, rows: list[dict]) 
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| scheme | attention | fuse | persistent | pdl | L2 MB (GEMV:attention) | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms | seeded from |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| scheme | attention | attention launch | fuse | persistent | pdl | L2 MB (GEMV:attention) | batch | step ms | tokens/s | kernels/step | busy ms | idle ms | linear ms | attention ms | other ms | seeded from |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["groups_ms"]
-        print(f"| {r['scheme']} | {r['attention']} | {r['fuse']} | {r.get('persistent', 'off')} | {r['pdl']} | {r['l2_next_mb']:g}:{r['l2_attention_mb']:g}{'L' if r['l2_attention_late'] else ''} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
+        launch = ",".join(str(v) for v in r["attention_launch"].values())
+        print(f"| {r['scheme']} | {r['attention']} | {launch} | {r['fuse']} | {r.get('persistent', 'off')} | {r['pdl']} | {r['l2_next_mb']:g}:{r['l2_attention_mb']:g}{'L' if r['l2_attention_late'] else ''} | {r['batch']} | {r['step_ms']:.3f} | {r['tokens_per_s']:.1f} | "
               f"{r['kernels_per_step']:.0f} | {r['busy_ms']:.3f} | {r['idle_ms']:.3f} | {g.get('linear', 0):.3f} | "
               f"{g.get('attention', 0):.3f} | {g.get('other', 0):.3f} | {r.get('seeded_from')} |")  # fmt: skip
 

@@ -83,7 +83,10 @@ def test_bad_shapes_are_refused() -> None:
         (1, 2, 2, 2, 16, 40, 0, 2),  # an empty cache: only the new rows
     ],
 )
-def test_decode_attention_rope_matches_rotate_write_attend(b, kv, group, t, d, length, first, split) -> None:
+@pytest.mark.parametrize("new_slice", [False, True], ids=["new-in-slice-0", "new-slice"])
+def test_decode_attention_rope_matches_rotate_write_attend(
+    b, kv, group, t, d, length, first, split, new_slice
+) -> None:
     """One launch = the runtime's rotary embedding, the two cache writes and the attention, from strided views of
     one fused projection's output."""
     torch.manual_seed(0)
@@ -103,11 +106,20 @@ def test_decode_attention_rope_matches_rotate_write_attend(b, kv, group, t, d, l
     k_expected.index_copy_(2, pos, runtime.rotate(k, cos, sin))
     v_expected.index_copy_(2, pos, v)
     expected = reference(runtime.rotate(q, cos, sin), k_expected, v_expected, pos)
-    got = decode_attention_rope(q, k, v, cos_table, sin_table, k_cache, v_cache, pos, split=split, block_l=16)
+    got = decode_attention_rope(
+        q, k, v, cos_table, sin_table, k_cache, v_cache, pos, split=split, block_l=16, new_slice=new_slice
+    )
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
-    torch.testing.assert_close(k_cache, k_expected, atol=tol, rtol=tol)  # rotated in float32 here, in bf16 there
+    torch.testing.assert_close(
+        k_cache, k_expected, atol=tol, rtol=tol
+    )  # rotated in float32 here, in bf16 there
     assert torch.equal(v_cache, v_expected)
+    # the counters are back at zero and the cache loop never read the rows this launch wrote: a replay agrees
+    again = decode_attention_rope(
+        q, k, v, cos_table, sin_table, k_cache, v_cache, pos, split=split, block_l=16, new_slice=new_slice
+    )
+    assert torch.equal(again, got)
 
 
 def test_decode_attention_rope_op_schema() -> None:

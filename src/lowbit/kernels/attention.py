@@ -34,7 +34,7 @@ def decode_attention_kernel(
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_vb, stride_vh,
     stride_knb, stride_knh, stride_knt, stride_vnb, stride_vnh, stride_vnt,
     KV: tl.constexpr, GROUP: tl.constexpr, T: tl.constexpr, ROWS_P: tl.constexpr, D: tl.constexpr,
-    BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr,
+    BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr, NEW: tl.constexpr, NEW_SLICE: tl.constexpr,
     PDL: tl.constexpr = 0, nx_ptr=None, nx_bytes=0, ns_ptr=None, ns_bytes=0,
     nx2_ptr=None, nx2_bytes=0, ns2_ptr=None, ns2_bytes=0, L2_NEXT: tl.constexpr = 0, L2_LATE: tl.constexpr = False,
 ):  # fmt: skip
@@ -42,7 +42,9 @@ def decode_attention_kernel(
     as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
     half-split form),
     writes the new rows into the caches at ``pos`` (slice 0 only) and attends to them from registers, so
-    the cache loop stops before ``pos[0]`` and never reads a row this launch writes. ``PDL``: launched before the
+    the cache loop stops before ``pos[0]`` and never reads a row this launch writes. The new rows are the work of
+    slice 0, or with ``NEW_SLICE`` of a program of their own (``SPLIT`` of each head, whose cache range is empty), so
+    that no cache slice waits on them. ``PDL``: launched before the
     previous kernel has finished (:mod:`lowbit.kernels.pdl`); it waits for the previous one before reading
     anything, and lets the next one start at once (1) or after its main loop (2). ``L2_NEXT``: first, the
     programs ask the L2 for the next projections' weights (one or two, :mod:`lowbit.kernels.prefetch`), read
@@ -55,6 +57,8 @@ def decode_attention_kernel(
     if PDL:
         gdc_wait()
     ROWS: tl.constexpr = GROUP * T
+    SLICES: tl.constexpr = SPLIT + NEW_SLICE  # programs per head, merged at the end
+    NEW_AT: tl.constexpr = SPLIT * NEW_SLICE  # the program that takes the new rows
     bh = tl.program_id(0)  # batch * KV + key/value head
     sp = tl.program_id(1)  # slice of the positions
     b = bh // KV
@@ -67,7 +71,8 @@ def decode_attention_kernel(
     # it sees cache positions <= pos[i]
     row_pos = tl.load(pos_ptr + row_t, mask=row_ok, other=-1)
     if NEW:
-        limit = tl.minimum(tl.load(pos_ptr), L)  # the cache up to the first new position; the rest from registers
+        # the cache up to the first new position; the rest from registers
+        limit = tl.minimum(tl.load(pos_ptr), L)
     else:
         limit = tl.minimum(tl.load(pos_ptr + T - 1) + 1, L)  # positions are increasing: nothing past the last
     per_split = tl.cdiv(tl.cdiv(limit, SPLIT), BLOCK_L) * BLOCK_L  # the slices share the valid positions only
@@ -81,8 +86,12 @@ def decode_attention_kernel(
         partner = (offs_d + half) % D  # rotate_half: [-x2, x1]
         sign = tl.where(offs_d < half, -1.0, 1.0)
         in_table = (row_ok & (row_pos < P))[:, None]
-        cos = tl.load(cos_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0).to(
+            tl.float32
+        )
+        sin = tl.load(sin_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0).to(
+            tl.float32
+        )
         q_p = tl.load(q_rows + partner[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         q = (q.to(tl.float32) * cos + sign[None, :] * q_p * sin).to(q_ptr.dtype.element_ty)
     if DOT_F32:  # the CPU interpreter multiplies in float32
@@ -113,7 +122,7 @@ def decode_attention_kernel(
         m = m_new
 
     if NEW:
-        if sp == 0:  # the step's own rows: rotated, written to the caches, attended from registers
+        if sp == NEW_AT:  # the step's own rows: rotated, written to the caches, attended from registers
             T_P: tl.constexpr = 16  # the matrix products' minimum
             offs_t = tl.arange(0, T_P)
             t_ok = offs_t < T
@@ -124,7 +133,9 @@ def decode_attention_kernel(
             t_in = (t_ok & (new_pos < P))[:, None]
             t_cos = tl.load(cos_ptr + new_pos[:, None] * D + offs_d[None, :], mask=t_in, other=0.0)
             t_sin = tl.load(sin_ptr + new_pos[:, None] * D + offs_d[None, :], mask=t_in, other=0.0)
-            kn = (kn * t_cos.to(tl.float32) + sign[None, :] * kn_p * t_sin.to(tl.float32)).to(k_ptr.dtype.element_ty)
+            kn = (kn * t_cos.to(tl.float32) + sign[None, :] * kn_p * t_sin.to(tl.float32)).to(
+                k_ptr.dtype.element_ty
+            )
             vn = tl.load(vn_ptr + b * stride_vnb + h * stride_vnh + offs_t[:, None] * stride_vnt + offs_d[None, :],
                          mask=t_ok[:, None], other=0.0).to(v_ptr.dtype.element_ty)  # fmt: skip
             cache_ok = t_ok[:, None] & (new_pos < L)[:, None]
@@ -150,36 +161,50 @@ def decode_attention_kernel(
     if L2_LATE:
         l2_prefetch_two(nx_ptr, nx_bytes, ns_ptr, ns_bytes, nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes, L2_NEXT)
     out_ptrs = out_ptr + bh * ROWS * D + offs_r[:, None] * D + offs_d[None, :]
-    if SPLIT == 1:
+    if SLICES == 1:
         denom = tl.where(row_ok, denom, 1.0)  # padded rows see nothing; keep them finite
         tl.store(out_ptrs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        slot = (bh * SPLIT + sp) * ROWS_P
-        tl.store(ws_ptr + (slot + offs_r[:, None]) * D + offs_d[None, :], acc)
-        tl.store(stat_ptr + (slot + offs_r) * 2, m)
-        tl.store(stat_ptr + (slot + offs_r) * 2 + 1, denom)
+        slot = (bh * SLICES + sp) * ROWS_P  # only the real rows travel: the padding's results are never read
+        tl.store(ws_ptr + (slot + offs_r[:, None]) * D + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(stat_ptr + (slot + offs_r) * 2, m, mask=row_ok)
+        tl.store(stat_ptr + (slot + offs_r) * 2 + 1, denom, mask=row_ok)
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:  # the last slice of this head merges all slices, in a fixed order
+        if arrived == SLICES - 1:  # the last slice of this head merges all slices, in a fixed order
             m_all = tl.full((ROWS_P,), float("-inf"), tl.float32)
-            for s in tl.static_range(SPLIT):
-                other = (bh * SPLIT + s) * ROWS_P
-                m_all = tl.maximum(m_all, tl.load(stat_ptr + (other + offs_r) * 2, cache_modifier=".cg"))
+            for s in tl.static_range(SLICES):
+                other = (bh * SLICES + s) * ROWS_P
+                m_s = tl.load(
+                    stat_ptr + (other + offs_r) * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg"
+                )
+                m_all = tl.maximum(m_all, m_s)
             m_all_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
             total = tl.zeros((ROWS_P, D), tl.float32)
             denom_all = tl.zeros((ROWS_P,), tl.float32)
-            for s in tl.static_range(SPLIT):
-                other = (bh * SPLIT + s) * ROWS_P
-                weight = tl.exp(tl.load(stat_ptr + (other + offs_r) * 2, cache_modifier=".cg") - m_all_safe)
-                denom_all += weight * tl.load(stat_ptr + (other + offs_r) * 2 + 1, cache_modifier=".cg")
-                part = tl.load(ws_ptr + (other + offs_r[:, None]) * D + offs_d[None, :], cache_modifier=".cg")
+            for s in tl.static_range(SLICES):
+                other = (bh * SLICES + s) * ROWS_P
+                m_s = tl.load(
+                    stat_ptr + (other + offs_r) * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg"
+                )
+                weight = tl.exp(m_s - m_all_safe)
+                denom_all += weight * tl.load(stat_ptr + (other + offs_r) * 2 + 1, mask=row_ok, other=0.0,
+                                              cache_modifier=".cg")  # fmt: skip
+                part = tl.load(ws_ptr + (other + offs_r[:, None]) * D + offs_d[None, :], mask=row_ok[:, None],
+                               other=0.0, cache_modifier=".cg")  # fmt: skip
                 total += part * weight[:, None]
             denom_all = tl.where(row_ok, denom_all, 1.0)
-            tl.store(out_ptrs, (total / denom_all[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(
+                out_ptrs, (total / denom_all[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None]
+            )
             tl.atomic_xchg(counter_ptr + bh, 0)
 
 
 _BUFFERS: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+# The fused attention's launch (decode_attention_rope's defaults; split None: default_split). ``new_slice``: the new
+# rows in a program of their own per head rather than in slice 0.
+ROPE_LAUNCH: dict = {"split": None, "block_l": 32, "num_warps": 2, "new_slice": False}
 
 
 def _buffers(device: torch.device, slots: int, d: int, heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,28 +239,36 @@ def _check(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> tuple[int, int, int, 
     if h % kv or d & (d - 1) or d < 16:
         raise ValueError(f"decode_attention needs H divisible by KV and a power-of-two head size >= 16, got "
                          f"H={h}, KV={kv}, d={d}")  # fmt: skip
-    if k_cache.stride(-1) != 1 or k_cache.stride(-2) != d or v_cache.stride(-1) != 1 or v_cache.stride(-2) != d:
+    if (
+        k_cache.stride(-1) != 1
+        or k_cache.stride(-2) != d
+        or v_cache.stride(-1) != 1
+        or v_cache.stride(-2) != d
+    ):
         raise ValueError("decode_attention needs caches contiguous in their last two dimensions")
     if q.stride(-1) != 1:
         raise ValueError("decode_attention needs the queries contiguous in the head dimension")
     return b, h, t, d, kv, length
 
 
-def _launch(q, k_cache, v_cache, pos, new, split, block_l, num_warps, l2_next=None) -> Tensor:
+def _launch(
+    q, k_cache, v_cache, pos, new, split, block_l, num_warps, l2_next=None, new_slice=False
+) -> Tensor:
     b, h, t, d, kv, length = _check(q, k_cache, v_cache)
     if split is None:
         split = default_split(b * kv, length, block_l, q.device)
+    new_slice = int(bool(new_slice) and new is not None)
     rows_p = max(16, triton.next_power_of_2((h // kv) * t))
     out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
-    ws, stat, counters = _buffers(q.device, b * kv * split * rows_p, d, b * kv)
+    ws, stat, counters = _buffers(q.device, b * kv * (split + new_slice) * rows_p, d, b * kv)
     k_new, v_new, cos, sin = new if new is not None else (k_cache, v_cache, q, q)
-    decode_attention_kernel[(b * kv, split)](
+    decode_attention_kernel[(b * kv, split + new_slice)](
         q, k_cache, v_cache, pos, out, ws, stat, counters, k_new, v_new, cos, sin,
         length, cos.shape[0], d**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
-        NEW=new is not None, num_warps=num_warps, **pdl.launch_options(q.device),
+        NEW=new is not None, NEW_SLICE=new_slice, num_warps=num_warps, **pdl.launch_options(q.device),
         **prefetch.attention_args(l2_next, q.device),
     )  # fmt: skip
     return out
@@ -270,9 +303,10 @@ def decode_attention_rope(
     v_cache: Tensor,
     pos: Tensor,
     split: int | None = None,
-    block_l: int = 32,
-    num_warps: int = 2,
+    block_l: int | None = None,
+    num_warps: int | None = None,
     l2_next: list[list[Tensor]] | None = None,
+    new_slice: bool | None = None,
 ) -> Tensor:
     """A decode step's whole attention in one launch: the rotary embedding of ``q`` ``[b, H, t, d]`` and of the
     step's keys ``k`` ``[b, KV, t, d]`` (rows ``pos`` of the tables ``cos``/``sin`` ``[P, d]``, the half-split form of
@@ -282,6 +316,8 @@ def decode_attention_rope(
     before ``pos[0]``, the new rows come from registers. Replaces three elementwise launches per layer.
     ``l2_next``: the next projections' weights (``[codes, scales]`` each, at most two), of which
     ``prefetch.ATTENTION_MB`` megabytes are prefetched into the L2 meanwhile (:mod:`lowbit.kernels.prefetch`).
+    ``new_slice``: the new rows in a program of their own rather than in slice 0. Launch settings left at None take
+    :data:`ROPE_LAUNCH`'s.
     """
     b, _, t, d = q.shape
     if tuple(k.shape) != (b, k_cache.shape[1], t, d) or v.shape != k.shape:
@@ -291,9 +327,13 @@ def decode_attention_rope(
         raise ValueError(f"cos/sin must be rotary tables [positions, {d}] (the kernel reads rows pos); got "
                          f"{tuple(cos.shape)}/{tuple(sin.shape)}")  # fmt: skip
     if q.shape[-2] > 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("decode_attention_rope takes at most 16 new positions, contiguous in the head dimension")
+        raise ValueError(
+            "decode_attention_rope takes at most 16 new positions, contiguous in the head dimension"
+        )
     cos, sin = cos.contiguous(), sin.contiguous()
-    return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), split, block_l, num_warps, l2_next)
+    given = {"split": split, "block_l": block_l, "num_warps": num_warps, "new_slice": new_slice}
+    launch = {key: ROPE_LAUNCH[key] if value is None else value for key, value in given.items()}
+    return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), l2_next=l2_next, **launch)
 
 
 # As custom ops, torch.compile keeps the launches (their Python-side split choice and buffers) opaque.
@@ -313,7 +353,10 @@ def decode_attention_rope_op(
     next_codes: Tensor | None = None, next_scales: Tensor | None = None, next2_codes: Tensor | None = None,
     next2_scales: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    weights = [[t for t in pair if t is not None] for pair in ((next_codes, next_scales), (next2_codes, next2_scales))]
+    weights = [
+        [t for t in pair if t is not None]
+        for pair in ((next_codes, next_scales), (next2_codes, next2_scales))
+    ]
     l2_next = [pair for pair in weights if pair]
     return decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos, l2_next=l2_next)
 
