@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--l2-attention-mb", type=float, default=prefetch.ATTENTION_MB[0],
                         help="MB of the o and gate/up weights the decode attention prefetches into the L2 "
                         "(lowbit.kernels.prefetch.ATTENTION_MB; 0: off)")  # fmt: skip
+    parser.add_argument("--steps-per-graph", type=int, default=runtime.STEPS_PER_GRAPH[0],
+                        help="decode steps per CUDA graph (lowbit.kernels.runtime.STEPS_PER_GRAPH)")
     parser.add_argument("--tuned", type=Path, help="seed the W4A16 tuner with these launches "
                         "(decode_profile.load_tuned); shapes not in the file are tuned as usual")  # fmt: skip
     args = parser.parse_args()
@@ -79,6 +81,7 @@ def main() -> None:
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = args.l2_next_mb, args.l2_attention_mb
     runtime.ATTENTION[0] = args.attention
+    runtime.STEPS_PER_GRAPH[0] = args.steps_per_graph
     runtime.FUSE[0], runtime.FUSE_LM_HEAD[0] = args.fuse.removesuffix("+head"), args.fuse.endswith("+head")
     persistent.PERSISTENT[0] = args.persistent
     pdl.PDL[0] = args.pdl

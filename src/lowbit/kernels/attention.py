@@ -203,8 +203,10 @@ def decode_attention_kernel(
 _BUFFERS: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
 # The fused attention's launch (decode_attention_rope's defaults; split None: default_split). ``new_slice``: the new
-# rows in a program of their own per head rather than in slice 0.
-ROPE_LAUNCH: dict = {"split": None, "block_l": 32, "num_warps": 2, "new_slice": False}
+# rows in a program of their own per head rather than in slice 0. Session 21 (H200, Llama-3-8B decode step at
+# batch 1, bench/decode_profile.py --attention-launch): 4 warps with the new rows apart took 193 us per step against
+# 205 us for 2 warps with them in slice 0 (bf16 step: 206 against 221 us).
+ROPE_LAUNCH: dict = {"split": None, "block_l": 32, "num_warps": 4, "new_slice": True}
 
 
 def _buffers(device: torch.device, slots: int, d: int, heads: int) -> tuple[Tensor, Tensor, Tensor]:
