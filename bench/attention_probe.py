@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.kernels import w4a16
+from lowbit.kernels import cuda_attention, w4a16
 from lowbit.kernels.attention import decode_attention_rope, default_split
 
 B, H, KV, D = 1, 32, 8, 128
@@ -56,7 +56,10 @@ def inputs(cache: int, position: int) -> dict:
     }
 
 
-def run(x: dict, **launch):
+def run(x: dict, cuda_split: int | None = None, **launch):
+    if cuda_split is not None:  # lowbit.kernels.cuda_attention
+        return cuda_attention.decode_attention_rope(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["k_cache"],
+                                                    x["v_cache"], x["pos"], split=cuda_split)  # fmt: skip
     return decode_attention_rope(x["q"], x["k"], x["v"], x["cos"], x["sin"], x["k_cache"], x["v_cache"], x["pos"],
                                  **launch)  # fmt: skip
 
@@ -88,6 +91,8 @@ def main() -> None:
         "default": timed(partial(run, x0)),
         "one slice": timed(partial(run, x0, split=1)),
         "own program": timed(partial(run, x0, new_slice=True)),
+        "cuda split 8": timed(partial(run, x0, cuda_split=8)),
+        "cuda split 1": timed(partial(run, x0, cuda_split=1)),
     }
     print(
         "position 0 (new rows only): "
@@ -116,15 +121,22 @@ def main() -> None:
                             print(f"  {launch}: {exc!r:.80}")
                             continue
                         rows.append({"us": us, "max_err": err, **launch})
+        for cuda_split in (1, 2, 4, 8):
+            err = (run(x, cuda_split=cuda_split).float() - expected).abs().max().item()
+            rows.append({"us": timed(partial(run, x, cuda_split=cuda_split)), "max_err": err, "split": cuda_split,
+                         "block_l": 0, "num_warps": 4, "new_slice": True, "kernel": "cuda"})  # fmt: skip
         rows.sort(key=lambda r: r["us"])
         default = next(r for r in rows if (r["split"], r["block_l"], r["num_warps"], r["new_slice"]) ==
                        (split0, 32, 2, False))  # fmt: skip
         print(f"position {position} of {args.cache}: default (split {split0}, 32, 2 warps, new rows in slice 0) "
               f"{default['us']:.2f} us; best of {len(rows)}:")  # fmt: skip
         for r in rows[:10]:
-            print(f"    {r['us']:6.2f} us  split={r['split']:2d} block_l={r['block_l']:3d} warps={r['num_warps']} "
-                  f"new_slice={int(r['new_slice'])}  max err {r['max_err']:.1e}")  # fmt: skip
-        best_own = min((r for r in rows if r["new_slice"]), key=lambda r: r["us"])
+            print(f"    {r['us']:6.2f} us  {r.get('kernel', 'triton')} split={r['split']:2d} block_l={r['block_l']:3d} "
+                  f"warps={r['num_warps']} new_slice={int(r['new_slice'])}  max err {r['max_err']:.1e}")  # fmt: skip
+        for r in rows:
+            if r.get("kernel") == "cuda":
+                print(f"    cuda split {r['split']}: {r['us']:.2f} us, max err {r['max_err']:.1e}")
+        best_own = min((r for r in rows if r["new_slice"] and "kernel" not in r), key=lambda r: r["us"])
         best_zero = min((r for r in rows if not r["new_slice"]), key=lambda r: r["us"])
         print(f"    best with the new rows in slice 0 {best_zero['us']:.2f} us, in their own program "
               f"{best_own['us']:.2f} us")  # fmt: skip

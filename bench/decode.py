@@ -21,7 +21,7 @@ from pathlib import Path
 import kernel_import  # noqa: E402,F401  (puts src/lowbit on the path, kernels only)
 import torch
 
-from lowbit.kernels import pdl, persistent, prefetch, runtime, w4a16  # noqa: E402
+from lowbit.kernels import attention, pdl, persistent, prefetch, runtime, w4a16  # noqa: E402
 from lowbit.kernels.runtime import bench_decode  # noqa: E402
 
 SCHEMES = ["bf16", "w4a16", "w8a16", "int8", "fp8"]
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--l2-attention-mb", type=float, default=prefetch.ATTENTION_MB[0],
                         help="MB of the o and gate/up weights the decode attention prefetches into the L2 "
                         "(lowbit.kernels.prefetch.ATTENTION_MB; 0: off)")  # fmt: skip
+    parser.add_argument("--attention-kernel", choices=["triton", "cuda"], default=attention.ROPE_LAUNCH["kernel"],
+                        help="the fused decode attention's kernel (lowbit.kernels.attention.ROPE_LAUNCH)")
     parser.add_argument("--steps-per-graph", type=int, default=runtime.STEPS_PER_GRAPH[0],
                         help="decode steps per CUDA graph (lowbit.kernels.runtime.STEPS_PER_GRAPH)")
     parser.add_argument("--tuned", type=Path, help="seed the W4A16 tuner with these launches "
@@ -82,6 +84,7 @@ def main() -> None:
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = args.l2_next_mb, args.l2_attention_mb
     runtime.ATTENTION[0] = args.attention
     runtime.STEPS_PER_GRAPH[0] = args.steps_per_graph
+    attention.ROPE_LAUNCH["kernel"] = args.attention_kernel
     runtime.FUSE[0], runtime.FUSE_LM_HEAD[0] = args.fuse.removesuffix("+head"), args.fuse.endswith("+head")
     persistent.PERSISTENT[0] = args.persistent
     pdl.PDL[0] = args.pdl

@@ -137,7 +137,10 @@ def profile_scheme(
 ) -> dict:
     runtime.ATTENTION[0] = attention
     launch = dict(DEFAULT_ROPE_LAUNCH)
-    if attention_launch != "default":
+    if attention_launch.startswith("cuda"):  # "cuda" or "cuda,SPLIT": lowbit.kernels.cuda_attention
+        split = attention_launch.split(",")[1:]
+        launch.update(kernel="cuda", cuda_split=int(split[0]) if split else None)
+    elif attention_launch != "default":
         split, block_l, warps, new_slice = (int(v) for v in attention_launch.split(","))
         launch.update(split=split or None, block_l=block_l, num_warps=warps, new_slice=bool(new_slice))
     attention_kernel.ROPE_LAUNCH.update(launch)
@@ -254,7 +257,8 @@ def main() -> None:
                         "prefetches after its work (ATTENTION_LATE)")  # fmt: skip
     parser.add_argument("--attention-launch", nargs="*", default=["default"],
                         help="fused decode-attention launches to compare: 'default' (attention.ROPE_LAUNCH) or "
-                        "SPLIT,BLOCK_L,WARPS,NEW_SLICE (SPLIT 0: default_split; NEW_SLICE 0/1)")  # fmt: skip
+                        "SPLIT,BLOCK_L,WARPS,NEW_SLICE (SPLIT 0: default_split; NEW_SLICE 0/1) or cuda[,SPLIT] "
+                        "(lowbit.kernels.cuda_attention)")  # fmt: skip
     parser.add_argument("--tuned", type=Path, nargs="*", default=[],
                         help="seed the tuner with these launches (see load_tuned); several files: one set of rows "
                         "per file, each with only that file's launches seeded")  # fmt: skip

@@ -205,8 +205,17 @@ _BUFFERS: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 # The fused attention's launch (decode_attention_rope's defaults; split None: default_split). ``new_slice``: the new
 # rows in a program of their own per head rather than in slice 0. Session 21 (H200, Llama-3-8B decode step at
 # batch 1, bench/decode_profile.py --attention-launch): 4 warps with the new rows apart took 193 us per step against
-# 205 us for 2 warps with them in slice 0 (bf16 step: 206 against 221 us).
-ROPE_LAUNCH: dict = {"split": None, "block_l": 32, "num_warps": 4, "new_slice": True}
+# 205 us for 2 warps with them in slice 0 (bf16 step: 206 against 221 us). ``kernel``: "cuda" runs
+# :mod:`lowbit.kernels.cuda_attention` (one new position per sequence, its slices merged in a thread-block cluster)
+# wherever it takes the call, with ``cuda_split`` blocks per head (None: its default_split); "triton" this module's.
+ROPE_LAUNCH: dict = {
+    "split": None,
+    "block_l": 32,
+    "num_warps": 4,
+    "new_slice": True,
+    "kernel": "triton",
+    "cuda_split": None,
+}
 
 
 def _buffers(device: torch.device, slots: int, d: int, heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -333,6 +342,13 @@ def decode_attention_rope(
             "decode_attention_rope takes at most 16 new positions, contiguous in the head dimension"
         )
     cos, sin = cos.contiguous(), sin.contiguous()
+    if ROPE_LAUNCH["kernel"] == "cuda" and q.is_cuda and not l2_next:
+        from lowbit.kernels import cuda_attention
+
+        if cuda_attention.supported(q, k, v, cos, sin, k_cache, v_cache, pos):
+            return cuda_attention.decode_attention_rope(
+                q, k, v, cos, sin, k_cache, v_cache, pos, split=ROPE_LAUNCH["cuda_split"]
+            )
     given = {"split": split, "block_l": block_l, "num_warps": num_warps, "new_slice": new_slice}
     launch = {key: ROPE_LAUNCH[key] if value is None else value for key, value in given.items()}
     return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), l2_next=l2_next, **launch)
