@@ -71,6 +71,8 @@ def main() -> None:
                         "(lowbit.kernels.prefetch.ATTENTION_MB; 0: off)")  # fmt: skip
     parser.add_argument("--attention-kernel", choices=["triton", "cuda"], default=attention.ROPE_LAUNCH["kernel"],
                         help="the fused decode attention's kernel (lowbit.kernels.attention.ROPE_LAUNCH)")
+    parser.add_argument("--quantized-head-only", action="store_true",
+                        help="the non-bf16 schemes only with their lm_head quantized")
     parser.add_argument("--steps-per-graph", type=int, default=runtime.STEPS_PER_GRAPH[0],
                         help="decode steps per CUDA graph (lowbit.kernels.runtime.STEPS_PER_GRAPH)")
     parser.add_argument("--tuned", type=Path, help="seed the W4A16 tuner with these launches "
@@ -91,8 +93,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     rows: list[dict] = []
-    runs = [(s, False) for s in args.schemes]
-    if args.lm_head_quantized:
+    runs = [(s, False) for s in args.schemes if s == "bf16" or not args.quantized_head_only]
+    if args.lm_head_quantized or args.quantized_head_only:
         runs += [(s, True) for s in args.schemes if s != "bf16"]
     for scheme, quantized_head in runs:
         try:
