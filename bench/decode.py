@@ -73,8 +73,6 @@ def main() -> None:
                         help="the fused decode attention's kernel (lowbit.kernels.attention.ROPE_LAUNCH)")
     parser.add_argument("--quantized-head-only", action="store_true",
                         help="the non-bf16 schemes only with their lm_head quantized")
-    parser.add_argument("--steps-per-graph", type=int, default=runtime.STEPS_PER_GRAPH[0],
-                        help="decode steps per CUDA graph (lowbit.kernels.runtime.STEPS_PER_GRAPH)")
     parser.add_argument("--tuned", type=Path, help="seed the W4A16 tuner with these launches "
                         "(decode_profile.load_tuned); shapes not in the file are tuned as usual")  # fmt: skip
     args = parser.parse_args()
@@ -85,7 +83,6 @@ def main() -> None:
     pdl.PREFETCH_BLOCKS[0] = args.prefetch_blocks
     prefetch.NEXT_MB[0], prefetch.ATTENTION_MB[0] = args.l2_next_mb, args.l2_attention_mb
     runtime.ATTENTION[0] = args.attention
-    runtime.STEPS_PER_GRAPH[0] = args.steps_per_graph
     attention.ROPE_LAUNCH["kernel"] = args.attention_kernel
     runtime.FUSE[0], runtime.FUSE_LM_HEAD[0] = args.fuse.removesuffix("+head"), args.fuse.endswith("+head")
     persistent.PERSISTENT[0] = args.persistent

@@ -354,20 +354,15 @@ def argmax_last(logits: Tensor, chunk: int = 1024) -> Tensor:
     return pick * chunk + where.gather(-1, pick)
 
 
-# Decode steps captured in one CUDA graph by greedy_decode (a list, so benchmarks can set it): one graph launch and
-# one copy of the tokens per STEPS_PER_GRAPH steps instead of per step.
-STEPS_PER_GRAPH = [8]
-
-
 @torch.no_grad()
 def greedy_decode(
     model: Decoder, prompt: Tensor, new_tokens: int, use_cuda_graph: bool = True, compile_step: bool = False
 ) -> DecodeResult:
     """Prefill ``prompt`` ``[batch, T]`` eagerly, then decode greedily up to ``new_tokens`` tokens.
 
-    The decode steps run as CUDA graphs (captured after a warm-up step that also compiles the
-    kernels for this batch size) of :data:`STEPS_PER_GRAPH` steps each, every step writing its argmax
-    into its own input and advancing the position. Only the replayed steps are timed.
+    The decode step runs as one CUDA graph (captured after a warm-up step that also compiles the
+    kernels for this batch size) that writes its argmax into its own input and advances the
+    position. Only the replayed steps are timed.
 
     ``compile_step``: the decode step goes through ``torch.compile`` first (Inductor fuses the
     norms, rotary embedding, cache writes, softmax and SwiGLU around the quantized GEMMs, which
@@ -415,46 +410,26 @@ def greedy_decode(
             forward = next_ids
 
     out = [ids.clone()]
-    if not (use_cuda_graph and device.type == "cuda"):
-        timed_steps = new_tokens - len(out)
-        start = time.perf_counter()
-        for _ in range(timed_steps):
-            step()
-            out.append(ids.clone())
-        decode = time.perf_counter() - start
-        return DecodeResult(torch.cat(out, dim=1), prefill, decode, timed_steps, compiled)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture: Triton compiles for this batch size here
-    torch.cuda.current_stream().wait_stream(side)
-    out.append(ids.clone())
-    timed_steps = new_tokens - len(out)
-    # STEPS_PER_GRAPH steps per replay, each writing its tokens into a column of `tokens`: fewer graph launches and
-    # one copy out per replay; the remainder as a graph of its own
-    per_graph = max(1, min(STEPS_PER_GRAPH[0], timed_steps))
-    full, rest = divmod(max(timed_steps, 0), per_graph)
-    tokens = torch.empty(batch, per_graph, dtype=ids.dtype, device=device)
-
-    def capture(steps: int) -> torch.cuda.CUDAGraph:
+    run = step
+    if use_cuda_graph and device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up outside the capture: Triton compiles for this batch size here
+        torch.cuda.current_stream().wait_stream(side)
+        out.append(ids.clone())
         graph = torch.cuda.CUDAGraph()
         pos_before = pos.clone()
         with torch.cuda.graph(graph):
-            for i in range(steps):
-                step()
-                tokens[:, i : i + 1].copy_(ids)
-        pos.copy_(pos_before)  # capture does not run the steps; keep the position honest
-        return graph
-
-    runs = [(per_graph, full), (rest, 1)]
-    graphs = [(capture(size), replays, size) for size, replays in runs if size and replays]
+            step()
+        pos.copy_(pos_before)  # capture does not run the step; keep the position honest
+        run = graph.replay
+    timed_steps = new_tokens - len(out)
     sync()
     start = time.perf_counter()
-    for graph, replays, size in graphs:
-        for _ in range(replays):
-            graph.replay()
-            out.append(tokens[:, :size].clone())
+    for _ in range(timed_steps):
+        run()
+        out.append(ids.clone())
     sync()
     decode = time.perf_counter() - start
     return DecodeResult(torch.cat(out, dim=1), prefill, decode, timed_steps, compiled)
