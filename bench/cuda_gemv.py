@@ -65,7 +65,6 @@ lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink
 # 1 to 4 persistent blocks per SM), and the tensor-core launches that placed
 QUICK_CORE = [(1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 1), (1, 16, 1)]
 QUICK_LAUNCHES = [(False, 0)] + [(True, p) for p in (0, 1, 2, 3, 4)]  # (stage, persist)
-QUICK_PIPES = (1, 2)  # the staged CUDA-core kernel without persist: one or two weight batches in flight
 
 
 def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
@@ -89,10 +88,9 @@ def quick_sweep(m: int) -> list[cuda_gemv.CudaGemvConfig]:
         ]
         return unstaged + staged_mma()
     return [
-        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=st, persist=p, pipe=pipe)
+        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=st, persist=p)
         for r, w, u in QUICK_CORE
         for st, p in QUICK_LAUNCHES
-        for pipe in (QUICK_PIPES if st and not p else (1,))
     ] + [cuda_gemv.CudaGemvConfig(r, w, 1, 1, mma=True) for r, w in ((1, 4), (2, 4), (2, 8))]
 
 
@@ -136,10 +134,9 @@ def fused_launches(quick: bool) -> list[w4a16.WNA16Config]:
     ]
     if quick:
         return [
-            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p, pipe=pipe)
+            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p)
             for r, nw, u in QUICK_CORE
             for st, p in QUICK_LAUNCHES
-            for pipe in (QUICK_PIPES if st and not p else (1,))
         ] + mma
     launches = [(st, 0) for st in (False, True)] + [(True, p) for p in (1, 2, 3, 4)]
     return [
@@ -154,7 +151,7 @@ def fused_rows(name: str, x: torch.Tensor, packed, flush_ms: float, quick: bool)
     against the separate operations; returns rows and tuned-config reprs keyed as tuned_config keys them."""
     n, k = packed.out_features, packed.in_features
     rows, tuned = [], {}
-    for kind in FUSED_KINDS[name]:
+    for kind in FUSED_KINDS.get(name, []):  # the issue's kernel-table shapes have no decode-step fusion
         glu = "glu" in kind
         norm = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16) if "norm" in kind else None
         res = (

@@ -204,8 +204,6 @@ SOURCE = r"""
 #if (FUSE_NORM || FUSE_GLU || FUSE_RES) && SPLIT != 1
 #error "the fused work needs SPLIT == 1"
 #endif
-// the CUDA-core kernel with STAGE and PIPE 2 (no PERSIST; CudaGemvConfig checks): a second weight batch in flight
-#define CORE_PIPE (STAGE && PIPE == 2 && !PERSIST)
 """
 
 SOURCE += HELPERS + r"""
@@ -256,7 +254,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     u32 scales[UNROLL][ROWS];
     u32 zeros[UNROLL][ROWS];
     // the loads of one batch (UNROLL K-blocks from kb0, NWARPS apart), all issued before any value is used
-    auto load_into = [&](uint4 (&wd)[UNROLL][ROWS], u32 (&sc)[UNROLL][ROWS], u32 (&zr)[UNROLL][ROWS], int kb0) {
+    auto load_batch = [&](int kb0) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int kb = kb0 + u * NWARPS;
@@ -265,19 +263,12 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 const int n = rows_n[r];
-                wd[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
-                sc[u][r] = ok ? load_u16(scale + (size_t)g * N + n) : 0u;
-                zr[u][r] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)g * N + n) : 0u;
+                words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
+                scales[u][r] = ok ? load_u16(scale + (size_t)g * N + n) : 0u;
+                zeros[u][r] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)g * N + n) : 0u;
             }
         }
     };
-    auto load_batch = [&](int kb0) { load_into(words, scales, zeros, kb0); };
-#if CORE_PIPE
-    // PIPE == 2 (STAGE, no PERSIST): a second batch in flight, so two batches load while one is computed
-    uint4 words2[UNROLL][ROWS];
-    u32 scales2[UNROLL][ROWS];
-    u32 zeros2[UNROLL][ROWS];
-#endif
 
     int tile = blockIdx.x;
     set_rows(tile);
@@ -288,9 +279,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     extern __shared__ __align__(16) unsigned char stage_raw[];
     uint2* staged = reinterpret_cast<uint2*>(stage_raw);  // 4 features per entry
     load_batch(kb_lo + warp);
-#if CORE_PIPE
-    load_into(words2, scales2, zeros2, kb_lo + warp + NWARPS * UNROLL);
-#endif
     for (int i = threadIdx.x; i < (kb_hi - kb_lo) * 32; i += NWARPS * 32) {
         uint2 v = load_x4(x + kb_lo * 128 + 4 * i);
         if (FUSE_NORM) {
@@ -318,9 +306,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
 
-#if CORE_PIPE
-#pragma unroll 2
-#endif
         for (int kb0 = kb_lo + warp; kb0 < kb_hi; kb0 += NWARPS * UNROLL) {
 #if STAGE
             uint4 cur[UNROLL][ROWS];
@@ -334,25 +319,12 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                     cur_scales[u][r] = scales[u][r];
                     cur_zeros[u][r] = zeros[u][r];
                 }
-#if CORE_PIPE
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
-                    words[u][r] = words2[u][r];
-                    scales[u][r] = scales2[u][r];
-                    zeros[u][r] = zeros2[u][r];
-                }
-            if (kb0 + 2 * NWARPS * UNROLL < kb_hi)
-                load_into(words2, scales2, zeros2, kb0 + 2 * NWARPS * UNROLL);  // two batches ahead
-#else
             if (kb0 + NWARPS * UNROLL < kb_hi) {
                 load_batch(kb0 + NWARPS * UNROLL);  // the next batch, in flight
             } else if (PERSIST && next < tiles) {
                 set_rows(next);  // the next tile's first batch, in flight through this tile's end
                 load_batch(kb_lo + warp);
             }
-#endif
 #else
             load_batch(kb0);
             uint4 (&cur)[UNROLL][ROWS] = words;
@@ -832,16 +804,17 @@ class CudaGemvConfig:
     # ``grid``-th row tile, staging the activations once and loading the next tile's first weights early
     persist: int = 0
     # the staged tensor-core kernel: batches of ``unroll`` K-blocks in flight per warp while one is computed (a ring of
-    # register buffers; 1 = the next batch only, as measured in session 15; 2 and 3 measured no gain in session 16);
-    # the staged CUDA-core kernel (no persist): 2 = the next two batches in flight (session 21)
+    # register buffers; 1 = the next batch only, as measured in session 15; 2 and 3 measured no gain in session 16).
+    # A second batch in flight in the staged CUDA-core kernel was measured in session 21 and taken out: slower on 10
+    # of 12 launches at one token (gate_up 4096x28672 24.63 -> 27.40 us at 2 rows x 8 warps; down 14336x4096
+    # 15.54 -> 17.01 at 2 x 16), bitwise the same results (bench/notes/kernels.md).
     pipe: int = 1
 
     def __post_init__(self) -> None:
         if min(self.rows, self.warps, self.unroll, self.split, self.pipe) < 1:
             raise ValueError(f"{self}: rows, warps, unroll, split and pipe must be at least 1")
-        core_pipe = not self.mma and self.stage and not self.persist and self.pipe == 2
-        if self.pipe > 1 and not (self.mma and self.stage) and not core_pipe:
-            raise ValueError(f"{self}: pipe > 1 is for the staged kernels (the CUDA-core one: pipe 2, no persist)")
+        if self.pipe > 1 and not (self.mma and self.stage):
+            raise ValueError(f"{self}: pipe > 1 is for the staged tensor-core kernel (mma and stage)")
         if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
             raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
