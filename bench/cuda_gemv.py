@@ -313,14 +313,25 @@ def shape_row(
     if m == 1:
         best_core = next(t for t in good if not t["config"]["mma"])
         probe_cfg = cuda_gemv.CudaGemvConfig(**best_core["config"])
-        no_math_ms = w4a16.device_time(lambda: cuda_gemv.gemv(x, packed, probe_cfg, no_math=True)) - flush_ms
+        # the best CUDA-core launch without, cumulatively: 1 its dot products, 2 the scale loads, 3 the activations,
+        # 4 the reduction across warps and the stores (cuda_gemv.source's no_math levels)
+        ablation = {
+            level: (
+                w4a16.device_time(lambda lv=level: cuda_gemv.gemv(x, packed, probe_cfg, no_math=lv))
+                - flush_ms
+            )
+            * 1e3
+            for level in (1, 2, 3, 4)
+        }
         row.update(
             best_core_us=best_core["us"],
-            core_no_math_us=no_math_ms * 1e3,
+            core_no_math_us=ablation[1],
+            core_ablation_us=ablation,
             read_only_us=read_floor(packed, flush_ms),
         )
-        extra = (f"  read-only {row['read_only_us']:6.2f} us [core {best_core['us']:.2f}, core without math "
-                 f"{row['core_no_math_us']:.2f}, mma {best_mma['us']:.2f}]")  # fmt: skip
+        extra = (f"  read-only {row['read_only_us']:6.2f} us [core {best_core['us']:.2f}, without math "
+                 f"{ablation[1]:.2f}, + scales {ablation[2]:.2f}, + activations {ablation[3]:.2f}, + reduction and "
+                 f"stores {ablation[4]:.2f}; mma {best_mma['us']:.2f}]")  # fmt: skip
     ref = "mma ref" if no_triton else "Triton"  # --no-triton: the unstaged tensor-core launch stands in
     print(f"{name:8s} M={m:2d} K={k:6d} N={n:6d} cuBLAS {cublas_us:7.2f}  {ref} {triton_us:7.2f} ({cublas_us / triton_us:.2f}x)"
           f"  CUDA {best['us']:7.2f} ({cublas_us / best['us']:.2f}x, {read_bytes / best['us'] / 1e3:.0f} GB/s, err "

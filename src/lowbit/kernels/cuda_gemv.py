@@ -264,8 +264,8 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             for (int r = 0; r < ROWS; ++r) {
                 const int n = rows_n[r];
                 words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
-                scales[u][r] = ok ? load_u16(scale + (size_t)g * N + n) : 0u;
-                zeros[u][r] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)g * N + n) : 0u;
+                scales[u][r] = (ok && NO_MATH < 2) ? load_u16(scale + (size_t)g * N + n) : 0u;
+                zeros[u][r] = (ok && HAS_ZERO && NO_MATH < 2) ? load_u16(zero + (size_t)g * N + n) : 0u;
             }
         }
     };
@@ -279,7 +279,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     extern __shared__ __align__(16) unsigned char stage_raw[];
     uint2* staged = reinterpret_cast<uint2*>(stage_raw);  // 4 features per entry
     load_batch(kb_lo + warp);
-    for (int i = threadIdx.x; i < (kb_hi - kb_lo) * 32; i += NWARPS * 32) {
+    for (int i = threadIdx.x; i < (NO_MATH < 3 ? kb_hi - kb_lo : 0) * 32; i += NWARPS * 32) {
         uint2 v = load_x4(x + kb_lo * 128 + 4 * i);
         if (FUSE_NORM) {
             const float h0 = __uint_as_float(v.x << 16), h1 = __uint_as_float(v.x & 0xFFFF0000u);
@@ -338,11 +338,12 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                     uint2 xs[8];
 #if STAGE
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) xs[j] = staged[(kb - kb_lo) * 32 + 4 * j + quad];
+                    for (int j = 0; j < 8; ++j)
+                        xs[j] = NO_MATH < 3 ? staged[(kb - kb_lo) * 32 + 4 * j + quad] : make_uint2(j, quad);
 #else
                     const u16* xb = x + kb * 128 + 4 * quad;
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
+                    for (int j = 0; j < 8; ++j) xs[j] = NO_MATH < 3 ? load_x4(xb + 16 * j) : make_uint2(j, quad);
 #if FUSE_NORM
                     {
                         const uint2 mine = load_x4(xb + 16 * row);
@@ -373,7 +374,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                         const u32 nz = float_to_bf16_bits(-(128.f + z));
                         const u32 neg_zero = nz | (nz << 16);
                         const uint4 w = cur[u][r];
-#if NO_MATH  // timing probe (bench/cuda_gemv.py): the same loads and epilogue without the dot products
+#if NO_MATH  // timing probe (bench/cuda_gemv.py, levels: see source()): no dot products
                         const float part = (float)((w.x ^ w.y ^ w.z ^ w.w ^ pairs[r & 3][0] ^ neg_zero) & 1u);
 #else
                         const float part = pair_sum(word_dot(w.x, pairs[0][0], pairs[0][1], pairs[0][2], pairs[0][3], neg_zero))
@@ -387,6 +388,10 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             }
         }
 
+#if NO_MATH >= 4  // timing probe: no reduction across the warps and no stores
+        if (acc[0] == 1.2345e-30f) out[n0] = 0;
+        continue;
+#endif
         float (&mine)[NWARPS][8 * ROWS] = partial[PERSIST ? (it & 1) : 0];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
@@ -931,13 +936,14 @@ def source(
     group_blocks: int,
     per_channel: bool,
     has_zero: bool,
-    no_math: bool = False,
+    no_math: int = 0,
     tokens: int = 1,
     fused: tuple[bool, bool, bool] = (False, False, False),
 ) -> str:
     """The kernels' CUDA C for one launch shape, weight scheme, token count (1, 8 or 16) and fusion flags (norm,
-    glu, residual: :class:`Fused`): the macros, then :data:`SOURCE`. ``no_math`` leaves the CUDA-core kernel's dot
-    products out (a timing probe, wrong results)."""
+    glu, residual: :class:`Fused`): the macros, then :data:`SOURCE`. ``no_math`` (a timing probe, wrong results) leaves
+    out of the CUDA-core kernel: 1, its dot products; 2, also the scale loads; 3, also the activations; 4, also the
+    reduction across the warps and the stores (bench/cuda_gemv.py times each level)."""
     token_tiles = _token_tiles(tokens)
     macros = {
         "NWARPS": cfg.warps,
@@ -1002,7 +1008,7 @@ def gemv(
     x2: torch.Tensor,
     packed: PackedWNA16,
     cfg: CudaGemvConfig,
-    no_math: bool = False,
+    no_math: int = 0,
     fused: Fused | None = None,
 ) -> torch.Tensor:
     """``x2 @ dequant(W).T`` for tokens ``x2`` ``[M, K]`` (bf16) on the CUDA kernels (see :func:`supported`), with
