@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--persistent", choices=["off", "auto"], default=persistent.PERSISTENT[0],
                         help="o, norm, gate/up, SwiGLU and down as one launch at batch 1 "
                         "(lowbit.kernels.persistent.PERSISTENT)")  # fmt: skip
-    parser.add_argument("--pdl", choices=["off", "early", "late"], default="off",
+    parser.add_argument("--pdl", choices=["off", "early", "late", "attention"], default="off",
                         help="programmatic dependent launch of lowbit's kernels (lowbit.kernels.pdl.PDL)")  # fmt: skip
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
                         help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")

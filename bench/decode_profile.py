@@ -247,7 +247,7 @@ def main() -> None:
                         "down as one launch; non-bf16 schemes)")  # fmt: skip
     parser.add_argument("--persistent-config", help="the persistent launch for Llama-3-8B's W4A16 g128 shape instead "
                         "of tuning it: warps,per_sm,bn_o,kbi_o,bn_gu,kbi_gu,bn_d,kbi_d,split_o,split_d,norm_split (bench/mlp_block.py)")  # fmt: skip
-    parser.add_argument("--pdl", nargs="*", default=["off"], choices=["off", "early", "late"],
+    parser.add_argument("--pdl", nargs="*", default=["off"], choices=["off", "early", "late", "attention"],
                         help="lowbit.kernels.pdl.PDL values to compare (programmatic dependent launch)")
     parser.add_argument("--prefetch-blocks", type=int, default=pdl.PREFETCH_BLOCKS[0],
                         help="K-blocks each W4A16 program prefetches into L2 before its PDL wait")

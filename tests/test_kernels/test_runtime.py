@@ -196,6 +196,8 @@ def test_pdl_adds_no_launch_options_where_it_cannot_run(monkeypatch) -> None:
     monkeypatch.setattr(pdl, "PDL", ["early"])
     assert not pdl.supported(torch.device("cpu"))
     assert pdl.launch_options(torch.device("cpu"), 8) == {}
+    monkeypatch.setattr(pdl, "PDL", ["attention"])
+    assert pdl.launch_options(torch.device("cpu"), attention=True) == {}
 
 
 @pytest.mark.skipif(
@@ -203,7 +205,7 @@ def test_pdl_adds_no_launch_options_where_it_cannot_run(monkeypatch) -> None:
     reason="needs a Hopper GPU (programmatic dependent launch)",
 )
 @pytest.mark.parametrize("fuse", ["off", "auto"])
-@pytest.mark.parametrize("mode, prefetch_blocks", [("early", 0), ("early", 128), ("late", 2)])
+@pytest.mark.parametrize("mode, prefetch_blocks", [("early", 0), ("early", 128), ("late", 2), ("attention", 0)])
 def test_gpu_pdl_decode_gives_the_same_tokens(fuse: str, mode: str, prefetch_blocks: int, monkeypatch) -> None:  # pragma: no cover
     """Every lowbit launch of a CUDA-graph decode step overlapping its predecessor (PDL) gives the tokens of the
     serialized step: nothing reads an activation or writes before its wait."""
@@ -215,7 +217,7 @@ def test_gpu_pdl_decode_gives_the_same_tokens(fuse: str, mode: str, prefetch_blo
     plain = greedy_decode(model, prompt, new_tokens=12)
     monkeypatch.setattr(pdl, "PDL", [mode])
     monkeypatch.setattr(pdl, "PREFETCH_BLOCKS", [prefetch_blocks])
-    assert pdl.launch_options(torch.device("cuda"), 4)["launch_pdl"]
+    assert pdl.launch_options(torch.device("cuda"), 4, attention=True)["launch_pdl"]
     overlapped = greedy_decode(model, prompt, new_tokens=12)
     assert torch.equal(overlapped.tokens, plain.tokens)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lowbit.kernels import pdl, prefetch
 from lowbit.kernels.pdl import gdc_launch_dependents, gdc_wait
-from lowbit.kernels.prefetch import l2_prefetch_two
+from lowbit.kernels.prefetch import l2_prefetch_own, l2_prefetch_two
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def decode_attention_kernel(
         gdc_launch_dependents()
     if not L2_LATE:
         l2_prefetch_two(nx_ptr, nx_bytes, ns_ptr, ns_bytes, nx2_ptr, nx2_bytes, ns2_ptr, ns2_bytes, L2_NEXT)
-    if PDL:
+    if PDL == 1 or PDL == 2:
         gdc_wait()
     ROWS: tl.constexpr = GROUP * T
     SLICES: tl.constexpr = SPLIT + NEW_SLICE  # programs per head, merged at the end
@@ -79,25 +79,30 @@ def decode_attention_kernel(
     lo = sp * per_split
     hi = tl.minimum(lo + per_split, limit)
 
-    q_rows = q_ptr + b * stride_qb + row_head[:, None] * stride_qh + row_t[:, None] * stride_qt
-    q = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if NEW:
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    if NEW:  # the rotary rows (static tables) first: with PDL == 3 they load before the wait
         half: tl.constexpr = D // 2
         partner = (offs_d + half) % D  # rotate_half: [-x2, x1]
         sign = tl.where(offs_d < half, -1.0, 1.0)
         in_table = (row_ok & (row_pos < P))[:, None]
-        cos = tl.load(cos_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0).to(
-            tl.float32
-        )
-        sin = tl.load(sin_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0).to(
-            tl.float32
-        )
+        cos = tl.load(cos_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0)
+        sin = tl.load(sin_ptr + row_pos[:, None] * D + offs_d[None, :], mask=in_table, other=0.0)
+        cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    if PDL == 3:
+        # launched while q/k/v's GEMV runs (pdl "attention"): the position, the rotary rows and this program's
+        # cache rows [lo, hi) (written by earlier steps) do not depend on it; q, k and v do, after the wait
+        span = tl.maximum(hi - lo, 0) * (D * k_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        l2_prefetch_own(k_base + lo * D, span)
+        l2_prefetch_own(v_base + lo * D, span)
+        gdc_wait()
+    q_rows = q_ptr + b * stride_qb + row_head[:, None] * stride_qh + row_t[:, None] * stride_qt
+    q = tl.load(q_rows + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if NEW:
         q_p = tl.load(q_rows + partner[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
         q = (q.to(tl.float32) * cos + sign[None, :] * q_p * sin).to(q_ptr.dtype.element_ty)
     if DOT_F32:  # the CPU interpreter multiplies in float32
         q = q.to(tl.float32)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
     m = tl.full((ROWS_P,), float("-inf"), tl.float32)
     denom = tl.zeros((ROWS_P,), tl.float32)
     acc = tl.zeros((ROWS_P, D), tl.float32)
@@ -279,7 +284,7 @@ def _launch(
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
-        NEW=new is not None, NEW_SLICE=new_slice, num_warps=num_warps, **pdl.launch_options(q.device),
+        NEW=new is not None, NEW_SLICE=new_slice, num_warps=num_warps, **pdl.launch_options(q.device, attention=True),
         **prefetch.attention_args(l2_next, q.device),
     )  # fmt: skip
     return out

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.kernels import pdl
 from lowbit.kernels.layout import BLOCK_K, PackedWNA16
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,15 @@ __device__ __forceinline__ u32 word_dot(u32 w, u32 x04, u32 x15, u32 x26, u32 x3
         "}"
         : "=&r"(p) : "r"(w), "r"(x04), "r"(x15), "r"(x26), "r"(x37), "r"(neg_zero));
     return p;
+}
+
+// PDL_TRIGGER: a kernel launched after this one with programmatic dependent launch (lowbit.kernels.pdl, mode
+// "attention": the decode attention) may start now; it still waits for this grid's completion before reading
+// anything this kernel writes. No effect on kernels launched the ordinary way.
+__device__ __forceinline__ void pdl_trigger() {
+#if PDL_TRIGGER
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {
@@ -221,6 +231,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                   const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
                   int* __restrict__ counters, int N, int K, const u16* __restrict__ norm_w,
                   const u16* __restrict__ residual, double eps) {
+    pdl_trigger();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int quad = lane & 3, row = lane >> 2;
     constexpr int BLOCK_OUT = FUSE_GLU ? 4 * ROWS : 8 * ROWS;  // outputs per tile
@@ -452,6 +463,7 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
                       const u16* __restrict__ zero, u16* __restrict__ out, float* __restrict__ workspace,
                       int* __restrict__ counters, int N, int K, int M, int stride_xm, int stride_om,
                       const u16* __restrict__ norm_w, const u16* __restrict__ residual, double eps) {
+    pdl_trigger();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t4 = lane & 3, g = lane >> 2;
     const int n0 = blockIdx.x * (16 * ROWS);
@@ -619,6 +631,7 @@ lowbit_w4a16_gemv_mma_staged(const u16* __restrict__ x, const uint4* __restrict_
                              float* __restrict__ workspace, int* __restrict__ counters, int N, int K, int M,
                              int stride_xm, int stride_om) {
     constexpr int BLOCK_ROWS = NWARPS * 16 * ROWS;
+    pdl_trigger();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int t4 = lane & 3, g = lane >> 2;
     const int n0 = blockIdx.x * BLOCK_ROWS;
@@ -939,6 +952,7 @@ def source(
     no_math: int = 0,
     tokens: int = 1,
     fused: tuple[bool, bool, bool] = (False, False, False),
+    trigger: bool = False,
 ) -> str:
     """The kernels' CUDA C for one launch shape, weight scheme, token count (1, 8 or 16) and fusion flags (norm,
     glu, residual: :class:`Fused`): the macros, then :data:`SOURCE`. ``no_math`` (a timing probe, wrong results) leaves
@@ -962,6 +976,7 @@ def source(
         "STAGE": int(cfg.stage),
         "PERSIST": int(cfg.persist > 0),
         "PIPE": cfg.pipe,
+        "PDL_TRIGGER": int(trigger),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
@@ -1034,7 +1049,8 @@ def gemv(
     if opt_in and not stage_fits(cfg, k, x2.device, m):
         raise ValueError(f"{cfg}: {shared} bytes of staged activations exceed this GPU's shared memory; use "
                          "stage=False or split K")  # fmt: skip
-    kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags)
+    trigger = pdl.PDL[0] == "attention"  # the decode attention after q/k/v's GEMV may launch early
+    kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags, trigger)
     n_out = n // 2 if flags[1] else n
     tiles = -(-n_out // (cfg.block_rows // (2 if flags[1] else 1)))
     grid = min(tiles, cfg.persist * sm_count(index)) if cfg.persist else tiles

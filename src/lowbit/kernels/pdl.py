@@ -11,7 +11,10 @@ all of a step's launches with ``runtime.FUSE`` on, the attention and the output 
 
 ``PDL[0]``: ``"off"`` (default), ``"early"`` (each program lets the next kernel launch as it starts) or
 ``"late"`` (after its main loop), used where :func:`supported`; ``PREFETCH_BLOCKS[0]``: how many K-blocks of
-128 features each program prefetches before the wait (0: none, only the early launch).
+128 features each program prefetches before the wait (0: none, only the early launch). ``"attention"`` (session 21,
+not measured yet): only the decode attention is launched this way, after q/k/v's GEMV, which lets it launch as that
+GEMV starts (the CUDA GEMVs' ``griddepcontrol.launch_dependents``); before its wait the attention reads the
+position and the rotary rows and asks the L2 for its slice of the cache, none of which the GEMV writes.
 bench/decode_profile.py ``--pdl off early late`` measures them in one call (bench/notes/kernels.md, session 10).
 
 Off by default because it did not pay on the H200 (Llama-3-8B-shaped W4A16 step, batch 1): ``"early"`` made the
@@ -36,6 +39,7 @@ except ImportError:  # Triton without grid dependency control: supported() is Fa
 PDL = ["off"]
 PREFETCH_BLOCKS = [0]  # whole-range prefetch (128) measured worst, 3.539 ms against 2.437 ms
 MODES = {"early": 1, "late": 2}  # the kernels' PDL constexpr
+ATTENTION_MODE = 3  # the decode attention's PDL constexpr in mode "attention"
 
 
 @functools.cache
@@ -59,9 +63,12 @@ def supported(device: torch.device) -> bool:
     return _device_has_pdl(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_options(device: torch.device, blocks_per_program: int = 0) -> dict:
+def launch_options(device: torch.device, blocks_per_program: int = 0, attention: bool = False) -> dict:
     """Extra launch arguments of a PDL-aware kernel: ``PDL``, ``PF_BLOCKS`` (W4A16 kernels, when
-    ``blocks_per_program`` is given) and Triton's ``launch_pdl``; empty when PDL is off or unsupported."""
+    ``blocks_per_program`` is given) and Triton's ``launch_pdl``; empty when PDL is off or unsupported. In mode
+    ``"attention"`` only the decode attention (``attention``) gets them."""
+    if PDL[0] == "attention" and supported(device):
+        return {"PDL": ATTENTION_MODE, "launch_pdl": True} if attention else {}
     if PDL[0] not in MODES or not supported(device):
         return {}
     options: dict = {"PDL": MODES[PDL[0]], "launch_pdl": True}

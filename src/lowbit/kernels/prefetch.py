@@ -76,6 +76,15 @@ def l2_prefetch_share(ptr, nbytes, PIECES: tl.constexpr):
 
 
 @triton.jit
+def l2_prefetch_own(ptr, nbytes):
+    """Bytes ``[0, nbytes)`` at ``ptr`` (16-byte aligned, ``nbytes`` a multiple of 16) requested from the L2 in one
+    bulk prefetch, by the program's first thread (the decode attention's own slice of the cache)."""
+    index = tl.arange(0, 1)
+    tl.inline_asm_elementwise(_PREFETCH_PTX, "=r,l,r,r,r", [ptr + index, (nbytes > 0).to(tl.int32) + index,
+                              nbytes + index, index], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
 def l2_prefetch_next(nx_ptr, nx_bytes, ns_ptr, ns_bytes):
     """This program's share of the next weight's codes and scales (:func:`launch_args`)."""
     l2_prefetch_share(nx_ptr, nx_bytes, 8)
