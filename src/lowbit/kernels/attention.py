@@ -41,12 +41,13 @@ def decode_attention_kernel(
     """``NEW``: the step's own keys and values come in unrotated (``kn``, ``vn``, ``[b, KV, T, D]`` views),
     as does ``q``; the kernel applies the rotary embedding (rows ``pos`` of the ``[P, D]`` tables ``cos``/``sin``,
     half-split form),
-    writes the new rows into the caches at ``pos`` (slice 0 only) and attends to them from registers, so
+    writes the new rows into the caches at ``pos`` (one program per head) and attends to them from registers, so
     the cache loop stops before ``pos[0]`` and never reads a row this launch writes. The new rows are the work of
     slice 0, or with ``NEW_SLICE`` of a program of their own (``SPLIT`` of each head, whose cache range is empty), so
     that no cache slice waits on them. ``PDL``: launched before the
     previous kernel has finished (:mod:`lowbit.kernels.pdl`); it waits for the previous one before reading
-    anything, and lets the next one start at once (1) or after its main loop (2). ``L2_NEXT``: first, the
+    anything, and lets the next one start at once (1) or after its main loop (2); or (3, mode "attention") it reads
+    the position and the rotary rows and asks the L2 for its slice of the cache first, then waits. ``L2_NEXT``: first, the
     programs ask the L2 for the next projections' weights (one or two, :mod:`lowbit.kernels.prefetch`), read
     while this kernel, which moves little memory, runs (``L2_LATE``: after its main loop, so that its own loads
     do not queue behind them)."""
