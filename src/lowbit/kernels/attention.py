@@ -279,13 +279,19 @@ def _launch(
     out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)
     ws, stat, counters = _buffers(q.device, b * kv * (split + new_slice) * rows_p, d, b * kv)
     k_new, v_new, cos, sin = new if new is not None else (k_cache, v_cache, q, q)
+    # PDL mode 3 bulk-prefetches each program's cache rows: only with 16-byte-aligned rows (otherwise no PDL)
+    aligned = all(
+        x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0
+        and d * x.element_size() % 16 == 0
+        for x in (k_cache, v_cache)
+    )
     decode_attention_kernel[(b * kv, split + new_slice)](
         q, k_cache, v_cache, pos, out, ws, stat, counters, k_new, v_new, cos, sin,
         length, cos.shape[0], d**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         KV=kv, GROUP=h // kv, T=t, ROWS_P=rows_p, D=d, BLOCK_L=block_l, SPLIT=split, DOT_F32=not q.is_cuda,
-        NEW=new is not None, NEW_SLICE=new_slice, num_warps=num_warps, **pdl.launch_options(q.device, attention=True),
+        NEW=new is not None, NEW_SLICE=new_slice, num_warps=num_warps, **pdl.launch_options(q.device, attention=aligned),
         **prefetch.attention_args(l2_next, q.device),
     )  # fmt: skip
     return out
@@ -348,14 +354,17 @@ def decode_attention_rope(
             "decode_attention_rope takes at most 16 new positions, contiguous in the head dimension"
         )
     cos, sin = cos.contiguous(), sin.contiguous()
-    if ROPE_LAUNCH["kernel"] == "cuda" and q.is_cuda and not l2_next:
+    given = {"split": split, "block_l": block_l, "num_warps": num_warps, "new_slice": new_slice}
+    # the CUDA kernel has launch settings of its own (ROPE_LAUNCH["cuda_split"]): explicit Triton settings, or
+    # weights to prefetch, keep the Triton kernel. It does not take part in PDL (mode "attention" is inert on it).
+    explicit = any(value is not None for value in given.values())
+    if ROPE_LAUNCH["kernel"] == "cuda" and q.is_cuda and not l2_next and not explicit:
         from lowbit.kernels import cuda_attention
 
         if cuda_attention.supported(q, k, v, cos, sin, k_cache, v_cache, pos):
             return cuda_attention.decode_attention_rope(
                 q, k, v, cos, sin, k_cache, v_cache, pos, split=ROPE_LAUNCH["cuda_split"]
             )
-    given = {"split": split, "block_l": block_l, "num_warps": num_warps, "new_slice": new_slice}
     launch = {key: ROPE_LAUNCH[key] if value is None else value for key, value in given.items()}
     return _launch(q, k_cache, v_cache, pos, (k, v, cos, sin), l2_next=l2_next, **launch)
 

@@ -319,6 +319,8 @@ def supported(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache
         return False
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     b, h, _, _ = q.shape
+    if k_cache.dim() != 4:
+        return False
     kv = k_cache.shape[1]
     tensors = (q, k, v, cos, sin, k_cache, v_cache)
     ok = all(x.dtype == torch.bfloat16 and x.device == q.device for x in tensors) and pos.dtype == torch.int64
@@ -329,6 +331,7 @@ def supported(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache
     ok = ok and cos.dim() == 2 and cos.shape[1] == D and sin.shape == cos.shape
     ok = ok and all(x.data_ptr() % 16 == 0 for x in (k_cache, v_cache))
     ok = ok and max(k_cache.numel(), q.stride(0), k.stride(0), v.stride(0)) < 2**31
+    ok = ok and b * kv <= 65535  # the grid's y dimension
     return ok and _capability_ok(index) and shared_bytes(h // kv) <= _shared_limit(index)
 
 

@@ -14,7 +14,9 @@ all of a step's launches with ``runtime.FUSE`` on, the attention and the output 
 128 features each program prefetches before the wait (0: none, only the early launch). ``"attention"`` (session 21,
 not measured yet): only the decode attention is launched this way, after q/k/v's GEMV, which lets it launch as that
 GEMV starts (the CUDA GEMVs' ``griddepcontrol.launch_dependents``); before its wait the attention reads the
-position and the rotary rows and asks the L2 for its slice of the cache, none of which the GEMV writes.
+position and the rotary rows and asks the L2 for its slice of the cache, none of which the GEMV writes. It
+applies to the Triton attention only: with ``attention.ROPE_LAUNCH["kernel"] = "cuda"`` the mode changes nothing,
+and caches whose rows are not 16-byte aligned launch without it.
 bench/decode_profile.py ``--pdl off early late`` measures them in one call (bench/notes/kernels.md, session 10).
 
 Off by default because it did not pay on the H200 (Llama-3-8B-shaped W4A16 step, batch 1): ``"early"`` made the

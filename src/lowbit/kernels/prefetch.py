@@ -56,6 +56,12 @@ _PREFETCH_PTX = tl.constexpr(
     "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $3, pol; mov.u32 $0, 0; }"
 )
 
+# _OWN_PREFETCH_PTX: as _PREFETCH_PTX without the cache hint, for data the program itself reads next.
+_OWN_PREFETCH_PTX = tl.constexpr(
+    "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.ne.b32 p, $2, 0; "
+    "setp.eq.and.b32 p, t, $4, p; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }"
+)
+
 
 @triton.jit
 def l2_prefetch_share(ptr, nbytes, PIECES: tl.constexpr):
@@ -78,9 +84,10 @@ def l2_prefetch_share(ptr, nbytes, PIECES: tl.constexpr):
 @triton.jit
 def l2_prefetch_own(ptr, nbytes):
     """Bytes ``[0, nbytes)`` at ``ptr`` (16-byte aligned, ``nbytes`` a multiple of 16) requested from the L2 in one
-    bulk prefetch, by the program's first thread (the decode attention's own slice of the cache)."""
+    bulk prefetch, by the program's first thread (the decode attention's own slice of the cache, read right after:
+    default cache policy, no ``evict_last`` hint)."""
     index = tl.arange(0, 1)
-    tl.inline_asm_elementwise(_PREFETCH_PTX, "=r,l,r,r,r", [ptr + index, (nbytes > 0).to(tl.int32) + index,
+    tl.inline_asm_elementwise(_OWN_PREFETCH_PTX, "=r,l,r,r,r", [ptr + index, (nbytes > 0).to(tl.int32) + index,
                               nbytes + index, index], dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
