@@ -65,6 +65,8 @@ lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink
 # 1 to 4 persistent blocks per SM), and the tensor-core launches that placed
 QUICK_CORE = [(1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 1), (1, 16, 1)]
 QUICK_LAUNCHES = [(False, 0)] + [(True, p) for p in (0, 1, 2, 3, 4)]  # (stage, persist)
+# --stage-scales: the CUDA-core launches with the tiles' scales staged in shared memory (False, True or both)
+STAGE_SCALES = [False, True]
 
 
 def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
@@ -88,9 +90,10 @@ def quick_sweep(m: int) -> list[cuda_gemv.CudaGemvConfig]:
         ]
         return unstaged + staged_mma()
     return [
-        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=st, persist=p)
+        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=st, persist=p, stage_scales=ss)
         for r, w, u in QUICK_CORE
         for st, p in QUICK_LAUNCHES
+        for ss in STAGE_SCALES
     ] + [cuda_gemv.CudaGemvConfig(r, w, 1, 1, mma=True) for r, w in ((1, 4), (2, 4), (2, 8))]
 
 
@@ -105,13 +108,15 @@ def sweep() -> list[cuda_gemv.CudaGemvConfig]:
     ]
     mma = itertools.product((1, 2, 4), (4, 8, 16), (1,), (1, 2, 4))
     persistent = [
-        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=True, persist=p)
+        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=True, persist=p, stage_scales=ss)
         for r, w, u, s in core
         if s == 1
         for p in (1, 2, 3, 4)
+        for ss in STAGE_SCALES
     ]
     return (
-        [cuda_gemv.CudaGemvConfig(*c, stage=st) for st in (False, True) for c in core]
+        [cuda_gemv.CudaGemvConfig(*c, stage=st, stage_scales=ss) for st in (False, True) for c in core
+         for ss in STAGE_SCALES]
         + persistent
         + [cuda_gemv.CudaGemvConfig(*c, mma=True) for c in mma]
         + staged_mma()
@@ -134,15 +139,17 @@ def fused_launches(quick: bool) -> list[w4a16.WNA16Config]:
     ]
     if quick:
         return [
-            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p)
+            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p, stage_scales=ss)
             for r, nw, u in QUICK_CORE
             for st, p in QUICK_LAUNCHES
+            for ss in STAGE_SCALES
         ] + mma
     launches = [(st, 0) for st in (False, True)] + [(True, p) for p in (1, 2, 3, 4)]
     return [
-        w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p)
+        w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p, stage_scales=ss)
         for r, nw, u, (st, p) in itertools.product((1, 2, 4), (4, 8, 16), (1, 2), launches)
         if r * u <= 4
+        for ss in STAGE_SCALES
     ] + mma
 
 
@@ -216,15 +223,16 @@ def check_schemes() -> list[dict]:
         zero = torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.int16) if asym else None
         packed = pack_wna16(q, scale, zero, 4, group)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for mma, stage in ((False, False), (True, False), (True, True)):
+        for mma, stage, staged_scales in ((False, False, False), (False, True, True), (True, False, False),
+                                          (True, True, False)):  # fmt: skip
             if m > 1 and not mma:
                 continue
-            cfg = cuda_gemv.CudaGemvConfig(2, 4, 2, split, mma, stage)
+            cfg = cuda_gemv.CudaGemvConfig(2, 4, 2, split, mma, stage, stage_scales=staged_scales)
             err = rel_err(cuda_gemv.gemv(x, packed, cfg), reference(x, packed))
             rows.append({"group": group, "asymmetric": asym, "split": split, "m": m, "mma": mma, "stage": stage,
-                         "rel_err": err})  # fmt: skip
+                         "stage_scales": staged_scales, "rel_err": err})  # fmt: skip
             print(f"check group={group:4d} asymmetric={asym!s:5} split={split} M={m:2d} mma={mma!s:5} "
-                  f"stage={stage!s:5}: rel err {err:.2e}")  # fmt: skip
+                  f"stage={stage!s:5} stage_scales={staged_scales!s:5}: rel err {err:.2e}")  # fmt: skip
     return rows
 
 
@@ -380,7 +388,12 @@ def main() -> None:
     parser.add_argument(
         "--fused", action="store_true", help="also time the decode step's fused launches (M = 1)"
     )
+    parser.add_argument(
+        "--stage-scales", choices=["off", "on", "both"], default="both",
+        help="the CUDA-core launches with each tile's scales staged in shared memory (CudaGemvConfig.stage_scales)",
+    )  # fmt: skip
     args = parser.parse_args()
+    STAGE_SCALES[:] = {"off": [False], "on": [True], "both": [False, True]}[args.stage_scales]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     if args.seed_triton:

@@ -296,6 +296,47 @@ def test_staged_bytes_is_one_k_slice_of_bf16():
     assert cuda_gemv.static_shared_bytes(mma, tokens=16) == 4 * 16 * 128 + 16 + 1024
 
 
+def test_staged_scales_take_shared_memory_after_the_activations():
+    """``stage_scales``: bf16 scales and zero points for up to one group per K-block of the block's slice, plus one,
+    per tile row, after the staged activations; the CUDA-core kernel only."""
+    unstaged = cuda_gemv.CudaGemvConfig(2, 8, 1, 2, stage_scales=True)
+    assert cuda_gemv.staged_bytes(unstaged, 14336) == 2 * 2 * 57 * 16
+    staged = cuda_gemv.CudaGemvConfig(2, 8, 1, 2, stage=True, stage_scales=True)
+    assert cuda_gemv.staged_bytes(staged, 14336) == 2 * 56 * 128 + 2 * 2 * 57 * 16
+    with pytest.raises(ValueError, match="CUDA-core"):
+        cuda_gemv.CudaGemvConfig(2, 4, 1, 1, mma=True, stage_scales=True)
+    cfg = w4a16.WNA16Config(1, 16, 1, 8, kbi=1, cuda=True, stage=True, stage_scales=True)
+    assert cfg.cuda_config() == staged.__class__(2, 8, 1, 1, stage=True, stage_scales=True)
+
+
+@gpu_only
+@pytest.mark.parametrize("kind", ["", "norm+glu", "norm+res"])
+def test_gpu_staged_scales_give_the_same_outputs_bitwise(kind):
+    """The tiles' scales from shared memory instead of each weight batch: the same values in the same order, so
+    bitwise the outputs of the launch without, for every scheme (groups of 128 and 256 features, per channel,
+    asymmetric), split-K over uneven slices, staged or not, persistent (several tiles per block) and fused."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    glu = "glu" in kind
+    for group, asymmetric in ((128, False), (256, True), (-1, True)):
+        n, k = (16400, 1536) if kind else (1000, 2048 + 128 * (group == 128))
+        packed = packed_weight(n, k, group, asymmetric, "cuda")
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        norm = torch.rand(k, device="cuda", generator=gen).to(torch.bfloat16) + 0.5 if "norm" in kind else None
+        residual = torch.randn(1, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16) if "res" in kind else None
+        fused = cuda_gemv.Fused(norm=norm, eps=1e-5, glu=glu, residual=residual) if kind else None
+        launches = [(2, 8, 1, 1, True, 0), (2, 4, 2, 1, False, 0), (4, 4, 1, 1, True, 3), (2, 8, 1, 1, True, 1)]
+        if not kind:
+            launches += [(1, 8, 2, 3, False, 0), (2, 4, 1, 5, True, 0)]
+        for rows, warps, unroll, split, stage, persist in launches:
+            base = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, stage=stage, persist=persist)
+            expected = cuda_gemv.gemv(x, packed, base, fused=fused)
+            cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, stage=stage, persist=persist, stage_scales=True)
+            out = cuda_gemv.gemv(x, packed, cfg, fused=fused)
+            assert torch.equal(out, expected), (kind, group, asymmetric, cfg)
+            if not kind:
+                assert rel_err(out, float64_product(x, packed)) < 5e-3
+
+
 def test_staged_tensor_core_launches():
     """The staged tensor-core kernel: its warps take different rows (``16 * rows * warps`` per block), it is a
     candidate from 2 to 16 tokens, and it takes no fused work."""

@@ -243,19 +243,19 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     const int kb_lo = blockIdx.y * per_split;
     const int kb_hi = min(num_kb, kb_lo + per_split);
 
+    // weight row of a tile's row i (0 .. 8 ROWS - 1; with FUSE_GLU the gate rows, then the up rows), clamped
+    auto row_n = [&](int tile, int i) {
+        const int n0 = tile * BLOCK_OUT;
+        if (FUSE_GLU) {
+            const bool up = i >= BLOCK_OUT;
+            return min(n0 + (up ? i - BLOCK_OUT : i), n_out - 1) + (up ? n_out : 0);
+        }
+        return min(n0 + i, N - 1);
+    };
     int rows_n[ROWS];  // the weight rows of this thread in the tile being loaded
     auto set_rows = [&](int tile) {
-        const int n0 = tile * BLOCK_OUT;
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-            const int i = row + 8 * r;
-            if (FUSE_GLU) {
-                const bool up = i >= BLOCK_OUT;
-                rows_n[r] = min(n0 + (up ? i - BLOCK_OUT : i), n_out - 1) + (up ? n_out : 0);
-            } else {
-                rows_n[r] = min(n0 + i, N - 1);
-            }
-        }
+        for (int r = 0; r < ROWS; ++r) rows_n[r] = row_n(tile, row + 8 * r);
     };
 
     float ssq = 0.f;  // FUSE_NORM: this lane's share of sum(h^2)
@@ -275,11 +275,29 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             for (int r = 0; r < ROWS; ++r) {
                 const int n = rows_n[r];
                 words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
-                scales[u][r] = (ok && NO_MATH < 2) ? load_u16(scale + (size_t)g * N + n) : 0u;
-                zeros[u][r] = (ok && HAS_ZERO && NO_MATH < 2) ? load_u16(zero + (size_t)g * N + n) : 0u;
+                scales[u][r] = (ok && NO_MATH < 2 && !STAGE_SCALES) ? load_u16(scale + (size_t)g * N + n) : 0u;
+                zeros[u][r] = (ok && HAS_ZERO && NO_MATH < 2 && !STAGE_SCALES) ? load_u16(zero + (size_t)g * N + n) : 0u;
             }
         }
     };
+
+    extern __shared__ __align__(16) unsigned char stage_raw[];
+#if STAGE_SCALES
+    // The tile's scales (and zero points) for the block's K range, [group - g_lo][tile row], staged in shared memory
+    // at the start of each tile (after the staged activations): a few loads per thread issued together, rather than
+    // one small load per row and K-block in every weight batch
+    const int g_lo = PER_CHANNEL ? 0 : kb_lo / GROUP_BLOCKS;
+    const int g_count = kb_hi <= kb_lo ? 0 : PER_CHANNEL ? 1 : (kb_hi - 1) / GROUP_BLOCKS + 1 - g_lo;
+    u16* s_scale = reinterpret_cast<u16*>(stage_raw + (STAGE ? per_split * 256 : 0));
+    u16* s_zero = s_scale + (per_split + 1) * 8 * ROWS;
+    auto stage_scales = [&](int tile) {
+        for (int e = threadIdx.x; e < (NO_MATH < 2 ? g_count : 0) * 8 * ROWS; e += NWARPS * 32) {
+            const int g = g_lo + e / (8 * ROWS), n = row_n(tile, e % (8 * ROWS));
+            s_scale[e] = load_u16(scale + (size_t)g * N + n);
+            if (HAS_ZERO) s_zero[e] = load_u16(zero + (size_t)g * N + n);
+        }
+    };
+#endif
 
     int tile = blockIdx.x;
     set_rows(tile);
@@ -287,9 +305,11 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     // The block's activations (its K range) go to shared memory once, after the first weight batch is in flight
     // (with FUSE_NORM: multiplied by the norm weight, and h^2 summed, each feature once per block); the loop then
     // reads them from there, and loads the next batch of weights before it computes the current one.
-    extern __shared__ __align__(16) unsigned char stage_raw[];
     uint2* staged = reinterpret_cast<uint2*>(stage_raw);  // 4 features per entry
     load_batch(kb_lo + warp);
+#if STAGE_SCALES
+    stage_scales(tile);
+#endif
     for (int i = threadIdx.x; i < (NO_MATH < 3 ? kb_hi - kb_lo : 0) * 32; i += NWARPS * 32) {
         uint2 v = load_x4(x + kb_lo * 128 + 4 * i);
         if (FUSE_NORM) {
@@ -303,6 +323,10 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         staged[i] = v;
     }
     __syncthreads();
+#elif STAGE_SCALES
+    load_batch(kb_lo + warp);  // the first weights in flight, then the first tile's scales
+    stage_scales(tile);
+    __syncthreads();
 #endif
 
     // [tile parity][warp][row]: with PERSIST the next tile writes the other half while this one's is still read
@@ -313,6 +337,12 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     for (int it = 0; tile < tiles; tile += tile_step, ++it) {
         const int n0 = tile * BLOCK_OUT;
         const int next = tile + tile_step;
+#if STAGE_SCALES
+        if (it > 0) {  // every warp is past the previous tile's loop (the barrier before its outputs)
+            stage_scales(tile);
+            __syncthreads();
+        }
+#endif
         float acc[ROWS];
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
@@ -337,7 +367,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                 load_batch(kb_lo + warp);
             }
 #else
-            load_batch(kb0);
+            if (!STAGE_SCALES || kb0 != kb_lo + warp) load_batch(kb0);
             uint4 (&cur)[UNROLL][ROWS] = words;
             u32 (&cur_scales)[UNROLL][ROWS] = scales;
             u32 (&cur_zeros)[UNROLL][ROWS] = zeros;
@@ -379,6 +409,14 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                         pairs[2][j] = prmt(xs[j].y, xs[j + 4].y, 0x5410);
                         pairs[3][j] = prmt(xs[j].y, xs[j + 4].y, 0x7632);
                     }
+#if STAGE_SCALES
+                    const int gi = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS - g_lo;
+#pragma unroll
+                    for (int r = 0; r < ROWS; ++r) {
+                        cur_scales[u][r] = s_scale[gi * 8 * ROWS + row + 8 * r];
+                        if (HAS_ZERO) cur_zeros[u][r] = s_zero[gi * 8 * ROWS + row + 8 * r];
+                    }
+#endif
 #pragma unroll
                     for (int r = 0; r < ROWS; ++r) {
                         const float z = HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r]) : 8.f;
@@ -400,7 +438,10 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         }
 
 #if NO_MATH >= 4  // timing probe: no reduction across the warps and no stores
-        if (acc[0] == 1.2345e-30f) out[n0] = 0;
+        float any = 0.f;  // every row's sum kept alive (else its loads go too)
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) any += acc[r];
+        if (any == 1.2345e-30f) out[n0] = 0;
         continue;
 #endif
         float (&mine)[NWARPS][8 * ROWS] = partial[PERSIST ? (it & 1) : 0];
@@ -827,12 +868,18 @@ class CudaGemvConfig:
     # of 12 launches at one token (gate_up 4096x28672 24.63 -> 27.40 us at 2 rows x 8 warps; down 14336x4096
     # 15.54 -> 17.01 at 2 x 16), bitwise the same results (bench/notes/kernels.md).
     pipe: int = 1
+    # the CUDA-core kernel: each tile's scales (and zero points) for the block's K range staged in shared memory at
+    # the tile's start, rather than loaded with every weight batch (the scale loads cost 0.6-2.6 us of 13 at one
+    # token in session 22's ablation, bench/notes/kernels.md)
+    stage_scales: bool = False
 
     def __post_init__(self) -> None:
         if min(self.rows, self.warps, self.unroll, self.split, self.pipe) < 1:
             raise ValueError(f"{self}: rows, warps, unroll, split and pipe must be at least 1")
         if self.pipe > 1 and not (self.mma and self.stage):
             raise ValueError(f"{self}: pipe > 1 is for the staged tensor-core kernel (mma and stage)")
+        if self.stage_scales and self.mma:
+            raise ValueError(f"{self}: stage_scales is for the CUDA-core kernel")
         if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
             raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
@@ -910,14 +957,17 @@ def sm_count(index: int) -> int:
 
 
 def staged_bytes(cfg: CudaGemvConfig, in_features: int, tokens: int = 1) -> int:
-    """Dynamic shared memory of a launch (0 unless ``stage``): the staged activations of one K-slice in bf16 (the
-    tensor-core kernel: 8 tokens per token tile, zeros past ``tokens``, and a float32 sum per token and K-block)."""
-    if not cfg.stage:
-        return 0
+    """Dynamic shared memory of a launch (0 unless ``stage`` or ``stage_scales``): the staged activations of one
+    K-slice in bf16 (the tensor-core kernel: 8 tokens per token tile, zeros past ``tokens``, and a float32 sum per
+    token and K-block), then the tile's staged scales and zero points."""
     blocks = -(-(in_features // BLOCK_K) // cfg.split)
+    # stage_scales: bf16 scales and zero points of up to blocks + 1 groups per tile row, after the activations
+    scales = 2 * 2 * (blocks + 1) * 8 * cfg.rows if cfg.stage_scales else 0
+    if not cfg.stage:
+        return scales
     if cfg.mma:
         return blocks * (2 * BLOCK_K + 4) * 8 * _token_tiles(tokens)
-    return 2 * blocks * BLOCK_K
+    return 2 * blocks * BLOCK_K + scales
 
 
 def stage_fits(cfg: CudaGemvConfig, in_features: int, device: torch.device, tokens: int = 1) -> bool:
@@ -977,6 +1027,7 @@ def source(
         "PERSIST": int(cfg.persist > 0),
         "PIPE": cfg.pipe,
         "PDL_TRIGGER": int(trigger),
+        "STAGE_SCALES": int(cfg.stage_scales and not cfg.mma),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
