@@ -65,8 +65,9 @@ lowbit_read_codes(const uint4* __restrict__ qweight, unsigned* __restrict__ sink
 # 1 to 4 persistent blocks per SM), and the tensor-core launches that placed
 QUICK_CORE = [(1, 8, 1), (2, 8, 1), (2, 16, 1), (2, 4, 2), (4, 4, 1), (1, 16, 1)]
 QUICK_LAUNCHES = [(False, 0)] + [(True, p) for p in (0, 1, 2, 3, 4)]  # (stage, persist)
-# --stage-scales: the CUDA-core launches with the tiles' scales staged in shared memory (False, True or both)
-STAGE_SCALES = [False, True]
+# --stage-scales: the CUDA-core launches with the tiles' scales staged in shared memory (CudaGemvConfig.stage_scales:
+# 0 none, 1 from the packed scales, 2 from the tiled copy)
+STAGE_SCALES = [0, 1, 2]
 
 
 def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
@@ -223,8 +224,8 @@ def check_schemes() -> list[dict]:
         zero = torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.int16) if asym else None
         packed = pack_wna16(q, scale, zero, 4, group)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for mma, stage, staged_scales in ((False, False, False), (False, True, True), (True, False, False),
-                                          (True, True, False)):  # fmt: skip
+        for mma, stage, staged_scales in ((False, False, 0), (False, True, 1), (False, False, 2), (True, False, 0),
+                                          (True, True, 0)):  # fmt: skip
             if m > 1 and not mma:
                 continue
             cfg = cuda_gemv.CudaGemvConfig(2, 4, 2, split, mma, stage, stage_scales=staged_scales)
@@ -389,11 +390,11 @@ def main() -> None:
         "--fused", action="store_true", help="also time the decode step's fused launches (M = 1)"
     )
     parser.add_argument(
-        "--stage-scales", choices=["off", "on", "both"], default="both",
+        "--stage-scales", choices=["off", "on", "tiled", "all"], default="all",
         help="the CUDA-core launches with each tile's scales staged in shared memory (CudaGemvConfig.stage_scales)",
     )  # fmt: skip
     args = parser.parse_args()
-    STAGE_SCALES[:] = {"off": [False], "on": [True], "both": [False, True]}[args.stage_scales]
+    STAGE_SCALES[:] = {"off": [0], "on": [1], "tiled": [2], "all": [0, 1, 2]}[args.stage_scales]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     if args.seed_triton:

@@ -313,12 +313,12 @@ def test_staged_scales_take_shared_memory_after_the_activations():
 @pytest.mark.parametrize("kind", ["", "norm+glu", "norm+res"])
 def test_gpu_staged_scales_give_the_same_outputs_bitwise(kind):
     """The tiles' scales from shared memory instead of each weight batch: the same values in the same order, so
-    bitwise the outputs of the launch without, for every scheme (groups of 128 and 256 features, per channel,
+    bitwise the outputs of the launch without, from the packed scales and from their tiled copy, for every scheme (groups of 128 and 256 features, per channel,
     asymmetric), split-K over uneven slices, staged or not, persistent (several tiles per block) and fused."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     glu = "glu" in kind
     for group, asymmetric in ((128, False), (256, True), (-1, True)):
-        n, k = (16400, 1536) if kind else (1000, 2048 + 128 * (group == 128))
+        n, k = (16400, 1536) if kind else (1004, 2048 + 128 * (group == 128))  # 1004: a partial 8-row granule
         packed = packed_weight(n, k, group, asymmetric, "cuda")
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         norm = torch.rand(k, device="cuda", generator=gen).to(torch.bfloat16) + 0.5 if "norm" in kind else None
@@ -330,11 +330,26 @@ def test_gpu_staged_scales_give_the_same_outputs_bitwise(kind):
         for rows, warps, unroll, split, stage, persist in launches:
             base = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, stage=stage, persist=persist)
             expected = cuda_gemv.gemv(x, packed, base, fused=fused)
-            cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, stage=stage, persist=persist, stage_scales=True)
-            out = cuda_gemv.gemv(x, packed, cfg, fused=fused)
-            assert torch.equal(out, expected), (kind, group, asymmetric, cfg)
+            for mode in (1, 2):
+                cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, stage=stage, persist=persist,
+                                               stage_scales=mode)  # fmt: skip
+                out = cuda_gemv.gemv(x, packed, cfg, fused=fused)
+                assert torch.equal(out, expected), (kind, group, asymmetric, cfg)
             if not kind:
                 assert rel_err(out, float64_product(x, packed)) < 5e-3
+
+
+def test_tiled_scales_hold_each_granules_groups_together():
+    """``tiled_scales``: ``[ceil(N / 8), groups, 8]``, element ``[n // 8, g, n % 8]`` the scale of row n and group g,
+    rows past N zero, zero points likewise, made once per weight."""
+    packed = packed_weight(20, 512, 128, True, "cpu")
+    scale, zero = cuda_gemv.tiled_scales(packed, 1)
+    assert scale.shape == (3, 4, 8) and zero.shape == (3, 4, 8)
+    for n in (0, 7, 8, 19):
+        for g in range(4):
+            assert scale[n // 8, g, n % 8] == packed.scale[g, n] and zero[n // 8, g, n % 8] == packed.zero[g, n]
+    assert not scale[2, :, 4:].any()
+    assert cuda_gemv.tiled_scales(packed, 1)[0] is scale
 
 
 def test_staged_tensor_core_launches():

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -290,6 +291,20 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     const int g_count = kb_hi <= kb_lo ? 0 : PER_CHANNEL ? 1 : (kb_hi - 1) / GROUP_BLOCKS + 1 - g_lo;
     u16* s_scale = reinterpret_cast<u16*>(stage_raw + (STAGE ? per_split * 256 : 0));
     u16* s_zero = s_scale + (per_split + 1) * 8 * ROWS;
+#if STAGE_SCALES == 2
+    // scale and zero given tiled, [N / 8, groups, 8] (tiled_scales): a tile's 8-row granules hold all their groups
+    // contiguously, 16 bytes per group, so the staging loads are whole 512-byte warp requests
+    const int groups = PER_CHANNEL ? 1 : (num_kb + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
+    auto stage_scales = [&](int tile) {
+        for (int e = threadIdx.x; e < (NO_MATH < 2 ? g_count : 0) * ROWS; e += NWARPS * 32) {
+            const int r = e / g_count, gi = e % g_count;
+            const size_t unit = (size_t)(row_n(tile, 8 * r) >> 3) * groups + g_lo + gi;
+            reinterpret_cast<uint4*>(s_scale)[gi * ROWS + r] = load_words(reinterpret_cast<const uint4*>(scale) + unit);
+            if (HAS_ZERO)
+                reinterpret_cast<uint4*>(s_zero)[gi * ROWS + r] = load_words(reinterpret_cast<const uint4*>(zero) + unit);
+        }
+    };
+#else
     auto stage_scales = [&](int tile) {
         for (int e = threadIdx.x; e < (NO_MATH < 2 ? g_count : 0) * 8 * ROWS; e += NWARPS * 32) {
             const int g = g_lo + e / (8 * ROWS), n = row_n(tile, e % (8 * ROWS));
@@ -297,6 +312,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             if (HAS_ZERO) s_zero[e] = load_u16(zero + (size_t)g * N + n);
         }
     };
+#endif
 #endif
 
     int tile = blockIdx.x;
@@ -870,16 +886,17 @@ class CudaGemvConfig:
     pipe: int = 1
     # the CUDA-core kernel: each tile's scales (and zero points) for the block's K range staged in shared memory at
     # the tile's start, rather than loaded with every weight batch (the scale loads cost 0.6-2.6 us of 13 at one
-    # token in session 22's ablation, bench/notes/kernels.md)
-    stage_scales: bool = False
+    # token in session 22's ablation, bench/notes/kernels.md); 1: from the scales as packed ([groups, N]), 2: from a
+    # tiled copy ([N / 8, groups, 8], :func:`tiled_scales`), whole 512-byte requests
+    stage_scales: int = 0
 
     def __post_init__(self) -> None:
         if min(self.rows, self.warps, self.unroll, self.split, self.pipe) < 1:
             raise ValueError(f"{self}: rows, warps, unroll, split and pipe must be at least 1")
         if self.pipe > 1 and not (self.mma and self.stage):
             raise ValueError(f"{self}: pipe > 1 is for the staged tensor-core kernel (mma and stage)")
-        if self.stage_scales and self.mma:
-            raise ValueError(f"{self}: stage_scales is for the CUDA-core kernel")
+        if self.stage_scales not in (0, 1, 2) or (self.stage_scales and self.mma):
+            raise ValueError(f"{self}: stage_scales (0, 1 or 2) is for the CUDA-core kernel")
         if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
             raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
@@ -1027,7 +1044,7 @@ def source(
         "PERSIST": int(cfg.persist > 0),
         "PIPE": cfg.pipe,
         "PDL_TRIGGER": int(trigger),
-        "STAGE_SCALES": int(cfg.stage_scales and not cfg.mma),
+        "STAGE_SCALES": 0 if cfg.mma else int(cfg.stage_scales),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
@@ -1070,6 +1087,32 @@ def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: F
     return ok
 
 
+# id of a scale tensor -> (a weak reference to it, its tiled scales and zero points); dropped with the tensor
+_TILED: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def tiled_scales(packed: PackedWNA16, group_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales (and zero points; else the scales again) as ``[ceil(N / 8), groups, 8]``, rows past N zero: each
+    8-row granule's groups contiguous, for ``stage_scales=2``. Made once per weight and kept while its scale tensor
+    lives (3% of the 4-bit weight's bytes at groups of 128)."""
+    key = id(packed.scale)
+    entry = _TILED.get(key)
+    if entry is not None and entry[0]() is packed.scale:
+        return entry[1]
+    n, k = packed.out_features, packed.in_features
+    groups = 1 if packed.group_size == -1 else -(-(k // BLOCK_K) // group_blocks)
+    n8 = -(-n // 8) * 8
+
+    def tile(t: torch.Tensor) -> torch.Tensor:
+        t = torch.nn.functional.pad(t[:groups, :n], (0, n8 - n))
+        return t.view(groups, n8 // 8, 8).transpose(0, 1).contiguous()
+
+    scale = tile(packed.scale)
+    cached = (scale, scale if packed.zero is None else tile(packed.zero))
+    _TILED[key] = (weakref.ref(packed.scale, lambda _, key=key: _TILED.pop(key, None)), cached)
+    return cached
+
+
 def gemv(
     x2: torch.Tensor,
     packed: PackedWNA16,
@@ -1107,8 +1150,12 @@ def gemv(
     grid = min(tiles, cfg.persist * sm_count(index)) if cfg.persist else tiles
     out = torch.empty((m, n_out), dtype=x2.dtype, device=x2.device)
     workspace, counters = split_k_buffers(x2.device, cfg.split * m * n, tiles)
-    zero = packed.zero if packed.zero is not None else packed.scale
-    args = [x2, packed.qweight, packed.scale, zero, out, workspace, counters, n, k]
+    scale, zero = packed.scale, packed.zero if packed.zero is not None else packed.scale
+    if cfg.stage_scales == 2:
+        if flags[1] and (n // 2) % 8:
+            raise ValueError(f"{cfg}: tiled scales with SwiGLU need the up rows to start on an 8-row granule")
+        scale, zero = tiled_scales(packed, group_blocks)
+    args = [x2, packed.qweight, scale, zero, out, workspace, counters, n, k]
     if cfg.mma:
         args += [m, x2.stride(0), out.stride(0)]
     norm = fused.norm if fused is not None and fused.norm is not None else packed.scale

@@ -80,7 +80,7 @@ class WNA16Config:
     # with ``wgmma``: grouped scales applied to each K-block's float32 sums (CudaWgmmaConfig.late_scale)
     late_scale: bool = False
     # with ``cuda`` (the CUDA-core kernel): each tile's scales staged in shared memory (CudaGemvConfig.stage_scales)
-    stage_scales: bool = False
+    stage_scales: int = 0
 
     def wgmma_config(self) -> cuda_wgmma.CudaWgmmaConfig:
         groups = self.num_warps // 4
@@ -126,7 +126,7 @@ class WNA16Config:
         rows = self.block_n // (16 * (self.num_warps if self.stage else 1) if self.mma else 8)
         return cuda_gemv.CudaGemvConfig(
             rows, self.num_warps, self.kbi, self.split_k, self.mma, self.stage, self.persist, self.pipe,
-            self.stage_scales and not self.mma,
+            0 if self.mma else self.stage_scales,
         )
 
 
