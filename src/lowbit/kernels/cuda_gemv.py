@@ -1082,6 +1082,8 @@ def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: F
     ok = ok and (cfg.mma or 32 * cfg.warps >= cfg.block_rows)  # the fused epilogue: a thread per output of a tile
     ok = ok and (not cfg.stage or stage_fits(cfg, packed.in_features, x2.device))
     ok = ok and (not fused.glu or packed.out_features % 2 == 0)
+    # tiled scales (stage_scales=2): the up rows must start on an 8-row granule
+    ok = ok and not (fused.glu and cfg.stage_scales == 2 and packed.out_features // 2 % 8)
     for t in (fused.norm, fused.residual):
         ok = ok and (t is None or (t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 8 == 0))
     return ok

@@ -188,8 +188,8 @@ def _wgmma_candidates(m: int) -> list[WNA16Config]:
 
 def _cuda_candidates(m: int) -> list[WNA16Config]:
     """CUDA C launches (:mod:`lowbit.kernels.cuda_gemv`), timed only where it is supported: for one token the
-    CUDA-core kernel, (rows per thread, warps, K-blocks per load batch) x split-K x staging, and staged with 2 or 4
-    persistent blocks per SM; for 1 to 16 tokens the tensor-core kernel, (16-row tiles per warp, warps, K-blocks per
+    CUDA-core kernel, (rows per thread, warps, K-blocks per load batch) x split-K x staging, staged with 2 or 4
+    persistent blocks per SM, and a few with the tiles' scales staged (:data:`STAGED_SCALES`); for 1 to 16 tokens the tensor-core kernel, (16-row tiles per warp, warps, K-blocks per
     load batch) x split-K, unstaged, and from 2 tokens on staged (the tokens' activations shared by the block's
     warps; launches whose K-slice does not fit in shared memory fail and are skipped)."""
     if m > cuda_gemv.MAX_TOKENS:
@@ -212,6 +212,12 @@ def _cuda_candidates(m: int) -> list[WNA16Config]:
             for r, nw, kbi in core
             for p in (2, 4)
         ]
+        + [  # the tiles' scales staged from their tiled copy: best on the wide shapes (session 22)
+            WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=st, stage_scales=2)
+            for r, nw, kbi in STAGED_SCALES
+            for st in (False, True)
+            if m == 1
+        ]
         + [
             WNA16Config(1, 16 * r, sk, nw, kbi=kbi, mma=True, cuda=True)
             for r, nw, kbi in mma
@@ -225,6 +231,10 @@ def _cuda_candidates(m: int) -> list[WNA16Config]:
         ]
     )
 
+
+# the CUDA-core kernel's launches with stage_scales=2 (rows per thread, warps, K-blocks per load batch): session 22's
+# best on 4096x28672 (21.88 us against 23.25 without) and 8192x28672 (39.71 against 40.94)
+STAGED_SCALES = [(4, 4, 1), (2, 4, 2), (2, 8, 1)]
 
 # the staged tensor-core kernel's (16-row tiles per warp, warps, K-blocks per load batch)
 STAGED_MMA = [(1, 4, 1), (1, 4, 2), (1, 8, 1), (1, 8, 2), (2, 4, 1), (2, 8, 1)]
