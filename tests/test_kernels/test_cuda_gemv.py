@@ -350,6 +350,9 @@ def test_tiled_scales_hold_each_granules_groups_together():
             assert scale[n // 8, g, n % 8] == packed.scale[g, n] and zero[n // 8, g, n % 8] == packed.zero[g, n]
     assert not scale[2, :, 4:].any()
     assert cuda_gemv.tiled_scales(packed, 1)[0] is scale
+    packed.scale.mul_(2)  # an in-place update makes a new copy
+    again = cuda_gemv.tiled_scales(packed, 1)[0]
+    assert again is not scale and again[0, 0, 0] == packed.scale[0, 0]
 
 
 def test_staged_tensor_core_launches():

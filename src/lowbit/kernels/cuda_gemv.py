@@ -1080,7 +1080,7 @@ def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: F
     ok = cfg.split == 1 and supported(x2, packed) and (not fused.glu or (not cfg.mma and cfg.rows % 2 == 0))
     ok = ok and not (cfg.mma and cfg.stage)
     ok = ok and (cfg.mma or 32 * cfg.warps >= cfg.block_rows)  # the fused epilogue: a thread per output of a tile
-    ok = ok and (not cfg.stage or stage_fits(cfg, packed.in_features, x2.device))
+    ok = ok and (not (cfg.stage or cfg.stage_scales) or stage_fits(cfg, packed.in_features, x2.device))
     ok = ok and (not fused.glu or packed.out_features % 2 == 0)
     # tiled scales (stage_scales=2): the up rows must start on an 8-row granule
     ok = ok and not (fused.glu and cfg.stage_scales == 2 and packed.out_features // 2 % 8)
@@ -1089,18 +1089,35 @@ def fusable(cfg: CudaGemvConfig, x2: torch.Tensor, packed: PackedWNA16, fused: F
     return ok
 
 
-# id of a scale tensor -> (a weak reference to it, its tiled scales and zero points); dropped with the tensor
-_TILED: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
+# id of a scale tensor -> (a weak reference to it, what the copy was made from, its tiled scales and zero points);
+# dropped with the tensor
+_TILED: dict[int, tuple[weakref.ref, tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _source_key(packed: PackedWNA16, group_blocks: int) -> tuple:
+    """What a tiled copy depends on: the scale and zero tensors' storage and (outside inference mode) their version
+    counters, so an in-place update (``copy_``, ``load_state_dict``) makes a new copy."""
+
+    def of(t: torch.Tensor | None) -> tuple:
+        if t is None:
+            return (None,)
+        return t.data_ptr(), None if t.is_inference() else t._version
+
+    return of(packed.scale) + of(packed.zero) + (group_blocks,)
 
 
 def tiled_scales(packed: PackedWNA16, group_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The scales (and zero points; else the scales again) as ``[ceil(N / 8), groups, 8]``, rows past N zero: each
     8-row granule's groups contiguous, for ``stage_scales=2``. Made once per weight and kept while its scale tensor
     lives (3% of the 4-bit weight's bytes at groups of 128)."""
-    key = id(packed.scale)
+    key, source = id(packed.scale), _source_key(packed, group_blocks)
     entry = _TILED.get(key)
-    if entry is not None and entry[0]() is packed.scale:
-        return entry[1]
+    if entry is not None and entry[0]() is packed.scale and entry[1] == source:
+        return entry[2]
+    # a copy made in a capture holds data only after its replays
+    if packed.scale.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("the tiled scales of this weight were not made before this CUDA-graph capture; run each "
+                           "layer once before capturing")  # fmt: skip
     n, k = packed.out_features, packed.in_features
     groups = 1 if packed.group_size == -1 else -(-(k // BLOCK_K) // group_blocks)
     n8 = -(-n // 8) * 8
@@ -1111,7 +1128,7 @@ def tiled_scales(packed: PackedWNA16, group_blocks: int) -> tuple[torch.Tensor, 
 
     scale = tile(packed.scale)
     cached = (scale, scale if packed.zero is None else tile(packed.zero))
-    _TILED[key] = (weakref.ref(packed.scale, lambda _, key=key: _TILED.pop(key, None)), cached)
+    _TILED[key] = (weakref.ref(packed.scale, lambda _, key=key: _TILED.pop(key, None)), source, cached)
     return cached
 
 
@@ -1143,7 +1160,7 @@ def gemv(
     shared = staged_bytes(cfg, k, m)
     opt_in = shared + static_shared_bytes(cfg, m) > 48 * 1024
     if opt_in and not stage_fits(cfg, k, x2.device, m):
-        raise ValueError(f"{cfg}: {shared} bytes of staged activations exceed this GPU's shared memory; use "
+        raise ValueError(f"{cfg}: {shared} bytes of staged activations and scales exceed this GPU's shared memory; use "
                          "stage=False or split K")  # fmt: skip
     trigger = pdl.PDL[0] == "attention"  # the decode attention after q/k/v's GEMV may launch early
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags, trigger)
