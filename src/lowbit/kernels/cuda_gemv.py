@@ -77,6 +77,12 @@ __device__ __forceinline__ u16 load_u16(const u16* p) {
     return v;
 }
 
+__device__ __forceinline__ u16 load_u16_na(const u16* p) {
+    u16 v;
+    asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
+    return v;
+}
+
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 selector) {
     u32 d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
@@ -275,10 +281,25 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #pragma unroll
             for (int r = 0; r < ROWS; ++r) {
                 const int n = rows_n[r];
+#if SCALE_PROBE == 0
                 words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
                 scales[u][r] = (ok && NO_MATH < 2 && !STAGE_SCALES) ? load_u16(scale + (size_t)g * N + n) : 0u;
                 zeros[u][r] = (ok && HAS_ZERO && NO_MATH < 2 && !STAGE_SCALES) ? load_u16(zero + (size_t)g * N + n) : 0u;
+#else  // timing probes of the scale loads (bench/m1_probe.py): 1, they read fixed, L1-resident addresses (wrong
+       // results); 2, they do not allocate in L1; 3, they are issued before the batch's weight loads
+                if (SCALE_PROBE != 3)
+                    words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
+                const size_t at = SCALE_PROBE == 1 ? (size_t)((row + 8 * r + 16 * u) & 63) : (size_t)g * N + n;
+                const bool load_scale = ok && NO_MATH < 2 && !STAGE_SCALES;
+                scales[u][r] = load_scale ? (SCALE_PROBE == 2 ? load_u16_na(scale + at) : load_u16(scale + at)) : 0u;
+                zeros[u][r] = (load_scale && HAS_ZERO) ? (SCALE_PROBE == 2 ? load_u16_na(zero + at) : load_u16(zero + at)) : 0u;
+#endif
             }
+#if SCALE_PROBE == 3
+#pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + rows_n[r]) * 4 + quad) : make_uint4(0, 0, 0, 0);
+#endif
         }
     };
 
@@ -1020,11 +1041,14 @@ def source(
     tokens: int = 1,
     fused: tuple[bool, bool, bool] = (False, False, False),
     trigger: bool = False,
+    scale_probe: int = 0,
 ) -> str:
     """The kernels' CUDA C for one launch shape, weight scheme, token count (1, 8 or 16) and fusion flags (norm,
     glu, residual: :class:`Fused`): the macros, then :data:`SOURCE`. ``no_math`` (a timing probe, wrong results) leaves
     out of the CUDA-core kernel: 1, its dot products; 2, also the scale loads; 3, also the activations; 4, also the
-    reduction across the warps and the stores (bench/cuda_gemv.py times each level)."""
+    reduction across the warps and the stores (bench/cuda_gemv.py times each level). ``scale_probe`` (timing probes of
+    the CUDA-core kernel's per-batch scale loads, bench/m1_probe.py): 1, every scale load reads one fixed address
+    (wrong results); 2, the scale loads do not allocate in L1; 3, they are issued before the batch's weight loads."""
     token_tiles = _token_tiles(tokens)
     macros = {
         "NWARPS": cfg.warps,
@@ -1045,6 +1069,7 @@ def source(
         "PIPE": cfg.pipe,
         "PDL_TRIGGER": int(trigger),
         "STAGE_SCALES": 0 if cfg.mma else int(cfg.stage_scales),
+        "SCALE_PROBE": int(scale_probe),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
@@ -1138,6 +1163,7 @@ def gemv(
     cfg: CudaGemvConfig,
     no_math: int = 0,
     fused: Fused | None = None,
+    scale_probe: int = 0,
 ) -> torch.Tensor:
     """``x2 @ dequant(W).T`` for tokens ``x2`` ``[M, K]`` (bf16) on the CUDA kernels (see :func:`supported`), with
     ``fused`` work around it (see :func:`fusable`)."""
@@ -1163,7 +1189,8 @@ def gemv(
         raise ValueError(f"{cfg}: {shared} bytes of staged activations and scales exceed this GPU's shared memory; use "
                          "stage=False or split K")  # fmt: skip
     trigger = pdl.PDL[0] == "attention"  # the decode attention after q/k/v's GEMV may launch early
-    kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags, trigger)
+    kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags, trigger,
+                       scale_probe)  # fmt: skip
     n_out = n // 2 if flags[1] else n
     tiles = -(-n_out // (cfg.block_rows // (2 if flags[1] else 1)))
     grid = min(tiles, cfg.persist * sm_count(index)) if cfg.persist else tiles
