@@ -143,26 +143,25 @@ def bulk_rows(name: str, flush, top: int = 8) -> dict:
         graph_time(lambda cfg=cfg: cuda_gemv.gemv(x, packed, cfg), flush) for cfg in LAUNCHES[name]
     )
     timed = []
-    for warps, depth, persist in itertools.product((4, 8, 12, 16), (4, 8, 12, 16, 24), (1, 2)):
-        cfg = cuda_bulk.CudaBulkConfig(warps, depth, persist)
-        if not cuda_bulk.supported(x, packed, cfg) or (persist == 2 and warps * depth > 128):
+    for warps, depth, persist, rows in itertools.product((4, 8, 12), (4, 8, 16), (1, 2, 3), (1, 2)):
+        cfg = cuda_bulk.CudaBulkConfig(warps, depth, persist, rows)
+        if not cuda_bulk.supported(x, packed, cfg) or persist * warps * depth * rows > 256:
             continue
         out = cuda_bulk.gemv(x, packed, cfg)
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        timed.append(
-            {
-                "config": cfg.__dict__,
-                "rel_err": err,
-                "us": graph_time(lambda cfg=cfg: cuda_bulk.gemv(x, packed, cfg), flush),
-            }
-        )
+        us = graph_time(lambda cfg=cfg: cuda_bulk.gemv(x, packed, cfg), flush)
+        timed.append({"config": cfg.__dict__, "rel_err": err, "us": us})
     timed.sort(key=lambda t: t["us"])
     wrong = [t for t in timed if t["rel_err"] > 1e-2]
     row.update(bulk=timed, wrong=len(wrong))
     best = timed[0]
+    # the best launch without its products (1) and without its scale copies (2): cuda_bulk.source's probes
+    cfg = cuda_bulk.CudaBulkConfig(**best["config"])
+    row["probes"] = {p: graph_time(lambda p=p: cuda_bulk.gemv(x, packed, cfg, probe=p), flush) for p in (1, 2)}
     print(f"{name:10s} bulk: cuBLAS {row['cublas_bf16']:7.2f}  batched best {row['batched']:6.2f} "
           f"({row['cublas_bf16'] / row['batched']:.2f}x)  bulk best {best['us']:6.2f} ({row['cublas_bf16'] / best['us']:.2f}x) "
-          f"{best['config']}  wrong {len(wrong)}", flush=True)  # fmt: skip
+          f"{best['config']}  wrong {len(wrong)}  no products {row['probes'][1]:.2f}  no scale copies {row['probes'][2]:.2f}",
+          flush=True)  # fmt: skip
     for t in timed[:top]:
         print(f"    {t['us']:7.2f} us  err {t['rel_err']:.1e}  {t['config']}")
     return row

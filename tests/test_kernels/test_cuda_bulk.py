@@ -17,6 +17,8 @@ def test_bulk_config_checks():
         cuda_bulk.CudaBulkConfig(warps=17)
     with pytest.raises(ValueError, match="depth"):
         cuda_bulk.CudaBulkConfig(depth=0)
+    with pytest.raises(ValueError, match="rows"):
+        cuda_bulk.CudaBulkConfig(rows=3)
 
 
 def test_bulk_shared_bytes_layout():
@@ -24,6 +26,8 @@ def test_bulk_shared_bytes_layout():
     cfg = cuda_bulk.CudaBulkConfig(warps=8, depth=4)
     assert cuda_bulk.shared_bytes(cfg, 4096, 1, False) == 4 * 8 * 1056 + 32 * 256 + 4 * 32 + 64
     assert cuda_bulk.shared_bytes(cfg, 4096, 3, True) == 4 * 8 * 1088 + 32 * 4 * 256 + 4 * 128 + 64
+    wide = cuda_bulk.CudaBulkConfig(warps=4, depth=2, rows=2)
+    assert cuda_bulk.shared_bytes(wide, 1024, 1, False) == 2 * 4 * 2 * 1056 + 8 * 256 + 4 * 8 + 32
 
 
 @pytest.mark.skipif(GPU, reason="on a GPU the products are tested instead")
@@ -46,7 +50,14 @@ def test_bulk_gemv_float64(group, asymmetric, k, tokens):
     packed = packed_weight(n, k, group, asymmetric, "cuda", seed=k + tokens)
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     ref = float64_product(x, packed)
-    for cfg in (cuda_bulk.CudaBulkConfig(8, 4, 1), cuda_bulk.CudaBulkConfig(4, 3, 2), cuda_bulk.CudaBulkConfig(16, 2, 1)):
+    configs = (
+        cuda_bulk.CudaBulkConfig(8, 4, 1),
+        cuda_bulk.CudaBulkConfig(4, 3, 2),
+        cuda_bulk.CudaBulkConfig(16, 2, 1),
+        cuda_bulk.CudaBulkConfig(8, 4, 2, rows=2),
+        cuda_bulk.CudaBulkConfig(4, 3, 1, rows=4),
+    )
+    for cfg in configs:
         assert cuda_bulk.supported(x, packed, cfg)
         out = cuda_bulk.gemv(x, packed, cfg)
         assert rel_err(out, ref) < 2e-3, cfg

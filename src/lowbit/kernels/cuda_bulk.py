@@ -61,8 +61,9 @@ __device__ __forceinline__ uint4 lds128(u32 addr) {
 // the consumer warps only (named barrier 1): the producer warp goes its own way
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" :: "n"(NWARPS * 32) : "memory"); }
 
-constexpr int STAGE_CODES = NWARPS * 1024;     // a stage's codes: NWARPS K-blocks x 16 rows x 64 bytes
-constexpr int STAGE_SCALES = NWARPS * 32;      // and their scales (16 rows x bf16), and zero points
+constexpr int TILE = 16 * ROWS;                  // output rows per tile
+constexpr int STAGE_CODES = NWARPS * TILE * 64;  // a stage's codes: NWARPS K-blocks x TILE rows x 64 bytes
+constexpr int STAGE_SCALES = NWARPS * TILE * 2;  // and their scales (TILE rows x bf16), and zero points
 
 // NWARPS consumer warps and one producer warp; blocks persistent over 16-row tiles (see the module docstring)
 extern "C" __global__ void __launch_bounds__((NWARPS + 1) * 32)
@@ -73,9 +74,9 @@ lowbit_w4a16_gemv_bulk(const u16* __restrict__ x, const unsigned char* __restric
     const int t4 = lane & 3, g = lane >> 2;
     const int num_kb = K >> 7;
     const int chunks = (num_kb + NWARPS - 1) / NWARPS;
-    const int tiles = N >> 4;
+    const int tiles = N / TILE;
 
-    // shared memory: the ring's codes [DEPTH][NWARPS][1024], scales and zero points [DEPTH][NWARPS][16] bf16, the
+    // shared memory: the ring's codes [DEPTH][NWARPS][TILE * 64], scales and zero points [DEPTH][NWARPS][TILE], the
     // B fragments [K-block][word][token][quad lane] (uint4), the sums [K-block][token], the barriers
     extern __shared__ __align__(128) unsigned char smem[];
     unsigned char* ring = smem;
@@ -85,7 +86,7 @@ lowbit_w4a16_gemv_bulk(const u16* __restrict__ x, const unsigned char* __restric
     float* xsum = reinterpret_cast<float*>(frag + (size_t)num_kb * 4 * MMAX * 4);
     unsigned long long* bars = reinterpret_cast<unsigned long long*>(xsum + ((num_kb * MMAX + 1) & ~1));
     const u32 full0 = smem_u32(bars), empty0 = smem_u32(bars + DEPTH);
-    __shared__ float partial[2][NWARPS][MMAX][16];  // [tile parity][warp][token][row]
+    __shared__ float partial[2][NWARPS][MMAX][TILE];  // [tile parity][warp][token][row]
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < DEPTH; ++s) {
@@ -100,23 +101,25 @@ lowbit_w4a16_gemv_bulk(const u16* __restrict__ x, const unsigned char* __restric
         if (lane == 0) {
             int s = 0;
             for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-                const int n0 = tile << 4;
+                const int n0 = tile * TILE;
                 for (int c = 0; c < chunks; ++c, ++s) {
                     const int slot = s % DEPTH;
                     if (s >= DEPTH) mbar_wait(empty0 + 8 * slot, (s / DEPTH - 1) & 1);
                     const int kb0 = c * NWARPS, count = min(NWARPS, num_kb - kb0);
                     const u32 full = full0 + 8 * slot;
-                    mbar_expect(full, (u32)count * (1024 + 32 * (HAS_ZERO ? 2 : 1)));
+                    constexpr int SCALE_COPIES = BULK_PROBE == 2 ? 0 : HAS_ZERO ? 2 : 1;
+                    mbar_expect(full, (u32)count * TILE * (64 + 2 * SCALE_COPIES));
                     for (int w = 0; w < count; ++w) {
                         const int kb = kb0 + w;
                         const int grp = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS;
-                        bulk_copy(smem_u32(ring + slot * STAGE_CODES + w * 1024),
-                                  qweight + ((size_t)kb * N + n0) * 64, 1024, full);
-                        bulk_copy(smem_u32(s_scale + slot * (STAGE_SCALES / 2) + w * 16), scale + (size_t)grp * N + n0,
-                                  32, full);
-                        if (HAS_ZERO)
-                            bulk_copy(smem_u32(s_zero + slot * (STAGE_SCALES / 2) + w * 16),
-                                      zero + (size_t)grp * N + n0, 32, full);
+                        bulk_copy(smem_u32(ring + slot * STAGE_CODES + w * TILE * 64),
+                                  qweight + ((size_t)kb * N + n0) * 64, TILE * 64, full);
+                        if (SCALE_COPIES >= 1)
+                            bulk_copy(smem_u32(s_scale + slot * (STAGE_SCALES / 2) + w * TILE),
+                                      scale + (size_t)grp * N + n0, TILE * 2, full);
+                        if (SCALE_COPIES == 2)
+                            bulk_copy(smem_u32(s_zero + slot * (STAGE_SCALES / 2) + w * TILE),
+                                      zero + (size_t)grp * N + n0, TILE * 2, full);
                     }
                 }
             }
@@ -163,58 +166,72 @@ lowbit_w4a16_gemv_bulk(const u16* __restrict__ x, const unsigned char* __restric
     const u32 ring0 = smem_u32(ring);
     int s = 0;
     for (int tile = blockIdx.x, it = 0; tile < tiles; tile += gridDim.x, ++it) {
-        float acc[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [row g, g + 8][token 2 t4, 2 t4 + 1]
+        float acc[ROWS][2][2];  // [16-row tile][row g, g + 8][token 2 t4, 2 t4 + 1]
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[r][0][0] = acc[r][0][1] = acc[r][1][0] = acc[r][1][1] = 0.f;
         for (int c = 0; c < chunks; ++c, ++s) {
             const int slot = s % DEPTH;
             const int kb = c * NWARPS + warp;
             mbar_wait(full0 + 8 * slot, (s / DEPTH) & 1);
-            if (kb < num_kb) {
-                const u32 codes = ring0 + slot * STAGE_CODES + warp * 1024 + t4 * 16;
-                const uint4 lo = lds128(codes + g * 64), hi = lds128(codes + (g + 8) * 64);
-                const u16* sc = s_scale + slot * (STAGE_SCALES / 2) + warp * 16;
-                const float s_lo = bf16_bits_to_float(sc[g]), s_hi = bf16_bits_to_float(sc[g + 8]);
-                float z_lo = 136.f, z_hi = 136.f;
-                if (HAS_ZERO) {
-                    const u16* ze = s_zero + slot * (STAGE_SCALES / 2) + warp * 16;
-                    z_lo = 128.f + bf16_bits_to_float(ze[g]);
-                    z_hi = 128.f + bf16_bits_to_float(ze[g + 8]);
-                }
-                float d[4] = {0.f, 0.f, 0.f, 0.f};
+            if (kb < num_kb && BULK_PROBE != 1) {
+                uint4 b[4];  // the B fragments of the lane's four words (zeros past the tokens)
 #pragma unroll
-                for (int o = 0; o < 4; ++o) {
-                    const uint4 b = g < MMAX ? frag[((size_t)kb * 4 * MMAX + o * MMAX + g) * 4 + t4] : make_uint4(0, 0, 0, 0);
-                    const u32 wl = o == 0 ? lo.x : o == 1 ? lo.y : o == 2 ? lo.z : lo.w;
-                    const u32 wh = o == 0 ? hi.x : o == 1 ? hi.y : o == 2 ? hi.z : hi.w;
-                    mma_bf16(d, raw_codes(wl, 0), raw_codes(wh, 0), raw_codes(wl, 1), raw_codes(wh, 1), b.x, b.y);
-                    mma_bf16(d, raw_codes(wl, 2), raw_codes(wh, 2), raw_codes(wl, 3), raw_codes(wh, 3), b.z, b.w);
-                }
+                for (int o = 0; o < 4; ++o)
+                    b[o] = g < MMAX ? frag[((size_t)kb * 4 * MMAX + o * MMAX + g) * 4 + t4] : make_uint4(0, 0, 0, 0);
+                float xs[2];
 #pragma unroll
-                for (int cc = 0; cc < 2; ++cc) {
-                    const int m = 2 * t4 + cc;
-                    const float xs = m < MMAX ? xsum[kb * MMAX + m] : 0.f;
-                    acc[0][cc] = fmaf(s_lo, d[cc] - z_lo * xs, acc[0][cc]);
-                    acc[1][cc] = fmaf(s_hi, d[2 + cc] - z_hi * xs, acc[1][cc]);
+                for (int cc = 0; cc < 2; ++cc) xs[cc] = 2 * t4 + cc < MMAX ? xsum[kb * MMAX + 2 * t4 + cc] : 0.f;
+#pragma unroll
+                for (int r = 0; r < ROWS; ++r) {
+                    const u32 codes = ring0 + slot * STAGE_CODES + warp * TILE * 64 + (16 * r) * 64 + t4 * 16;
+                    const uint4 lo = lds128(codes + g * 64), hi = lds128(codes + (g + 8) * 64);
+                    float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // two chains: words 0-1, 2-3
+#pragma unroll
+                    for (int o = 0; o < 4; ++o) {
+                        const u32 wl = o == 0 ? lo.x : o == 1 ? lo.y : o == 2 ? lo.z : lo.w;
+                        const u32 wh = o == 0 ? hi.x : o == 1 ? hi.y : o == 2 ? hi.z : hi.w;
+                        mma_bf16(d[o >> 1], raw_codes(wl, 0), raw_codes(wh, 0), raw_codes(wl, 1), raw_codes(wh, 1),
+                                 b[o].x, b[o].y);
+                        mma_bf16(d[o >> 1], raw_codes(wl, 2), raw_codes(wh, 2), raw_codes(wl, 3), raw_codes(wh, 3),
+                                 b[o].z, b[o].w);
+                    }
+                    const u16* sc = s_scale + slot * (STAGE_SCALES / 2) + warp * TILE + 16 * r;
+                    const float s_lo = BULK_PROBE == 2 ? 1.f : bf16_bits_to_float(sc[g]);
+                    const float s_hi = BULK_PROBE == 2 ? 1.f : bf16_bits_to_float(sc[g + 8]);
+                    float z_lo = 136.f, z_hi = 136.f;
+                    if (HAS_ZERO && BULK_PROBE != 2) {
+                        const u16* ze = s_zero + slot * (STAGE_SCALES / 2) + warp * TILE + 16 * r;
+                        z_lo = 128.f + bf16_bits_to_float(ze[g]);
+                        z_hi = 128.f + bf16_bits_to_float(ze[g + 8]);
+                    }
+#pragma unroll
+                    for (int cc = 0; cc < 2; ++cc) {
+                        acc[r][0][cc] = fmaf(s_lo, (d[0][cc] + d[1][cc]) - z_lo * xs[cc], acc[r][0][cc]);
+                        acc[r][1][cc] = fmaf(s_hi, (d[0][2 + cc] + d[1][2 + cc]) - z_hi * xs[cc], acc[r][1][cc]);
+                    }
                 }
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(empty0 + 8 * slot);
         }
-        float (&mine)[NWARPS][MMAX][16] = partial[it & 1];
+        float (&mine)[NWARPS][MMAX][TILE] = partial[it & 1];
 #pragma unroll
-        for (int cc = 0; cc < 2; ++cc) {
-            const int m = 2 * t4 + cc;
-            if (m < MMAX) {
-                mine[warp][m][g] = acc[0][cc];
-                mine[warp][m][g + 8] = acc[1][cc];
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int cc = 0; cc < 2; ++cc) {
+                const int m = 2 * t4 + cc;
+                if (m < MMAX) {
+                    mine[warp][m][16 * r + g] = acc[r][0][cc];
+                    mine[warp][m][16 * r + g + 8] = acc[r][1][cc];
+                }
             }
-        }
         consumers_sync();  // (the other parity's reads, a tile ago, are behind the previous barrier)
-        for (int e = threadIdx.x; e < 16 * M; e += NWARPS * 32) {
-            const int m = e >> 4, r = e & 15;
+        for (int e = threadIdx.x; e < TILE * M; e += NWARPS * 32) {
+            const int m = e / TILE, r = e % TILE;
             float total = 0.f;
 #pragma unroll
             for (int w = 0; w < NWARPS; ++w) total += mine[w][m][r];
-            out[(size_t)m * stride_om + (tile << 4) + r] = float_to_bf16_bits(total);
+            out[(size_t)m * stride_om + tile * TILE + r] = float_to_bf16_bits(total);
         }
     }
 }
@@ -229,10 +246,11 @@ class CudaBulkConfig:
     warps: int = 8
     depth: int = 8
     persist: int = 1
+    rows: int = 1  # 16-row tiles per tile (each warp's K-block: rows x 1 KiB of codes)
 
     def __post_init__(self) -> None:
-        if min(self.warps, self.depth, self.persist) < 1 or self.warps > 16:
-            raise ValueError(f"{self}: warps (1 to 16), depth and persist must be at least 1")
+        if min(self.warps, self.depth, self.persist) < 1 or self.warps > 16 or self.rows not in (1, 2, 4):
+            raise ValueError(f"{self}: warps (1 to 16), depth and persist at least 1, rows 1, 2 or 4")
 
 
 def shared_bytes(cfg: CudaBulkConfig, in_features: int, tokens: int, has_zero: bool) -> int:
@@ -240,7 +258,7 @@ def shared_bytes(cfg: CudaBulkConfig, in_features: int, tokens: int, has_zero: b
     the barriers; the kernel's layout."""
     num_kb = in_features // BLOCK_K
     slots = _slots(tokens)
-    ring = cfg.depth * cfg.warps * (1024 + 32 * (2 if has_zero else 1))
+    ring = cfg.depth * cfg.warps * 16 * cfg.rows * (64 + 2 * (2 if has_zero else 1))
     sums = 4 * ((num_kb * slots + 1) & ~1)
     return ring + num_kb * 4 * slots * 64 + sums + 16 * cfg.depth
 
@@ -251,7 +269,7 @@ def _slots(tokens: int) -> int:
 
 
 def _static_bytes(cfg: CudaBulkConfig, tokens: int) -> int:
-    return 4 * 2 * cfg.warps * _slots(tokens) * 16 + 1024
+    return 4 * 2 * cfg.warps * _slots(tokens) * 16 * cfg.rows + 1024
 
 
 def supported(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaBulkConfig | None = None) -> bool:
@@ -260,7 +278,7 @@ def supported(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaBulkConfig | None 
     ok = (
         cuda_gemv.supported(x2, packed, mma=True)
         and x2.shape[0] <= 8
-        and packed.out_features % 16 == 0
+        and packed.out_features % (16 if cfg is None else 16 * cfg.rows) == 0
         and packed.scale.is_contiguous()
         and (packed.zero is None or packed.zero.is_contiguous())
         and torch.cuda.get_device_capability(x2.device)[0] == 9
@@ -275,9 +293,13 @@ def _shared_limit(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def source(cfg: CudaBulkConfig, group_blocks: int, per_channel: bool, has_zero: bool, tokens: int) -> str:
+def source(cfg: CudaBulkConfig, group_blocks: int, per_channel: bool, has_zero: bool, tokens: int, probe: int = 0) -> str:
+    """The kernel's CUDA C; ``probe`` (timing probes, bench/m1_probe.py, wrong results): 1, the consumer warps only
+    wait for each stage and release it; 2, no scale or zero-point copies (scales of one)."""
     macros = {
         "NWARPS": cfg.warps,
+        "ROWS": cfg.rows,
+        "BULK_PROBE": probe,
         "DEPTH": cfg.depth,
         "MMAX": _slots(tokens),
         "GROUP_BLOCKS": group_blocks,
@@ -293,7 +315,7 @@ _KERNELS: dict[tuple, object] = {}
 _SHARED_SET: dict[int, int] = {}
 
 
-def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaBulkConfig) -> torch.Tensor:
+def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaBulkConfig, probe: int = 0) -> torch.Tensor:
     """``x2 @ dequant(W).T`` for 1 to 8 tokens ``x2`` ``[M, K]`` (bf16); see :func:`supported`."""
     if not supported(x2, packed, cfg):
         raise ValueError(f"the bulk-copy GEMV ({cfg}) does not take {x2.shape[0]} tokens of {x2.dtype} for this weight "
@@ -304,9 +326,9 @@ def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaBulkConfig) -> torch.Te
     group_blocks = 1 if per_channel else packed.group_size // BLOCK_K
     has_zero = packed.zero is not None
     index = x2.device.index if x2.device.index is not None else torch.cuda.current_device()
-    key = (cfg, index, group_blocks, per_channel, has_zero, _slots(m))
+    key = (cfg, index, group_blocks, per_channel, has_zero, _slots(m), probe)
     kernel = cuda_gemv.compile_once(_KERNELS, key, index,
-                                    lambda: source(cfg, group_blocks, per_channel, has_zero, m),
+                                    lambda: source(cfg, group_blocks, per_channel, has_zero, m, probe),
                                     "lowbit_w4a16_gemv_bulk", f"the bulk-copy GEMV for {cfg}")  # fmt: skip
     shared = shared_bytes(cfg, k, m, has_zero)
     if _SHARED_SET.get(id(kernel), 0) < shared:
@@ -315,7 +337,7 @@ def gemv(x2: torch.Tensor, packed: PackedWNA16, cfg: CudaBulkConfig) -> torch.Te
         _SHARED_SET[id(kernel)] = max(shared, 48 * 1024)
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     zero = packed.zero if has_zero else packed.scale
-    grid = min(n // 16, cfg.persist * cuda_gemv.sm_count(index))
+    grid = min(n // (16 * cfg.rows), cfg.persist * cuda_gemv.sm_count(index))
     with torch.cuda.device(index):
         kernel(grid=(grid, 1, 1), block=(32 * (cfg.warps + 1), 1, 1),
                args=[x2, packed.qweight, packed.scale, zero, out, n, k, m, x2.stride(0), out.stride(0)],
