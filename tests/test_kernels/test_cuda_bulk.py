@@ -28,6 +28,8 @@ def test_bulk_shared_bytes_layout():
     assert cuda_bulk.shared_bytes(cfg, 4096, 3, True) == 4 * 8 * 1088 + 32 * 4 * 256 + 4 * 128 + 64
     wide = cuda_bulk.CudaBulkConfig(warps=4, depth=2, rows=2)
     assert cuda_bulk.shared_bytes(wide, 1024, 1, False) == 2 * 4 * 2 * 1056 + 8 * 256 + 4 * 8 + 32
+    split = cuda_bulk.CudaBulkConfig(warps=4, depth=2, split=3)  # 9 K-blocks: slices of 3
+    assert cuda_bulk.shared_bytes(split, 9 * 128, 16, False) == 2 * 4 * 1056 + 3 * 16 * 256 + 4 * 48 + 32
 
 
 @pytest.mark.skipif(GPU, reason="on a GPU the products are tested instead")
@@ -41,10 +43,11 @@ def test_bulk_not_supported_on_cpu():
     ("group", "asymmetric", "k"),
     [(128, False, 4096), (128, True, 1408), (256, False, 2048), (-1, True, 1024), (128, False, 384)],
 )
-@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("tokens", [1, 3, 8, 16])
 def test_bulk_gemv_float64(group, asymmetric, k, tokens):
     """Every scheme, K-block counts that leave the last stage partial (11 of 8 warps, 3 of 4), more tiles than
-    blocks and stages than ring slots, against float64."""
+    blocks and stages than ring slots, split-K with uneven and empty slices, one and two token tiles, against
+    float64."""
     torch.manual_seed(tokens)
     n = 512
     packed = packed_weight(n, k, group, asymmetric, "cuda", seed=k + tokens)
@@ -56,6 +59,8 @@ def test_bulk_gemv_float64(group, asymmetric, k, tokens):
         cuda_bulk.CudaBulkConfig(16, 2, 1),
         cuda_bulk.CudaBulkConfig(8, 4, 2, rows=2),
         cuda_bulk.CudaBulkConfig(4, 3, 1, rows=4),
+        cuda_bulk.CudaBulkConfig(4, 2, 2, rows=2, split=3),
+        cuda_bulk.CudaBulkConfig(8, 4, 1, split=8),  # with K = 384 or 1024, empty K-slices
     )
     for cfg in configs:
         assert cuda_bulk.supported(x, packed, cfg)
@@ -66,11 +71,13 @@ def test_bulk_gemv_float64(group, asymmetric, k, tokens):
 
 
 @gpu_only
-def test_bulk_gemv_deterministic_in_a_graph():
-    """Bitwise the same result eagerly and in CUDA-graph replays (the warps' sums are added in a fixed order)."""
+@pytest.mark.parametrize("split", [1, 4])
+def test_bulk_gemv_deterministic_in_a_graph(split):
+    """Bitwise the same result eagerly and in CUDA-graph replays (the warps' sums, and split-K's slices, are added
+    in a fixed order; the tile counters reset themselves)."""
     packed = packed_weight(4096, 4096, 128, False, "cuda")
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    cfg = cuda_bulk.CudaBulkConfig(8, 8, 1)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = cuda_bulk.CudaBulkConfig(8, 4, 1, rows=2, split=split)
     first = cuda_bulk.gemv(x, packed, cfg)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -90,4 +97,4 @@ def test_bulk_gemv_refuses_what_it_does_not_take():
     with pytest.raises(ValueError, match="bulk-copy GEMV"):
         cuda_bulk.gemv(x, packed, cuda_bulk.CudaBulkConfig())
     packed = packed_weight(32, 256, 128, False, "cuda")
-    assert not cuda_bulk.supported(torch.randn(9, 256, device="cuda", dtype=torch.bfloat16), packed)
+    assert not cuda_bulk.supported(torch.randn(17, 256, device="cuda", dtype=torch.bfloat16), packed)
