@@ -22,7 +22,6 @@ Times are CUDA-graph replays of ``calls`` x (flush, kernel) minus the flush alon
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from cuda_gemv import READ_ONLY, SHAPES, reference
 
-from lowbit.kernels import cuda_bulk, cuda_gemv, w4a16
+from lowbit.kernels import cuda_gemv, w4a16
 from lowbit.kernels.layout import pack_wna16
 
 C = cuda_gemv.CudaGemvConfig
@@ -108,7 +107,7 @@ def shape_row(name: str, kinds: dict) -> dict:
     for kind, flush in kinds.items():
         t = {"cublas_bf16": graph_time(lambda: F.linear(x, w), flush), "read_only": graph_time(read, flush),
              "launches": []}  # fmt: skip
-        for cfg in LAUNCHES.get(name, LAUNCHES["4096x14336"]):
+        for cfg in LAUNCHES[name]:
             times = {}
             for label, opts in VARIANTS:
                 if cfg.stage_scales and "scale_probe" in opts:
@@ -127,84 +126,18 @@ def shape_row(name: str, kinds: dict) -> dict:
     return row
 
 
-# the register-batched tensor-core launches that placed at 16 tokens (sessions 15-20), for the comparison at M > 1
-MMA_LAUNCHES = [C(2, 4, 1, 1, mma=True), C(2, 4, 1, 2, mma=True), C(1, 8, 2, 4, mma=True, stage=True),
-                C(1, 8, 2, 8, mma=True, stage=True), C(1, 4, 1, 4, mma=True, stage=True)]  # fmt: skip
-
-
-def bulk_rows(name: str, flush, m: int = 1, top: int = 8) -> dict:
-    """The bulk-copy GEMV (lowbit.kernels.cuda_bulk) over its launch shapes at ``m`` tokens, against cuBLAS bf16 and
-    the best register-batched launch (LAUNCHES at one token, MMA_LAUNCHES at more) in the same run, after the writing
-    flush."""
-    k, n = next((k, n) for s, k, n in SHAPES if s == name)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
-    scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
-    packed = pack_wna16(q, scale, None, 4, 128)
-    del q
-    ref = reference(x, packed)
-    row = {"shape": name, "m": m, "cublas_bf16": graph_time(lambda: F.linear(x, w), flush)}
-    launches = LAUNCHES.get(name, LAUNCHES["4096x14336"]) if m == 1 else MMA_LAUNCHES
-    row["batched"] = min(
-        graph_time(lambda cfg=cfg: cuda_gemv.gemv(x, packed, cfg), flush) for cfg in launches
-    )
-    timed = []
-    for warps, depth, persist, rows, split in itertools.product(
-        (4, 8), (4, 8), (1, 2), (1, 2), (1, 2, 4)
-    ):
-        cfg = cuda_bulk.CudaBulkConfig(warps, depth, persist, rows, split)
-        if not cuda_bulk.supported(x, packed, cfg) or persist * warps * depth * rows > 256:
-            continue
-        if split > 1 and n // (16 * rows) * split < 132 * persist // 2:
-            continue
-        out = cuda_bulk.gemv(x, packed, cfg)
-        err = ((out.float() - ref).norm() / ref.norm()).item()
-        us = graph_time(lambda cfg=cfg: cuda_bulk.gemv(x, packed, cfg), flush)
-        timed.append({"config": cfg.__dict__, "rel_err": err, "us": us})
-    timed.sort(key=lambda t: t["us"])
-    wrong = [t for t in timed if t["rel_err"] > 1e-2]
-    row.update(bulk=timed, wrong=len(wrong))
-    best = timed[0]
-    # the best launch without its products (1) and without its scale copies (2): cuda_bulk.source's probes
-    cfg = cuda_bulk.CudaBulkConfig(**best["config"])
-    row["probes"] = {
-        p: graph_time(lambda p=p: cuda_bulk.gemv(x, packed, cfg, probe=p), flush) for p in (1, 2)
-    }
-    print(
-        f"{name:10s} M={m:2d} bulk: cuBLAS {row['cublas_bf16']:7.2f}  batched best {row['batched']:6.2f} "
-        f"({row['cublas_bf16'] / row['batched']:.2f}x)  bulk best {best['us']:6.2f} ({row['cublas_bf16'] / best['us']:.2f}x) "
-        f"{best['config']}  wrong {len(wrong)}  no products {row['probes'][1]:.2f}  no scale copies {row['probes'][2]:.2f}",
-        flush=True,
-    )
-    for t in timed[:top]:
-        print(f"    {t['us']:7.2f} us  err {t['rel_err']:.1e}  {t['config']}")
-    return row
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument(
-        "--shapes", nargs="+", default=["4096x14336", "down"], choices=[s for s, _, _ in SHAPES]
-    )
-    parser.add_argument(
-        "--bulk", action="store_true", help="time only the bulk-copy GEMV's launches (cuda_bulk)"
-    )
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1], help="with --bulk: the token counts")
+    parser.add_argument("--shapes", nargs="+", default=["4096x14336", "down"], choices=list(LAUNCHES))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     kinds = flushes()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": []}
     for name in args.shapes:
-        if args.bulk:
-            result["shapes"] += [bulk_rows(name, kinds["write"], m) for m in args.tokens]
-        else:
-            result["shapes"].append(shape_row(name, kinds))
-        (args.out / ("m1_bulk.json" if args.bulk else "m1_probe.json")).write_text(
-            json.dumps(result, indent=1)
-        )
+        result["shapes"].append(shape_row(name, kinds))
+        (args.out / "m1_probe.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
