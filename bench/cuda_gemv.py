@@ -68,6 +68,9 @@ QUICK_LAUNCHES = [(False, 0)] + [(True, p) for p in (0, 1, 2, 3, 4)]  # (stage, 
 # --stage-scales: the CUDA-core launches with the tiles' scales staged in shared memory (CudaGemvConfig.stage_scales:
 # 0 none, 1 from the packed scales, 2 from the tiled copy)
 STAGE_SCALES = [0, 1, 2]
+# --mma-at-one (with --quick): at one token, the tensor-core launches, staged ones included (the tuner's candidates
+# take the staged kernel from two tokens on)
+MMA_AT_ONE = [False]
 
 
 def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
@@ -82,7 +85,12 @@ def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
     ]
 
 
-def quick_sweep(m: int) -> list[cuda_gemv.CudaGemvConfig]:
+def quick_sweep(m: int, mma_only: bool = False) -> list[cuda_gemv.CudaGemvConfig]:
+    if m == 1 and mma_only:  # --mma-at-one: the tensor-core kernels at one token, next to three CUDA-core launches
+        C = cuda_gemv.CudaGemvConfig
+        core = [C(2, 4, 2, 1), C(2, 16, 1, 1, stage=True, persist=4), C(4, 4, 1, 1, stage_scales=2)]
+        unstaged = [C(r, w, 1, s, mma=True) for r, w in ((1, 4), (2, 4), (2, 8), (4, 4), (1, 8)) for s in (1, 2)]
+        return core + unstaged + staged_mma()
     if m > 1:  # the tensor-core kernels, unstaged (split 1 to 4) and staged
         unstaged = [
             cuda_gemv.CudaGemvConfig(r, w, 1, s, mma=True)
@@ -295,7 +303,7 @@ def shape_row(
     triton_us = (w4a16.device_time(lambda: w4a16.wna16_matmul(x, packed, triton_cfg)) - flush_ms) * 1e3
     int4pack_us = int4pack_time(x, n, k, flush_ms)
     timed = []
-    for cfg in quick_sweep(m) if quick else sweep():
+    for cfg in quick_sweep(m, MMA_AT_ONE[0]) if quick else sweep():
         if cfg.split > 1 and (k // 128) // cfg.split < (
             cfg.unroll if cfg.mma and cfg.stage else cfg.warps // 2
         ):
@@ -393,7 +401,12 @@ def main() -> None:
         "--stage-scales", choices=["off", "on", "tiled", "all"], default="all",
         help="the CUDA-core launches with each tile's scales staged in shared memory (CudaGemvConfig.stage_scales)",
     )  # fmt: skip
+    parser.add_argument(
+        "--mma-at-one", action="store_true",
+        help="with --quick: the tensor-core launches at one token, staged ones included, and three CUDA-core ones",
+    )  # fmt: skip
     args = parser.parse_args()
+    MMA_AT_ONE[0] = args.mma_at_one
     STAGE_SCALES[:] = {"off": [0], "on": [1], "tiled": [2], "all": [0, 1, 2]}[args.stage_scales]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
