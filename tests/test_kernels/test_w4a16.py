@@ -376,3 +376,26 @@ def test_cpu_tensors_without_the_interpreter_are_refused_clearly(monkeypatch) ->
         wna16_matmul(x, packed, WNA16Config(1, 32, 1))
     with pytest.raises(ValueError, match="take CUDA tensors"):
         quantize_rows(x, torch.int8)
+
+
+def test_tuner_final_round_reranks_the_fastest_by_their_median() -> None:
+    """A launch that won the first pass by a lucky sample loses to one that is faster in the repeated timings;
+    launches past the finalists keep their first-pass order behind them."""
+    from lowbit.kernels import w4a16
+
+    configs = [WNA16Config(1, 16 * (i + 1), 1, 4) for i in range(6)]
+    first = [(1.00, configs[0]), (1.02, configs[1]), (1.05, configs[2]), (1.10, configs[3]), (1.2, configs[4]),
+             (1.3, configs[5])]  # fmt: skip
+    steady = {configs[0]: 1.08, configs[1]: 1.01, configs[2]: 1.04, configs[3]: 1.09}
+    calls = []
+
+    def retime(cfg):
+        calls.append(cfg)
+        return steady[cfg]
+
+    ranked = w4a16.final_round(list(reversed(first)), retime)
+    assert [cfg for _, cfg in ranked] == [configs[1], configs[2], configs[0], configs[3], configs[4], configs[5]]
+    assert ranked[0][0] == pytest.approx(1.01)  # the median of 1.02 (first pass) and 1.01 three times
+    assert len(calls) == w4a16.FINALISTS * w4a16.FINAL_ROUNDS
+    assert calls[:4] == configs[:4]  # alternated: one round of every finalist before the next
+    assert w4a16.final_round([(1.0, configs[0])], retime) == [(1.0, configs[0])]
