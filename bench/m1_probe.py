@@ -48,17 +48,7 @@ def graph_time(fn, flush, calls: int = 8, samples: int = 5) -> float:
     """Median us of ``fn`` per call from CUDA-graph replays of ``calls`` x (``flush``, ``fn``), minus ``flush``."""
 
     def once(body) -> float:
-        graph = w4a16.captured(body)
-        graph.replay()
-        times = []
-        for _ in range(samples):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / calls)
-        return sorted(times)[len(times) // 2] * 1e3
+        return w4a16.replay_time(w4a16.captured(body), calls, samples) * 1e3
 
     def both() -> None:
         for _ in range(calls):

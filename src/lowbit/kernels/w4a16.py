@@ -681,7 +681,11 @@ def device_time(fn, calls: int = 8, samples: int = 5) -> float:
             flush.zero_()
             fn()
 
-    graph = captured(fn, body)
+    return replay_time(captured(fn, body), calls, samples)
+
+
+def replay_time(graph: torch.cuda.CUDAGraph, calls: int, samples: int = 5) -> float:
+    """Median ms per call of ``samples`` replays of ``graph`` (after a warm-up replay), which holds ``calls`` calls."""
     graph.replay()
     times = []
     for _ in range(samples):
@@ -691,7 +695,6 @@ def device_time(fn, calls: int = 8, samples: int = 5) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
-    del graph
     return sorted(times)[len(times) // 2]
 
 
