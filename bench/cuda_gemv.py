@@ -71,8 +71,6 @@ STAGE_SCALES = [0, 1, 2]
 # --mma-at-one (with --quick): at one token, the tensor-core launches, staged ones included (the tuner's candidates
 # take the staged kernel from two tokens on)
 MMA_AT_ONE = [False]
-# --ring (with --quick): at one token, the CUDA-core launches with CudaGemvConfig.ring (session 23)
-RING = [False]
 
 
 def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
@@ -88,12 +86,8 @@ def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
 
 
 def quick_sweep(m: int, mma_only: bool = False) -> list[cuda_gemv.CudaGemvConfig]:
-    C = cuda_gemv.CudaGemvConfig
-    if m == 1 and RING[0]:  # --ring: the unstaged CUDA-core launches with a cp.async ring, next to the best without
-        core = [C(2, 4, 2, 1), C(2, 16, 1, 1, stage=True, persist=4), C(4, 4, 1, 1, stage_scales=2)]
-        shapes = ((2, 4, 2), (2, 4, 1), (2, 8, 1), (4, 4, 1), (1, 8, 2), (2, 16, 1))
-        return core + [C(r, w, u, 1, ring=ring) for r, w, u in shapes for ring in (2, 3, 4)]
     if m == 1 and mma_only:  # --mma-at-one: the tensor-core kernels at one token, next to three CUDA-core launches
+        C = cuda_gemv.CudaGemvConfig
         core = [C(2, 4, 2, 1), C(2, 16, 1, 1, stage=True, persist=4), C(4, 4, 1, 1, stage_scales=2)]
         unstaged = [C(r, w, 1, s, mma=True) for r, w in ((1, 4), (2, 4), (2, 8), (4, 4), (1, 8)) for s in (1, 2)]
         return core + unstaged + staged_mma()
@@ -411,10 +405,8 @@ def main() -> None:
         "--mma-at-one", action="store_true",
         help="with --quick: the tensor-core launches at one token, staged ones included, and three CUDA-core ones",
     )  # fmt: skip
-    parser.add_argument("--ring", action="store_true", help="with --quick: the CUDA-core launches with a cp.async ring")
     args = parser.parse_args()
     MMA_AT_ONE[0] = args.mma_at_one
-    RING[0] = args.ring
     STAGE_SCALES[:] = {"off": [0], "on": [1], "tiled": [2], "all": [0, 1, 2]}[args.stage_scales]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -339,39 +339,6 @@ def test_gpu_staged_scales_give_the_same_outputs_bitwise(kind):
                 assert rel_err(out, float64_product(x, packed)) < 5e-3
 
 
-@gpu_only
-@pytest.mark.parametrize("kind", ["", "norm+glu+res"])
-def test_gpu_ring_gives_the_same_outputs_bitwise(kind):
-    """Weights, scales and zero points copied to each warp's ring in shared memory (``ring``) instead of loaded into
-    registers: the same values in the same order, so bitwise the outputs of the launch without, for every scheme,
-    split-K over uneven and empty slices, batches past the slice's end, and fused."""
-    gen = torch.Generator(device="cuda").manual_seed(12)
-    glu = "glu" in kind
-    for group, asymmetric in ((128, False), (256, True), (-1, True)):
-        n, k = (2064, 1536) if kind else (1004, 2048 + 128 * (group == 128))
-        packed = packed_weight(n, k, group, asymmetric, "cuda")
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-        norm = torch.rand(k, device="cuda", generator=gen).to(torch.bfloat16) + 0.5 if "norm" in kind else None
-        residual = torch.randn(1, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16) if "res" in kind else None
-        fused = cuda_gemv.Fused(norm=norm, eps=1e-5, glu=glu, residual=residual) if kind else None
-        launches = [(2, 4, 2, 1), (2, 8, 1, 1), (4, 4, 1, 1)] + ([(1, 8, 2, 3), (2, 4, 1, 17)] if not kind else [])
-        for rows, warps, unroll, split in launches:
-            expected = cuda_gemv.gemv(x, packed, cuda_gemv.CudaGemvConfig(rows, warps, unroll, split), fused=fused)
-            for ring in (2, 3, 4):
-                cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, ring=ring)
-                assert torch.equal(cuda_gemv.gemv(x, packed, cfg, fused=fused), expected), (kind, group, cfg)
-        if not kind:
-            assert rel_err(expected, float64_product(x, packed)) < 5e-3
-
-
-def test_ring_takes_shared_memory_per_warp_and_batch():
-    """768 bytes per warp, ring slot, K-block of a batch and row group; only the unstaged CUDA-core kernel."""
-    assert cuda_gemv.staged_bytes(cuda_gemv.CudaGemvConfig(2, 4, 2, 1, ring=3), 4096) == 4 * 3 * 2 * 2 * 768
-    for bad in ({"ring": 1}, {"ring": 2, "stage": True}, {"ring": 2, "mma": True}, {"ring": 2, "stage_scales": 2}):
-        with pytest.raises(ValueError, match="ring"):
-            cuda_gemv.CudaGemvConfig(2, 4, 1, 1, **bad)
-
-
 def test_tiled_scales_hold_each_granules_groups_together():
     """``tiled_scales``: ``[ceil(N / 8), groups, 8]``, element ``[n // 8, g, n % 8]`` the scale of row n and group g,
     rows past N zero, zero points likewise, made once per weight."""

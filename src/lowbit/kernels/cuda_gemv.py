@@ -218,18 +218,6 @@ SOURCE = r"""
 #if PERSIST && (!STAGE || SPLIT != 1)
 #error "PERSIST needs STAGE and SPLIT == 1"
 #endif
-#if RING && (STAGE || STAGE_SCALES)
-#error "RING is for the unstaged CUDA-core kernel"
-#endif
-#if RING
-// bytes (16 or 4; 0: zeros) from global to shared memory without passing through registers (cp.async, Ampere+)
-__device__ __forceinline__ void ring_copy16(unsigned dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void ring_copy4(unsigned dst, const void* src, int bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
-}
-#endif
 #if (FUSE_NORM || FUSE_GLU || FUSE_RES) && SPLIT != 1
 #error "the fused work needs SPLIT == 1"
 #endif
@@ -316,32 +304,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     };
 
     extern __shared__ __align__(16) unsigned char stage_raw[];
-#if RING
-    // RING batches of weights (and their scales and zero points) in flight per warp: each lane copies its own 16 bytes
-    // of codes and the aligned 4 bytes holding its rows' scale (and zero point) into the warp's slot of shared memory
-    // with cp.async, and reads back only what it copied, so no barrier is needed and no registers are held in flight
-    constexpr int RING_UNIT = 768;  // per K-block and row group: 32 lanes x (16 code + 4 scale + 4 zero-point bytes)
-    const u32 ring_base = (u32)__cvta_generic_to_shared(stage_raw) + warp * (RING * UNROLL * ROWS * RING_UNIT);
-    auto ring_at = [&](int slot, int u, int r) { return ring_base + ((slot * UNROLL + u) * ROWS + r) * RING_UNIT; };
-    auto issue_batch = [&](int kb0, int slot) {
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int kb = kb0 + u * NWARPS;
-            const bool ok = kb < kb_hi;
-            const int g = PER_CHANNEL ? 0 : (ok ? kb : kb_lo) / GROUP_BLOCKS;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r) {
-                const int n = rows_n[r];
-                const u32 at = ring_at(slot, u, r);
-                const size_t pair = ((size_t)g * N + n) & ~(size_t)1;
-                ring_copy16(at + lane * 16, qweight + ((size_t)(ok ? kb : kb_lo) * N + n) * 4 + quad, ok ? 16 : 0);
-                ring_copy4(at + 512 + lane * 4, scale + pair, ok ? 4 : 0);
-                if (HAS_ZERO) ring_copy4(at + 640 + lane * 4, zero + pair, ok ? 4 : 0);
-            }
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-    };
-#endif
 #if STAGE_SCALES
     // The tile's scales (and zero points) for the block's K range, [group - g_lo][tile row], staged in shared memory
     // at the start of each tile (after the staged activations): a few loads per thread issued together, rather than
@@ -404,15 +366,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     __syncthreads();
 #endif
 
-#if RING
-#pragma unroll
-    for (int p = 0; p < RING - 1; ++p) {  // the first RING - 1 batches in flight
-        const int kb0 = kb_lo + warp + p * NWARPS * UNROLL;
-        if (kb0 < kb_hi) issue_batch(kb0, p);
-        else asm volatile("cp.async.commit_group;" ::: "memory");
-    }
-#endif
-
     // [tile parity][warp][row]: with PERSIST the next tile writes the other half while this one's is still read
     __shared__ float partial[PERSIST ? 2 : 1][NWARPS][8 * ROWS];
 #if FUSE_NORM
@@ -450,34 +403,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                 set_rows(next);  // the next tile's first batch, in flight through this tile's end
                 load_batch(kb_lo + warp);
             }
-#elif RING
-            {
-                const int b = (kb0 - kb_lo - warp) / (NWARPS * UNROLL);  // this warp's batch number
-                const int ahead = kb0 + (RING - 1) * NWARPS * UNROLL;
-                if (ahead < kb_hi) issue_batch(ahead, (b + RING - 1) % RING);
-                else asm volatile("cp.async.commit_group;" ::: "memory");  // an empty group keeps the count
-                asm volatile("cp.async.wait_group %0;" :: "n"(RING - 1) : "memory");
-#pragma unroll
-                for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r) {
-                        const u32 at = ring_at(b % RING, u, r);
-                        const int odd = rows_n[r] & 1;
-                        u32 v;
-                        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                                     : "=r"(words[u][r].x), "=r"(words[u][r].y), "=r"(words[u][r].z), "=r"(words[u][r].w)
-                                     : "r"(at + lane * 16));
-                        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at + 512 + lane * 4));
-                        scales[u][r] = odd ? v >> 16 : v & 0xFFFFu;
-                        if (HAS_ZERO) {
-                            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(at + 640 + lane * 4));
-                            zeros[u][r] = odd ? v >> 16 : v & 0xFFFFu;
-                        }
-                    }
-            }
-            uint4 (&cur)[UNROLL][ROWS] = words;
-            u32 (&cur_scales)[UNROLL][ROWS] = scales;
-            u32 (&cur_zeros)[UNROLL][ROWS] = zeros;
 #else
             if (!STAGE_SCALES || kb0 != kb_lo + warp) load_batch(kb0);
             uint4 (&cur)[UNROLL][ROWS] = words;
@@ -985,9 +910,6 @@ class CudaGemvConfig:
     # token in session 22's ablation, bench/notes/kernels.md); 1: from the scales as packed ([groups, N]), 2: from a
     # tiled copy ([N / 8, groups, 8], :func:`tiled_scales`), whole 512-byte requests
     stage_scales: int = 0
-    # the unstaged CUDA-core kernel: ``ring`` (2 to 4) batches of weights in flight per warp, copied to the warp's own
-    # shared memory with cp.async rather than loaded into registers (session 23, measured in bench/cuda_gemv.py)
-    ring: int = 0
 
     def __post_init__(self) -> None:
         if min(self.rows, self.warps, self.unroll, self.split, self.pipe) < 1:
@@ -996,8 +918,6 @@ class CudaGemvConfig:
             raise ValueError(f"{self}: pipe > 1 is for the staged tensor-core kernel (mma and stage)")
         if self.stage_scales not in (0, 1, 2) or (self.stage_scales and self.mma):
             raise ValueError(f"{self}: stage_scales (0, 1 or 2) is for the CUDA-core kernel")
-        if self.ring and (self.ring not in (2, 3, 4) or self.mma or self.stage or self.stage_scales):
-            raise ValueError(f"{self}: ring (2 to 4) is for the unstaged CUDA-core kernel without staged scales")
         if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
             raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
@@ -1081,8 +1001,6 @@ def staged_bytes(cfg: CudaGemvConfig, in_features: int, tokens: int = 1) -> int:
     blocks = -(-(in_features // BLOCK_K) // cfg.split)
     # stage_scales: bf16 scales and zero points of up to blocks + 1 groups per tile row, after the activations
     scales = 2 * 2 * (blocks + 1) * 8 * cfg.rows if cfg.stage_scales else 0
-    if cfg.ring and not cfg.mma:  # each warp's ring: per batch, K-block and row group 768 bytes
-        return cfg.warps * cfg.ring * cfg.unroll * cfg.rows * 768
     if not cfg.stage:
         return scales
     if cfg.mma:
@@ -1152,7 +1070,6 @@ def source(
         "PDL_TRIGGER": int(trigger),
         "STAGE_SCALES": 0 if cfg.mma else int(cfg.stage_scales),
         "SCALE_PROBE": int(scale_probe),
-        "RING": 0 if cfg.mma else cfg.ring,
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
@@ -1271,8 +1188,6 @@ def gemv(
     if opt_in and not stage_fits(cfg, k, x2.device, m):
         raise ValueError(f"{cfg}: {shared} bytes of staged activations and scales exceed this GPU's shared memory; use "
                          "stage=False or split K")  # fmt: skip
-    if cfg.ring and n % 2:
-        raise ValueError(f"{cfg}: the ring copies scales in aligned pairs of rows, so N must be even")
     trigger = pdl.PDL[0] == "attention"  # the decode attention after q/k/v's GEMV may launch early
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags, trigger,
                        scale_probe)  # fmt: skip
