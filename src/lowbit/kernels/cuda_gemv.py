@@ -1047,7 +1047,7 @@ def source(
     glu, residual: :class:`Fused`): the macros, then :data:`SOURCE`. ``no_math`` (a timing probe, wrong results) leaves
     out of the CUDA-core kernel: 1, its dot products; 2, also the scale loads; 3, also the activations; 4, also the
     reduction across the warps and the stores (bench/cuda_gemv.py times each level). ``scale_probe`` (timing probes of
-    the CUDA-core kernel's per-batch scale loads, bench/m1_probe.py): 1, every scale load reads one fixed address
+    the CUDA-core kernel's per-batch scale loads, bench/m1_probe.py): 1, they read fixed, L1-resident addresses
     (wrong results); 2, the scale loads do not allocate in L1; 3, they are issued before the batch's weight loads."""
     token_tiles = _token_tiles(tokens)
     macros = {
