@@ -13,7 +13,6 @@ the best CUDA launch per shape, in the format ``bench/decode_profile.py --tuned`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -72,9 +71,6 @@ STAGE_SCALES = [0, 1, 2]
 # --mma-at-one (with --quick): at one token, the tensor-core launches, staged ones included (the tuner's candidates
 # take the staged kernel from two tokens on)
 MMA_AT_ONE = [False]
-# --prefetch: each launch of the sweep at these CudaGemvConfig.prefetch levels (0: none; 1: each block asks the L2
-# for its own rows over its K range first; 2: past its first load batch; 3: as 1 with the scales)
-PREFETCH = [0]
 
 
 def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
@@ -307,8 +303,7 @@ def shape_row(
     triton_us = (w4a16.device_time(lambda: w4a16.wna16_matmul(x, packed, triton_cfg)) - flush_ms) * 1e3
     int4pack_us = int4pack_time(x, n, k, flush_ms)
     timed = []
-    launches = quick_sweep(m, MMA_AT_ONE[0]) if quick else sweep()
-    for cfg in [dataclasses.replace(c, prefetch=level) for c in launches for level in PREFETCH]:
+    for cfg in quick_sweep(m, MMA_AT_ONE[0]) if quick else sweep():
         if cfg.split > 1 and (k // 128) // cfg.split < (
             cfg.unroll if cfg.mma and cfg.stage else cfg.warps // 2
         ):
@@ -330,12 +325,6 @@ def shape_row(
            "triton_config": repr(triton_cfg), "triton_rel_err": triton_err, "cuda_us": best["us"],
            "cuda_rel_err": best["rel_err"], "cuda_config": best["config"], "wrong": len(timed) - len(good),
            "best_mma_us": best_mma["us"], "int4pack_us": int4pack_us, "top": timed[:top]}  # fmt: skip
-    if PREFETCH != [0]:  # every launch, to set each against its twins at the other levels
-        row["all"] = timed
-        for level in PREFETCH:
-            at = [t for t in good if t["config"]["prefetch"] == level]
-            if at:
-                print(f"    prefetch {level}: best {at[0]['us']:7.2f} us  {at[0]['config']}")
     read_bytes = n * k // 2 + scale.numel() * 2 + 2 * m * k
     extra = ""
     if m == 1:
@@ -416,12 +405,7 @@ def main() -> None:
         "--mma-at-one", action="store_true",
         help="with --quick: the tensor-core launches at one token, staged ones included, and three CUDA-core ones",
     )  # fmt: skip
-    parser.add_argument(
-        "--prefetch", type=int, nargs="*", default=[0],
-        help="each launch at these CudaGemvConfig.prefetch levels (0 none, 1-3: the blocks ask the L2 for their rows)",
-    )  # fmt: skip
     args = parser.parse_args()
-    PREFETCH[:] = args.prefetch
     MMA_AT_ONE[0] = args.mma_at_one
     STAGE_SCALES[:] = {"off": [0], "on": [1], "tiled": [2], "all": [0, 1, 2]}[args.stage_scales]
     args.out.mkdir(parents=True, exist_ok=True)

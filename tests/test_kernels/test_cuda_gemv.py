@@ -4,7 +4,6 @@ configuration naming it falls back to the Triton kernels and stays exact."""
 from __future__ import annotations
 
 # tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU.
-import dataclasses
 import itertools
 
 import pytest
@@ -451,45 +450,3 @@ def test_gpu_persistent_cuda_gemv(kind):
             assert torch.equal(out, expected), (k, rows, warps)
             if not kind:
                 assert rel_err(expected, float64_product(x, packed)) < 5e-3
-
-
-def test_prefetch_levels_are_checked():
-    """``prefetch`` (each block asking the L2 for its own rows first) takes levels 0-3, on every kernel."""
-    for mma, stage in ((False, False), (False, True), (True, False), (True, True)):
-        for level in (0, 1, 2, 3):
-            assert cuda_gemv.CudaGemvConfig(2, 4, 1, 1, mma=mma, stage=stage, prefetch=level).prefetch == level
-    with pytest.raises(ValueError, match="prefetch"):
-        cuda_gemv.CudaGemvConfig(2, 4, 1, 1, prefetch=4)
-
-
-@gpu_only
-@pytest.mark.parametrize("kind", ["", "norm+glu", "norm+res"])
-def test_gpu_prefetch_gives_the_same_outputs_bitwise(kind):
-    """Asking the L2 for the block's rows changes no value: at every level, bitwise the outputs of the same launch
-    without, for the CUDA-core kernel (unstaged, staged, persistent with several tiles per block, tiled scales, split-K
-    over uneven slices; fused or not) and the two tensor-core kernels (1 and 16 tokens), for groups of 128 and 256,
-    per channel and asymmetric weights, with a partial last row tile; and the result matches float64."""
-    gen = torch.Generator(device="cuda").manual_seed(13)
-    glu = "glu" in kind
-    C = cuda_gemv.CudaGemvConfig
-    for group, asymmetric in ((128, False), (256, True), (-1, True)):
-        n, k = (16400, 1536) if kind else (1004, 2048 + 128 * (group == 128))
-        packed = packed_weight(n, k, group, asymmetric, "cuda")
-        norm = torch.rand(k, device="cuda", generator=gen).to(torch.bfloat16) + 0.5 if "norm" in kind else None
-        residual = torch.randn(1, n // 2 if glu else n, device="cuda", dtype=torch.bfloat16) if "res" in kind else None
-        fused = cuda_gemv.Fused(norm=norm, eps=1e-5, glu=glu, residual=residual) if kind else None
-        launches = [C(2, 4, 2, 1), C(2, 8, 1, 1, stage=True), C(2, 8, 1, 1, stage=True, persist=1),
-                    C(4, 4, 1, 1, stage_scales=2)]  # fmt: skip
-        if not kind:
-            launches += [C(1, 8, 2, 3), C(2, 4, 1, 2, mma=True), C(1, 8, 2, 4, mma=True, stage=True)]
-        for m in (1, 16) if not kind else (1,):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            for base in launches:
-                if m > 1 and not base.mma:
-                    continue
-                expected = cuda_gemv.gemv(x, packed, base, fused=fused)
-                for level in (1, 2, 3):
-                    cfg = dataclasses.replace(base, prefetch=level)
-                    assert torch.equal(cuda_gemv.gemv(x, packed, cfg, fused=fused), expected), (kind, group, m, cfg)
-                if not kind:
-                    assert rel_err(expected, float64_product(x, packed)) < 5e-3, (group, m, base)

@@ -91,32 +91,6 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 selector) {
 
 __device__ __forceinline__ float bf16_bits_to_float(u32 h) { return __uint_as_float(h << 16); }
 
-// SELF_PREFETCH (CudaGemvConfig.prefetch): before its own loads, the block asks the L2 for its weight rows
-// n_lo .. n_hi - 1 over K-blocks kb_from .. kb_hi - 1 (cp.async.bulk.prefetch.L2: one request per K-block's contiguous
-// run of rows, the block's warps taking K-blocks in turn, every lane of a warp the same (the instruction takes
-// warp-uniform operands); no register is held and nothing waits for it); level 3 also for the rows' scales (and zero
-// points) of those K-blocks' groups, where they are 16-byte aligned
-__device__ __forceinline__ void prefetch_rows(const uint4* qweight, const u16* scale, const u16* zero, int n_lo,
-                                              int n_hi, int kb_from, int kb_hi, int N) {
-#if SELF_PREFETCH
-    if (n_hi <= n_lo || kb_from >= kb_hi) return;
-    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const u32 bytes = (u32)(n_hi - n_lo) * 64u;
-    for (int kb = kb_from + warp; kb < kb_hi; kb += warps)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                     :: "l"(qweight + ((size_t)kb * N + n_lo) * 4), "r"(bytes) : "memory");
-#if SELF_PREFETCH == 3 && !STAGE_SCALES  // (tiled scales, STAGE_SCALES 2, are another array)
-    const u32 sbytes = ((u32)(n_hi - n_lo) * 2u) & ~15u;
-    const int g_lo = PER_CHANNEL ? 0 : kb_from / GROUP_BLOCKS, g_hi = PER_CHANNEL ? 1 : (kb_hi - 1) / GROUP_BLOCKS + 1;
-    for (int e = warp; sbytes > 0 && e < (g_hi - g_lo) * (HAS_ZERO ? 2 : 1); e += warps) {
-        const u16* p = (e & 1 && HAS_ZERO ? zero : scale) + (size_t)(g_lo + (HAS_ZERO ? e >> 1 : e)) * N + n_lo;
-        if (((size_t)p & 15) == 0)
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(sbytes) : "memory");
-    }
-#endif
-#endif
-}
-
 __device__ __forceinline__ u16 float_to_bf16_bits(float f) {
     u16 h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
@@ -364,17 +338,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 
     int tile = blockIdx.x;
     set_rows(tile);
-    // SELF_PREFETCH: this tile's rows (level 2: past the first batch, which is loaded at once)
-    auto prefetch_tile = [&](int t, int kb_from) {
-        const int n0 = t * BLOCK_OUT;
-        if (FUSE_GLU) {
-            prefetch_rows(qweight, scale, zero, n0, min(n0 + BLOCK_OUT, n_out), kb_from, kb_hi, N);
-            prefetch_rows(qweight, scale, zero, n_out + n0, n_out + min(n0 + BLOCK_OUT, n_out), kb_from, kb_hi, N);
-        } else {
-            prefetch_rows(qweight, scale, zero, n0, min(n0 + BLOCK_OUT, N), kb_from, kb_hi, N);
-        }
-    };
-    if (SELF_PREFETCH) prefetch_tile(tile, kb_lo + (SELF_PREFETCH == 2 ? NWARPS * UNROLL : 0));
 #if STAGE
     // The block's activations (its K range) go to shared memory once, after the first weight batch is in flight
     // (with FUSE_NORM: multiplied by the norm weight, and h^2 summed, each feature once per block); the loop then
@@ -411,7 +374,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     for (int it = 0; tile < tiles; tile += tile_step, ++it) {
         const int n0 = tile * BLOCK_OUT;
         const int next = tile + tile_step;
-        if (SELF_PREFETCH && PERSIST && next < tiles) prefetch_tile(next, kb_lo);  // the next tile's rows, one tile ahead
 #if STAGE_SCALES
         if (it > 0) {  // every warp is past the previous tile's loop (the barrier before its outputs)
             stage_scales(tile);
@@ -589,9 +551,6 @@ lowbit_w4a16_gemv_mma(const u16* __restrict__ x, const uint4* __restrict__ qweig
     const int kb_hi = min(num_kb, kb_lo + per_split);
     const u32 ones = 0x3F803F80u;
     float ssq = 0.f;  // FUSE_NORM: this lane's share of sum(h^2)
-    if (SELF_PREFETCH)
-        prefetch_rows(qweight, scale, zero, n0, min(n0 + 16 * ROWS, N), kb_lo + (SELF_PREFETCH == 2 ? NWARPS * UNROLL : 0),
-                      kb_hi, N);
 
     float acc[ROWS][2][NT][2];  // [tile][row g, g + 8][token tile][token 2t, 2t + 1]
 #pragma unroll
@@ -788,9 +747,6 @@ lowbit_w4a16_gemv_mma_staged(const u16* __restrict__ x, const uint4* __restrict_
         }
     };
 
-    if (SELF_PREFETCH)
-        prefetch_rows(qweight, scale, zero, n0, min(n0 + BLOCK_ROWS, N), kb_lo + (SELF_PREFETCH == 2 ? PIPE * UNROLL : 0),
-                      kb_hi, N);
 #pragma unroll
     for (int p = 0; p < PIPE; ++p)  // in flight while the activations are staged
         load_batch(words[p], scales[p], zeros[p], kb_lo + p * UNROLL);
@@ -954,12 +910,6 @@ class CudaGemvConfig:
     # token in session 22's ablation, bench/notes/kernels.md); 1: from the scales as packed ([groups, N]), 2: from a
     # tiled copy ([N / 8, groups, 8], :func:`tiled_scales`), whole 512-byte requests
     stage_scales: int = 0
-    # all three kernels: each block first asks the L2 for its own weight rows over its K range
-    # (``cp.async.bulk.prefetch.L2``), so that the whole weight is requested from memory at the start rather than as
-    # each warp's register-bound batches allow (session 24; measured in bench/notes/kernels.md): 1, the codes of every
-    # K-block of the block; 2, those past the first load batch (which is loaded at once); 3, as 1 and the scales
-    # (and zero points). With ``persist``, each tile's next tile is asked for at the tile's start.
-    prefetch: int = 0
 
     def __post_init__(self) -> None:
         if min(self.rows, self.warps, self.unroll, self.split, self.pipe) < 1:
@@ -968,8 +918,6 @@ class CudaGemvConfig:
             raise ValueError(f"{self}: pipe > 1 is for the staged tensor-core kernel (mma and stage)")
         if self.stage_scales not in (0, 1, 2) or (self.stage_scales and self.mma):
             raise ValueError(f"{self}: stage_scales (0, 1 or 2) is for the CUDA-core kernel")
-        if self.prefetch not in (0, 1, 2, 3):
-            raise ValueError(f"{self}: prefetch is 0 (off), 1, 2 or 3")
         if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
             raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
@@ -1122,7 +1070,6 @@ def source(
         "PDL_TRIGGER": int(trigger),
         "STAGE_SCALES": 0 if cfg.mma else int(cfg.stage_scales),
         "SCALE_PROBE": int(scale_probe),
-        "SELF_PREFETCH": cfg.prefetch,
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
