@@ -17,6 +17,9 @@ time (:func:`lowbit.kernels.w4a16.device_time`, L2 flushed) minus the flush, wit
 Writes ``wgmma_ablation.json`` under ``--out``.
 
 ``--launches continuous``: session 19's continuous stream-K launches at 16 tokens instead of split-K.
+``--chains 1 2 4``: each launch with that many accumulators per row tile (``CudaWgmmaConfig.chains``, session 24);
+``--late``: with ``late_scale`` where it applies (at most 32 tokens). Each launch's full variant is checked against
+float32 first (``rel_err`` in the rows).
 
 ``--profile SHAPE:M``: for Nsight Compute, run each of ``--variants`` at that point three times, untimed and outside
 CUDA graphs (``ncu -k lowbit_w4a16_wgmma --launch-skip 1 --launch-count 1 python bench/wgmma_ablation.py
@@ -26,6 +29,7 @@ CUDA graphs (``ncu -k lowbit_w4a16_wgmma --launch-skip 1 --launch-count 1 python
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 
 from lowbit.kernels import cuda_gemm, cuda_wgmma, w4a16
 from lowbit.kernels.cuda_wgmma import CudaWgmmaConfig as C
+from lowbit.kernels.dequant import dequantize_packed
 from lowbit.kernels.layout import pack_wna16
 
 # the fastest plain split-K launch per (shape, tokens) in session 18's call 1 (bench/notes/cuda_wgmma_h200_session18_call1.json;
@@ -66,7 +71,8 @@ SHAPES = {"4096x4096": (4096, 4096), "4096x14336": (4096, 14336), "14336x4096": 
 
 DEQUANT = re.compile(r"dequant_pair\(raw_codes\((packs\[r\]\[\d\]\[[^\]]+\]), j & 3\), [^;]+\);")
 LOOP_COPY = "            load_stage(g0 + i + AHEAD);\n"
-PRODUCT = "wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4), true);"
+PRODUCT = ("wgmma_tile(acc[j % CHAINS][r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4),\n"
+           "                               true);")
 
 
 def variant(source: str, name: str) -> str:
@@ -81,7 +87,7 @@ def variant(source: str, name: str) -> str:
     if name == "no_wgmma":
         assert source.count(PRODUCT) == 1
         source = source.replace(
-            PRODUCT, "acc[r][j] += __uint_as_float(a[b][r][0] ^ a[b][r][1] ^ a[b][r][2] ^ a[b][r][3]);"
+            PRODUCT, "acc[j % CHAINS][r][j] += __uint_as_float(a[b][r][0] ^ a[b][r][1] ^ a[b][r][2] ^ a[b][r][3]);"
         )
     return source
 
@@ -125,8 +131,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--launches", choices=["split", "continuous"], default="split",
                         help="the fastest plain split-K launches, or session 19's continuous stream-K ones")  # fmt: skip
+    parser.add_argument("--chains", type=int, nargs="*", default=[1],
+                        help="each launch with these CudaWgmmaConfig.chains (accumulators per row tile; at most depth)")
+    parser.add_argument("--late", action="store_true", help="the launches with late_scale (at most 32 tokens)")
     args = parser.parse_args()
     launches = BEST if args.launches == "split" else CONTINUOUS
+    launches = {(shape, m): dataclasses.replace(cfg, late_scale=args.late and m <= 32) for (shape, m), cfg in launches.items()}
     if args.profile:
         shape, m = args.profile.split(":")
         packed, x = weights(shape, int(m))
@@ -139,24 +149,38 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     flush_ms = w4a16.device_time(lambda: None)
     rows = []
-    for (shape, m), cfg in launches.items():
+    for (shape, m), base in launches.items():
         if m not in args.ms:
             continue
         k, n = SHAPES[shape]
         packed, x = weights(shape, m)
         dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         cublas = 1e3 * (w4a16.device_time(lambda x=x, dense=dense: F.linear(x, dense)) - flush_ms)
-        times = {name: timed(cfg, name, x, packed, flush_ms) for name in args.variants}
-        tflops = {name: 2 * m * n * k / us / 1e6 for name, us in times.items()}
-        rows.append(
-            {"shape": shape, "m": m, "config": str(cfg), "cublas_us": cublas, "us": times, "tflops": tflops}
-        )
-        print(f"{shape:11s} M={m:3d} cuBLAS {cublas:7.2f} us | " + " | ".join(
-            f"{name} {us:7.2f} us ({tflops[name]:4.0f} TF/s)" for name, us in times.items()) + f"  {cfg}",
-            flush=True)  # fmt: skip
-        (args.out / "wgmma_ablation.json").write_text(json.dumps(rows, indent=1))
+        for chains in args.chains:
+            try:
+                cfg = dataclasses.replace(base, chains=chains)
+            except ValueError as exc:
+                print(f"{shape} M={m} chains={chains}: {exc}")
+                continue
+            row_of(rows, shape, m, cfg, cublas, x, packed, flush_ms, args.variants)
+            (args.out / "wgmma_ablation.json").write_text(json.dumps(rows, indent=1))
         del dense, packed
         torch.cuda.empty_cache()
+
+
+def row_of(rows: list, shape: str, m: int, cfg: C, cublas: float, x, packed, flush_ms: float, variants) -> None:
+    """Times every variant of launch ``cfg``, checks the full one against float32 first, and appends its row."""
+    k, n = SHAPES[shape]
+    ref = x.float() @ dequantize_packed(packed).float().T
+    out = launcher(cfg, "full", x, packed)()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    times = {name: timed(cfg, name, x, packed, flush_ms) for name in variants}
+    tflops = {name: 2 * m * n * k / us / 1e6 for name, us in times.items()}
+    rows.append({"shape": shape, "m": m, "config": str(cfg), "cublas_us": cublas, "us": times, "tflops": tflops,
+                 "rel_err": err})  # fmt: skip
+    print(f"{shape:11s} M={m:3d} cuBLAS {cublas:7.2f} us | " + " | ".join(
+        f"{name} {us:7.2f} us ({tflops[name]:4.0f} TF/s)" for name, us in times.items())
+        + f" | err {err:.1e} chains {cfg.chains} late {cfg.late_scale}  {cfg}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -659,3 +659,34 @@ def test_ablation_edits_still_find_their_text():
         for name in ablation.VARIANTS:
             edited = ablation.variant(full, name)
             assert (edited == full) == (name == "full"), (cfg, name)
+
+
+def test_chains_are_checked():
+    """``chains`` (accumulators per row tile, consecutive products into different ones): 1, 2 or 4, at most the
+    products in flight, and no more float32 accumulators than a lane can hold."""
+    assert CudaWgmmaConfig(1, 2, 16, 4, depth=4, chains=4).chains == 4
+    for bad in ({"chains": 3}, {"chains": 4, "depth": 2}, {"chains": 4, "tokens": 128, "rows": 1}):
+        with pytest.raises(ValueError, match="chains"):
+            CudaWgmmaConfig(**{"rows": 1, "groups": 2, "tokens": 16, "stages": 4, "depth": 4, **bad})
+
+
+@hopper_only
+@pytest.mark.parametrize("cfg", [CudaWgmmaConfig(1, 2, 16, 4, depth=4, stream=True, continuous=True, per_sm=2, chains=2),
+                                 CudaWgmmaConfig(1, 2, 16, 4, depth=4, stream=True, continuous=True, per_sm=2, chains=4),
+                                 CudaWgmmaConfig(1, 2, 16, 4, depth=4, stream=True, continuous=True, per_sm=2,
+                                                 late_scale=True, chains=2),
+                                 CudaWgmmaConfig(2, 2, 16, 4, split=2, depth=4, late_scale=True, chains=4),
+                                 CudaWgmmaConfig(1, 2, 32, 4, split=8, depth=4, chains=4),
+                                 CudaWgmmaConfig(1, 2, 64, 5, split=4, depth=4, chains=2)])  # fmt: skip
+def test_gpu_wgmma_chains_match_float64(cfg):
+    """Several accumulators per row tile (``chains``) give the product: against float64 for grouped (symmetric and
+    asymmetric, groups of 128 and 256) and per-channel weights within 3e-3, as the one-accumulator launch is, and
+    bitwise repeatable eagerly and from a CUDA graph."""
+    m = min(cfg.tokens, 16) + 3
+    for group, asymmetric in ((128, False), (256, True), (-1, True)):
+        packed = packed_weight(1000, 2816, group, asymmetric, "cuda")  # 22 K-blocks: uneven slices and shares
+        x = torch.randn(m, 2816, device="cuda", dtype=torch.bfloat16)
+        first = assert_repeatable(lambda p=packed, x=x: cuda_wgmma.gemm(x, p, cfg))
+        assert rel_err(first, float64_product(x, packed)) < 3e-3, (group, asymmetric)
+        one = cuda_wgmma.gemm(x, packed, dataclasses.replace(cfg, chains=1))
+        assert rel_err(one, float64_product(x, packed)) < 3e-3

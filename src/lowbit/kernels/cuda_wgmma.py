@@ -369,11 +369,16 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             for (int h = 0; h < 2; ++h)
                 channel_nz[r][h] = channel_neg_zero(zero, n0 + wrow + 64 * r + 8 * h + g, N);
 
-        float acc[ROWS][BLOCK_TOKENS / 2];  // [64-row tile][4 c + (rows g, g + 8) x tokens (2 t, 2 t + 1) of tile c]
+        // [chain][64-row tile][4 c + (rows g, g + 8) x tokens (2 t, 2 t + 1) of tile c]: CHAINS accumulators, step j
+        // of a K-block into chain j % CHAINS, so that consecutive products do not wait for each other's sums (with
+        // LATE, only chain 0 holds the running sums and the K-block's chains are kacc's); added in chain order at the end
+        float acc[LATE ? 1 : CHAINS][ROWS][BLOCK_TOKENS / 2];
         #pragma unroll
-        for (int r = 0; r < ROWS; ++r)
+        for (int c = 0; c < (LATE ? 1 : CHAINS); ++c)
             #pragma unroll
-            for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[r][e] = 0.f;
+            for (int r = 0; r < ROWS; ++r)
+                #pragma unroll
+                for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[c][r][e] = 0.f;
 
         if (!PRODUCER && !CONTINUOUS)
             #pragma unroll
@@ -383,7 +388,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
         // (Reading a buffer of K-block i - 1 while K-block i multiplies makes ptxas serialize every wgmma, C7514, so
         // the K-block's products are waited for.)
 #if LATE
-        float kacc[ROWS][BLOCK_TOKENS / 2];
+        float kacc[CHAINS][ROWS][BLOCK_TOKENS / 2];
 #endif
         // K-block i of the slice, its sums into kacc (LATE) or acc
         auto k_block = [&](const int i) {
@@ -431,9 +436,11 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                 #pragma unroll
                 for (int r = 0; r < ROWS; ++r)
 #if LATE
-                    wgmma_tile(kacc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4), j > 0);
+                    wgmma_tile(kacc[j % CHAINS][r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4),
+                               j >= CHAINS);
 #else
-                    wgmma_tile(acc[r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4), true);
+                    wgmma_tile(acc[j % CHAINS][r], a[b][r][0], a[b][r][1], a[b][r][2], a[b][r][3], desc + (x_step(j) >> 4),
+                               true);
 #endif
                 wgmma_commit();
                 wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH is done: its A registers are free for step j + 1
@@ -451,7 +458,12 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             for (int r = 0; r < ROWS; ++r)
                 #pragma unroll
                 for (int e = 0; e < BLOCK_TOKENS / 2; ++e)
-                    acc[r][e] = fmaf(bf16_bits_to_float(scale2[r][(e >> 1) & 1] & 0xFFFFu), kacc[r][e], acc[r][e]);
+                {
+                    float k = kacc[0][r][e];
+                    #pragma unroll
+                    for (int c = 1; c < CHAINS; ++c) k += kacc[c][r][e];
+                    acc[0][r][e] = fmaf(bf16_bits_to_float(scale2[r][(e >> 1) & 1] & 0xFFFFu), k, acc[0][r][e]);
+                }
 #endif
         };
         // One path into the epilogue, the loop entered only with a K-block to do and one wait_group 0 after it: shaped
@@ -461,6 +473,12 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
             for (int i = 0; i < nk; ++i) k_block(i);
             wgmma_wait<0>();
         }
+        #pragma unroll
+        for (int c = 1; c < (LATE ? 1 : CHAINS); ++c)
+            #pragma unroll
+            for (int r = 0; r < ROWS; ++r)
+                #pragma unroll
+                for (int e = 0; e < BLOCK_TOKENS / 2; ++e) acc[0][r][e] += acc[c][r][e];
 #if PRODUCER
         multipliers_sync();  // every product is done: the pipeline's buffers (all copies landed) become the float32 tile
 #elif !CONTINUOUS
@@ -477,7 +495,7 @@ lowbit_w4a16_wgmma(const u16* __restrict__ x, const uint4* __restrict__ qweight,
                 #pragma unroll
                 for (int c = 0; c < TT; ++c)
                     #pragma unroll
-                    for (int e = 0; e < 2; ++e) partial[(8 * c + 2 * t4 + e) * BLOCK_ROWS + row] = s * acc[r][4 * c + 2 * h + e];
+                    for (int e = 0; e < 2; ++e) partial[(8 * c + 2 * t4 + e) * BLOCK_ROWS + row] = s * acc[0][r][4 * c + 2 * h + e];
             }
 #if PRODUCER
             regs_down<EPILOGUE_REGS>();
@@ -563,9 +581,17 @@ class CudaWgmmaConfig:
     continuous: bool = False
     per_sm: int = 1
     late_scale: bool = False
+    # accumulators per warpgroup and row tile: step j of a K-block adds into chain j % chains, and the chains are added
+    # in order once the products are done (session 24: at 16 tokens each m64n16k16 product is 8 tensor-core cycles of
+    # work, so one accumulator makes every product wait for the previous one's sums)
+    chains: int = 1
 
     def __post_init__(self) -> None:
         problems = []
+        if self.chains not in (1, 2, 4) or self.chains > self.depth:
+            problems.append("chains must be 1, 2 or 4, and at most depth (the products in flight)")
+        if self.chains > 1 and self.rows * self.tokens * (self.chains if not self.late_scale else self.chains + 1) > 256:
+            problems.append("chains: their float32 accumulators past 128 per lane")
         if self.rows not in (1, 2):
             problems.append("rows must be 1 or 2")
         if self.groups not in (1, 2, 4):
@@ -808,6 +834,7 @@ def source(cfg: CudaWgmmaConfig, group_blocks: int, per_channel: bool, has_zero:
         "CONTINUOUS": int(cfg.continuous),
         "PER_SM": cfg.per_sm,
         "LATE_SCALE": int(cfg.late_scale),
+        "CHAINS": cfg.chains,
         "STREAM_SLOTS": STREAM_SLOTS,
     }
     defines = "".join(f"#define {name} {value}\n" for name, value in macros.items())
