@@ -171,7 +171,7 @@ def main() -> None:
 def row_of(rows: list, shape: str, m: int, cfg: C, cublas: float, x, packed, flush_ms: float, variants) -> None:
     """Times every variant of launch ``cfg``, checks the full one against float32 first, and appends its row."""
     k, n = SHAPES[shape]
-    ref = x.float() @ dequantize_packed(packed).float().T
+    ref = x.float() @ dequantize_packed(packed, torch.float32).T
     out = launcher(cfg, "full", x, packed)()
     err = ((out.float() - ref).norm() / ref.norm()).item()
     times = {name: timed(cfg, name, x, packed, flush_ms) for name in variants}
