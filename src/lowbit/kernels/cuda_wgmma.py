@@ -56,6 +56,11 @@ Design (one block: ``groups`` warpgroups of 4 warps; ``block_rows = 64 * rows * 
   K-block's sums into a float32 buffer, scaled and added once the K-block's products are done. Adding K-block
   ``i - 1``'s buffer while K-block ``i`` multiplies, as ``wait_group`` would allow, makes ptxas serialize every
   ``wgmma`` (C7514), so each K-block is waited for.
+* ``chains`` (session 24): 2 or 4 accumulators per row tile, step ``j`` of a K-block adding into chain ``j % chains``
+  and the chains added in order at the end (with ``late_scale``, the K-block buffers are chained). Measured
+  (``bench/wgmma_ablation.py --chains``): the products alone barely move (14.43 -> 14.28 us on 4096x14336 at 16
+  tokens), so consecutive products on one accumulator were not what bounds them; three launches gain 3-6% and are
+  tuning candidates (:func:`candidates`). ``chains=1`` compiles to the same SASS as before.
 
 Only bf16 activations, 4-bit codes, groups of a whole K-block or more (or per channel), K a multiple of 128,
 compute capability 9.x (``wgmma`` is ``sm_90a`` only). :func:`supported` says whether a weight and input qualify.
@@ -804,6 +809,12 @@ def candidates(m: int) -> list[CudaWgmmaConfig]:
         out += [dataclasses.replace(c, late_scale=True) for c in scaled_late]
         # (depth 8, all eight steps of a K-block in flight, timed in session 20 with split-K and continuous at 16
         # tokens: 2-3% behind depth 4, so no longer a candidate)
+    if tokens <= 64:  # accumulator chains (session 24, bench/wgmma_ablation.py --chains: 14336x4096 at 16 tokens
+        # 19.63 -> 18.50 us with four on the split-8 launch, 4096x4096 and 8192x28672 at 64 tokens 3% faster; slower
+        # elsewhere, so only these twins)
+        out += [C(1, 2, tokens, 4, split=8, depth=4, chains=4)]
+        if tokens == 64:
+            out += [C(1, 2, 64, 5, split=4, depth=4, chains=4), C(2, 2, 64, 4, depth=4, chains=2)]
     return out + [
         C(2, 2, tokens, 4, depth=4, swizzle=False),
         C(1, 2, tokens, 5, split=4, depth=4, swizzle=False),

@@ -79,6 +79,8 @@ class WNA16Config:
     continuous: bool = False
     # with ``wgmma``: grouped scales applied to each K-block's float32 sums (CudaWgmmaConfig.late_scale)
     late_scale: bool = False
+    # with ``wgmma``: accumulators per row tile, consecutive products into different ones (CudaWgmmaConfig.chains)
+    chains: int = 1
     # with ``cuda`` (the CUDA-core kernel): each tile's scales staged in shared memory (CudaGemvConfig.stage_scales)
     stage_scales: int = 0
 
@@ -98,6 +100,7 @@ class WNA16Config:
             per_sm=max(1, self.persist),
             late_scale=self.late_scale,
             producer=self.producer,
+            chains=self.chains,
         )
 
     @staticmethod
@@ -120,6 +123,7 @@ class WNA16Config:
             producer=c.producer,
             continuous=c.continuous,
             late_scale=c.late_scale,
+            chains=c.chains,
         )
 
     def cuda_config(self) -> cuda_gemv.CudaGemvConfig:
