@@ -10,7 +10,10 @@ wrong and only their times mean anything:
 * ``no_copy``: the loop issues no ``cp.async`` (the prologue's stages are computed over and over);
 * ``no_wgmma``: no tensor-core products (each step's A registers are folded into one accumulator instead, so the
   dequantization is not optimized away);
-* ``skeleton``: ``no_dequant`` and ``no_copy`` together: the products, barriers and waits alone.
+* ``skeleton``: ``no_dequant`` and ``no_copy`` together: the products, barriers and waits alone;
+* ``const_a`` (session 24): the skeleton with each step's A registers the K-block's packed words unchanged (no
+  per-step register writes); ``fence_once``: ``const_a`` with one ``wgmma.fence`` per K-block instead of one per step
+  (whether the per-step fence, which register-fed products need, is what spaces the 16-token products out).
 
 The gap between ``full`` and each variant is what that part costs where it is not hidden. Times are CUDA-graph device
 time (:func:`lowbit.kernels.w4a16.device_time`, L2 flushed) minus the flush, with cuBLAS bf16 in the same run.
@@ -75,13 +78,22 @@ PRODUCT = ("wgmma_tile(acc[j % CHAINS][r], a[b][r][0], a[b][r][1], a[b][r][2], a
            "                               true);")
 
 
+FENCE = "                wgmma_fence();\n"
+
+
 def variant(source: str, name: str) -> str:
     """``source`` with the parts ``name`` leaves out edited away (each edit must find its text: a changed kernel
     fails here rather than timing the wrong thing)."""
     if name in ("no_dequant", "skeleton"):
         source, count = DEQUANT.subn(r"\1 ^ (u32)j;", source)
         assert count == 4, count
-    if name in ("no_copy", "skeleton"):
+    if name in ("const_a", "fence_once"):
+        source, count = DEQUANT.subn(r"\1;", source)
+        assert count == 4, count
+    if name == "fence_once":
+        assert source.count(FENCE) == 1
+        source = source.replace(FENCE, "                if (j == 0) wgmma_fence();\n")
+    if name in ("no_copy", "skeleton", "const_a", "fence_once"):
         assert source.count(LOOP_COPY) == 1
         source = source.replace(LOOP_COPY, "            cp_async_commit();\n")
     if name == "no_wgmma":
@@ -92,7 +104,7 @@ def variant(source: str, name: str) -> str:
     return source
 
 
-VARIANTS = ("full", "no_dequant", "no_copy", "no_wgmma", "skeleton")
+VARIANTS = ("full", "no_dequant", "no_copy", "no_wgmma", "skeleton", "const_a", "fence_once")
 _CACHE: dict = {}
 
 
