@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 # tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU;
 # with one, the tests marked INTERPRETER_ONLY (CPU tensors) skip and the test_gpu_* tests run the compiled kernels.
 import pytest  # noqa: E402
@@ -106,33 +104,6 @@ def test_split_k_adds_the_slices_in_order_and_resets_its_counters() -> None:
     big = torch.zeros(512, 8192, dtype=torch.bfloat16)
     assert two not in w8a8.tuning_candidates(big, torch.zeros(28672, 8192, dtype=torch.int8))
     assert two in w8a8.tuning_candidates(big, torch.zeros(4096, 8192, dtype=torch.int8))
-
-
-@INTERPRETER_ONLY
-@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
-@pytest.mark.parametrize(
-    "m, config",
-    [(21, W8A8Config(16, 32, 64, 2, 2, 2)), (300, W8A8Config(32, 32, 32, 2, 2, 2, split_k=2))],
-    ids=["one-row-quantizers", "four-row-quantizers-split2"],
-)
-def test_fused_quantization_is_the_two_launch_product(dtype: torch.dtype, m: int, config: W8A8Config) -> None:
-    """The quantization in the GEMM's launch gives the two launches' output bit for bit (ragged row tiles, a K tail,
-    quantizers of one and of four rows, split-K), and leaves its row-tile flags at zero for the next launch."""
-    gen = torch.Generator().manual_seed(m)
-    n, k = 40, 200
-    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-    wq, w_scale = quantize_per_channel(torch.randn(n, k, generator=gen), dtype)
-    fused = dataclasses.replace(config, fused=True)
-    assert w8a8.quantizer_rows(m, config.block_m) == (1 if m <= 128 else 4)
-    out = w8a8_linear(x, wq, w_scale, fused)
-    assert torch.equal(out, w8a8_linear(x, wq, w_scale, config))
-    assert not w8a8._FLAGS[torch.device("cpu")].any()
-    assert torch.equal(w8a8_linear(x, wq, w_scale, fused), out)
-    for tokens in (16, 128, 512, 2048):  # every tuning candidate also with the quantization fused in
-        candidates = w8a8.candidate_configs(tokens)
-        assert all(dataclasses.replace(c, fused=True) in candidates for c in candidates)
-    with pytest.raises(ValueError, match="torch's GEMM"):
-        W8A8Config(0, 0, vendor=True, fused=True)
 
 
 @INTERPRETER_ONLY
@@ -241,38 +212,3 @@ def test_gpu_split_k_is_the_one_slice_product(dtype: torch.dtype) -> None:  # pr
             torch.cuda.synchronize()
             assert torch.equal(static["out"], out), split
         assert not w4a16._SPLIT_K_BUFFERS[x.device][1].any()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
-@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
-def test_gpu_fused_quantization_is_the_two_launch_product(dtype: torch.dtype) -> None:  # pragma: no cover - CI has no GPU
-    """Compiled: the fused launch equals the two launches bit for bit at 1-2048 tokens (quantizers of 1 to 16 rows,
-    grids far past what the GPU holds at once, so GEMM programs wait on quantizers dispatched before them), split-K
-    included, bitwise repeatable in CUDA-graph replays, and its flags are zero after each launch."""
-    for m, cfg in [
-        (5, W8A8Config(16, 64, 256, 8, 4, 4)),
-        (128, W8A8Config(64, 64, 256, 8, 4, 4)),
-        (128, W8A8Config(128, 64, 128, 8, 4, 4, split_k=4)),
-        (1000, W8A8Config(128, 128, 128, 8, 8, 4)),
-        (2048, W8A8Config(64, 64, 256, 8, 4, 4)),
-    ]:
-        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-        wq, w_scale = quantize_per_channel(torch.randn(4096, 4096, device="cuda"), dtype)
-        fused = dataclasses.replace(cfg, fused=True)
-        two = w8a8_linear(x, wq, w_scale, cfg)
-        out = w8a8_linear(x, wq, w_scale, fused)
-        torch.cuda.synchronize()
-        assert torch.equal(out, two), (m, cfg)
-        assert not w8a8._FLAGS[x.device].any()
-        static = {}
-
-        def run(fused=fused, static=static, x=x, wq=wq, w_scale=w_scale) -> None:
-            static["out"] = w8a8_linear(x, wq, w_scale, fused)
-
-        graph = w4a16.captured(run)
-        for _ in range(3):
-            static["out"].zero_()
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(static["out"], two), (m, cfg)
-        assert not w8a8._FLAGS[x.device].any()
