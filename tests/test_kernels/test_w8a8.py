@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 # tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU;
 # with one, the tests marked INTERPRETER_ONLY (CPU tensors) skip and the test_gpu_* tests run the compiled kernels.
 import pytest  # noqa: E402
@@ -104,6 +106,39 @@ def test_split_k_adds_the_slices_in_order_and_resets_its_counters() -> None:
     big = torch.zeros(512, 8192, dtype=torch.bfloat16)
     assert two not in w8a8.tuning_candidates(big, torch.zeros(28672, 8192, dtype=torch.int8))
     assert two in w8a8.tuning_candidates(big, torch.zeros(4096, 8192, dtype=torch.int8))
+
+
+@INTERPRETER_ONLY
+@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile-per-program", "persistent"])
+def test_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, persistent: bool) -> None:
+    """The TMA kernel (descriptors zero-filling past M, N and a K tail; persistent programs taking several tiles each)
+    computes the pointer kernel's product bit for bit; it refuses rows not 16-byte aligned and split-K."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, k = 50, 72, 208
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    wq, w_scale = quantize_per_channel(torch.randn(n, k, generator=gen), dtype)
+    xq, sx = quantize_rows(x, dtype)
+    cfg = W8A8Config(16, 32, 64, 2, 2, 2)
+    tma = dataclasses.replace(cfg, tma=True, persistent=persistent)
+    expected = w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.float32, cfg)
+    assert torch.equal(w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.float32, tma), expected)
+    assert rel_err(w8a8_linear(x, wq, w_scale, tma), w8a8_matmul_reference(x, wq, w_scale)) < 1e-2
+    # the tuner's candidates: TMA twins of the one-slice launches, persistent ones from 129 tokens on
+    for tokens in (16, 128, 512):
+        candidates = w8a8.candidate_configs(tokens, tma=True)
+        whole = [c for c in w8a8.candidate_configs(tokens) if c.split_k == 1]
+        assert all(dataclasses.replace(c, tma=True) in candidates for c in whole)
+        assert any(c.persistent for c in candidates) == (tokens > 128)
+    odd = torch.zeros(4, 200, dtype=dtype)
+    assert not w8a8.tma_ok(odd, torch.zeros(8, 200, dtype=dtype))
+    assert all(not c.tma for c in w8a8.tuning_candidates(odd.to(torch.bfloat16), torch.zeros(8, 200, dtype=dtype)))
+    with pytest.raises(ValueError, match="16-byte"):
+        w8a8_gemm(odd, torch.ones(4), torch.zeros(8, 200, dtype=dtype), torch.ones(8), torch.float32, tma)
+    with pytest.raises(ValueError, match="split-K"):
+        W8A8Config(16, 32, tma=True, split_k=2)
+    with pytest.raises(ValueError, match="persistent"):
+        W8A8Config(16, 32, persistent=True)
 
 
 @INTERPRETER_ONLY

@@ -19,6 +19,7 @@ cuBLASLt beats the Triton kernel takes it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -93,6 +94,19 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row and column tile of launch-order tile ``pid``: GROUP_M row tiles share each weight column tile while it is
+    in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    group_id = pid // group_size
+    first_m = group_id * GROUP_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % rows, (pid % group_size) // rows
+
+
+@triton.jit
 def _w8a8_kernel(
     a_ptr,
     sa_ptr,
@@ -118,15 +132,7 @@ def _w8a8_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
-    group_size = GROUP_M * num_pid_n
-    group_id = pid // group_size
-    first_m = group_id * GROUP_M
-    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows
-    pid_n = (pid % group_size) // rows
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,6 +187,54 @@ def _w8a8_kernel(
 
 
 @triton.jit
+def _w8a8_tma_kernel(
+    a_desc,
+    sa_ptr,
+    b_desc,
+    sb_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_om,
+    IS_INT8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    FLATTEN: tl.constexpr,
+):
+    """The GEMM with its tiles brought in by the tensor-memory accelerator (``cp.async.bulk.tensor``; the descriptors
+    zero-fill past M, N and K, so there are no masks), one tile per program or, launched with fewer programs than
+    tiles, persistent programs taking tiles ``num_programs`` apart (``FLATTEN``: the tile loop and the K loop
+    pipelined as one, so the next tile's first loads overlap this tile's epilogue)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    tiles = num_pid_m * tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if IS_INT8 and not DOT_F32:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            if DOT_F32:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc)
+            elif IS_INT8:
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, b.T, acc)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_safe = tl.where(offs_m < M, offs_m, 0)
+        n_safe = tl.where(offs_n < N, offs_n, 0)
+        _w8a8_epilogue(acc, sa_ptr, sb_ptr, out_ptr, offs_m, offs_n, m_safe, n_safe, M, N, stride_om)
+
+
+@triton.jit
 def _w8a8_epilogue(acc, sa_ptr, sb_ptr, out_ptr, offs_m, offs_n, m_safe, n_safe, M, N, stride_om):
     """Both scales applied to a tile's sums and the tile stored."""
     sa = tl.load(sa_ptr + m_safe)
@@ -209,10 +263,18 @@ class W8A8Config:
     # slices along K, for products with too few output tiles to fill the GPU (N = 4096 at 128 tokens: 64 tiles of
     # 128 x 64 for 132 SMs); partial tiles through a float32 / int32 workspace, added in order by the last slice
     split_k: int = 1
+    # tiles brought in by the tensor-memory accelerator (:func:`_w8a8_tma_kernel`); with ``persistent``, one program
+    # per SM taking tiles in turn, its tile and K loops pipelined as one
+    tma: bool = False
+    persistent: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.split_k <= MAX_SPLIT_K:
             raise ValueError(f"{self}: split_k must be 1 to {MAX_SPLIT_K}")
+        if self.tma and self.split_k > 1:
+            raise ValueError(f"{self}: the TMA kernel has no split-K")
+        if self.persistent and not self.tma:
+            raise ValueError(f"{self}: only the TMA kernel runs persistent")
 
 
 VENDOR = W8A8Config(0, 0, vendor=True)
@@ -271,8 +333,18 @@ def default_config(m: int, n: int, k: int) -> W8A8Config:
     return W8A8Config(128, 128, 128, num_warps=8, num_stages=4)
 
 
-def candidate_configs(m: int) -> list[W8A8Config]:
-    """Tile shapes worth timing for a given M (benchmarks and tuning)."""
+def candidate_configs(m: int, tma: bool = False) -> list[W8A8Config]:
+    """Tile shapes worth timing for a given M (benchmarks and tuning); with ``tma``, also each one-slice shape
+    through the TMA kernel, and from 129 tokens on persistent."""
+    plain = _pointer_candidates(m)
+    if not tma:
+        return plain
+    whole = [c for c in plain if c.split_k == 1]
+    persistent = [dataclasses.replace(c, tma=True, persistent=True) for c in whole] if m > 128 else []
+    return plain + [dataclasses.replace(c, tma=True) for c in whole] + persistent
+
+
+def _pointer_candidates(m: int) -> list[W8A8Config]:
     if m <= 64:
         bm = 16 if m <= 16 else 64
         return [W8A8Config(bm, bn, bk, 8, 4, 4) for bn in (64, 128) for bk in (128, 256)]
@@ -347,6 +419,9 @@ def w8a8_gemm(
     require_triton_device(xq, "w8a8_gemm")
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if cfg.tma:
+        _tma_gemm(xq, x_scale, wq, w_scale, out, cfg, tiles)
+        return out
     if cfg.split_k > 1:  # the W4A16 kernels' buffers (each launch leaves its counters at zero)
         ws, counts = split_k_buffers(xq.device, workspace_bytes(cfg, m, n) // 4, tiles)
         # int32 partials for int8, float32 for fp8 (and in the interpreter, whose products are float32)
@@ -382,6 +457,62 @@ def w8a8_gemm(
     return out
 
 
+def tma_ok(xq: torch.Tensor, wq: torch.Tensor) -> bool:
+    """Whether the TMA kernel takes these codes (``xq``, or the activations they are quantized from): rows 16-byte
+    aligned (the descriptors' stride rule), on a GPU of compute capability 9.0 or later, or under the
+    interpreter."""
+    aligned = all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (xq, wq))
+    if interpreting():
+        return aligned
+    return aligned and xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (9, 0)
+
+
+def _tma_gemm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    out: torch.Tensor,
+    cfg: W8A8Config,
+    tiles: int,
+) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if not tma_ok(xq, wq):
+        raise ValueError(f"{cfg}: the TMA kernel needs 16-byte aligned rows on a Hopper GPU (compute capability 9.0)")
+    m, k = xq.shape
+    n = wq.shape[0]
+    a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
+    b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k])
+    programs = min(tiles, _sm_count(xq.device)) if cfg.persistent else tiles
+    _w8a8_tma_kernel[(programs,)](
+        a_desc,
+        x_scale,
+        b_desc,
+        w_scale,
+        out,
+        m,
+        n,
+        k,
+        out.stride(0),
+        IS_INT8=xq.dtype == torch.int8,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        DOT_F32=interpreting(),
+        FLATTEN=cfg.persistent and not interpreting(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few persistent programs, so that each takes several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def w8a8_linear(
     x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, config: W8A8Config | None = None
 ) -> torch.Tensor:
@@ -415,7 +546,8 @@ def tuning_candidates(x2: torch.Tensor, wq: torch.Tensor) -> list[W8A8Config]:
     n = wq.shape[0]
     vendor = [VENDOR] if vendor_ok(m, n, k, wq.dtype, x2.dtype, x2.device) else []
     # split-K launches whose workspace would pass the W4A16 tuner's cap are left out (the buffer is kept and reused)
-    affordable = [c for c in candidate_configs(m) if workspace_bytes(c, m, n) <= WGMMA_WORKSPACE_CAP]
+    tma = tma_ok(x2, wq)
+    affordable = [c for c in candidate_configs(m, tma) if workspace_bytes(c, m, n) <= WGMMA_WORKSPACE_CAP]
     return affordable + vendor
 
 
