@@ -247,3 +247,41 @@ def test_gpu_split_k_is_the_one_slice_product(dtype: torch.dtype) -> None:  # pr
             torch.cuda.synchronize()
             assert torch.equal(static["out"], out), split
         assert not w4a16._SPLIT_K_BUFFERS[x.device][1].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
+def test_gpu_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype) -> None:  # pragma: no cover - CI has no GPU
+    """Compiled TMA kernel, one tile per program and persistent, against the pointer kernel with the same tiles:
+    int8 equal (exact int32 sums), fp8 as close to the exact product; ragged M and bitwise repeatable in CUDA-graph
+    replays."""
+    if not w8a8.tma_ok(torch.zeros(1, 16, device="cuda"), torch.zeros(1, 16, device="cuda")):
+        pytest.skip("the TMA kernel needs compute capability 9.0")
+    for m, cfg in [
+        (128, W8A8Config(64, 64, 256, 8, 4, 4)),
+        (1000, W8A8Config(128, 128, 128, 8, 8, 4)),
+        (512, W8A8Config(128, 256, 128, 8, 8, 3)),
+    ]:
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        wq, w_scale = quantize_per_channel(torch.randn(2048, 4096, device="cuda"), dtype)
+        xq, sx = quantize_rows(x, dtype)
+        pointer = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, cfg)
+        exact = (xq.double() @ wq.double().T) * sx.double()[:, None] * w_scale.double().T
+        for persistent in (False, True):
+            tma = dataclasses.replace(cfg, tma=True, persistent=persistent)
+            out = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, tma)
+            if dtype == torch.int8:
+                assert torch.equal(out, pointer), tma
+            else:
+                assert rel_err(out, exact) < max(2 * rel_err(pointer, exact), 1e-6), tma
+            static = {}
+
+            def run(tma=tma, static=static, xq=xq, sx=sx, wq=wq, w_scale=w_scale) -> None:
+                static["out"] = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, tma)
+
+            graph = w4a16.captured(run)
+            for _ in range(2):
+                static["out"].zero_()
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(static["out"], out), tma
