@@ -335,12 +335,15 @@ def default_config(m: int, n: int, k: int) -> W8A8Config:
 
 def candidate_configs(m: int, tma: bool = False) -> list[W8A8Config]:
     """Tile shapes worth timing for a given M (benchmarks and tuning); with ``tma``, also each one-slice shape
-    through the TMA kernel, and from 129 tokens on persistent."""
+    through the TMA kernel, and from 65 tokens on persistent (session 25: the persistent TMA launches are the fastest
+    FP8 GEMM at 512-2048 tokens on the N-large shapes), with two 64-deep 128 x 256 tiles from 129 tokens on."""
     plain = _pointer_candidates(m)
     if not tma:
         return plain
     whole = [c for c in plain if c.split_k == 1]
-    persistent = [dataclasses.replace(c, tma=True, persistent=True) for c in whole] if m > 128 else []
+    if m > 128:
+        whole += [W8A8Config(128, 256, 64, 8, 8, st) for st in (3, 4)]
+    persistent = [dataclasses.replace(c, tma=True, persistent=True) for c in whole] if m > 64 else []
     return plain + [dataclasses.replace(c, tma=True) for c in whole] + persistent
 
 
