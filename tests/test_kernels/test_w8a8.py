@@ -129,7 +129,7 @@ def test_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, persisten
         candidates = w8a8.candidate_configs(tokens, tma=True)
         whole = [c for c in w8a8.candidate_configs(tokens) if c.split_k == 1]
         assert all(dataclasses.replace(c, tma=True) in candidates for c in whole)
-        assert any(c.persistent for c in candidates) == (tokens > 64)
+        assert any(c.persistent for c in candidates) == (tokens > 128)
     odd = torch.zeros(4, 200, dtype=dtype)
     assert not w8a8.tma_ok(odd, torch.zeros(8, 200, dtype=dtype))
     assert all(not c.tma for c in w8a8.tuning_candidates(odd.to(torch.bfloat16), torch.zeros(8, 200, dtype=dtype)))

@@ -204,6 +204,7 @@ def _w8a8_tma_kernel(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     FLATTEN: tl.constexpr,
+    SPECIALIZE: tl.constexpr,
 ):
     """The GEMM with its tiles brought in by the tensor-memory accelerator (``cp.async.bulk.tensor``; the descriptors
     zero-fill past M, N and K, so there are no masks), one tile per program or, launched with fewer programs than
@@ -212,7 +213,7 @@ def _w8a8_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     tiles = num_pid_m * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=SPECIALIZE):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if IS_INT8 and not DOT_F32:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -267,6 +268,9 @@ class W8A8Config:
     # per SM taking tiles in turn, its tile and K loops pipelined as one
     tma: bool = False
     persistent: bool = False
+    # the persistent tile loop warp-specialized by Triton (``tl.range(warp_specialize=True)``): producer warps issue
+    # the copies, the others multiply
+    specialize: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.split_k <= MAX_SPLIT_K:
@@ -275,6 +279,8 @@ class W8A8Config:
             raise ValueError(f"{self}: the TMA kernel has no split-K")
         if self.persistent and not self.tma:
             raise ValueError(f"{self}: only the TMA kernel runs persistent")
+        if self.specialize and not self.persistent:
+            raise ValueError(f"{self}: only the persistent tile loop is warp-specialized")
 
 
 VENDOR = W8A8Config(0, 0, vendor=True)
@@ -335,16 +341,19 @@ def default_config(m: int, n: int, k: int) -> W8A8Config:
 
 def candidate_configs(m: int, tma: bool = False) -> list[W8A8Config]:
     """Tile shapes worth timing for a given M (benchmarks and tuning); with ``tma``, also each one-slice shape
-    through the TMA kernel, and from 65 tokens on persistent (session 25: the persistent TMA launches are the fastest
-    FP8 GEMM at 512-2048 tokens on the N-large shapes), with two 64-deep 128 x 256 tiles from 129 tokens on."""
+    through the TMA kernel, and from 129 tokens on persistent (session 25: the persistent TMA launches are the fastest
+    FP8 GEMM at 512-2048 tokens on the N-large shapes; at 128 tokens they never won), the 128 x 256 ones also with
+    their tile loop warp-specialized and with groups of 16 row tiles."""
     plain = _pointer_candidates(m)
     if not tma:
         return plain
     whole = [c for c in plain if c.split_k == 1]
-    if m > 128:
-        whole += [W8A8Config(128, 256, 64, 8, 8, st) for st in (3, 4)]
-    persistent = [dataclasses.replace(c, tma=True, persistent=True) for c in whole] if m > 64 else []
-    return plain + [dataclasses.replace(c, tma=True) for c in whole] + persistent
+    persistent = [dataclasses.replace(c, tma=True, persistent=True) for c in whole] if m > 128 else []
+    wide = [c for c in persistent if c.block_n == 256]
+    variants = [dataclasses.replace(c, specialize=True) for c in wide] + [
+        dataclasses.replace(c, group_m=16) for c in wide
+    ]
+    return plain + [dataclasses.replace(c, tma=True) for c in whole] + persistent + variants
 
 
 def _pointer_candidates(m: int) -> list[W8A8Config]:
@@ -505,6 +514,7 @@ def _tma_gemm(
         GROUP_M=cfg.group_m,
         DOT_F32=interpreting(),
         FLATTEN=cfg.persistent and not interpreting(),
+        SPECIALIZE=cfg.specialize and not interpreting(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
