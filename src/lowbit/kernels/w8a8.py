@@ -204,7 +204,6 @@ def _w8a8_tma_kernel(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     FLATTEN: tl.constexpr,
-    SPECIALIZE: tl.constexpr,
 ):
     """The GEMM with its tiles brought in by the tensor-memory accelerator (``cp.async.bulk.tensor``; the descriptors
     zero-fill past M, N and K, so there are no masks), one tile per program or, launched with fewer programs than
@@ -213,7 +212,7 @@ def _w8a8_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     tiles = num_pid_m * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN, warp_specialize=SPECIALIZE):
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if IS_INT8 and not DOT_F32:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -268,9 +267,6 @@ class W8A8Config:
     # per SM taking tiles in turn, its tile and K loops pipelined as one
     tma: bool = False
     persistent: bool = False
-    # the persistent tile loop warp-specialized by Triton (``tl.range(warp_specialize=True)``): producer warps issue
-    # the copies, the others multiply
-    specialize: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.split_k <= MAX_SPLIT_K:
@@ -279,8 +275,6 @@ class W8A8Config:
             raise ValueError(f"{self}: the TMA kernel has no split-K")
         if self.persistent and not self.tma:
             raise ValueError(f"{self}: only the TMA kernel runs persistent")
-        if self.specialize and not self.persistent:
-            raise ValueError(f"{self}: only the persistent tile loop is warp-specialized")
 
 
 VENDOR = W8A8Config(0, 0, vendor=True)
@@ -343,17 +337,15 @@ def candidate_configs(m: int, tma: bool = False) -> list[W8A8Config]:
     """Tile shapes worth timing for a given M (benchmarks and tuning); with ``tma``, also each one-slice shape
     through the TMA kernel, and from 129 tokens on persistent (session 25: the persistent TMA launches are the fastest
     FP8 GEMM at 512-2048 tokens on the N-large shapes; at 128 tokens they never won), the 128 x 256 ones also with
-    their tile loop warp-specialized and with groups of 16 row tiles."""
+    groups of 16 row tiles (1-2% faster on 4096x14336 and 8192x28672 at 512-2048 tokens; Triton's warp-specialized
+    tile loop measured no faster and is not a candidate)."""
     plain = _pointer_candidates(m)
     if not tma:
         return plain
     whole = [c for c in plain if c.split_k == 1]
     persistent = [dataclasses.replace(c, tma=True, persistent=True) for c in whole] if m > 128 else []
-    wide = [c for c in persistent if c.block_n == 256]
-    variants = [dataclasses.replace(c, specialize=True) for c in wide] + [
-        dataclasses.replace(c, group_m=16) for c in wide
-    ]
-    return plain + [dataclasses.replace(c, tma=True) for c in whole] + persistent + variants
+    grouped = [dataclasses.replace(c, group_m=16) for c in persistent if c.block_n == 256]
+    return plain + [dataclasses.replace(c, tma=True) for c in whole] + persistent + grouped
 
 
 def _pointer_candidates(m: int) -> list[W8A8Config]:
@@ -514,7 +506,6 @@ def _tma_gemm(
         GROUP_M=cfg.group_m,
         DOT_F32=interpreting(),
         FLATTEN=cfg.persistent and not interpreting(),
-        SPECIALIZE=cfg.specialize and not interpreting(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
