@@ -364,6 +364,9 @@ def _pointer_candidates(m: int) -> list[W8A8Config]:
             W8A8Config(128, 64, 128, 8, 4, 4, split_k=4),
             W8A8Config(64, 64, 256, 8, 4, 4, split_k=2),
             W8A8Config(64, 128, 256, 8, 4, 4, split_k=2),
+            W8A8Config(32, 64, 256, 8, 4, 4),
+            W8A8Config(32, 128, 256, 8, 4, 4),
+            W8A8Config(64, 64, 512, 8, 4, 3),
         ]
     split = [W8A8Config(128, 128, 128, 8, 8, 4, split_k=2)] if m <= 512 else []
     return (
