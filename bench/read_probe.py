@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit.kernels import w4a16
+from lowbit.kernels import cuda_gemv, w4a16
+from lowbit.kernels.layout import pack_wna16
 
 # The GEMV's pattern: as bench/cuda_gemv.py's READ_ONLY (8 rows per block, warps sharing the K-blocks).
 PACKED = r"""
@@ -43,6 +44,18 @@ probe(const uint4* __restrict__ q, unsigned* __restrict__ sink, int N, int K) {
     if (acc == 0x12345678u) sink[0] = acc;
 }
 """
+
+# The same with the GEMV's own load (ld.global.nc.L1::no_allocate, cuda_gemv.load_words), as bench/cuda_gemv.py's
+# read floor.
+_LOAD_NA = r"""
+__device__ __forceinline__ uint4 load_na(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+"""
+PACKED_NA = _LOAD_NA + PACKED.replace("__ldg(q + ((size_t)kb * N + n) * 4 + quad)", "load_na(q + ((size_t)kb * N + n) * 4 + quad)")
 
 # Tile-major: block b reads its own contiguous TILE_BYTES (its 8 rows over all of K), warps taking 512-byte pieces
 # in turn, UNROLL pieces per warp in flight.
@@ -103,6 +116,28 @@ def probe(name: str, source: str, grid: int, warps: int, unroll: int, q: torch.T
     return {"layout": name, "grid": grid, "warps": warps, "unroll": unroll, "us": us}
 
 
+def gemv_times(k: int, n: int, flush_ms: float) -> list[dict]:
+    """The one-token CUDA-core GEMV's launches near its best (bench/notes/kernels.md) on a random g128 weight."""
+    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
+    scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
+    packed = pack_wna16(codes, scale, None, 4, 128)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for cfg in (
+        cuda_gemv.CudaGemvConfig(2, 4, 2, 1),
+        cuda_gemv.CudaGemvConfig(2, 8, 1, 1),
+        cuda_gemv.CudaGemvConfig(2, 16, 1, 1, stage=True, persist=3),
+        cuda_gemv.CudaGemvConfig(4, 4, 1, 1, stage=True, persist=2),
+    ):
+        try:
+            us = (w4a16.device_time(lambda cfg=cfg: cuda_gemv.gemv(x, packed, cfg)) - flush_ms) * 1e3
+        except Exception as exc:  # a launch this shape does not take
+            print(f"  {cfg}: {exc}", flush=True)
+            continue
+        rows.append({"layout": "gemv", "config": repr(cfg), "us": us})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=["4096x14336", "14336x4096", "8192x28672"])
@@ -122,9 +157,11 @@ def main() -> None:
         results = []
         for warps, unroll in ((8, 4), (4, 8), (8, 2), (16, 2), (4, 4)):
             results.append(probe("packed", PACKED, -(-n // 8), warps, unroll, q, n, k, flush_ms))
+            results.append(probe("packed_na", PACKED_NA, -(-n // 8), warps, unroll, q, n, k, flush_ms))
             results.append(probe("tile", TILE, -(-n // 8), warps, unroll, q, n, k, flush_ms))
         for per_sm, warps, unroll in ((4, 8, 4), (8, 8, 4), (4, 16, 4), (8, 8, 8), (16, 4, 4), (2, 16, 8)):
             results.append(probe("stream", STREAM, sms * per_sm, warps, unroll, q, n, k, flush_ms))
+        results += gemv_times(k, n, flush_ms)
         best = {}
         for r in results:
             if r["layout"] not in best or r["us"] < best[r["layout"]]["us"]:
