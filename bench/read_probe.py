@@ -56,7 +56,6 @@ __device__ __forceinline__ uint4 load_na(const uint4* p) {
 }
 """
 PACKED_NA = _LOAD_NA + PACKED.replace("__ldg(q + ((size_t)kb * N + n) * 4 + quad)", "load_na(q + ((size_t)kb * N + n) * 4 + quad)")
-
 # Tile-major: block b reads its own contiguous TILE_BYTES (its 8 rows over all of K), warps taking 512-byte pieces
 # in turn, UNROLL pieces per warp in flight.
 TILE = r"""
@@ -103,6 +102,10 @@ probe(const uint4* __restrict__ q, unsigned* __restrict__ sink, int N, int K) {
     if (acc == 0x12345678u) sink[0] = acc;
 }
 """
+
+
+TILE_NA = _LOAD_NA + TILE.replace("__ldg(base + at)", "load_na(base + at)")
+STREAM_NA = _LOAD_NA + STREAM.replace("__ldg(q + i)", "load_na(q + i)")
 
 
 def probe(name: str, source: str, grid: int, warps: int, unroll: int, q: torch.Tensor, n: int, k: int, flush_ms):
@@ -159,8 +162,10 @@ def main() -> None:
             results.append(probe("packed", PACKED, -(-n // 8), warps, unroll, q, n, k, flush_ms))
             results.append(probe("packed_na", PACKED_NA, -(-n // 8), warps, unroll, q, n, k, flush_ms))
             results.append(probe("tile", TILE, -(-n // 8), warps, unroll, q, n, k, flush_ms))
+            results.append(probe("tile_na", TILE_NA, -(-n // 8), warps, unroll, q, n, k, flush_ms))
         for per_sm, warps, unroll in ((4, 8, 4), (8, 8, 4), (4, 16, 4), (8, 8, 8), (16, 4, 4), (2, 16, 8)):
             results.append(probe("stream", STREAM, sms * per_sm, warps, unroll, q, n, k, flush_ms))
+            results.append(probe("stream_na", STREAM_NA, sms * per_sm, warps, unroll, q, n, k, flush_ms))
         results += gemv_times(k, n, flush_ms)
         best = {}
         for r in results:
