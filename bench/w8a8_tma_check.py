@@ -1,10 +1,12 @@
 """Every W8A8 TMA launch of the tuner's candidates against the pointer kernel with the same tiles (GPU): int8 should
-be equal bit for bit (exact int32 sums), fp8 as close to the exact product. Prints one line per launch."""
+be equal bit for bit (exact int32 sums), fp8 as close to the exact product. Prints one line per launch and exits 1
+if an int8 launch differs or an fp8 one is more than twice the pointer kernel's error."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 import torch
 import triton
@@ -18,6 +20,7 @@ def main() -> None:
     parser.add_argument("--ms", type=int, nargs="*", default=[128, 512, 2048])
     parser.add_argument("--shapes", nargs="*", default=["4096x4096", "14336x4096"])
     args = parser.parse_args()
+    failed = 0
     for shape in args.shapes:
         k, n = (int(v) for v in shape.split("x"))
         for dtype in (torch.int8, torch.float8_e4m3fn):
@@ -46,12 +49,16 @@ def main() -> None:
                     err = ((out.double() - exact).norm() / exact.norm()).item()
                     perr = ((pointer.double() - exact).norm() / exact.norm()).item()
                     bad = (diff > 0).nonzero()
+                    bad_launch = len(bad) > 0 if dtype == torch.int8 else err > max(2 * perr, 1e-6)
+                    failed += bad_launch
                     where = f"first at {tuple(bad[0].tolist())}, {len(bad)} differ" if len(bad) else "equal"
                     print(
                         f"{shape} M={m} {dtype} {cfg}: max diff {diff.max().item():.3g}, {where}; "
                         f"err {err:.2e} (pointer {perr:.2e})",
                         flush=True,
                     )
+    print(f"{failed} launches wrong", flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

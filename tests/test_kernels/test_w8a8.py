@@ -111,9 +111,10 @@ def test_split_k_adds_the_slices_in_order_and_resets_its_counters() -> None:
 @INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["tile-per-program", "persistent"])
-def test_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, persistent: bool) -> None:
+def test_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, persistent: bool, caplog) -> None:
     """The TMA kernel (descriptors zero-filling past M, N and a K tail; persistent programs taking several tiles each)
-    computes the pointer kernel's product bit for bit; it refuses rows not 16-byte aligned and split-K."""
+    computes the pointer kernel's product bit for bit; codes it cannot take (rows not 16-byte aligned) run the pointer
+    kernel instead; split-K and persistent pointer launches are refused."""
     gen = torch.Generator().manual_seed(5)
     m, n, k = 50, 72, 208
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -130,11 +131,22 @@ def test_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, persisten
         whole = [c for c in w8a8.candidate_configs(tokens) if c.split_k == 1]
         assert all(dataclasses.replace(c, tma=True) in candidates for c in whole)
         assert any(c.persistent for c in candidates) == (tokens > 128)
+    # the tuner asks about the codes it will make (K features, contiguous), not about the activations' layout
+    w208 = torch.zeros(8, 208, dtype=dtype)
+    strided = torch.zeros(4, 216, dtype=torch.bfloat16)[:, 4:212]  # 8 bytes in, rows 432 bytes apart
+    assert not w8a8.tma_ok(strided, w208)  # starts 8 bytes in
+    assert any(c.tma for c in w8a8.tuning_candidates(strided, w208))
+    assert not any(c.tma for c in w8a8.tuning_candidates(strided[:, :200], torch.zeros(8, 200, dtype=dtype)))
     odd = torch.zeros(4, 200, dtype=dtype)
     assert not w8a8.tma_ok(odd, torch.zeros(8, 200, dtype=dtype))
-    assert all(not c.tma for c in w8a8.tuning_candidates(odd.to(torch.bfloat16), torch.zeros(8, 200, dtype=dtype)))
-    with pytest.raises(ValueError, match="16-byte"):
-        w8a8_gemm(odd, torch.ones(4), torch.zeros(8, 200, dtype=dtype), torch.ones(8), torch.float32, tma)
+    # a TMA launch given codes it cannot take runs the pointer kernel (logged); an empty product is empty
+    codes, weight = xq[:4, :200].contiguous(), wq[:, :200].contiguous()  # rows 200 bytes apart
+    with caplog.at_level("WARNING", logger="lowbit.kernels.w8a8"):
+        fallback = w8a8_gemm(codes, sx[:4], weight, w_scale[:, 0].float(), torch.float32, tma)
+    assert "pointer kernel runs" in caplog.text
+    assert torch.equal(fallback, w8a8_gemm(codes, sx[:4], weight, w_scale[:, 0].float(), torch.float32, cfg))
+    assert w8a8_gemm(xq[:0], sx[:0], wq, w_scale[:, 0].float(), torch.float32, tma).shape == (0, n)
+    assert not w8a8_gemm(xq[:, :0], sx, wq[:, :0], w_scale[:, 0].float(), torch.float32, tma).any()
     with pytest.raises(ValueError, match="split-K"):
         W8A8Config(16, 32, tma=True, split_k=2)
     with pytest.raises(ValueError, match="persistent"):
@@ -251,19 +263,21 @@ def test_gpu_split_k_is_the_one_slice_product(dtype: torch.dtype) -> None:  # pr
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton kernels)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
-def test_gpu_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype) -> None:  # pragma: no cover - CI has no GPU
-    """Compiled TMA kernel, one tile per program and persistent, against the pointer kernel with the same tiles:
-    int8 equal (exact int32 sums), fp8 as close to the exact product; ragged M and bitwise repeatable in CUDA-graph
-    replays."""
-    if not w8a8.tma_ok(torch.zeros(1, 16, device="cuda"), torch.zeros(1, 16, device="cuda")):
+def test_gpu_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, monkeypatch) -> None:  # pragma: no cover
+    """Compiled TMA kernel, one tile per program and persistent (8 programs, so each takes many tiles through the
+    flattened tile and K loop), against the pointer kernel with the same tiles: int8 equal (exact int32 sums), fp8 as
+    close to the exact product; ragged M, N and K, bitwise repeatable in CUDA-graph replays."""
+    if not w8a8.tma_takes(16, torch.zeros(1, 16, dtype=dtype, device="cuda")):
         pytest.skip("the TMA kernel needs compute capability 9.0")
-    for m, cfg in [
-        (128, W8A8Config(64, 64, 256, 8, 4, 4)),
-        (1000, W8A8Config(128, 128, 128, 8, 8, 4)),
-        (512, W8A8Config(128, 256, 64, 8, 8, 3)),
+    monkeypatch.setattr(w8a8, "_sm_count", lambda device: 8)
+    for m, n, k, cfg in [
+        (128, 2048, 4096, W8A8Config(64, 64, 256, 8, 4, 4)),
+        (1000, 2048, 4096, W8A8Config(128, 128, 128, 8, 8, 4)),
+        (512, 2048, 4096, W8A8Config(128, 256, 64, 8, 8, 3)),
+        (1000, 2128, 4176, W8A8Config(128, 256, 128, 16, 8, 4)),
     ]:
-        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-        wq, w_scale = quantize_per_channel(torch.randn(2048, 4096, device="cuda"), dtype)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        wq, w_scale = quantize_per_channel(torch.randn(n, k, device="cuda"), dtype)
         xq, sx = quantize_rows(x, dtype)
         pointer = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, cfg)
         exact = (xq.double() @ wq.double().T) * sx.double()[:, None] * w_scale.double().T

@@ -337,8 +337,8 @@ def candidate_configs(m: int, tma: bool = False) -> list[W8A8Config]:
     """Tile shapes worth timing for a given M (benchmarks and tuning); with ``tma``, also each one-slice shape
     through the TMA kernel, and from 129 tokens on persistent (session 25: the persistent TMA launches are the fastest
     FP8 GEMM at 512-2048 tokens on the N-large shapes; at 128 tokens they never won), the 128 x 256 ones also with
-    groups of 16 row tiles (1-2% faster on 4096x14336 and 8192x28672 at 512-2048 tokens; Triton's warp-specialized
-    tile loop measured no faster and is not a candidate)."""
+    groups of 16 row tiles (FP8 0.6-6% faster on 4096x14336 and 8192x28672 at 512-2048 tokens, int8 1% slower on
+    8192x28672 at 2048; Triton's warp-specialized tile loop measured no faster and is not a candidate)."""
     plain = _pointer_candidates(m)
     if not tma:
         return plain
@@ -427,8 +427,14 @@ def w8a8_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if cfg.tma:
-        _tma_gemm(xq, x_scale, wq, w_scale, out, cfg, tiles)
-        return out
+        if out.numel() == 0:
+            return out
+        if k > 0 and tma_ok(xq, wq):
+            _tma_gemm(xq, x_scale, wq, w_scale, out, cfg, tiles)
+            return out
+        if k > 0:  # e.g. a tuned launch meeting a strided weight of the same shape
+            logger.warning("the TMA kernel does not take these codes (M=%d N=%d K=%d); the pointer kernel runs", m, n, k)
+        cfg = dataclasses.replace(cfg, tma=False, persistent=False)  # (no K: nothing for the descriptors to read)
     if cfg.split_k > 1:  # the W4A16 kernels' buffers (each launch leaves its counters at zero)
         ws, counts = split_k_buffers(xq.device, workspace_bytes(cfg, m, n) // 4, tiles)
         # int32 partials for int8, float32 for fp8 (and in the interpreter, whose products are float32)
@@ -465,13 +471,26 @@ def w8a8_gemm(
 
 
 def tma_ok(xq: torch.Tensor, wq: torch.Tensor) -> bool:
-    """Whether the TMA kernel takes these codes (``xq``, or the activations they are quantized from): rows 16-byte
-    aligned (the descriptors' stride rule), on a GPU of compute capability 9.0 or later, or under the
-    interpreter."""
-    aligned = all(t.stride(-1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (xq, wq))
+    """Whether the TMA kernel takes these 8-bit codes: unit-stride rows whose byte stride and start are multiples of
+    16 (the descriptors' rule), on a GPU of compute capability 9.0 or later, or under the interpreter."""
+    aligned = all(
+        t.stride(-1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (xq, wq)
+    )
+    return aligned and _tma_device(xq.device)
+
+
+def _tma_device(device: torch.device) -> bool:
     if interpreting():
-        return aligned
-    return aligned and xq.is_cuda and torch.cuda.get_device_capability(xq.device) >= (9, 0)
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def tma_takes(k: int, wq: torch.Tensor) -> bool:
+    """Whether the TMA kernel takes the codes :func:`w8a8_linear` makes for ``k`` features (fresh, contiguous) with the
+    weight ``wq``: what the tuner asks before timing TMA launches."""
+    rows = k * wq.element_size() % 16 == 0
+    weight = wq.stride(-1) == 1 and wq.stride(0) * wq.element_size() % 16 == 0 and wq.data_ptr() % 16 == 0
+    return rows and weight and _tma_device(wq.device)
 
 
 def _tma_gemm(
@@ -553,7 +572,7 @@ def tuning_candidates(x2: torch.Tensor, wq: torch.Tensor) -> list[W8A8Config]:
     n = wq.shape[0]
     vendor = [VENDOR] if vendor_ok(m, n, k, wq.dtype, x2.dtype, x2.device) else []
     # split-K launches whose workspace would pass the W4A16 tuner's cap are left out (the buffer is kept and reused)
-    tma = tma_ok(x2, wq)
+    tma = tma_takes(k, wq)
     affordable = [c for c in candidate_configs(m, tma) if workspace_bytes(c, m, n) <= WGMMA_WORKSPACE_CAP]
     return affordable + vendor
 
