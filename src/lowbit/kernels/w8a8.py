@@ -157,10 +157,14 @@ def _w8a8_kernel(
             k_mask = k0 + offs_k < K
             a = tl.where(k_mask[None, :], tl.load(a_ptrs + k0, mask=k_mask[None, :]).to(tl.float32), 0.0)
             b = tl.where(k_mask[:, None], tl.load(b_ptrs + k0, mask=k_mask[:, None]).to(tl.float32), 0.0)
-        else:
+        elif IS_INT8:
             k_mask = k0 + offs_k < K
             a = tl.load(a_ptrs + k0, mask=k_mask[None, :], other=0)
             b = tl.load(b_ptrs + k0, mask=k_mask[:, None], other=0)
+        else:  # fp8: an integer fill cannot be cast to e4m3 (compile error on the GPU, session 25)
+            k_mask = k0 + offs_k < K
+            a = tl.load(a_ptrs + k0, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs + k0, mask=k_mask[:, None], other=0.0)
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
         elif IS_INT8:
