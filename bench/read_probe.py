@@ -18,35 +18,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cuda_gemv import READ_ONLY  # (a sibling script: also puts src/lowbit on the path)
 
 from lowbit.kernels import cuda_gemv, w4a16
 from lowbit.kernels.layout import pack_wna16
 
-# The GEMV's pattern: as bench/cuda_gemv.py's READ_ONLY (8 rows per block, warps sharing the K-blocks).
-PACKED = r"""
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
-probe(const uint4* __restrict__ q, unsigned* __restrict__ sink, int N, int K) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int quad = lane & 3, row = lane >> 2;
-    const int n = min(blockIdx.x * 8 + row, N - 1);
-    const int num_kb = K >> 7;
-    unsigned acc = 0;
-    for (int kb0 = warp; kb0 < num_kb; kb0 += NWARPS * UNROLL) {
-        uint4 w[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int kb = kb0 + u * NWARPS;
-            w[u] = kb < num_kb ? __ldg(q + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) acc ^= w[u].x ^ w[u].y ^ w[u].z ^ w[u].w;
-    }
-    if (acc == 0x12345678u) sink[0] = acc;
-}
-"""
-
-# The same with the GEMV's own load (ld.global.nc.L1::no_allocate, cuda_gemv.load_words), as bench/cuda_gemv.py's
-# read floor.
+# The GEMV's pattern: bench/cuda_gemv.py's read floor (8 rows per block, warps sharing the K-blocks), with the GEMV's
+# own load (ld.global.nc.L1::no_allocate, as cuda_gemv.load_words), and the same with __ldg (ld.global.nc).
+PACKED_NA = READ_ONLY.replace("lowbit_read_codes", "probe")
+_ASM_AT = PACKED_NA.index('asm("ld.global.nc')
+_ASM = PACKED_NA[_ASM_AT : PACKED_NA.index(");", _ASM_AT) + 2]
+PACKED = PACKED_NA.replace(_ASM, "words[u] = __ldg(qweight + ((size_t)kb * N + n) * 4 + quad);")
 _LOAD_NA = r"""
 __device__ __forceinline__ uint4 load_na(const uint4* p) {
     uint4 v;
@@ -55,7 +37,7 @@ __device__ __forceinline__ uint4 load_na(const uint4* p) {
     return v;
 }
 """
-PACKED_NA = _LOAD_NA + PACKED.replace("__ldg(q + ((size_t)kb * N + n) * 4 + quad)", "load_na(q + ((size_t)kb * N + n) * 4 + quad)")
+
 # Tile-major: block b reads its own contiguous TILE_BYTES (its 8 rows over all of K), warps taking 512-byte pieces
 # in turn, UNROLL pieces per warp in flight.
 TILE = r"""

@@ -94,6 +94,18 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
+def _product(a, b, acc, IS_INT8: tl.constexpr, DOT_F32: tl.constexpr):
+    """``acc + a @ b`` on 8-bit tiles (int32 sums for int8), or in float32 under the CPU interpreter, which can
+    multiply neither int8 nor fp8 tiles."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IS_INT8:
+        return tl.dot(a, b, acc, out_dtype=tl.int32)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Row and column tile of launch-order tile ``pid``: GROUP_M row tiles share each weight column tile while it is
     in L2."""
@@ -165,12 +177,7 @@ def _w8a8_kernel(
             k_mask = k0 + offs_k < K
             a = tl.load(a_ptrs + k0, mask=k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs + k0, mask=k_mask[:, None], other=0.0)
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-        elif IS_INT8:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _product(a, b, acc, IS_INT8, DOT_F32)
     if SPLIT_K > 1:
         # Each slice stores its partial tile; the last to arrive (a counter per tile, reset by it for the next launch)
         # adds the slices in order, so the result does not depend on which finished first.
@@ -225,12 +232,7 @@ def _w8a8_tma_kernel(
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-            if DOT_F32:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc)
-            elif IS_INT8:
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-            else:
-                acc = tl.dot(a, b.T, acc)
+            acc = _product(a, b.T, acc, IS_INT8, DOT_F32)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_safe = tl.where(offs_m < M, offs_m, 0)
