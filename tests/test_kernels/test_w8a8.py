@@ -111,6 +111,30 @@ def test_split_k_adds_the_slices_in_order_and_resets_its_counters() -> None:
 @INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["tile-per-program", "persistent"])
+def test_tma_store_is_the_plain_stores_product(dtype: torch.dtype, persistent: bool, monkeypatch) -> None:
+    """The output tiles stored by the copy engine (clipped at ragged M and N) are the plain stores' output bit for bit;
+    an output whose rows are not 16-byte aligned takes the plain stores; the untried launches are candidates only when
+    switched on."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(50, 208, generator=gen).to(torch.bfloat16)
+    xq, sx = quantize_rows(x, dtype)
+    for n in (72, 36):  # bf16 rows of 144 and 72 bytes: the second cannot take the copy engine's stores
+        wq, w_scale = quantize_per_channel(torch.randn(n, 208, generator=gen), dtype)
+        cfg = W8A8Config(16, 32, 64, 2, 2, 2, tma=True, persistent=persistent)
+        plain = w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.bfloat16, cfg)
+        stored = w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.bfloat16, dataclasses.replace(cfg, tma_store=True))
+        assert torch.equal(stored, plain), n
+    with pytest.raises(ValueError, match="copy engine"):
+        W8A8Config(16, 32, tma_store=True)
+    assert not any(c.tma_store for c in w8a8.candidate_configs(512, tma=True))
+    monkeypatch.setattr(w8a8, "UNTRIED", [True])
+    assert any(c.tma_store for c in w8a8.candidate_configs(512, tma=True))
+    assert any(c.block_m == 256 for c in w8a8.candidate_configs(512, tma=True))
+
+
+@INTERPRETER_ONLY
+@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile-per-program", "persistent"])
 def test_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, persistent: bool, caplog) -> None:
     """The TMA kernel (descriptors zero-filling past M, N and a K tail; persistent programs taking several tiles each)
     computes the pointer kernel's product bit for bit; codes it cannot take (rows not 16-byte aligned) run the pointer
