@@ -314,12 +314,8 @@ def main() -> None:
         "--no-w4", action="store_true", help="leave out the W4A16 columns (W8A8 and baselines only)"
     )
     parser.add_argument("--no-w8a8", action="store_true", help="leave out the W8A8 columns")
-    parser.add_argument(
-        "--w8a8-untried", action="store_true", help="also time the W8A8 launches not yet measured (w8a8.UNTRIED)"
-    )
     args = parser.parse_args()
     TIMER["kind"] = args.timer
-    w8a8.UNTRIED[0] = args.w8a8_untried
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     ceil = ceilings()

@@ -111,30 +111,6 @@ def test_split_k_adds_the_slices_in_order_and_resets_its_counters() -> None:
 @INTERPRETER_ONLY
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["tile-per-program", "persistent"])
-def test_tma_store_is_the_plain_stores_product(dtype: torch.dtype, persistent: bool, monkeypatch) -> None:
-    """The output tiles stored by the copy engine (clipped at ragged M and N) are the plain stores' output bit for bit;
-    an output whose rows are not 16-byte aligned takes the plain stores; the untried launches are candidates only when
-    switched on."""
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(50, 208, generator=gen).to(torch.bfloat16)
-    xq, sx = quantize_rows(x, dtype)
-    for n in (72, 36):  # bf16 rows of 144 and 72 bytes: the second cannot take the copy engine's stores
-        wq, w_scale = quantize_per_channel(torch.randn(n, 208, generator=gen), dtype)
-        cfg = W8A8Config(16, 32, 64, 2, 2, 2, tma=True, persistent=persistent)
-        plain = w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.bfloat16, cfg)
-        stored = w8a8_gemm(xq, sx, wq, w_scale[:, 0].float(), torch.bfloat16, dataclasses.replace(cfg, tma_store=True))
-        assert torch.equal(stored, plain), n
-    with pytest.raises(ValueError, match="copy engine"):
-        W8A8Config(16, 32, tma_store=True)
-    assert not any(c.tma_store for c in w8a8.candidate_configs(512, tma=True))
-    monkeypatch.setattr(w8a8, "UNTRIED", [True])
-    assert any(c.tma_store for c in w8a8.candidate_configs(512, tma=True))
-    assert any(c.block_m == 256 for c in w8a8.candidate_configs(512, tma=True))
-
-
-@INTERPRETER_ONLY
-@pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
-@pytest.mark.parametrize("persistent", [False, True], ids=["tile-per-program", "persistent"])
 def test_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, persistent: bool, caplog) -> None:
     """The TMA kernel (descriptors zero-filling past M, N and a K tail; persistent programs taking several tiles each)
     computes the pointer kernel's product bit for bit; codes it cannot take (rows not 16-byte aligned) run the pointer
@@ -289,7 +265,7 @@ def test_gpu_split_k_is_the_one_slice_product(dtype: torch.dtype) -> None:  # pr
 @pytest.mark.parametrize("dtype", DTYPES, ids=["int8", "fp8"])
 def test_gpu_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, monkeypatch) -> None:  # pragma: no cover
     """Compiled TMA kernel, one tile per program and persistent (8 programs, so each takes many tiles through the
-    flattened tile and K loop), with plain stores and through the copy engine, against the pointer kernel with the same tiles: int8 equal (exact int32 sums), fp8 as
+    flattened tile and K loop), against the pointer kernel with the same tiles: int8 equal (exact int32 sums), fp8 as
     close to the exact product; ragged M, N and K, bitwise repeatable in CUDA-graph replays."""
     if not w8a8.tma_takes(16, torch.zeros(1, 16, dtype=dtype, device="cuda")):
         pytest.skip("the TMA kernel needs compute capability 9.0")
@@ -298,20 +274,16 @@ def test_gpu_tma_kernel_is_the_pointer_kernels_product(dtype: torch.dtype, monke
         (128, 2048, 4096, W8A8Config(64, 64, 256, 8, 4, 4)),
         (1000, 2048, 4096, W8A8Config(128, 128, 128, 8, 8, 4)),
         (512, 2048, 4096, W8A8Config(128, 256, 64, 8, 8, 3)),
-        (1000, 2128, 4176, W8A8Config(128, 128, 128, 16, 8, 4)),  # (128 x 256 with a float32 output: no fit)
+        (1000, 2128, 4176, W8A8Config(128, 128, 128, 16, 8, 4)),
     ]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wq, w_scale = quantize_per_channel(torch.randn(n, k, device="cuda"), dtype)
         xq, sx = quantize_rows(x, dtype)
         pointer = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, cfg)
         exact = (xq.double() @ wq.double().T) * sx.double()[:, None] * w_scale.double().T
-        for persistent, store in ((False, False), (True, False), (True, True)):
-            tma = dataclasses.replace(cfg, tma=True, persistent=persistent, tma_store=store)
-            try:
-                out = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, tma)
-            except triton.runtime.errors.OutOfResources:  # the float32 output's staging on a large tile
-                assert store, tma
-                continue
+        for persistent in (False, True):
+            tma = dataclasses.replace(cfg, tma=True, persistent=persistent)
+            out = w8a8_gemm(xq, sx, wq, w_scale[:, 0], torch.float32, tma)
             if dtype == torch.int8:
                 assert torch.equal(out, pointer), tma
             else:

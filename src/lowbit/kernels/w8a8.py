@@ -210,7 +210,6 @@ def _w8a8_tma_kernel(
     b_desc,
     sb_ptr,
     out_ptr,
-    out_desc,
     M,
     N,
     K,
@@ -222,13 +221,13 @@ def _w8a8_tma_kernel(
     GROUP_M: tl.constexpr,
     DOT_F32: tl.constexpr,
     FLATTEN: tl.constexpr,
-    STORE_TMA: tl.constexpr,
 ):
     """The GEMM with its tiles brought in by the tensor-memory accelerator (``cp.async.bulk.tensor``; the descriptors
     zero-fill past M, N and K, so there are no masks), one tile per program or, launched with fewer programs than
     tiles, persistent programs taking tiles ``num_programs`` apart (``FLATTEN``: the tile loop and the K loop
-    pipelined as one, so the next tile's first loads overlap this tile's epilogue). ``STORE_TMA``: the output tile
-    goes out through ``out_desc`` too (staged in shared memory, clipped at M and N by the copy engine)."""
+    pipelined as one, so the next tile's first loads overlap this tile's epilogue). (Output tiles stored by the copy
+    engine, and 256 x 128 persistent tiles, were measured in session 26: within 1% on three FP8 points, slower on the
+    rest; bench/notes/kernels.md.)"""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     tiles = num_pid_m * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -243,11 +242,7 @@ def _w8a8_tma_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_safe = tl.where(offs_m < M, offs_m, 0)
         n_safe = tl.where(offs_n < N, offs_n, 0)
-        if STORE_TMA:
-            y = _scaled(acc, sa_ptr, sb_ptr, m_safe, n_safe)
-            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(out_ptr.dtype.element_ty))
-        else:
-            _w8a8_epilogue(acc, sa_ptr, sb_ptr, out_ptr, offs_m, offs_n, m_safe, n_safe, M, N, stride_om)
+        _w8a8_epilogue(acc, sa_ptr, sb_ptr, out_ptr, offs_m, offs_n, m_safe, n_safe, M, N, stride_om)
 
 
 @triton.jit
@@ -289,17 +284,14 @@ class W8A8Config:
     # per SM taking tiles in turn, its tile and K loops pipelined as one
     tma: bool = False
     persistent: bool = False
-    # the TMA kernel's output tiles also stored by the copy engine (prepared in session 25, not yet measured: a tuning
-    # candidate only with UNTRIED switched on)
-    tma_store: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.split_k <= MAX_SPLIT_K:
             raise ValueError(f"{self}: split_k must be 1 to {MAX_SPLIT_K}")
         if self.tma and self.split_k > 1:
             raise ValueError(f"{self}: the TMA kernel has no split-K")
-        if (self.persistent or self.tma_store) and not self.tma:
-            raise ValueError(f"{self}: only the TMA kernel runs persistent or stores through the copy engine")
+        if self.persistent and not self.tma:
+            raise ValueError(f"{self}: only the TMA kernel runs persistent")
 
 
 VENDOR = W8A8Config(0, 0, vendor=True)
@@ -370,26 +362,7 @@ def candidate_configs(m: int, tma: bool = False) -> list[W8A8Config]:
     whole = [c for c in plain if c.split_k == 1]
     persistent = [dataclasses.replace(c, tma=True, persistent=True) for c in whole] if m > 128 else []
     grouped = [dataclasses.replace(c, group_m=16) for c in persistent if c.block_n == 256]
-    return plain + [dataclasses.replace(c, tma=True) for c in whole] + persistent + grouped + _untried(m)
-
-
-# Launches prepared but not yet measured on a GPU (session 25's notes, "Next"): candidates only when switched on
-# (``bench/kernels.py --w8a8-untried``), so that the tuner does not pay for them before they have earned a place.
-UNTRIED = [False]
-
-
-def _untried(m: int) -> list[W8A8Config]:
-    if not UNTRIED[0]:
-        return []
-    if m <= 128:
-        return [W8A8Config(bm, bn, bk, 8, 4, 4, tma=True, tma_store=True) for bm, bn, bk in ((64, 64, 256), (128, 64, 128))]
-    # what fits in 227 KB of shared memory (Triton 3.9 compiling for sm_90 offline: the 4-stage 256-row / 256-column
-    # tiles need 256-263 KB with the output staging or the flattened loop's buffers, the 3-stage ones 213-214 KB)
-    persistent = dict(tma=True, persistent=True)
-    return [W8A8Config(256, 128, 128, 16, 8, 3, **persistent)] + [
-        W8A8Config(bm, bn, 128, 16, 8, st, **persistent, tma_store=True)
-        for bm, bn, st in ((128, 256, 3), (256, 128, 3), (128, 128, 3), (128, 128, 4))
-    ]
+    return plain + [dataclasses.replace(c, tma=True) for c in whole] + persistent + grouped
 
 
 def _pointer_candidates(m: int) -> list[W8A8Config]:
@@ -551,8 +524,6 @@ def _tma_gemm(
     n = wq.shape[0]
     a_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [cfg.block_m, cfg.block_k])
     b_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [cfg.block_n, cfg.block_k])
-    store = cfg.tma_store and _rows_aligned(out)
-    out_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [cfg.block_m, cfg.block_n]) if store else a_desc
     programs = min(tiles, _sm_count(xq.device)) if cfg.persistent else tiles
     _w8a8_tma_kernel[(programs,)](
         a_desc,
@@ -560,7 +531,6 @@ def _tma_gemm(
         b_desc,
         w_scale,
         out,
-        out_desc,
         m,
         n,
         k,
@@ -572,7 +542,6 @@ def _tma_gemm(
         GROUP_M=cfg.group_m,
         DOT_F32=interpreting(),
         FLATTEN=cfg.persistent and not interpreting(),
-        STORE_TMA=store,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
