@@ -592,15 +592,17 @@ def tuning_candidates(x2: torch.Tensor, wq: torch.Tensor) -> list[W8A8Config]:
 
 
 def tuned_config(x2: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> W8A8Config:
-    """The fastest launch for this shape, timed once per (M bucket, N, K, code and output dtype) on CUDA by CUDA-graph
-    device time (:func:`lowbit.kernels.w4a16.device_time`), each candidate checked against the default launch first.
+    """The fastest launch for this shape, timed once per (M bucket, N, K, code and output dtype, compute capability:
+    the TMA launches run on 9.0 only) on CUDA by CUDA-graph device time (:func:`lowbit.kernels.w4a16.device_time`),
+    each candidate checked against the default launch first.
     :func:`default_config` on the CPU, the interpreter, during a CUDA-graph capture (run each shape once before
     capturing) and with autotuning off (:func:`lowbit.kernels.w4a16.set_autotune`)."""
     from lowbit.kernels import w4a16
 
     m, k = x2.shape
     n = wq.shape[0]
-    key = (m if m <= 16 else triton.next_power_of_2(m), n, k, wq.dtype, x2.dtype)
+    kind = torch.cuda.get_device_capability(x2.device) if x2.device.type == "cuda" else x2.device.type
+    key = (m if m <= 16 else triton.next_power_of_2(m), n, k, wq.dtype, x2.dtype, kind)
     if key in _TUNED:
         return _TUNED[key]
     if (
