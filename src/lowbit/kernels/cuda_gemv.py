@@ -163,13 +163,13 @@ __device__ __forceinline__ bool last_to_arrive(int* __restrict__ counters, int t
 
 // The block's outputs: sum the warps' partials (partial[(w * tokens + m) * rows + i] for token m, row n0 + i) and
 // store them; with SPLIT > 1, store float32 partials and let the last block of the row tile to finish add them in
-// order (deterministic) and reset the tile's counter; `slice` is the block's K-slice (default blockIdx.y)
+// order (deterministic) and reset the tile's counter
 // (SPLIT == 1: each output is scaled by `scale` and, where `residual` is given, the residual row added: one token's
 // fused RMSNorm and residual add)
 __device__ __forceinline__ void finish_rows(const float* partial, int warps, int tokens, int rows, int n0, int tile,
                                             int M, int N, u16* __restrict__ out, int stride_om,
                                             float* __restrict__ workspace, int* __restrict__ counters,
-                                            float scale, const u16* __restrict__ residual, int slice = -1) {
+                                            float scale, const u16* __restrict__ residual) {
     const int count = min(tokens, M) * rows;
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
         const int m = i / rows, n = n0 + i % rows;
@@ -179,7 +179,7 @@ __device__ __forceinline__ void finish_rows(const float* partial, int warps, int
             if (SPLIT == 1)
                 out[(size_t)m * stride_om + n] = float_to_bf16_bits(
                     total * scale + (residual != nullptr ? bf16_bits_to_float(residual[(size_t)m * stride_om + n]) : 0.f));
-            else workspace[((size_t)(slice < 0 ? (int)blockIdx.y : slice) * M + m) * N + n] = total;
+            else workspace[((size_t)blockIdx.y * M + m) * N + n] = total;
         }
     }
     if (SPLIT == 1 || !last_to_arrive(counters, tile)) return;
@@ -876,190 +876,6 @@ lowbit_w4a16_gemv_mma_staged(const u16* __restrict__ x, const uint4* __restrict_
     finish_rows(partial, 1, MMAX, BLOCK_ROWS, n0, blockIdx.x, M, N, out, stride_om, workspace, counters, 1.f,
                 nullptr);
 }
-
-// Tensor cores, 2 to 16 tokens, persistent (MMA_PERSIST: mma, stage and persist): gridDim.x = SPLIT x groups blocks
-// (one or a few per SM); block b takes K-slice b % SPLIT, stages that slice's activations once in shared memory in
-// B-fragment order (as the staged kernel above), and takes a contiguous run of 16 ROWS-row tiles. Its warps share
-// out the slice's K-blocks as the one-token kernel does (warp w: K-blocks w, w + NWARPS, ..., KPW of them), each
-// warp loading its K-blocks' codes PIPE tiles ahead (a ring in registers), so the weight stream does not wait for a
-// tile's products; per tile the warps' partial sums meet in shared memory (two buffers, one barrier per tile) and the
-// block's threads add them in warp order and store them (SPLIT > 1: float32 partials, added in slice order by the
-// tile's last block, as finish_rows does).
-#if MMA_PERSIST
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
-lowbit_w4a16_gemv_mma_persist(const u16* __restrict__ x, const uint4* __restrict__ qweight,
-                              const u16* __restrict__ scale, const u16* __restrict__ zero, u16* __restrict__ out,
-                              float* __restrict__ workspace, int* __restrict__ counters, int N, int K, int M,
-                              int stride_xm, int stride_om) {
-    constexpr int TILE_ROWS = 16 * ROWS;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int t4 = lane & 3, g = lane >> 2;
-    const int num_kb = K >> 7;
-    const int per_split = (num_kb + SPLIT - 1) / SPLIT;
-    const int slice = blockIdx.x % SPLIT;
-    const int kb_lo = slice * per_split;
-    const int kb_hi = min(num_kb, kb_lo + per_split);
-    const int tiles = (N + TILE_ROWS - 1) / TILE_ROWS;
-    const int groups = gridDim.x / SPLIT, group = blockIdx.x / SPLIT;
-    const int t_lo = (int)((long long)group * tiles / groups);
-    const int t_hi = (int)((long long)(group + 1) * tiles / groups);
-
-    extern __shared__ __align__(16) unsigned char stage_raw[];
-    uint4* frag = reinterpret_cast<uint4*>(stage_raw);  // [K-block][token tile][word][lane]: B fragments
-    float* xsum = reinterpret_cast<float*>(stage_raw + (size_t)per_split * NT * 4 * 32 * 16);  // [K-block][token]
-    float* partial = xsum + (size_t)per_split * 8 * NT;  // [2][warp][token][tile row]
-
-    // the ring: slot p holds tiles t_lo + p, + PIPE, ...; each warp's KPW K-blocks of a tile
-    uint4 words[PIPE][KPW][ROWS][2];
-    u32 scales[PIPE][KPW][ROWS][2];
-    u32 zeros[PIPE][KPW][ROWS][2];
-    auto load_tile = [&](uint4 (&w)[KPW][ROWS][2], u32 (&sc)[KPW][ROWS][2], u32 (&ze)[KPW][ROWS][2], int tile) {
-#pragma unroll
-        for (int i = 0; i < KPW; ++i) {
-            const int kb = kb_lo + warp + NWARPS * i;
-            const int grp = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS;
-            const bool ok = kb < kb_hi && tile < t_hi;
-#pragma unroll
-            for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int n = min(tile * TILE_ROWS + 16 * r + 8 * h + g, N - 1);
-                    w[i][r][h] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + t4) : make_uint4(0, 0, 0, 0);
-                    sc[i][r][h] = ok ? load_u16(scale + (size_t)grp * N + n) : 0u;
-                    ze[i][r][h] = (ok && HAS_ZERO) ? load_u16(zero + (size_t)grp * N + n) : 0u;
-                }
-        }
-    };
-
-#pragma unroll
-    for (int p = 0; p < PIPE; ++p)  // in flight while the activations are staged
-        load_tile(words[p], scales[p], zeros[p], t_lo + p);
-    // staging: as the staged kernel (entry i: K-block i / (32 NT), token m, quad t; tokens past M are zeros)
-    for (int i = threadIdx.x; i < (kb_hi - kb_lo) * 32 * NT; i += NWARPS * 32) {
-        const int t = i & 3, m = (i >> 2) % (8 * NT), kl = i / (32 * NT);
-        uint2 xs[8];
-        if (m < M) {
-            const u16* xb = x + (size_t)m * stride_xm + (kb_lo + kl) * 128 + 4 * t;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) xs[j] = load_x4(xb + 16 * j);
-        } else {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) xs[j] = make_uint2(0u, 0u);
-        }
-        float s = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-            s += (bf16_bits_to_float(xs[j].x & 0xFFFFu) + bf16_bits_to_float(xs[j].x >> 16))
-               + (bf16_bits_to_float(xs[j].y & 0xFFFFu) + bf16_bits_to_float(xs[j].y >> 16));
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);
-        if (t == 0) xsum[kl * 8 * NT + m] = s;
-        uint4* dst = frag + ((size_t)(kl * NT + (m >> 3)) * 4) * 32 + (m & 7) * 4 + t;
-        dst[0] = make_uint4(prmt(xs[0].x, xs[4].x, 0x5410), prmt(xs[1].x, xs[5].x, 0x5410),
-                            prmt(xs[2].x, xs[6].x, 0x5410), prmt(xs[3].x, xs[7].x, 0x5410));
-        dst[32] = make_uint4(prmt(xs[0].x, xs[4].x, 0x7632), prmt(xs[1].x, xs[5].x, 0x7632),
-                             prmt(xs[2].x, xs[6].x, 0x7632), prmt(xs[3].x, xs[7].x, 0x7632));
-        dst[64] = make_uint4(prmt(xs[0].y, xs[4].y, 0x5410), prmt(xs[1].y, xs[5].y, 0x5410),
-                             prmt(xs[2].y, xs[6].y, 0x5410), prmt(xs[3].y, xs[7].y, 0x5410));
-        dst[96] = make_uint4(prmt(xs[0].y, xs[4].y, 0x7632), prmt(xs[1].y, xs[5].y, 0x7632),
-                             prmt(xs[2].y, xs[6].y, 0x7632), prmt(xs[3].y, xs[7].y, 0x7632));
-    }
-    __syncthreads();
-
-    int parity = 0;
-    for (int t0 = t_lo; t0 < t_hi; t0 += PIPE) {
-#pragma unroll
-        for (int p = 0; p < PIPE; ++p) {
-            const int tile = t0 + p;  // block-uniform
-            if (tile < t_hi) {
-                uint4 cur[KPW][ROWS][2];
-                u32 cur_scales[KPW][ROWS][2];
-                u32 cur_zeros[KPW][ROWS][2];
-#pragma unroll
-                for (int i = 0; i < KPW; ++i)
-#pragma unroll
-                    for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            cur[i][r][h] = words[p][i][r][h];
-                            cur_scales[i][r][h] = scales[p][i][r][h];
-                            cur_zeros[i][r][h] = zeros[p][i][r][h];
-                        }
-                if (tile + PIPE < t_hi) load_tile(words[p], scales[p], zeros[p], tile + PIPE);
-                float acc[ROWS][2][NT][2];
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int nt = 0; nt < NT; ++nt) acc[r][h][nt][0] = acc[r][h][nt][1] = 0.f;
-#pragma unroll
-                for (int i = 0; i < KPW; ++i) {
-                    const int kl = warp + NWARPS * i;
-                    if (kb_lo + kl < kb_hi) {
-                        float c[ROWS][NT][4];
-#pragma unroll
-                        for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                            for (int nt = 0; nt < NT; ++nt) c[r][nt][0] = c[r][nt][1] = c[r][nt][2] = c[r][nt][3] = 0.f;
-#pragma unroll
-                        for (int o = 0; o < 4; ++o) {
-                            uint4 b[NT];
-#pragma unroll
-                            for (int nt = 0; nt < NT; ++nt) b[nt] = frag[((size_t)(kl * NT + nt) * 4 + o) * 32 + lane];
-#pragma unroll
-                            for (int jp = 0; jp < 4; jp += 2) {
-#pragma unroll
-                                for (int r = 0; r < ROWS; ++r) {
-                                    const u32 lo = o == 0 ? cur[i][r][0].x : o == 1 ? cur[i][r][0].y : o == 2 ? cur[i][r][0].z : cur[i][r][0].w;
-                                    const u32 hi = o == 0 ? cur[i][r][1].x : o == 1 ? cur[i][r][1].y : o == 2 ? cur[i][r][1].z : cur[i][r][1].w;
-                                    const u32 a0 = raw_codes(lo, jp), a1 = raw_codes(hi, jp);
-                                    const u32 a2 = raw_codes(lo, jp + 1), a3 = raw_codes(hi, jp + 1);
-#pragma unroll
-                                    for (int nt = 0; nt < NT; ++nt) {
-                                        if (jp == 0) mma_bf16(c[r][nt], a0, a1, a2, a3, b[nt].x, b[nt].y);
-                                        else mma_bf16(c[r][nt], a0, a1, a2, a3, b[nt].z, b[nt].w);
-                                    }
-                                }
-                            }
-                        }
-#pragma unroll
-                        for (int nt = 0; nt < NT; ++nt) {
-                            const float2 xsm = *reinterpret_cast<const float2*>(xsum + kl * 8 * NT + 8 * nt + 2 * t4);
-#pragma unroll
-                            for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                                for (int h = 0; h < 2; ++h) {
-                                    const float s = bf16_bits_to_float(cur_scales[i][r][h]);
-                                    const float z = 128.f + (HAS_ZERO ? bf16_bits_to_float(cur_zeros[i][r][h]) : 8.f);
-                                    acc[r][h][nt][0] = fmaf(s, c[r][nt][2 * h] - z * xsm.x, acc[r][h][nt][0]);
-                                    acc[r][h][nt][1] = fmaf(s, c[r][nt][2 * h + 1] - z * xsm.y, acc[r][h][nt][1]);
-                                }
-                        }
-                    }
-                }
-                float* part = partial + (size_t)parity * NWARPS * MMAX * TILE_ROWS;
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                            for (int cc = 0; cc < 2; ++cc) {
-                                const int m = 8 * nt + 2 * t4 + cc;
-                                if (m < MMAX) part[(warp * MMAX + m) * TILE_ROWS + 16 * r + 8 * h + g] = acc[r][h][nt][cc];
-                            }
-                __syncthreads();
-                // the tile's outputs: the warps' partials added in warp order (SPLIT > 1: finish_rows's reduction)
-                finish_rows(part, NWARPS, MMAX, TILE_ROWS, tile * TILE_ROWS, tile, M, N, out, stride_om, workspace,
-                            counters, 1.f, nullptr, slice);
-                parity ^= 1;
-            }
-        }
-    }
-}
-#endif
 """
 
 
@@ -1081,9 +897,7 @@ class CudaGemvConfig:
     # weight batch loaded while the current one is computed
     stage: bool = False
     # > 0 (the CUDA-core kernel with ``stage``, no split): ``persist`` blocks per SM, each taking every
-    # ``grid``-th row tile, staging the activations once and loading the next tile's first weights early. With ``mma``
-    # and ``stage``: the persistent tensor-core kernel (2-16 tokens), ``persist`` blocks per SM, each with one K-slice
-    # staged and a run of ``16 * rows``-row tiles, its warps sharing out the K-blocks, ``pipe`` tiles in flight
+    # ``grid``-th row tile, staging the activations once and loading the next tile's first weights early
     persist: int = 0
     # the staged tensor-core kernel: batches of ``unroll`` K-blocks in flight per warp while one is computed (a ring of
     # register buffers; 1 = the next batch only, as measured in session 15; 2 and 3 measured no gain in session 16).
@@ -1104,25 +918,15 @@ class CudaGemvConfig:
             raise ValueError(f"{self}: pipe > 1 is for the staged tensor-core kernel (mma and stage)")
         if self.stage_scales not in (0, 1, 2) or (self.stage_scales and self.mma):
             raise ValueError(f"{self}: stage_scales (0, 1 or 2) is for the CUDA-core kernel")
-        if self.persist < 0 or (self.persist and not self.stage) or (self.persist and not self.mma and self.split != 1):
-            raise ValueError(f"{self}: persist needs stage=True (the CUDA-core kernel: split=1), and >= 0")
-
-    @property
-    def mma_persist(self) -> bool:
-        """The persistent tensor-core kernel."""
-        return self.mma and self.stage and self.persist > 0
+        if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
+            raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
     @property
     def block_rows(self) -> int:
-        """Output rows per tile (the persistent tensor-core kernel: per tile of a block's run)."""
-        if self.mma and self.stage and not self.persist:
-            return 16 * self.rows * self.warps
-        return (16 if self.mma else 8) * self.rows
+        return 16 * self.rows * self.warps if self.mma and self.stage else (16 if self.mma else 8) * self.rows
 
     @property
     def kernel_name(self) -> str:
-        if self.mma_persist:
-            return "lowbit_w4a16_gemv_mma_persist"
         if self.mma:
             return "lowbit_w4a16_gemv_mma_staged" if self.stage else "lowbit_w4a16_gemv_mma"
         return "lowbit_w4a16_gemv"
@@ -1166,21 +970,10 @@ def _capability_ok(index: int) -> bool:
     return True
 
 
-def k_blocks_per_warp(cfg: CudaGemvConfig, in_features: int) -> int:
-    """The persistent tensor-core kernel's K-blocks per warp: its K-slice's K-blocks shared out over the warps (1 for
-    the other kernels, which do not read it)."""
-    if not cfg.mma_persist:
-        return 1
-    per_split = -(-(in_features // BLOCK_K) // cfg.split)
-    return -(-per_split // cfg.warps)
-
-
 def static_shared_bytes(cfg: CudaGemvConfig, tokens: int = 1) -> int:
     """A staged kernel's static shared memory: the partial sums (the CUDA-core kernel: per warp, two sets with
     ``persist``, and the norm's; the staged tensor-core kernel: per token and row), a flag, and the 1 KiB that NVRTC's
     sm_90 builds add (cuobjdump ``-res-usage``)."""
-    if cfg.mma_persist:  # its partial sums are dynamic (staged_bytes)
-        return 16 + 1024
     if cfg.mma:  # the unstaged kernel: partial sums per warp
         return 4 * _token_slots(tokens) * cfg.block_rows * (1 if cfg.stage else cfg.warps) + 16 + 1024
     return 4 * cfg.warps * (8 * cfg.rows * (2 if cfg.persist else 1) + 1) + 16 + 1024
@@ -1211,9 +1004,7 @@ def staged_bytes(cfg: CudaGemvConfig, in_features: int, tokens: int = 1) -> int:
     if not cfg.stage:
         return scales
     if cfg.mma:
-        staged = blocks * (2 * BLOCK_K + 4) * 8 * _token_tiles(tokens)
-        # the persistent kernel: and two buffers of the warps' partial sums of a tile
-        return staged + (2 * 4 * cfg.warps * _token_slots(tokens) * cfg.block_rows if cfg.mma_persist else 0)
+        return blocks * (2 * BLOCK_K + 4) * 8 * _token_tiles(tokens)
     return 2 * blocks * BLOCK_K + scales
 
 
@@ -1251,15 +1042,13 @@ def source(
     fused: tuple[bool, bool, bool] = (False, False, False),
     trigger: bool = False,
     scale_probe: int = 0,
-    kpw: int = 1,
 ) -> str:
     """The kernels' CUDA C for one launch shape, weight scheme, token count (1, 8 or 16) and fusion flags (norm,
     glu, residual: :class:`Fused`): the macros, then :data:`SOURCE`. ``no_math`` (a timing probe, wrong results) leaves
     out of the CUDA-core kernel: 1, its dot products; 2, also the scale loads; 3, also the activations; 4, also the
     reduction across the warps and the stores (bench/cuda_gemv.py times each level). ``scale_probe`` (timing probes of
     the CUDA-core kernel's per-batch scale loads, bench/m1_probe.py): 1, they read fixed, L1-resident addresses
-    (wrong results); 2, the scale loads do not allocate in L1; 3, they are issued before the batch's weight loads.
-    ``kpw``: the persistent tensor-core kernel's K-blocks per warp (:func:`k_blocks_per_warp`)."""
+    (wrong results); 2, the scale loads do not allocate in L1; 3, they are issued before the batch's weight loads."""
     token_tiles = _token_tiles(tokens)
     macros = {
         "NWARPS": cfg.warps,
@@ -1276,13 +1065,11 @@ def source(
         "FUSE_GLU": int(fused[1]),
         "FUSE_RES": int(fused[2]),
         "STAGE": int(cfg.stage),
-        "PERSIST": int(cfg.persist > 0 and not cfg.mma),  # the CUDA-core kernel's
+        "PERSIST": int(cfg.persist > 0),
         "PIPE": cfg.pipe,
         "PDL_TRIGGER": int(trigger),
         "STAGE_SCALES": 0 if cfg.mma else int(cfg.stage_scales),
         "SCALE_PROBE": int(scale_probe),
-        "MMA_PERSIST": int(cfg.mma_persist),
-        "KPW": kpw,
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 
@@ -1403,12 +1190,10 @@ def gemv(
                          "stage=False or split K")  # fmt: skip
     trigger = pdl.PDL[0] == "attention"  # the decode attention after q/k/v's GEMV may launch early
     kernel = _compiled(cfg, index, group_blocks, per_channel, packed.zero is not None, no_math, tokens, flags, trigger,
-                       scale_probe, k_blocks_per_warp(cfg, k))  # fmt: skip
+                       scale_probe)  # fmt: skip
     n_out = n // 2 if flags[1] else n
     tiles = -(-n_out // (cfg.block_rows // (2 if flags[1] else 1)))
     grid = min(tiles, cfg.persist * sm_count(index)) if cfg.persist else tiles
-    if cfg.mma_persist:  # runs of tiles for each of the K-slices, one block per run and slice
-        grid = max(1, min(tiles, cfg.persist * sm_count(index) // cfg.split)) * cfg.split
     out = torch.empty((m, n_out), dtype=x2.dtype, device=x2.device)
     workspace, counters = split_k_buffers(x2.device, cfg.split * m * n, tiles)
     scale, zero = packed.scale, packed.zero if packed.zero is not None else packed.scale
@@ -1430,6 +1215,5 @@ def gemv(
             kernel.set_shared_memory_config(max(shared, 48 * 1024))
         _SHARED_LIMIT[id(kernel)] = max(shared, 48 * 1024)
     with torch.cuda.device(index):
-        kernel(grid=(grid, 1 if cfg.mma_persist else cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args,
-               shared_mem=shared)
+        kernel(grid=(grid, cfg.split, 1), block=(32 * cfg.warps, 1, 1), args=args, shared_mem=shared)
     return out
