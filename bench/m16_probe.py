@@ -50,12 +50,15 @@ __device__ __forceinline__ void mma_none(float (&d)[4], u32 a0, u32 a1, u32 a2, 
 """
 
 
-def edited(source: str, staging: bool, mma: bool, dequant: bool) -> str:
-    """The staged tensor-core kernel's source with the named parts edited out (each edit checked to apply once)."""
-    at = source.index(
-        'extern "C" __global__ void __launch_bounds__(NWARPS * 32)\nlowbit_w4a16_gemv_mma_staged('
-    )
-    head, kernel = source[:at], source[at:]
+def edited(
+    source: str, staging: bool, mma: bool, dequant: bool, name: str = "lowbit_w4a16_gemv_mma_staged"
+) -> str:
+    """Kernel ``name`` of ``source`` (the staged tensor-core kernel; session 26 also ran a persistent twin through it,
+    since taken out) with the named parts edited out (each edit checked to apply once within that kernel)."""
+    at = source.index(f'extern "C" __global__ void __launch_bounds__(NWARPS * 32)\n{name}(')
+    ends = [i for i in (source.find('extern "C"', at + 10),) if i > 0]
+    end = min(ends, default=len(source))
+    head, kernel, tail = source[:at], source[at:end], source[end:]
 
     def swap(text: str, old: str, new: str) -> str:
         assert text.count(old) == 1, old
@@ -69,7 +72,7 @@ def edited(source: str, staging: bool, mma: bool, dequant: bool) -> str:
     if not dequant:
         kernel = swap(kernel, RAW, "const u32 a0 = lo >> jp, a1 = hi >> jp;")
         kernel = swap(kernel, RAW_NEXT, "const u32 a2 = lo >> (jp + 1), a3 = hi >> (jp + 1);")
-    return head + kernel
+    return head + kernel + tail
 
 
 VARIANTS = {
@@ -87,7 +90,7 @@ def timed_variant(x, packed, cfg, edit, flush) -> float:
     if edit is None:
         return graph_time(lambda: cuda_gemv.gemv(x, packed, cfg), flush)
     original = cuda_gemv.SOURCE
-    cuda_gemv.SOURCE = edited(original, **edit)
+    cuda_gemv.SOURCE = edited(original, **edit, name=cfg.kernel_name)
     cuda_gemv._KERNELS.clear()
     cuda_gemv._SHARED_LIMIT.clear()  # keyed by id(kernel), which a new build may reuse
     try:
@@ -98,7 +101,7 @@ def timed_variant(x, packed, cfg, edit, flush) -> float:
         cuda_gemv._SHARED_LIMIT.clear()  # keyed by id(kernel), which a new build may reuse
 
 
-def shape_row(name: str, flush) -> dict:
+def shape_row(name: str, flush, launches: list) -> dict:
     k, n = next((k, n) for s, k, n in SHAPES if s == name)
     q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
     scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
@@ -121,7 +124,7 @@ def shape_row(name: str, flush) -> dict:
     w = None  # 235-470 MB of bf16 weights, not needed past here
     row = {"shape": name, "k": k, "n": n, "cublas_bf16_16": cublas_16, "cublas_bf16_1": cublas_1,
            "read_only": graph_time(read, flush), "launches": []}  # fmt: skip
-    for cfg in LAUNCHES:
+    for cfg in launches:
         if not cuda_gemv.stage_fits(cfg, k, x16.device, 16):
             continue
         out = cuda_gemv.gemv(x16, packed, cfg)
@@ -146,7 +149,7 @@ def main() -> None:
     buf = torch.empty(128 * 2**20, dtype=torch.int8, device="cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": []}
     for name in args.shapes:
-        result["shapes"].append(shape_row(name, buf.zero_))
+        result["shapes"].append(shape_row(name, buf.zero_, LAUNCHES))
         (args.out / "m16_probe.json").write_text(json.dumps(result, indent=1))
 
 
