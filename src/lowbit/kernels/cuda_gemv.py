@@ -341,23 +341,32 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #if STAGE
     // The block's activations (its K range) go to shared memory once, after the first weight batch is in flight
     // (with FUSE_NORM: multiplied by the norm weight, and h^2 summed, each feature once per block); the loop then
-    // reads them from there, and loads the next batch of weights before it computes the current one.
-    uint2* staged = reinterpret_cast<uint2*>(stage_raw);  // 4 features per entry
+    // reads them from there, and loads the next batch of weights before it computes the current one. They are staged
+    // already paired as the dot product takes them (entry (K-block, j, quad): the activations of codes (j, j + 4) of
+    // the quad's four words w, features 16 j + w and 16 (j + 4) + w), so the loop reads four 16-byte entries (a
+    // quarter-warp's four quads side by side: no bank conflict) and permutes nothing (session 26).
+    uint4* staged = reinterpret_cast<uint4*>(stage_raw);
     load_batch(kb_lo + warp);
 #if STAGE_SCALES
     stage_scales(tile);
 #endif
-    for (int i = threadIdx.x; i < (NO_MATH < 3 ? kb_hi - kb_lo : 0) * 32; i += NWARPS * 32) {
-        uint2 v = load_x4(x + kb_lo * 128 + 4 * i);
+    for (int e = threadIdx.x; e < (NO_MATH < 3 ? kb_hi - kb_lo : 0) * 16; e += NWARPS * 32) {
+        const int kl = e >> 4, q4 = e & 3, j = (e >> 2) & 3;
+        const int f0 = (kb_lo + kl) * 128 + 16 * j + 4 * q4;  // features f0 .. f0 + 3, and 64 on
+        uint2 v[2] = {load_x4(x + f0), load_x4(x + f0 + 64)};
         if (FUSE_NORM) {
-            const float h0 = __uint_as_float(v.x << 16), h1 = __uint_as_float(v.x & 0xFFFF0000u);
-            const float h2 = __uint_as_float(v.y << 16), h3 = __uint_as_float(v.y & 0xFFFF0000u);
-            ssq = fmaf(h0, h0, fmaf(h1, h1, fmaf(h2, h2, fmaf(h3, h3, ssq))));
-            const uint2 w = load_x4(norm_w + kb_lo * 128 + 4 * i);
-            v.x = mul_bf16x2(v.x, w.x);
-            v.y = mul_bf16x2(v.y, w.y);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float h0 = __uint_as_float(v[h].x << 16), h1 = __uint_as_float(v[h].x & 0xFFFF0000u);
+                const float h2 = __uint_as_float(v[h].y << 16), h3 = __uint_as_float(v[h].y & 0xFFFF0000u);
+                ssq = fmaf(h0, h0, fmaf(h1, h1, fmaf(h2, h2, fmaf(h3, h3, ssq))));
+                const uint2 w = load_x4(norm_w + f0 + 64 * h);
+                v[h].x = mul_bf16x2(v[h].x, w.x);
+                v[h].y = mul_bf16x2(v[h].y, w.y);
+            }
         }
-        staged[i] = v;
+        staged[(kl * 4 + j) * 4 + q4] = make_uint4(prmt(v[0].x, v[1].x, 0x5410), prmt(v[0].x, v[1].x, 0x7632),
+                                                   prmt(v[0].y, v[1].y, 0x5410), prmt(v[0].y, v[1].y, 0x7632));
     }
     __syncthreads();
 #elif STAGE_SCALES
@@ -413,12 +422,18 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             for (int u = 0; u < UNROLL; ++u) {
                 const int kb = kb0 + u * NWARPS;
                 if (kb < kb_hi) {
-                    uint2 xs[8];
+                    u32 pairs[4][4];  // [word][j]: activations of codes (j, j + 4) of the thread's word
 #if STAGE
 #pragma unroll
-                    for (int j = 0; j < 8; ++j)
-                        xs[j] = NO_MATH < 3 ? staged[(kb - kb_lo) * 32 + 4 * j + quad] : make_uint2(j, quad);
+                    for (int j = 0; j < 4; ++j) {
+                        const uint4 p = NO_MATH < 3 ? staged[((kb - kb_lo) * 4 + j) * 4 + quad] : make_uint4(j, quad, j, quad);
+                        pairs[0][j] = p.x;
+                        pairs[1][j] = p.y;
+                        pairs[2][j] = p.z;
+                        pairs[3][j] = p.w;
+                    }
 #else
+                    uint2 xs[8];
                     const u16* xb = x + kb * 128 + 4 * quad;
 #pragma unroll
                     for (int j = 0; j < 8; ++j) xs[j] = NO_MATH < 3 ? load_x4(xb + 16 * j) : make_uint2(j, quad);
@@ -437,8 +452,6 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                         }
                     }
 #endif
-#endif
-                    u32 pairs[4][4];  // [word][j]: activations of codes (j, j + 4) of the thread's word
 #pragma unroll
                     for (int j = 0; j < 4; ++j) {
                         pairs[0][j] = prmt(xs[j].x, xs[j + 4].x, 0x5410);
@@ -446,6 +459,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                         pairs[2][j] = prmt(xs[j].y, xs[j + 4].y, 0x5410);
                         pairs[3][j] = prmt(xs[j].y, xs[j + 4].y, 0x7632);
                     }
+#endif
 #if STAGE_SCALES
                     const int gi = PER_CHANNEL ? 0 : kb / GROUP_BLOCKS - g_lo;
 #pragma unroll
