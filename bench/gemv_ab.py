@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import kernel_import  # noqa: F401  (puts src/lowbit on the path, kernels only)
@@ -46,6 +47,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     spec = importlib.util.spec_from_file_location("old_cuda_gemv", args.old)
     old = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = old  # its dataclasses look their module up
     spec.loader.exec_module(old)
     sources = {"old": old.SOURCE, "new": cuda_gemv.SOURCE}
     torch.manual_seed(0)
