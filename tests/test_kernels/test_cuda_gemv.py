@@ -456,18 +456,20 @@ def test_gpu_persistent_cuda_gemv(kind):
 
 
 def _bench_module(name: str):
-    """A script of bench/ imported as a module; the bench modules it pulls in are dropped from ``sys.modules`` again
-    (bench/kernels.py would otherwise shadow the ``kernels`` package that transformers imports)."""
+    """A script of bench/ imported as a module. Its bench modules are imported under their own names (bench/kernels.py
+    would otherwise meet the ``kernels`` package that transformers imports, or shadow it), then dropped from
+    ``sys.modules`` again and whatever they shadowed put back."""
     bench = Path(__file__).resolve().parents[2] / "bench"
-    before = set(sys.modules)
+    names = {path.stem for path in bench.glob("*.py")}
+    shadowed = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     sys.path.insert(0, str(bench))
     try:
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(bench))
-        for added in set(sys.modules) - before:
-            if str(bench) in str(getattr(sys.modules[added], "__file__", "") or ""):
-                del sys.modules[added]
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(shadowed)
 
 
 def test_probe_edits_still_find_their_text():
