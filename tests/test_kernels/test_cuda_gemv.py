@@ -4,13 +4,11 @@ configuration naming it falls back to the Triton kernels and stays exact."""
 from __future__ import annotations
 
 # tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU.
-import importlib
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tests.test_kernels.bench_scripts import bench_module
 from tests.test_kernels.gpu_chains import assert_repeatable
 
 from lowbit.kernels import cuda_gemv, w4a16
@@ -455,28 +453,11 @@ def test_gpu_persistent_cuda_gemv(kind):
                 assert rel_err(expected, float64_product(x, packed)) < 5e-3
 
 
-def _bench_module(name: str):
-    """A script of bench/ imported as a module. Its bench modules are imported under their own names (bench/kernels.py
-    would otherwise meet the ``kernels`` package that transformers imports, or shadow it), then dropped from
-    ``sys.modules`` again and whatever they shadowed put back."""
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    names = {path.stem for path in bench.glob("*.py")}
-    shadowed = {n: sys.modules.pop(n) for n in names if n in sys.modules}
-    sys.path.insert(0, str(bench))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(bench))
-        for n in names:
-            sys.modules.pop(n, None)
-        sys.modules.update(shadowed)
-
-
 def test_probe_edits_still_find_their_text():
     """bench/m16_probe.py and bench/occupancy_probe.py edit the kernels' source text (parts left out; launch bounds),
     asserting that each edit finds its text once: every variant of every launch they time still builds that way, and
     each edit changes only the kernel it names."""
-    probe = _bench_module("m16_probe")
+    probe = bench_module("m16_probe")
     for cfg in probe.LAUNCHES:
         full = cuda_gemv.source(cfg, 1, False, False, tokens=16)
         for label, edit in probe.VARIANTS.items():
@@ -486,7 +467,7 @@ def test_probe_edits_still_find_their_text():
             assert edited != full, label
             other = full.index('extern "C" __global__ void __launch_bounds__(NWARPS * 32)\nlowbit_w4a16_gemv(')
             assert edited[:other] == full[:other], label  # the helpers and the one-token kernel are untouched
-    occupancy = _bench_module("occupancy_probe")
+    occupancy = bench_module("occupancy_probe")
     for _, m, cfg in occupancy.POINTS:
         full = cuda_gemv.source(cfg, 1, False, False, tokens=m)
         assert f"__launch_bounds__(NWARPS * 32, 6)\n{cfg.kernel_name}(" in occupancy.bounded(full, cfg.kernel_name, 6)

@@ -7,13 +7,11 @@ in a CUDA graph) and strided tokens."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tests.test_kernels.bench_scripts import bench_module
 from tests.test_kernels.gpu_chains import assert_repeatable
 from tests.test_kernels.test_cuda_gemm import (
     MASK32,
@@ -648,12 +646,7 @@ def test_ablation_edits_still_find_their_text():
     """bench/wgmma_ablation.py takes parts of the kernel out by editing its source text, and asserts each edit found
     its text: every variant of every launch it times still builds (session 19 moved the K-block into a lambda, which
     re-indented the copy it removes)."""
-    bench = Path(__file__).resolve().parents[2] / "bench"
-    sys.path.insert(0, str(bench))
-    try:
-        ablation = importlib.import_module("wgmma_ablation")
-    finally:
-        sys.path.remove(str(bench))
+    ablation = bench_module("wgmma_ablation")
     for cfg in [*ablation.BEST.values(), *ablation.CONTINUOUS.values()]:
         full = cuda_wgmma.source(cfg, 1, False, False)
         for name in ablation.VARIANTS:
