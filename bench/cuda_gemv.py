@@ -71,6 +71,13 @@ STAGE_SCALES = [0, 1, 2]
 # --mma-at-one (with --quick): at one token, the tensor-core launches, staged ones included (the tuner's candidates
 # take the staged kernel from two tokens on)
 MMA_AT_ONE = [False]
+# --half: the staged CUDA-core launches in bf16 pairs (False), fp16 pairs (True, CudaGemvConfig.half) or both
+HALF = [False, True]
+
+
+def halves(stage: bool) -> list[bool]:
+    """The arithmetics a CUDA-core launch is timed in: fp16 only exists staged."""
+    return HALF if stage else [False]
 
 
 def staged_mma() -> list[cuda_gemv.CudaGemvConfig]:
@@ -99,10 +106,11 @@ def quick_sweep(m: int, mma_only: bool = False) -> list[cuda_gemv.CudaGemvConfig
         ]
         return unstaged + staged_mma()
     return [
-        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=st, persist=p, stage_scales=ss)
+        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=st, persist=p, stage_scales=ss, half=h)
         for r, w, u in QUICK_CORE
         for st, p in QUICK_LAUNCHES
         for ss in STAGE_SCALES
+        for h in halves(st)
     ] + [cuda_gemv.CudaGemvConfig(r, w, 1, 1, mma=True) for r, w in ((1, 4), (2, 4), (2, 8))]
 
 
@@ -117,15 +125,16 @@ def sweep() -> list[cuda_gemv.CudaGemvConfig]:
     ]
     mma = itertools.product((1, 2, 4), (4, 8, 16), (1,), (1, 2, 4))
     persistent = [
-        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=True, persist=p, stage_scales=ss)
+        cuda_gemv.CudaGemvConfig(r, w, u, 1, stage=True, persist=p, stage_scales=ss, half=h)
         for r, w, u, s in core
         if s == 1
         for p in (1, 2, 3, 4)
         for ss in STAGE_SCALES
+        for h in HALF
     ]
     return (
-        [cuda_gemv.CudaGemvConfig(*c, stage=st, stage_scales=ss) for st in (False, True) for c in core
-         for ss in STAGE_SCALES]
+        [cuda_gemv.CudaGemvConfig(*c, stage=st, stage_scales=ss, half=h) for st in (False, True) for c in core
+         for ss in STAGE_SCALES for h in halves(st)]
         + persistent
         + [cuda_gemv.CudaGemvConfig(*c, mma=True) for c in mma]
         + staged_mma()
@@ -148,17 +157,19 @@ def fused_launches(quick: bool) -> list[w4a16.WNA16Config]:
     ]
     if quick:
         return [
-            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p, stage_scales=ss)
+            w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p, stage_scales=ss, half=h)
             for r, nw, u in QUICK_CORE
             for st, p in QUICK_LAUNCHES
             for ss in STAGE_SCALES
+            for h in halves(st)
         ] + mma
     launches = [(st, 0) for st in (False, True)] + [(True, p) for p in (1, 2, 3, 4)]
     return [
-        w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p, stage_scales=ss)
+        w4a16.WNA16Config(1, 8 * r, 1, nw, kbi=u, cuda=True, stage=st, persist=p, stage_scales=ss, half=h)
         for r, nw, u, (st, p) in itertools.product((1, 2, 4), (4, 8, 16), (1, 2), launches)
         if r * u <= 4
         for ss in STAGE_SCALES
+        for h in halves(st)
     ] + mma
 
 
@@ -232,16 +243,17 @@ def check_schemes() -> list[dict]:
         zero = torch.randint(0, 16, (n, groups), device="cuda", dtype=torch.int16) if asym else None
         packed = pack_wna16(q, scale, zero, 4, group)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for mma, stage, staged_scales in ((False, False, 0), (False, True, 1), (False, False, 2), (True, False, 0),
-                                          (True, True, 0)):  # fmt: skip
+        for mma, stage, staged_scales, half in ((False, False, 0, False), (False, True, 1, False),
+                                                (False, True, 1, True), (False, False, 2, False), (True, False, 0, False),
+                                                (True, True, 0, False)):  # fmt: skip
             if m > 1 and not mma:
                 continue
-            cfg = cuda_gemv.CudaGemvConfig(2, 4, 2, split, mma, stage, stage_scales=staged_scales)
+            cfg = cuda_gemv.CudaGemvConfig(2, 4, 2, split, mma, stage, stage_scales=staged_scales, half=half)
             err = rel_err(cuda_gemv.gemv(x, packed, cfg), reference(x, packed))
             rows.append({"group": group, "asymmetric": asym, "split": split, "m": m, "mma": mma, "stage": stage,
-                         "stage_scales": staged_scales, "rel_err": err})  # fmt: skip
+                         "stage_scales": staged_scales, "half": half, "rel_err": err})  # fmt: skip
             print(f"check group={group:4d} asymmetric={asym!s:5} split={split} M={m:2d} mma={mma!s:5} "
-                  f"stage={stage!s:5} stage_scales={staged_scales!s:5}: rel err {err:.2e}")  # fmt: skip
+                  f"stage={stage!s:5} stage_scales={staged_scales!s:5} half={half!s:5}: rel err {err:.2e}")  # fmt: skip
     return rows
 
 
@@ -368,6 +380,8 @@ def shape_row(
         stage=c.stage,
         persist=c.persist,
         pipe=c.pipe,
+        stage_scales=c.stage_scales,
+        half=c.half,
     )
     tuned = {str((m, n, k, 4, 128, True)): repr(cuda_cfg if best["us"] < triton_us else triton_cfg)}
     if fused and m == 1:
@@ -405,8 +419,13 @@ def main() -> None:
         "--mma-at-one", action="store_true",
         help="with --quick: the tensor-core launches at one token, staged ones included, and three CUDA-core ones",
     )  # fmt: skip
+    parser.add_argument(
+        "--half", choices=["off", "on", "both"], default="both",
+        help="the staged CUDA-core launches in bf16 (off), fp16 (on, CudaGemvConfig.half) or both arithmetics",
+    )  # fmt: skip
     args = parser.parse_args()
     MMA_AT_ONE[0] = args.mma_at_one
+    HALF[:] = {"off": [False], "on": [True], "both": [False, True]}[args.half]
     STAGE_SCALES[:] = {"off": [0], "on": [1], "tiled": [2], "all": [0, 1, 2]}[args.stage_scales]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ configuration naming it falls back to the Triton kernels and stays exact."""
 from __future__ import annotations
 
 # tests/conftest.py sets TRITON_INTERPRET=1 (before triton is imported) on machines without a GPU.
+import dataclasses
 import itertools
 
 import pytest
@@ -207,6 +208,9 @@ def test_gpu_fused_cuda_gemv_matches_the_separate_operations(kind):
         w4a16.WNA16Config(1, 8 * rows, 1, warps, kbi=unroll, cuda=True, stage=stage)
         for rows, warps, unroll, stage in ((2, 8, 1, False), (2, 4, 2, False), (4, 4, 1, False), (2, 8, 1, True),
                                            (2, 16, 2, True))
+    ] + [
+        w4a16.WNA16Config(1, 8 * rows, 1, warps, kbi=unroll, cuda=True, stage=True, persist=persist, half=True)
+        for rows, warps, unroll, persist in ((2, 8, 1, 0), (2, 16, 2, 0), (2, 8, 1, 2))
     ]  # fmt: skip
     mma = [
         w4a16.WNA16Config(1, 16 * rows, 1, warps, kbi=1, mma=True, cuda=True)
@@ -428,12 +432,12 @@ def test_gpu_persistent_cuda_gemv(kind):
             torch.randn(1, n, device="cuda", dtype=torch.bfloat16, generator=gen) if "res" in kind else None
         )
         fused = cuda_gemv.Fused(norm=norm, eps=1e-5, glu=glu, residual=residual) if kind else None
-        for rows, warps, unroll in launches:
+        for (rows, warps, unroll), half in itertools.product(launches, (False, True)):
             tiles = -(-(n // 2 if glu else n) // (4 * rows if glu else 8 * rows))
-            base = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True)
+            base = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True, half=half)
             expected = cuda_gemv.gemv(x, packed, base, fused=fused)
             for persist in (1, 3):
-                cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True, persist=persist)
+                cfg = cuda_gemv.CudaGemvConfig(rows, warps, unroll, 1, stage=True, persist=persist, half=half)
                 assert persist * cuda_gemv.sm_count(torch.cuda.current_device()) < tiles
                 assert torch.equal(cuda_gemv.gemv(x, packed, cfg, fused=fused), expected), (
                     k,
@@ -451,6 +455,55 @@ def test_gpu_persistent_cuda_gemv(kind):
             assert torch.equal(out, expected), (k, rows, warps)
             if not kind:
                 assert rel_err(expected, float64_product(x, packed)) < 5e-3
+
+
+def test_half_is_a_staged_core_launch_and_a_tuning_twin():
+    """fp16 arithmetic (``half``) exists for the staged CUDA-core kernel only; at one token every staged CUDA-core
+    candidate has an fp16 twin and no unstaged one does; the runtime's config carries it to the kernel's macros."""
+    for bad in ({}, {"mma": True, "stage": True}, {"stage_scales": 2}):
+        with pytest.raises(ValueError, match="half needs"):
+            cuda_gemv.CudaGemvConfig(2, 8, 1, 1, half=True, **bad)
+    cfg = cuda_gemv.CudaGemvConfig(2, 8, 1, 1, stage=True, half=True)
+    assert "#define HALF 1" in cuda_gemv.source(cfg, 1, False, False)
+    assert "#define HALF 0" in cuda_gemv.source(cuda_gemv.CudaGemvConfig(2, 8, 1, 1, stage=True), 1, False, False)
+    assert cuda_gemv.static_shared_bytes(cfg) - cuda_gemv.static_shared_bytes(
+        cuda_gemv.CudaGemvConfig(2, 8, 1, 1, stage=True)
+    ) == 4 * 8
+    core = [c for c in w4a16.candidate_configs(1) if c.cuda and not c.mma]
+    staged = {c for c in core if c.stage and not c.half}
+    assert staged and {dataclasses.replace(c, half=True) for c in staged} == {c for c in core if c.half}
+    assert all(c.stage for c in core if c.half)
+    assert w4a16.WNA16Config(1, 16, 1, 8, kbi=1, cuda=True, stage=True, half=True).cuda_config() == cfg
+
+
+@gpu_only
+@pytest.mark.parametrize(
+    ("group", "asymmetric", "split"), list(itertools.product((128, 256, -1), (False, True), (1, 3)))
+)
+def test_gpu_half_staged_gemv_matches_float64(group, asymmetric, split):
+    """fp16 arithmetic on every scheme, split-K over uneven K-slices and persistent blocks, at the bf16 launches'
+    accuracy or better; and with activations whose magnitudes would overflow (x 3e4) or underflow (x 1e-6) fp16 sums
+    without the per-block power-of-two scaling, a lone outlier, and all zeros."""
+    n, k = 1000, 2048
+    packed = packed_weight(n, k, group, asymmetric, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    base = torch.randn(1, k, device="cuda", generator=gen)
+    outlier = base.clone()
+    outlier[0, 77] = 3e4
+    launches = [(2, 4, 2, 0), (1, 8, 1, 0)] + ([(2, 16, 1, 2)] if split == 1 else [])
+    for scale_name, x in (("1", base), ("3e4", base * 3e4), ("1e-6", base * 1e-6), ("outlier", outlier)):
+        x = x.to(torch.bfloat16)
+        ref = float64_product(x, packed)
+        for rows, warps, unroll, persist in launches:
+            bf16 = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, stage=True, persist=persist)
+            half = dataclasses.replace(bf16, half=True)
+            err = rel_err(cuda_gemv.gemv(x, packed, half), ref)
+            assert err < 3e-3, (scale_name, half, err)
+            if scale_name == "1":
+                assert err <= 1.05 * rel_err(cuda_gemv.gemv(x, packed, bf16), ref), (half, err)
+    zero = torch.zeros(1, k, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(cuda_gemv.gemv(zero, packed, cuda_gemv.CudaGemvConfig(2, 4, 2, split, stage=True, half=True)),
+                       torch.zeros(1, n, device="cuda", dtype=torch.bfloat16))  # fmt: skip
 
 
 def test_probe_edits_still_find_their_text():

@@ -20,8 +20,13 @@ Three kernels (:class:`CudaGemvConfig`):
   (:data:`lowbit.kernels.dequant._WORD_DOT_PTX`), ``lop3`` makes ``128 + q`` in bf16 for the code pair ``(j, j + 4)``,
   one ``fma.bf16x2`` subtracts ``128 + zero`` (exact), one multiplies by the activations and accumulates; float32 from
   there. ``stage``: the activations are staged in shared memory once per block and the next weight batch is loaded
-  while the current one is computed. It also takes a decode step's elementwise work (:class:`Fused`: RMSNorm as a
-  scale on the outputs, SwiGLU on ``[gate; up]`` output rows, the residual add);
+  while the current one is computed; ``half`` (staged only): the staged activations are converted to fp16 once per
+  block (times a power of two that puts the block's largest magnitude in [64, 128), so that no fp16 sum can overflow
+  and none of bf16's significand bits is lost) and the dot products run in ``fma.f16x2``: fp16's 10-bit mantissa
+  holds a code at bits 4-7 as well as at 0-3, so one shift per word instead of three, and 16 products per fp16 chain
+  (11-bit significand) before one float conversion, against 4 per bf16 chain (8-bit). It also takes a decode step's
+  elementwise work (:class:`Fused`: RMSNorm as a scale on the outputs, SwiGLU on ``[gate; up]`` output rows, the
+  residual add);
 * the tensor-core kernel, 1 to 16 tokens (``mma.sync.m16n8k16``, the raw codes as ``128 + q`` and a product of ones
   for the zero-point term, as :func:`lowbit.kernels.wna16_jit.w4_mma_kernel`); for one token it also takes the norm
   and the residual add (not SwiGLU);
@@ -125,6 +130,60 @@ __device__ __forceinline__ u32 word_dot(u32 w, u32 x04, u32 x15, u32 x26, u32 x3
     return p;
 }
 
+// HALF: as word_dot, in fp16 and accumulating: acc (an fp16 pair) + the word's eight (q_j - zero) * x_j, codes j and
+// j + 4 summed separately. fp16's 10-bit mantissa holds a code at bits 4-7 as well as at 0-3, so one shift per word
+// (bf16: three): lop3 makes 1024 + q from the low nibbles and 1024 + 16 q from the high ones, and one fma.f16x2
+// subtracts 1024 + zero (nz_lo) or scales by 1/16 and subtracts 64 + zero (nz_hi), exactly.
+__device__ __forceinline__ u32 word_dot_f16(u32 w, u32 x04, u32 x15, u32 x26, u32 x37, u32 nz_lo, u32 nz_hi, u32 acc) {
+    asm("{\n"
+        ".reg .b32 a, d, t, one, sixteenth;\n"
+        "mov.b32 one, 0x3C003C00;\n"
+        "mov.b32 sixteenth, 0x2C002C00;\n"
+        "shr.u32 t, %1, 8;\n"
+        "lop3.b32 a, %1, 0x000F000F, 0x64006400, 0xEA;\n"
+        "fma.rn.f16x2 d, a, one, %6;\n"
+        "fma.rn.f16x2 %0, d, %2, %0;\n"
+        "lop3.b32 a, %1, 0x00F000F0, 0x64006400, 0xEA;\n"
+        "fma.rn.f16x2 d, a, sixteenth, %7;\n"
+        "fma.rn.f16x2 %0, d, %3, %0;\n"
+        "lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;\n"
+        "fma.rn.f16x2 d, a, one, %6;\n"
+        "fma.rn.f16x2 %0, d, %4, %0;\n"
+        "lop3.b32 a, t, 0x00F000F0, 0x64006400, 0xEA;\n"
+        "fma.rn.f16x2 d, a, sixteenth, %7;\n"
+        "fma.rn.f16x2 %0, d, %5, %0;\n"
+        "}"
+        : "+r"(acc) : "r"(w), "r"(x04), "r"(x15), "r"(x26), "r"(x37), "r"(nz_lo), "r"(nz_hi));
+    return acc;
+}
+
+// the sum of an fp16 pair in float32
+__device__ __forceinline__ float half_pair_sum(u32 p) {
+    float lo, hi;
+    asm("{\n"
+        ".reg .b16 l, h;\n"
+        "mov.b32 {l, h}, %2;\n"
+        "cvt.f32.f16 %0, l;\n"
+        "cvt.f32.f16 %1, h;\n"
+        "}"
+        : "=f"(lo), "=f"(hi) : "r"(p));
+    return lo + hi;
+}
+
+// a float as an fp16 pair (both halves), rounded to nearest
+__device__ __forceinline__ u32 half_pair(float f) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %1;" : "=r"(d) : "f"(f));
+    return d;
+}
+
+// a bf16 pair as an fp16 pair, each value times the power of two f first (exact where the result is a normal fp16)
+__device__ __forceinline__ u32 bf16_pair_to_half(u32 p, float f) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(__uint_as_float(p & 0xFFFF0000u) * f), "f"(__uint_as_float(p << 16) * f));
+    return d;
+}
+
 // PDL_TRIGGER: a kernel launched after this one with programmatic dependent launch (lowbit.kernels.pdl, mode
 // "attention": the decode attention) may start now; it still waits for this grid's completion before reading
 // anything this kernel writes. No effect on kernels launched the ordinary way.
@@ -221,6 +280,9 @@ SOURCE = r"""
 #if (FUSE_NORM || FUSE_GLU || FUSE_RES) && SPLIT != 1
 #error "the fused work needs SPLIT == 1"
 #endif
+#if HALF && !STAGE
+#error "HALF needs STAGE"
+#endif
 """
 
 SOURCE += HELPERS + r"""
@@ -260,13 +322,27 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         return min(n0 + i, N - 1);
     };
     int rows_n[ROWS];  // the weight rows of this thread in the tile being loaded
+    // and the addresses of the next batch's codes (this lane's 16 bytes of K-block kb_lo + warp, then NWARPS UNROLL
+    // K-blocks on per batch), scales and zero points (groups of one K-block), advanced by each batch's loads: kept in
+    // registers rather than rebuilt from the row number every batch (session 27)
+    const uint4* w_next[ROWS];
+    const u16* s_next[ROWS];
+    const u16* z_next[ROWS];
+    const size_t w_step = (size_t)NWARPS * N * 4;  // one K-block per warp, in 16-byte units
     auto set_rows = [&](int tile) {
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) rows_n[r] = row_n(tile, row + 8 * r);
+        for (int r = 0; r < ROWS; ++r) {
+            rows_n[r] = row_n(tile, row + 8 * r);
+            const int kb = kb_lo + warp;
+            w_next[r] = qweight + ((size_t)kb * N + rows_n[r]) * 4 + quad;
+            s_next[r] = scale + (size_t)(PER_CHANNEL ? 0 : kb) * N + rows_n[r];
+            z_next[r] = zero + (size_t)(PER_CHANNEL ? 0 : kb) * N + rows_n[r];
+        }
     };
 
     float ssq = 0.f;  // FUSE_NORM: this lane's share of sum(h^2)
     float norm_scale = 1.f;
+    float half_down = 1.f;  // HALF: the staged activations are the block's over this power of two
 
     uint4 words[UNROLL][ROWS];
     u32 scales[UNROLL][ROWS];
@@ -282,9 +358,13 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             for (int r = 0; r < ROWS; ++r) {
                 const int n = rows_n[r];
 #if SCALE_PROBE == 0
-                words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + n) * 4 + quad) : make_uint4(0, 0, 0, 0);
-                scales[u][r] = (ok && NO_MATH < 2 && !STAGE_SCALES) ? load_u16(scale + (size_t)g * N + n) : 0u;
-                zeros[u][r] = (ok && HAS_ZERO && NO_MATH < 2 && !STAGE_SCALES) ? load_u16(zero + (size_t)g * N + n) : 0u;
+                const bool own_scale = ok && NO_MATH < 2 && !STAGE_SCALES;
+                const size_t s_at = PER_CHANNEL ? 0 : (size_t)u * NWARPS * N;  // groups of one K-block
+                words[u][r] = ok ? load_words(w_next[r] + u * w_step) : make_uint4(0, 0, 0, 0);
+                scales[u][r] = !own_scale ? 0u
+                               : GROUP_BLOCKS == 1 ? load_u16(s_next[r] + s_at) : load_u16(scale + (size_t)g * N + n);
+                zeros[u][r] = !(own_scale && HAS_ZERO) ? 0u
+                              : GROUP_BLOCKS == 1 ? load_u16(z_next[r] + s_at) : load_u16(zero + (size_t)g * N + n);
 #else  // timing probes of the scale loads (bench/m1_probe.py): 1, they read fixed, L1-resident addresses (wrong
        // results); 2, they do not allocate in L1; 3, they are issued before the batch's weight loads
                 if (SCALE_PROBE != 3)
@@ -300,6 +380,14 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
             for (int r = 0; r < ROWS; ++r)
                 words[u][r] = ok ? load_words(qweight + ((size_t)kb * N + rows_n[r]) * 4 + quad) : make_uint4(0, 0, 0, 0);
 #endif
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            w_next[r] += UNROLL * w_step;
+            if (!PER_CHANNEL) {
+                s_next[r] += (size_t)UNROLL * NWARPS * N;
+                z_next[r] += (size_t)UNROLL * NWARPS * N;
+            }
         }
     };
 
@@ -346,6 +434,10 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
     // the quad's four words w, features 16 j + w and 16 (j + 4) + w), so the loop reads four 16-byte entries (a
     // quarter-warp's four quads side by side: no bank conflict) and permutes nothing (session 26).
     uint4* staged = reinterpret_cast<uint4*>(stage_raw);
+#if HALF
+    float amax = 0.f;  // the largest magnitude this thread stages
+    __shared__ float amax_part[NWARPS];
+#endif
     load_batch(kb_lo + warp);
 #if STAGE_SCALES
     stage_scales(tile);
@@ -367,7 +459,39 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
         }
         staged[(kl * 4 + j) * 4 + q4] = make_uint4(prmt(v[0].x, v[1].x, 0x5410), prmt(v[0].x, v[1].x, 0x7632),
                                                    prmt(v[0].y, v[1].y, 0x5410), prmt(v[0].y, v[1].y, 0x7632));
+#if HALF
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(__uint_as_float(v[h].x << 16)), fabsf(__uint_as_float(v[h].x & 0xFFFF0000u))),
+                                     fmaxf(fabsf(__uint_as_float(v[h].y << 16)), fabsf(__uint_as_float(v[h].y & 0xFFFF0000u)))));
+#endif
     }
+#if HALF
+    // fp16 from here: the block's staged activations times 2^half_shift, a power of two that brings their largest
+    // magnitude to [64, 128) (exact: bf16's 8-bit significands fit fp16's 11; only values below 2^-21 of the largest
+    // become fp16 subnormals), so that no fp16 sum of the loop (16 products of |q - zero| <= 15) can pass 30 720; the
+    // block's sums are scaled back (half_down). Each thread converts the entries it staged.
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (lane == 0) amax_part[warp] = amax;
+    __syncthreads();
+    amax = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) amax = fmaxf(amax, amax_part[w]);
+    int amax_exp = 7;  // amax = f 2^amax_exp, f in [0.5, 1); non-finite: no scaling (the outputs are not finite either)
+    if (isfinite(amax)) frexpf(amax, &amax_exp);
+    // at most 2^126, so that both factors are normal floats (amax below 2^-119: activations that are zero in all but
+    // name, staged with less headroom)
+    const int half_shift = min(7 - amax_exp, 126);
+    const float up = __int_as_float((127 + half_shift) << 23);
+    half_down = __int_as_float((127 - half_shift) << 23);
+    for (int e = threadIdx.x; e < (NO_MATH < 3 ? kb_hi - kb_lo : 0) * 16; e += NWARPS * 32) {
+        const int kl = e >> 4, q4 = e & 3, j = (e >> 2) & 3;
+        const uint4 p = staged[(kl * 4 + j) * 4 + q4];
+        staged[(kl * 4 + j) * 4 + q4] = make_uint4(bf16_pair_to_half(p.x, up), bf16_pair_to_half(p.y, up),
+                                                   bf16_pair_to_half(p.z, up), bf16_pair_to_half(p.w, up));
+    }
+#endif
     __syncthreads();
 #elif STAGE_SCALES
     load_batch(kb_lo + warp);  // the first weights in flight, then the first tile's scales
@@ -470,10 +594,22 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #endif
 #pragma unroll
                     for (int r = 0; r < ROWS; ++r) {
+                        const uint4 w = cur[u][r];
+#if HALF && !NO_MATH
+                        // zero points are integers (lowbit.kernels.layout): rintf keeps both constants exact
+                        const float zr = HAS_ZERO ? rintf(bf16_bits_to_float(cur_zeros[u][r])) : 8.f;
+                        const u32 nz_lo = HAS_ZERO ? half_pair(-(1024.f + zr)) : 0xE408E408u;  // -1032
+                        const u32 nz_hi = HAS_ZERO ? half_pair(-(64.f + zr)) : 0xD480D480u;  // -72
+                        u32 dot = 0u;
+                        dot = word_dot_f16(w.x, pairs[0][0], pairs[0][1], pairs[0][2], pairs[0][3], nz_lo, nz_hi, dot);
+                        dot = word_dot_f16(w.y, pairs[1][0], pairs[1][1], pairs[1][2], pairs[1][3], nz_lo, nz_hi, dot);
+                        dot = word_dot_f16(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], nz_lo, nz_hi, dot);
+                        dot = word_dot_f16(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], nz_lo, nz_hi, dot);
+                        const float part = half_pair_sum(dot);
+#else
                         const float z = HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r]) : 8.f;
                         const u32 nz = float_to_bf16_bits(-(128.f + z));
                         const u32 neg_zero = nz | (nz << 16);
-                        const uint4 w = cur[u][r];
 #if NO_MATH  // timing probe (bench/cuda_gemv.py, levels: see source()): no dot products
                         const float part = (float)((w.x ^ w.y ^ w.z ^ w.w ^ pairs[r & 3][0] ^ neg_zero) & 1u);
 #else
@@ -482,12 +618,17 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                                          + pair_sum(word_dot(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], neg_zero))
                                          + pair_sum(word_dot(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], neg_zero));
 #endif
+#endif
                         acc[r] = fmaf(part, bf16_bits_to_float(cur_scales[u][r]), acc[r]);
                     }
                 }
             }
         }
 
+#if HALF
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[r] *= half_down;
+#endif
 #if NO_MATH >= 4  // timing probe: no reduction across the warps and no stores
         float any = 0.f;  // every row's sum kept alive (else its loads go too)
 #pragma unroll
@@ -924,6 +1065,11 @@ class CudaGemvConfig:
     # token in session 22's ablation, bench/notes/kernels.md); 1: from the scales as packed ([groups, N]), 2: from a
     # tiled copy ([N / 8, groups, 8], :func:`tiled_scales`), whole 512-byte requests
     stage_scales: int = 0
+    # the CUDA-core kernel with ``stage``: the staged activations converted to fp16 (times a power of two per block
+    # that puts their largest magnitude in [64, 128)) and the dot products in fp16x2: one shift per word instead of
+    # three and one float conversion per row and K-block instead of four (session 27), a sum of 16 products per fp16
+    # chain (11-bit significand) against 4 per bf16 chain (8-bit)
+    half: bool = False
 
     def __post_init__(self) -> None:
         if min(self.rows, self.warps, self.unroll, self.split, self.pipe) < 1:
@@ -932,6 +1078,8 @@ class CudaGemvConfig:
             raise ValueError(f"{self}: pipe > 1 is for the staged tensor-core kernel (mma and stage)")
         if self.stage_scales not in (0, 1, 2) or (self.stage_scales and self.mma):
             raise ValueError(f"{self}: stage_scales (0, 1 or 2) is for the CUDA-core kernel")
+        if self.half and (self.mma or not self.stage):
+            raise ValueError(f"{self}: half needs the CUDA-core kernel with stage=True")
         if self.persist < 0 or (self.persist and (self.mma or self.split != 1 or not self.stage)):
             raise ValueError(f"{self}: persist needs the CUDA-core kernel with stage=True and split=1, and >= 0")
 
@@ -986,11 +1134,13 @@ def _capability_ok(index: int) -> bool:
 
 def static_shared_bytes(cfg: CudaGemvConfig, tokens: int = 1) -> int:
     """A staged kernel's static shared memory: the partial sums (the CUDA-core kernel: per warp, two sets with
-    ``persist``, and the norm's; the staged tensor-core kernel: per token and row), a flag, and the 1 KiB that NVRTC's
+    ``persist``, the norm's and with ``half`` the largest magnitudes'; the staged tensor-core kernel: per token and row), a flag, and the 1 KiB that NVRTC's
     sm_90 builds add (cuobjdump ``-res-usage``)."""
     if cfg.mma:  # the unstaged kernel: partial sums per warp
         return 4 * _token_slots(tokens) * cfg.block_rows * (1 if cfg.stage else cfg.warps) + 16 + 1024
-    return 4 * cfg.warps * (8 * cfg.rows * (2 if cfg.persist else 1) + 1) + 16 + 1024
+    # the CUDA-core kernel: partial sums per warp and row (two sets with persist), the norm's and (half) the largest
+    # magnitudes' per warp
+    return 4 * cfg.warps * (8 * cfg.rows * (2 if cfg.persist else 1) + 1 + cfg.half) + 16 + 1024
 
 
 def _token_tiles(tokens: int) -> int:
@@ -1084,6 +1234,7 @@ def source(
         "PDL_TRIGGER": int(trigger),
         "STAGE_SCALES": 0 if cfg.mma else int(cfg.stage_scales),
         "SCALE_PROBE": int(scale_probe),
+        "HALF": int(cfg.half),
     }
     return "".join(f"#define {name} {value}\n" for name, value in macros.items()) + SOURCE
 

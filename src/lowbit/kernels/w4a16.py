@@ -83,6 +83,8 @@ class WNA16Config:
     chains: int = 1
     # with ``cuda`` (the CUDA-core kernel): each tile's scales staged in shared memory (CudaGemvConfig.stage_scales)
     stage_scales: int = 0
+    # with ``cuda`` and ``stage`` (the CUDA-core kernel): fp16 staged activations and dot products (CudaGemvConfig.half)
+    half: bool = False
 
     def wgmma_config(self) -> cuda_wgmma.CudaWgmmaConfig:
         groups = self.num_warps // 4
@@ -130,7 +132,7 @@ class WNA16Config:
         rows = self.block_n // (16 * (self.num_warps if self.stage else 1) if self.mma else 8)
         return cuda_gemv.CudaGemvConfig(
             rows, self.num_warps, self.kbi, self.split_k, self.mma, self.stage, self.persist, self.pipe,
-            0 if self.mma else self.stage_scales,
+            0 if self.mma else self.stage_scales, half=self.half,
         )
 
 
@@ -193,8 +195,9 @@ def _wgmma_candidates(m: int) -> list[WNA16Config]:
 def _cuda_candidates(m: int) -> list[WNA16Config]:
     """CUDA C launches (:mod:`lowbit.kernels.cuda_gemv`), timed only where it is supported: for one token the
     CUDA-core kernel, (rows per thread, warps, K-blocks per load batch) x split-K x staging, staged with 2 or 4
-    persistent blocks per SM, and a few with the tiles' scales staged (:data:`STAGED_SCALES`); for 1 to 16 tokens the tensor-core kernel, (16-row tiles per warp, warps, K-blocks per
-    load batch) x split-K, unstaged, and from 2 tokens on staged (the tokens' activations shared by the block's
+    persistent blocks per SM, and a few with the tiles' scales staged (:data:`STAGED_SCALES`), every staged one also
+    with fp16 arithmetic (``half``); for 1 to 16 tokens the tensor-core kernel, (16-row tiles per warp, warps, K-blocks
+    per load batch) x split-K, unstaged, and from 2 tokens on staged (the tokens' activations shared by the block's
     warps; launches whose K-slice does not fit in shared memory fail and are skipped)."""
     if m > cuda_gemv.MAX_TOKENS:
         return []
@@ -204,22 +207,24 @@ def _cuda_candidates(m: int) -> list[WNA16Config]:
         else []
     )
     mma = [(1, 4, 1), (1, 4, 2), (1, 8, 1), (2, 4, 1), (2, 8, 1), (1, 16, 1), (2, 4, 2), (4, 4, 1)]
+    # staged launches in both arithmetics: bf16 pairs, and fp16 pairs (half)
     return (
         [
-            WNA16Config(1, 8 * r, sk, nw, kbi=kbi, cuda=True, stage=st)
+            WNA16Config(1, 8 * r, sk, nw, kbi=kbi, cuda=True, stage=st, half=h)
             for r, nw, kbi in core
             for sk in (1, 2)
-            for st in (False, True)
+            for st, h in ((False, False), (True, False), (True, True))
         ]
         + [
-            WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=True, persist=p)
+            WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=True, persist=p, half=h)
             for r, nw, kbi in core
             for p in (2, 4)
+            for h in (False, True)
         ]
         + [  # the tiles' scales staged from their tiled copy: best on the wide shapes (session 22)
-            WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=st, stage_scales=2)
+            WNA16Config(1, 8 * r, 1, nw, kbi=kbi, cuda=True, stage=st, stage_scales=2, half=h)
             for r, nw, kbi in STAGED_SCALES
-            for st in (False, True)
+            for st, h in ((False, False), (True, False), (True, True))
             if m == 1
         ]
         + [
