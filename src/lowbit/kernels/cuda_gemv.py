@@ -157,6 +157,12 @@ __device__ __forceinline__ u32 word_dot_f16(u32 w, u32 x04, u32 x15, u32 x26, u3
     return acc;
 }
 
+__device__ __forceinline__ u32 add_half2(u32 a, u32 b) {
+    u32 d;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
 // the sum of an fp16 pair in float32
 __device__ __forceinline__ float half_pair_sum(u32 p) {
     float lo, hi;
@@ -600,12 +606,13 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
                         const float zr = HAS_ZERO ? rintf(bf16_bits_to_float(cur_zeros[u][r])) : 8.f;
                         const u32 nz_lo = HAS_ZERO ? half_pair(-(1024.f + zr)) : 0xE408E408u;  // -1032
                         const u32 nz_hi = HAS_ZERO ? half_pair(-(64.f + zr)) : 0xD480D480u;  // -72
-                        u32 dot = 0u;
-                        dot = word_dot_f16(w.x, pairs[0][0], pairs[0][1], pairs[0][2], pairs[0][3], nz_lo, nz_hi, dot);
-                        dot = word_dot_f16(w.y, pairs[1][0], pairs[1][1], pairs[1][2], pairs[1][3], nz_lo, nz_hi, dot);
-                        dot = word_dot_f16(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], nz_lo, nz_hi, dot);
-                        dot = word_dot_f16(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], nz_lo, nz_hi, dot);
-                        const float part = half_pair_sum(dot);
+                        // four independent chains (one per word, as the bf16 path), added in fp16 pairs: one
+                        // chain of 16 was latency-bound (session 27, call 2)
+                        const u32 d0 = word_dot_f16(w.x, pairs[0][0], pairs[0][1], pairs[0][2], pairs[0][3], nz_lo, nz_hi, 0u);
+                        const u32 d1 = word_dot_f16(w.y, pairs[1][0], pairs[1][1], pairs[1][2], pairs[1][3], nz_lo, nz_hi, 0u);
+                        const u32 d2 = word_dot_f16(w.z, pairs[2][0], pairs[2][1], pairs[2][2], pairs[2][3], nz_lo, nz_hi, 0u);
+                        const u32 d3 = word_dot_f16(w.w, pairs[3][0], pairs[3][1], pairs[3][2], pairs[3][3], nz_lo, nz_hi, 0u);
+                        const float part = half_pair_sum(add_half2(add_half2(d0, d1), add_half2(d2, d3)));
 #else
                         const float z = HAS_ZERO ? bf16_bits_to_float(cur_zeros[u][r]) : 8.f;
                         const u32 nz = float_to_bf16_bits(-(128.f + z));
