@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--old", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--half", action="store_true", help="also each staged launch in fp16 (this source)")
+    parser.add_argument("--shapes", nargs="*", default=SHAPE_NAMES, choices=SHAPE_NAMES)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     spec = importlib.util.spec_from_file_location("old_cuda_gemv", args.old)
@@ -62,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     buf = torch.empty(128 * 2**20, dtype=torch.int8, device="cuda")
     rows = []
-    for name in SHAPE_NAMES:
+    for name in args.shapes:
         k, n = next((k, n) for s, k, n in SHAPES if s == name)
         q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int16)
         scale = (torch.rand(n, k // 128, device="cuda") * 0.004 + 0.001).to(torch.bfloat16)
