@@ -481,8 +481,8 @@ def test_half_is_a_staged_core_launch_and_a_tuning_twin():
     ("group", "asymmetric", "split"), list(itertools.product((128, 256, -1), (False, True), (1, 3)))
 )
 def test_gpu_half_staged_gemv_matches_float64(group, asymmetric, split):
-    """fp16 arithmetic on every scheme, split-K over uneven K-slices and persistent blocks, at the bf16 launches'
-    accuracy or better; and with activations whose magnitudes would overflow (x 3e4) or underflow (x 1e-6) fp16 sums
+    """fp16 arithmetic on every scheme, split-K over uneven K-slices, staged scales (packed and tiled) and persistent
+    blocks, at the bf16 launches' accuracy or better; and with activations whose magnitudes would overflow (x 3e4) or underflow (x 1e-6) fp16 sums
     without the per-block power-of-two scaling, a lone outlier, and all zeros."""
     n, k = 1000, 2048
     packed = packed_weight(n, k, group, asymmetric, "cuda")
@@ -490,12 +490,14 @@ def test_gpu_half_staged_gemv_matches_float64(group, asymmetric, split):
     base = torch.randn(1, k, device="cuda", generator=gen)
     outlier = base.clone()
     outlier[0, 77] = 3e4
-    launches = [(2, 4, 2, 0), (1, 8, 1, 0)] + ([(2, 16, 1, 2)] if split == 1 else [])
+    # (rows, warps, unroll, persistent blocks per SM, staged scales)
+    launches = [(2, 4, 2, 0, 0), (1, 8, 1, 0, 1), (4, 4, 1, 0, 2)] + ([(2, 16, 1, 2, 0)] if split == 1 else [])
     for scale_name, x in (("1", base), ("3e4", base * 3e4), ("1e-6", base * 1e-6), ("outlier", outlier)):
         x = x.to(torch.bfloat16)
         ref = float64_product(x, packed)
-        for rows, warps, unroll, persist in launches:
-            bf16 = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, stage=True, persist=persist)
+        for rows, warps, unroll, persist, scales in launches:
+            bf16 = cuda_gemv.CudaGemvConfig(rows, warps, unroll, split, stage=True, persist=persist,
+                                            stage_scales=scales)  # fmt: skip
             half = dataclasses.replace(bf16, half=True)
             err = rel_err(cuda_gemv.gemv(x, packed, half), ref)
             assert err < 3e-3, (scale_name, half, err)

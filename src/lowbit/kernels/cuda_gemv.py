@@ -23,8 +23,10 @@ Three kernels (:class:`CudaGemvConfig`):
   while the current one is computed; ``half`` (staged only): the staged activations are converted to fp16 once per
   block (times a power of two that puts the block's largest magnitude in [64, 128), so that no fp16 sum can overflow
   and none of bf16's significand bits is lost) and the dot products run in ``fma.f16x2``: fp16's 10-bit mantissa
-  holds a code at bits 4-7 as well as at 0-3, so one shift per word instead of three, and 16 products per fp16 chain
-  (11-bit significand) before one float conversion, against 4 per bf16 chain (8-bit). It also takes a decode step's
+  holds a code at bits 4-7 as well as at 0-3, so one shift per word instead of three, and four chains of 4 products
+  (11-bit significand, each product rounded) added in fp16 before one float conversion, against one conversion per
+  chain of 4 in bf16 (8-bit). Slower than bf16 on most launches in session 27, faster on some: the tuner times both
+  (bench/notes/kernels.md). It also takes a decode step's
   elementwise work (:class:`Fused`: RMSNorm as a scale on the outputs, SwiGLU on ``[gate; up]`` output rows, the
   residual add);
 * the tensor-core kernel, 1 to 16 tokens (``mma.sync.m16n8k16``, the raw codes as ``128 + q`` and a product of ones
@@ -475,7 +477,7 @@ lowbit_w4a16_gemv(const u16* __restrict__ x, const uint4* __restrict__ qweight, 
 #if HALF
     // fp16 from here: the block's staged activations times 2^half_shift, a power of two that brings their largest
     // magnitude to [64, 128) (exact: bf16's 8-bit significands fit fp16's 11; only values below 2^-21 of the largest
-    // become fp16 subnormals), so that no fp16 sum of the loop (16 products of |q - zero| <= 15) can pass 30 720; the
+    // become fp16 subnormals, about), so that no fp16 sum of the loop (16 products of |q - zero| <= 15) can pass 30 720; the
     // block's sums are scaled back (half_down). Each thread converts the entries it staged.
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -1074,8 +1076,9 @@ class CudaGemvConfig:
     stage_scales: int = 0
     # the CUDA-core kernel with ``stage``: the staged activations converted to fp16 (times a power of two per block
     # that puts their largest magnitude in [64, 128)) and the dot products in fp16x2: one shift per word instead of
-    # three and one float conversion per row and K-block instead of four (session 27), a sum of 16 products per fp16
-    # chain (11-bit significand) against 4 per bf16 chain (8-bit)
+    # three and one float conversion per row and K-block instead of four (session 27), four chains of 4 products added
+    # in fp16 (11-bit significand) against a float conversion per bf16 chain of 4 (8-bit). An infinite activation
+    # makes the block's other large values infinite too (no scaling): non-finite outputs either way
     half: bool = False
 
     def __post_init__(self) -> None:
