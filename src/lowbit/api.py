@@ -262,9 +262,11 @@ def load(
 ):
     """Load a lowbit (compressed-tensors) checkpoint, a folder, a .gguf or a built-in name: ``(model, tokenizer)``.
 
-    kernels: run quantized linears through lowbit's packed-weight layers (Triton on CUDA, a PyTorch reference
-    elsewhere) instead of dequantizing at load. Default: on for compressed-tensors checkpoints loaded on CUDA
-    (in bfloat16 unless ``dtype`` is half precision), off otherwise.
+    kernels: run quantized linears through lowbit's packed-weight layers (Triton on CUDA; on the CPU torch's int4
+    kernel for W4A16 and ``_int_mm`` for W8A8 int8, the dequantizing reference for the rest, see
+    :mod:`lowbit.kernels.cpu`) instead of dequantizing at load. Default: on for compressed-tensors checkpoints loaded
+    on CUDA (in bfloat16 unless ``dtype`` is half precision), off otherwise: on the CPU ``kernels=False`` gives the
+    float32 model that evaluation compares, ``kernels=True`` the fast bf16 one.
     """
     folder = Path(path)
     compressed = folder.is_dir() and (folder / "config.json").is_file() and '"compressed-tensors"' in (folder / "config.json").read_text()

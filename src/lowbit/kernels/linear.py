@@ -1,8 +1,9 @@
 """Quantized ``nn.Linear`` replacements that hold packed weights and call the Triton kernels.
 
 Each module runs the Triton kernel when it can (Triton importable and the input on a CUDA
-device, or ``TRITON_INTERPRET=1``) and the plain PyTorch reference of
-:mod:`lowbit.kernels.reference` otherwise, so a model loads and runs everywhere.
+device, or ``TRITON_INTERPRET=1``) and plain PyTorch otherwise, so a model loads and runs everywhere:
+on the CPU, torch's own int4 and int8 kernels where they take the product (:mod:`lowbit.kernels.cpu`),
+else the dense reference of :mod:`lowbit.kernels.reference`.
 
 >>> import torch
 >>> from lowbit.kernels.linear import WeightOnly, swap_linears
@@ -24,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lowbit.kernels import reference
-from lowbit.kernels.layout import PackedWNA16, pack_wna16, unpack_wna16
+from lowbit.kernels import cpu, reference
+from lowbit.kernels.layout import PackedWNA16, pack_wna16
 
 logger = logging.getLogger(__name__)
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+_WARNED: set[str] = set()  # CPU fallback reasons already logged
 
 
 def kernels_available(device: torch.device) -> bool:
@@ -147,6 +149,8 @@ class WNA16Linear(nn.Module):
         # the next projection's weights, prefetched into the L2 after this product (lowbit.kernels.prefetch;
         # set by runtime.Decoder.link_prefetch; plain attributes, not buffers: they belong to that module)
         self.l2_next: list[Tensor] = []
+        # the weight in torch's CPU int4 kernel's layout, made on the first CPU call (see _int4_cpu)
+        self._cpu_int4: tuple[tuple, cpu.CpuInt4Weight] | None = None
 
     @property
     def packed(self) -> PackedWNA16:
@@ -178,9 +182,23 @@ class WNA16Linear(nn.Module):
                 self.in_features, self.out_features, *self.l2_next[:2],
             )  # fmt: skip
         else:
-            q, scale, zero = unpack_wna16(self.packed)
-            y = reference.wna16_matmul_reference(x, q, scale, zero, self.bits)
+            y = cpu.wna16_matmul_cpu(x, self.packed, self._int4_cpu(x))
         return y if self.bias is None else y + self.bias
+
+    def _int4_cpu(self, x: Tensor) -> cpu.CpuInt4Weight | None:
+        """The weight in the layout of torch's CPU int4 kernel for ``x``'s dtype, converted on first use and kept
+        (an extra 4.25-4.5 bits a weight; rebuilt if the buffers change), or ``None`` where that kernel cannot run
+        (said once per reason: the dequantizing path is far slower)."""
+        refusal = cpu.int4_cpu_refusal(self.packed, x)
+        if refusal is not None:
+            if x.device.type == "cpu" and refusal not in _WARNED:
+                _WARNED.add(refusal)
+                logger.warning("W%dA16 on the CPU dequantizes its weights on every call (slow): %s", self.bits, refusal)
+            return None
+        key = (x.dtype, *((t.data_ptr(), t._version) for t in (self.qweight, self.scale, self.zero) if t is not None))
+        if self._cpu_int4 is None or self._cpu_int4[0] != key:
+            self._cpu_int4 = (key, cpu.prepare_int4_cpu(self.packed, x.dtype))
+        return self._cpu_int4[1]
 
     def fused(
         self,
@@ -239,6 +257,8 @@ class W8A8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if kernels_available(x.device):
             y = torch.ops.lowbit.w8a8_mm(x, self.weight, self.weight_scale)
+        elif x.device.type == "cpu" and self.weight.dtype == torch.int8:
+            y = cpu.w8a8_int8_mm_cpu(x, self.weight, self.weight_scale)
         else:
             y = reference.w8a8_matmul_reference(
                 x.reshape(-1, self.in_features), self.weight, self.weight_scale

@@ -1,0 +1,155 @@
+"""The weight-only quantized products on machines without the Triton kernels (CPU first).
+
+Two paths, chosen per call by :func:`wna16_matmul_cpu`:
+
+* **torch's CPU int4 kernel** (``torch._weight_int4pack_mm_for_cpu``, vectorized for AVX-512 /
+  AVX2 and NEON) for 4-bit weights with bf16 or fp16 activations, group sizes 32-256 (per-channel
+  scales are repeated into groups of 256, 128, 64 or 32, exactly), ``N`` a multiple of 16. The
+  weight is converted once from lowbit's layout into the kernel's and kept by the caller
+  (:class:`CpuInt4Weight`; 4.25 bits a weight at group 64). It computes ``(q - 8) * scale + zf``
+  with the float zero ``zf = (8 - zero) * scale`` rounded to the activation dtype, in the
+  activation dtype: within bf16 tolerance of the reference, not bitwise equal to it.
+* **dequantize, then one dense product** (:func:`dequantize_packed`) for everything else: 8-bit
+  codes, float32 activations (the int4 kernel has no vectorized float32 path: it was 7x slower than a
+  dense float32 product; running float32 models in bf16 would change their numbers silently), other
+  shapes. It works from the packed words in int32 (no int64 copies) and computes in float32, like
+  :func:`lowbit.kernels.reference.wna16_matmul_reference`.
+
+W8A8 int8 runs ``torch._int_mm`` on the CPU (:func:`w8a8_int8_mm_cpu`, bitwise the reference's output). FP8 W8A8
+keeps the reference: torch's CPU ``_scaled_mm`` was slower than it (74 against 42 ms on a 2048 x 8192 product).
+
+Measured on this project's 2-core CPU: ``bench/cpu_linear.py`` and ``bench/cpu_decode.py``
+(bench/notes/kernels.md, "CPU").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.kernels import reference
+from lowbit.kernels.layout import BLOCK_K, PackedWNA16
+
+# the group sizes torch's CPU int4 kernel takes, largest first (per-channel scales are repeated into the first
+# one that divides K)
+INT4_CPU_GROUPS = (256, 128, 64, 32)
+INT4_CPU_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class CpuInt4Weight:
+    """A 4-bit weight in the layout of torch's CPU int4 kernel.
+
+    Attributes:
+        weight: uint8 ``[N, K / 2]`` from ``torch._convert_weight_to_int4pack_for_cpu``.
+        scales_and_zeros: ``[K / group_size, N, 2]`` in the activation dtype: ``scale`` and the float
+            zero ``(8 - zero) * scale``.
+        group_size: input features per scale (32, 64, 128 or 256).
+        out_features: N.
+    """
+
+    weight: Tensor
+    scales_and_zeros: Tensor
+    group_size: int
+    out_features: int
+
+
+def _int4_group_size(packed: PackedWNA16) -> int | None:
+    k = packed.in_features
+    if packed.group_size in INT4_CPU_GROUPS:
+        return packed.group_size
+    if packed.group_size == -1:
+        return next((g for g in INT4_CPU_GROUPS if k % g == 0), None)
+    return None
+
+
+def int4_cpu_refusal(packed: PackedWNA16, x: Tensor) -> str | None:
+    """Why torch's CPU int4 kernel cannot take this product, or ``None`` when it can."""
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
+    if x.device.type != "cpu":
+        return f"the activations are on {x.device.type}, not the CPU"
+    if packed.bits != 4:
+        return f"{packed.bits}-bit codes (the kernel takes 4-bit ones)"
+    if x.dtype not in INT4_CPU_DTYPES:
+        return f"{x.dtype} activations (the kernel is fast for bfloat16 and float16 only: load the model in bfloat16)"
+    if packed.out_features % 16:
+        return f"out_features {packed.out_features} is not a multiple of 16"
+    if _int4_group_size(packed) is None:
+        return f"group_size {packed.group_size} (the kernel takes 32, 64, 128, 256, or per-channel with K % 32 == 0)"
+    return None
+
+
+def dequantize_packed(packed: PackedWNA16, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The dense weight ``(q - zero) * scale`` ``[N, K]`` in ``dtype``, straight from the kernel layout.
+
+    The same numbers as ``reference.dequantize_weight(*unpack_wna16(packed), bits)`` (for float32),
+    without int64 copies (1.8x faster than that pair on a 2048 x 8192 weight on a 2-core CPU).
+    """
+    bits, n, k = packed.bits, packed.out_features, packed.in_features
+    words = packed.qweight  # [K_pad / 128, N, words per row]
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
+    # code j of word w is feature j * words + w of the K-block; arithmetic shifts then the mask are exact in int32
+    codes = (words[:, :, None, :] >> shifts[:, None]) & (2**bits - 1)  # [blocks, N, per_word, words]
+    codes = codes.reshape(words.shape[0], n, per_word * words.shape[2]).permute(1, 0, 2).reshape(n, -1)[:, :k]
+    group = k if packed.group_size == -1 else packed.group_size
+    groups = k // group
+    scale = packed.scale[:groups].t().to(dtype)  # [N, G]
+    zero = (
+        torch.full((), 2 ** (bits - 1), dtype=dtype, device=words.device)
+        if packed.zero is None
+        else packed.zero[:groups].t().to(dtype)[..., None]
+    )
+    weight = codes.to(dtype).reshape(n, groups, group)
+    return ((weight - zero) * scale[..., None]).reshape(n, k)
+
+
+def prepare_int4_cpu(packed: PackedWNA16, dtype: torch.dtype) -> CpuInt4Weight:
+    """Convert a 4-bit weight from lowbit's layout into torch's CPU int4 kernel's (see :func:`int4_cpu_refusal`)."""
+    group_size = _int4_group_size(packed)
+    if packed.bits != 4 or group_size is None or packed.out_features % 16:
+        raise ValueError(
+            f"torch's CPU int4 kernel cannot take a {packed.bits}-bit weight of group_size {packed.group_size} "
+            f"with out_features {packed.out_features}; use the dequantizing path (dequantize_packed)"
+        )
+    n, k = packed.out_features, packed.in_features
+    codes = (packed.qweight[:, :, None, :] >> torch.arange(0, 32, 4, dtype=torch.int32)[:, None]) & 15
+    codes = codes.reshape(packed.qweight.shape[0], n, BLOCK_K).permute(1, 0, 2).reshape(n, -1)[:, :k]
+    weight = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    stored_group = k if packed.group_size == -1 else packed.group_size
+    repeat = stored_group // group_size
+    scale = packed.scale[: k // stored_group].float()  # [G, N]
+    zero = torch.full_like(scale, 8.0) if packed.zero is None else packed.zero[: k // stored_group].float()
+    float_zero = (8.0 - zero) * scale
+    scales_and_zeros = torch.stack([scale, float_zero], -1).repeat_interleave(repeat, 0)
+    return CpuInt4Weight(weight, scales_and_zeros.to(dtype).contiguous(), group_size, n)
+
+
+def int4_mm_cpu(x: Tensor, weight: CpuInt4Weight) -> Tensor:
+    """``x @ W.T`` with torch's CPU int4 kernel; ``x`` ``[..., K]`` in the weight's prepared dtype."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch._weight_int4pack_mm_for_cpu(rows, weight.weight, weight.group_size, weight.scales_and_zeros)
+    return y.reshape(*x.shape[:-1], weight.out_features)
+
+
+def wna16_matmul_cpu(x: Tensor, packed: PackedWNA16, int4: CpuInt4Weight | None = None) -> Tensor:
+    """``x @ dequant(W).T`` (no bias) without Triton: the int4 kernel when ``int4`` is given (prepared for
+    ``x.dtype``), else dequantize and one float32 product, output in ``x.dtype``."""
+    if int4 is not None:
+        return int4_mm_cpu(x, int4)
+    weight = dequantize_packed(packed, torch.float32)
+    return (x.float() @ weight.T).to(x.dtype)
+
+
+def w8a8_int8_mm_cpu(x: Tensor, weight: Tensor, weight_scale: Tensor) -> Tensor:
+    """W8A8 int8 without Triton: the activations quantized per token exactly as the reference does, the product in
+    int32 by ``torch._int_mm`` (exact, so bitwise the reference's output), scaled after. ``x`` ``[..., K]``,
+    ``weight`` int8 ``[N, K]``, ``weight_scale`` float32 ``[N]``."""
+    rows = x.reshape(-1, x.shape[-1])
+    xq, x_scale = reference.quantize_per_token(rows, torch.int8)
+    acc = torch._int_mm(xq, weight.t())
+    y = (acc.float() * x_scale * weight_scale.float().reshape(1, -1)).to(x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
