@@ -1,8 +1,8 @@
 """lowbit's quantized products on the CPU against a dense bf16 ``torch.matmul`` measured in the same run.
 
 Rows: W4A16 (group 128, or 64 where 128 does not divide K) through torch's CPU int4 kernel and through the
-dequantizing reference (``--no-dequantizing`` leaves it out: at 4096 x 14336 it takes about a second a call), and
-W8A8 int8 through ``torch._int_mm``, dynamic per-token quantization of the activations included. Median of
+dequantizing reference (``--no-dequantizing`` leaves it out: at 4096 x 14336 it takes about a second a call),
+W8A16 (same groups) as two 4-bit planes through the int4 kernel, and W8A8 int8 through ``torch._int_mm``, dynamic per-token quantization of the activations included. Median of
 ``--reps`` calls after two warm-up calls; random data.
 
     python bench/cpu_linear.py --threads 2 --ms 1 16 128
@@ -45,14 +45,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads\n")
-    print("| K x N | M | dense bf16 ms | W4 int4 kernel ms | vs dense | W4 dequantizing ms | W8A8 int8 ms | vs dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| K x N | M | dense bf16 ms | W4 int4 kernel ms | vs dense | W4 dequantizing ms | W8A16 ms | vs dense "
+          "| W8A8 int8 ms | vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k, n in SHAPES:
         group = 128 if k % 128 == 0 else 64
         q = torch.randint(0, 16, (n, k), dtype=torch.int16)
         scale = (torch.rand(n, k // group) * 0.004 + 0.001).to(torch.bfloat16)
         packed = pack_wna16(q, scale, None, 4, group)
         int4 = cpu.prepare_int4_cpu(packed, torch.bfloat16)
+        q8 = torch.randint(0, 256, (n, k), dtype=torch.int16)
+        int8_planes = cpu.prepare_int4_cpu(pack_wna16(q8, scale, None, 8, group), torch.bfloat16)
         dense = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
         w8, w8_scale = quantize_per_channel(dense.float(), torch.int8)
         w8_scale = w8_scale.reshape(-1)
@@ -63,9 +66,10 @@ def main() -> None:
             t_deq = float("nan")
             if not args.no_dequantizing:
                 t_deq = median_ms(max(2, args.reps // 5), cpu.wna16_matmul_cpu, x, packed)
+            t_w8 = median_ms(args.reps, cpu.int4_mm_cpu, x, int8_planes)
             t_int8 = median_ms(args.reps, cpu.w8a8_int8_mm_cpu, x, w8, w8_scale)
             print(f"| {k}x{n} | {m} | {t_dense:.3f} | {t_int4:.3f} | {t_dense / t_int4:.2f}x | {t_deq:.2f} | "
-                  f"{t_int8:.3f} | {t_dense / t_int8:.2f}x |", flush=True)  # fmt: skip
+                  f"{t_w8:.3f} | {t_dense / t_w8:.2f}x | {t_int8:.3f} | {t_dense / t_int8:.2f}x |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

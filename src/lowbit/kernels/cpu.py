@@ -3,14 +3,17 @@
 Two paths, chosen per call by :func:`wna16_matmul_cpu`:
 
 * **torch's CPU int4 kernel** (``torch._weight_int4pack_mm_for_cpu``, vectorized for AVX-512 /
-  AVX2 and NEON) for 4-bit weights with bf16 or fp16 activations, group sizes 32-256 (per-channel
+  AVX2 and NEON) for 4- and 8-bit weights with bf16 or fp16 activations, group sizes 32-256 (per-channel
   scales are repeated into groups of 256, 128, 64 or 32, exactly), ``N`` a multiple of 16. The
   weight is converted once from lowbit's layout into the kernel's and kept by the caller
-  (:class:`CpuInt4Weight`; 4.25 bits a weight at group 64). It computes ``(q - 8) * scale + zf``
-  with the float zero ``zf = (8 - zero) * scale`` rounded to the activation dtype, in the
-  activation dtype: within bf16 tolerance of the reference, not bitwise equal to it.
-* **dequantize, then one dense product** (:func:`dequantize_packed`) for everything else: 8-bit
-  codes, float32 activations (the int4 kernel has no vectorized float32 path: it was 7x slower than a
+  (:class:`CpuInt4Weight`: the codes plus 32 bits of scale and zero per group and
+  plane, 4.25 bits a weight for 4-bit codes at group 128). It computes ``(c - 8) * scale + zf``
+  with a float zero ``zf`` rounded to the activation dtype, in the activation dtype: within bf16
+  tolerance of the reference, not bitwise equal to it. An 8-bit code ``q = 16 h + l`` runs as two
+  4-bit planes summed in float32: ``(h - 8) * 16 s + (128 - z) s`` plus ``(l - 8) * s + 8 s`` is
+  ``(q - z) s``.
+* **dequantize, then one dense product** (:func:`dequantize_packed`) for everything else: float32
+  activations (the int4 kernel has no vectorized float32 path: it was 7x slower than a
   dense float32 product; running float32 models in bf16 would change their numbers silently), other
   shapes. It works from the packed words in int32 (no int64 copies) and computes in float32, like
   :func:`lowbit.kernels.reference.wna16_matmul_reference`.
@@ -40,18 +43,19 @@ INT4_CPU_DTYPES = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class CpuInt4Weight:
-    """A 4-bit weight in the layout of torch's CPU int4 kernel.
+    """A 4- or 8-bit weight in the layout of torch's CPU int4 kernel: one 4-bit plane per four bits of code.
 
     Attributes:
-        weight: uint8 ``[N, K / 2]`` from ``torch._convert_weight_to_int4pack_for_cpu``.
-        scales_and_zeros: ``[K / group_size, N, 2]`` in the activation dtype: ``scale`` and the float
-            zero ``(8 - zero) * scale``.
+        planes: per plane, uint8 ``[N, K / 2]`` from ``torch._convert_weight_to_int4pack_for_cpu`` (the high
+            nibbles first).
+        scales_and_zeros: per plane, ``[K / group_size, N, 2]`` in the activation dtype: the plane's scale and float
+            zero (``(8 - zero) * scale`` for a 4-bit weight).
         group_size: input features per scale (32, 64, 128 or 256).
         out_features: N.
     """
 
-    weight: Tensor
-    scales_and_zeros: Tensor
+    planes: tuple[Tensor, ...]
+    scales_and_zeros: tuple[Tensor, ...]
     group_size: int
     out_features: int
 
@@ -71,8 +75,8 @@ def int4_cpu_refusal(packed: PackedWNA16, x: Tensor) -> str | None:
         return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
     if x.device.type != "cpu":
         return f"the activations are on {x.device.type}, not the CPU"
-    if packed.bits != 4:
-        return f"{packed.bits}-bit codes (the kernel takes 4-bit ones)"
+    if packed.bits not in (4, 8):
+        return f"{packed.bits}-bit codes (4- and 8-bit ones run on the kernel)"
     if x.dtype not in INT4_CPU_DTYPES:
         return f"{x.dtype} activations (the kernel is fast for bfloat16 and float16 only: load the model in bfloat16)"
     if packed.out_features % 16:
@@ -82,6 +86,15 @@ def int4_cpu_refusal(packed: PackedWNA16, x: Tensor) -> str | None:
     return None
 
 
+def _codes(packed: PackedWNA16) -> Tensor:
+    """The unsigned codes ``[N, K]`` (int32) of a packed weight."""
+    bits, n, k = packed.bits, packed.out_features, packed.in_features
+    shifts = torch.arange(0, 32, bits, device=packed.qweight.device, dtype=torch.int32)
+    # code j of word w is feature j * words + w of the K-block; arithmetic shifts then the mask are exact in int32
+    codes = (packed.qweight[:, :, None, :] >> shifts[:, None]) & (2**bits - 1)  # [blocks, N, per_word, words]
+    return codes.reshape(packed.qweight.shape[0], n, BLOCK_K).permute(1, 0, 2).reshape(n, -1)[:, :k]
+
+
 def dequantize_packed(packed: PackedWNA16, dtype: torch.dtype = torch.float32) -> Tensor:
     """The dense weight ``(q - zero) * scale`` ``[N, K]`` in ``dtype``, straight from the kernel layout.
 
@@ -89,17 +102,12 @@ def dequantize_packed(packed: PackedWNA16, dtype: torch.dtype = torch.float32) -
     without int64 copies (1.8x faster than that pair on a 2048 x 8192 weight on a 2-core CPU).
     """
     bits, n, k = packed.bits, packed.out_features, packed.in_features
-    words = packed.qweight  # [K_pad / 128, N, words per row]
-    per_word = 32 // bits
-    shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32)
-    # code j of word w is feature j * words + w of the K-block; arithmetic shifts then the mask are exact in int32
-    codes = (words[:, :, None, :] >> shifts[:, None]) & (2**bits - 1)  # [blocks, N, per_word, words]
-    codes = codes.reshape(words.shape[0], n, per_word * words.shape[2]).permute(1, 0, 2).reshape(n, -1)[:, :k]
+    codes = _codes(packed)
     group = k if packed.group_size == -1 else packed.group_size
     groups = k // group
     scale = packed.scale[:groups].t().to(dtype)  # [N, G]
     zero = (
-        torch.full((), 2 ** (bits - 1), dtype=dtype, device=words.device)
+        torch.full((), 2 ** (bits - 1), dtype=dtype, device=codes.device)
         if packed.zero is None
         else packed.zero[:groups].t().to(dtype)[..., None]
     )
@@ -108,30 +116,44 @@ def dequantize_packed(packed: PackedWNA16, dtype: torch.dtype = torch.float32) -
 
 
 def prepare_int4_cpu(packed: PackedWNA16, dtype: torch.dtype) -> CpuInt4Weight:
-    """Convert a 4-bit weight from lowbit's layout into torch's CPU int4 kernel's (see :func:`int4_cpu_refusal`)."""
+    """Convert a 4- or 8-bit weight from lowbit's layout into torch's CPU int4 kernel's (see
+    :func:`int4_cpu_refusal`)."""
     group_size = _int4_group_size(packed)
-    if packed.bits != 4 or group_size is None or packed.out_features % 16:
+    if packed.bits not in (4, 8) or group_size is None or packed.out_features % 16:
         raise ValueError(
             f"torch's CPU int4 kernel cannot take a {packed.bits}-bit weight of group_size {packed.group_size} "
             f"with out_features {packed.out_features}; use the dequantizing path (dequantize_packed)"
         )
-    n, k = packed.out_features, packed.in_features
-    codes = (packed.qweight[:, :, None, :] >> torch.arange(0, 32, 4, dtype=torch.int32)[:, None]) & 15
-    codes = codes.reshape(packed.qweight.shape[0], n, BLOCK_K).permute(1, 0, 2).reshape(n, -1)[:, :k]
-    weight = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    k = packed.in_features
     stored_group = k if packed.group_size == -1 else packed.group_size
-    repeat = stored_group // group_size
     scale = packed.scale[: k // stored_group].float()  # [G, N]
-    zero = torch.full_like(scale, 8.0) if packed.zero is None else packed.zero[: k // stored_group].float()
-    float_zero = (8.0 - zero) * scale
-    scales_and_zeros = torch.stack([scale, float_zero], -1).repeat_interleave(repeat, 0)
-    return CpuInt4Weight(weight, scales_and_zeros.to(dtype).contiguous(), group_size, n)
+    half = 2 ** (packed.bits - 1)
+    zero = torch.full_like(scale, half) if packed.zero is None else packed.zero[: k // stored_group].float()
+    codes = _codes(packed)
+    if packed.bits == 4:
+        nibbles = [codes]
+        scales_and_zeros = [(scale, (8.0 - zero) * scale)]
+    else:  # q = 16 h + l: (h - 8) 16 s + (128 - z) s  +  (l - 8) s + 8 s  =  (q - z) s
+        nibbles = [codes >> 4, codes & 15]
+        scales_and_zeros = [(16.0 * scale, (128.0 - zero) * scale), (scale, 8.0 * scale)]
+    repeat = stored_group // group_size
+    return CpuInt4Weight(
+        tuple(torch._convert_weight_to_int4pack_for_cpu(c.contiguous(), 1) for c in nibbles),
+        tuple(torch.stack(sz, -1).repeat_interleave(repeat, 0).to(dtype).contiguous() for sz in scales_and_zeros),
+        group_size,
+        packed.out_features,
+    )
 
 
 def int4_mm_cpu(x: Tensor, weight: CpuInt4Weight) -> Tensor:
-    """``x @ W.T`` with torch's CPU int4 kernel; ``x`` ``[..., K]`` in the weight's prepared dtype."""
+    """``x @ W.T`` with torch's CPU int4 kernel; ``x`` ``[..., K]`` in the weight's prepared dtype. Two planes
+    (8-bit codes) are summed in float32."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch._weight_int4pack_mm_for_cpu(rows, weight.weight, weight.group_size, weight.scales_and_zeros)
+    parts = [
+        torch._weight_int4pack_mm_for_cpu(rows, plane, weight.group_size, scales_and_zeros)
+        for plane, scales_and_zeros in zip(weight.planes, weight.scales_and_zeros, strict=True)
+    ]
+    y = parts[0] if len(parts) == 1 else (parts[0].float() + parts[1].float()).to(x.dtype)
     return y.reshape(*x.shape[:-1], weight.out_features)
 
 

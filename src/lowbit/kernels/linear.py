@@ -187,7 +187,7 @@ class WNA16Linear(nn.Module):
 
     def _int4_cpu(self, x: Tensor) -> cpu.CpuInt4Weight | None:
         """The weight in the layout of torch's CPU int4 kernel for ``x``'s dtype, converted on first use and kept
-        (an extra 4.25-4.5 bits a weight; rebuilt if the buffers change), or ``None`` where that kernel cannot run
+        (a second copy of the codes and scales, about as large as the packed weight; rebuilt if the buffers change), or ``None`` where that kernel cannot run
         (said once per reason: the dequantizing path is far slower)."""
         refusal = cpu.int4_cpu_refusal(self.packed, x)
         if refusal is not None:
