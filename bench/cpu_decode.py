@@ -59,7 +59,7 @@ def _checkpoints(folder: Path, tokens: int) -> dict[str, Path]:
     return paths
 
 
-def _run(path: Path, tokens: int, force_dequantize: bool, repeats: int) -> dict:
+def _run(path: Path, tokens: int, force_dequantize: bool, repeats: int, compile_step: bool) -> dict:
     saved_refusal, saved_int8 = cpu.int4_cpu_refusal, cpu.w8a8_int8_mm_cpu
     if force_dequantize:
         from lowbit.kernels import reference
@@ -75,7 +75,8 @@ def _run(path: Path, tokens: int, force_dequantize: bool, repeats: int) -> dict:
     try:
         for _ in range(repeats):
             start = time.perf_counter()
-            text, result = generate(str(path), PROMPT, tokens, device="cpu", use_cuda_graph=False)
+            text, result = generate(str(path), PROMPT, tokens, device="cpu", use_cuda_graph=False,
+                                    compile_step=compile_step)
             runs.append((result.tokens_per_second, time.perf_counter() - start, result))
     finally:
         cpu.int4_cpu_refusal, cpu.w8a8_int8_mm_cpu = saved_refusal, saved_int8
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="generations per row; the median tokens/s is kept")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decode step (Inductor's C++ code)")
     parser.add_argument("--skip-dequantizing", action="store_true", help="leave out the slow dequantizing rows")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -102,11 +104,12 @@ def main() -> None:
             modes = [False] if name == "bf16" or args.skip_dequantizing else [False, True]
             for force in modes:
                 label = f"{name} (dequantizing)" if force else name
-                row = {"scheme": label, **_run(path, args.new_tokens, force, 1 if force else args.repeats)}
+                row = {"scheme": label, **_run(path, args.new_tokens, force, 1 if force else args.repeats, args.compile)}
                 rows.append(row)
                 print(f"{label}: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
     base = rows[0]["tokens_per_s"]
-    print(f"SmolLM2-135M, CPU, {args.threads} threads, {args.new_tokens} new tokens, prompt {PROMPT!r}\n")
+    mode = "compiled decode step" if args.compile else "eager"
+    print(f"SmolLM2-135M, CPU, {args.threads} threads, {mode}, {args.new_tokens} new tokens, prompt {PROMPT!r}\n")
     print("| scheme | decode tokens/s (median) | runs | vs bf16 | prefill s | tokens equal to bf16's, position by position |")
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -117,7 +120,7 @@ def main() -> None:
     for row in rows:
         print(f"\n{row['scheme']}: {row['text'][:120]!r}")
     if args.out:
-        info = {"threads": args.threads, "new_tokens": args.new_tokens, "torch": torch.__version__,
+        info = {"threads": args.threads, "compile": args.compile, "new_tokens": args.new_tokens, "torch": torch.__version__,
                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
         args.out.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
 

@@ -297,9 +297,9 @@ def generate(
     model: Annotated[str, typer.Argument(help="lowbit checkpoint folder (or a bf16 Hugging Face folder)")],
     prompt: Annotated[str, typer.Option(help="text to continue")],
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (greedy)")] = 128,
-    device: Annotated[str, typer.Option(help="cuda (Triton kernels) or cpu (PyTorch reference)")] = "cuda",
+    device: Annotated[str, typer.Option(help="cuda (Triton kernels) or cpu (torch's CPU int4/int8 kernels)")] = "cuda",
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="replay each decode step as a CUDA graph")] = True,
-    compile_step: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decode step (CUDA only; the first step compiles)")] = True,
+    compile_step: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the decode step (the first step compiles; default: on for CUDA, off for the CPU, where compiling takes about 40 s on 2 cores and then decodes about 1.4x faster)")] = None,
     kv_bits: Annotated[int | None, typer.Option(help="quantized KV cache: 8, 4 or 2 bits (default: the checkpoint recipe's kv_cache)")] = None,
     kv_format: Annotated[str | None, typer.Option(help="KV cache: int or fp8")] = None,
     kv_residual: Annotated[int | None, typer.Option(help="KV cache: most recent tokens kept in full precision")] = None,
@@ -316,7 +316,8 @@ def generate(
         return
     try:
         on_cuda = device.startswith("cuda")
-        text, result = run_generate(model, prompt, max_new_tokens, device, cuda_graph and on_cuda, compile_step and on_cuda)
+        compile_now = on_cuda if compile_step is None else compile_step
+        text, result = run_generate(model, prompt, max_new_tokens, device, cuda_graph and on_cuda, compile_now)
     except (ValueError, FileNotFoundError, OSError) as error:
         _fail(error)
     sys.stdout.write(text + "\n")

@@ -172,3 +172,25 @@ def test_real_smollm2_w4_checkpoint_on_the_cpu_kernel(tmp_path, torch_fallback) 
 
     text, result = generate(str(folder), "The capital of France is", 8, device="cpu", use_cuda_graph=False)
     assert result.tokens.shape == (1, 8) and text.strip()
+
+
+@pytest.mark.slow
+def test_compiled_cpu_decode_step_matches_eager(torch_fallback, caplog) -> None:
+    """torch.compile of a decode step whose W4 projections run torch's int4 kernel: the conversion made by the eager
+    prefill is used inside the graph (no graph break per projection), and the tokens are the eager ones."""
+    from lowbit.kernels.runtime import DecoderShape, greedy_decode, linear_factory, random_decoder
+
+    shape = DecoderShape(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=32)  # fmt: skip
+    torch.manual_seed(0)
+    model = random_decoder(shape, linear_factory("w4a16", "cpu"), device="cpu").fuse_projections()
+    prompt = torch.randint(0, shape.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    eager = greedy_decode(model, prompt, new_tokens=4, use_cuda_graph=False)
+    modules = [m for m in model.modules() if isinstance(m, WNA16Linear)]
+    assert modules and all(m._cpu_int4 is not None for m in modules)
+    with caplog.at_level("WARNING"):
+        compiled = greedy_decode(model, prompt, new_tokens=4, use_cuda_graph=False, compile_step=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # greedy_decode reset dynamo before compiling
+    assert "decoding eagerly" not in caplog.text and compiled.compiled
+    assert graphs == 1, f"the decode step compiled into {graphs} graphs: something breaks it"
+    assert torch.equal(compiled.tokens, eager.tokens)

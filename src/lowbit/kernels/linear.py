@@ -182,7 +182,12 @@ class WNA16Linear(nn.Module):
                 self.in_features, self.out_features, *self.l2_next[:2],
             )  # fmt: skip
         else:
-            y = cpu.wna16_matmul_cpu(x, self.packed, self._int4_cpu(x))
+            # inside torch.compile the conversion made by an eager call (the prefill) is used as it is: checking the
+            # buffers' pointers would break the graph at every projection
+            cached = self._cpu_int4
+            compiling = torch.compiler.is_compiling() and cached is not None and cached[0][0] == x.dtype
+            int4 = cached[1] if compiling else self._int4_cpu(x)
+            y = cpu.wna16_matmul_cpu(x, self.packed, int4)
         return y if self.bias is None else y + self.bias
 
     def _int4_cpu(self, x: Tensor) -> cpu.CpuInt4Weight | None:
