@@ -19,9 +19,13 @@ import torch
 
 from lowbit.kernels import cpu
 from lowbit.kernels.layout import pack_wna16
-from lowbit.kernels.reference import quantize_per_channel
+from lowbit.kernels.reference import quantize_per_channel, w8a8_matmul_reference
 
 SHAPES = [(576, 1536), (1536, 576), (576, 49152), (4096, 4096), (4096, 14336), (14336, 4096)]  # K x N
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 def median_ms(reps: int, fn, *args) -> float:
@@ -48,6 +52,7 @@ def main() -> None:
     print("| K x N | M | dense bf16 ms | W4 int4 kernel ms | vs dense | W4 dequantizing ms | W8A16 ms | vs dense "
           "| W8A8 int8 ms | vs dense |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    errors: dict[str, float] = {}
     for k, n in SHAPES:
         group = 128 if k % 128 == 0 else 64
         q = torch.randint(0, 16, (n, k), dtype=torch.int16)
@@ -55,10 +60,18 @@ def main() -> None:
         packed = pack_wna16(q, scale, None, 4, group)
         int4 = cpu.prepare_int4_cpu(packed, torch.bfloat16)
         q8 = torch.randint(0, 256, (n, k), dtype=torch.int16)
-        int8_planes = cpu.prepare_int4_cpu(pack_wna16(q8, scale, None, 8, group), torch.bfloat16)
+        packed8 = pack_wna16(q8, scale, None, 8, group)
+        int8_planes = cpu.prepare_int4_cpu(packed8, torch.bfloat16)
         dense = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
         w8, w8_scale = quantize_per_channel(dense.float(), torch.int8)
         w8_scale = w8_scale.reshape(-1)
+        # correctness first, on 4 tokens, against float64: the largest relative error of the three fast products
+        x = torch.randn(4, k, dtype=torch.bfloat16)
+        errors[f"{k}x{n}"] = max(
+            rel_err(cpu.int4_mm_cpu(x, int4), x.double() @ cpu.dequantize_packed(packed).double().T),
+            rel_err(cpu.int4_mm_cpu(x, int8_planes), x.double() @ cpu.dequantize_packed(packed8).double().T),
+            rel_err(cpu.w8a8_int8_mm_cpu(x, w8, w8_scale), w8a8_matmul_reference(x.double(), w8, w8_scale)),
+        )
         for m in args.ms:
             x = torch.randn(m, k, dtype=torch.bfloat16)
             t_dense = median_ms(args.reps, torch.matmul, x, dense.T)
@@ -70,6 +83,8 @@ def main() -> None:
             t_int8 = median_ms(args.reps, cpu.w8a8_int8_mm_cpu, x, w8, w8_scale)
             print(f"| {k}x{n} | {m} | {t_dense:.3f} | {t_int4:.3f} | {t_dense / t_int4:.2f}x | {t_deq:.2f} | "
                   f"{t_w8:.3f} | {t_dense / t_w8:.2f}x | {t_int8:.3f} | {t_dense / t_int8:.2f}x |", flush=True)  # fmt: skip
+    print("\nLargest relative error against float64 (W4, W8A16 and W8A8 int8 at 4 tokens; W8A8 against its reference's"
+          " own quantized activations):", ", ".join(f"{shape} {e:.1e}" for shape, e in errors.items()))
 
 
 if __name__ == "__main__":

@@ -191,9 +191,9 @@ class WNA16Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _int4_cpu(self, x: Tensor) -> cpu.CpuInt4Weight | None:
-        """The weight in the layout of torch's CPU int4 kernel for ``x``'s dtype, converted on first use and kept
-        (a second copy of the codes and scales, about as large as the packed weight; rebuilt if the buffers change), or ``None`` where that kernel cannot run
-        (said once per reason: the dequantizing path is far slower)."""
+        """The weight in the layout of torch's CPU int4 kernel for ``x``'s dtype, converted on first use and kept (a
+        second copy of the codes and scales, about as large as the packed weight; rebuilt if a buffer changes), or
+        ``None`` where that kernel cannot run (said once per reason: the dequantizing path is far slower)."""
         refusal = cpu.int4_cpu_refusal(self.packed, x)
         if refusal is not None:
             if x.device.type == "cpu" and refusal not in _WARNED:
