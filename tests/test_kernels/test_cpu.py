@@ -63,6 +63,20 @@ def test_int4_kernel_matches_the_reference(bits: int, group_size: int, symmetric
     assert rel_err(out, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-3)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [64, 512, -1])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_kernel_with_activations_that_do_not_average_to_zero(bits, group_size, symmetric, dtype) -> None:
+    """ReLU-like inputs (OPT's fc2 sees them): a split of the 8-bit float zero into two large opposite plane outputs
+    was 5-15x over tolerance here while zero-mean inputs hid it (review, session 28)."""
+    packed = packed_weight(96, 1024, bits, group_size, symmetric, seed=1)
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(2)).relu().to(dtype)
+    out = cpu.int4_mm_cpu(x, cpu.prepare_int4_cpu(packed, dtype))
+    ref = x.double() @ dequantize_weight(*unpack_wna16(packed), bits).double().T
+    assert rel_err(out, ref) < (4e-3 if dtype == torch.bfloat16 else 1e-3)
+
+
 @pytest.mark.parametrize(
     ("n", "k", "bits", "group_size", "dtype", "reason"),
     [
@@ -94,6 +108,28 @@ def test_module_runs_the_int4_kernel_and_rebuilds_it_when_the_weights_change(tor
     module.scale.mul_(2)  # an in-place change of a buffer (e.g. load_state_dict) makes a new conversion
     assert rel_err(module(x), 2 * ref) < 4e-3
     assert module._cpu_int4[1] is not prepared
+
+
+def test_module_made_in_inference_mode_runs(torch_fallback) -> None:
+    with torch.inference_mode():
+        module = WNA16Linear(packed_weight(64, 256, 4, 64, True))
+        x = torch.randn(2, 256, dtype=torch.bfloat16)
+        out = module(x)
+    ref = x.double() @ dequantize_weight(*unpack_wna16(module.packed), 4).double().T
+    assert module._cpu_int4 is not None and rel_err(out, ref) < 4e-3
+
+
+def test_load_state_dict_and_to_drop_the_conversion(torch_fallback) -> None:
+    """A compiled graph uses the conversion without checking it: load_state_dict and .to() must drop it."""
+    first, second = (WNA16Linear(packed_weight(64, 256, 4, 64, False, seed=s)) for s in (0, 1))
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    first(x)
+    assert first._cpu_int4 is not None
+    first.load_state_dict(second.state_dict())
+    assert first._cpu_int4 is None
+    assert torch.equal(first(x), second(x))
+    first.to(torch.float16)
+    assert first._cpu_int4 is None
 
 
 def test_module_falls_back_to_dequantizing_and_says_so(torch_fallback, caplog, monkeypatch) -> None:

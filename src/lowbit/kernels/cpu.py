@@ -3,15 +3,15 @@
 Two paths, chosen per call by :func:`wna16_matmul_cpu`:
 
 * **torch's CPU int4 kernel** (``torch._weight_int4pack_mm_for_cpu``, vectorized for AVX-512 /
-  AVX2 and NEON) for 4- and 8-bit weights with bf16 or fp16 activations, group sizes 32-256 (per-channel
-  scales are repeated into groups of 256, 128, 64 or 32, exactly), ``N`` a multiple of 16. The
+  AVX2 and NEON) for 4- and 8-bit weights with bf16 or fp16 activations, group sizes that are multiples
+  of 32 (larger groups and per-channel scales are repeated into groups of 256, 128, 64 or 32, exactly), ``N`` a multiple of 16. The
   weight is converted once from lowbit's layout into the kernel's and kept by the caller
   (:class:`CpuInt4Weight`: the codes plus 32 bits of scale and zero per group and
   plane, 4.25 bits a weight for 4-bit codes at group 128). It computes ``(c - 8) * scale + zf``
   with a float zero ``zf`` rounded to the activation dtype, in the activation dtype: within bf16
   tolerance of the reference, not bitwise equal to it. An 8-bit code ``q = 16 h + l`` runs as two
-  4-bit planes summed in float32: ``(h - 8) * 16 s + (128 - z) s`` plus ``(l - 8) * s + 8 s`` is
-  ``(q - z) s``.
+  4-bit planes summed in float32: ``(h - 8) * 16 s + zf_h`` plus ``(l - 8) * s + zf_l`` is ``(q - z) s``
+  when ``zf_h + zf_l = (136 - z) s`` (``zf_h`` that sum rounded, ``zf_l`` the remainder).
 * **dequantize, then one dense product** (:func:`dequantize_packed`) for everything else: float32
   activations (the int4 kernel has no vectorized float32 path: it was 7x slower than a
   dense float32 product; running float32 models in bf16 would change their numbers silently), other
@@ -61,12 +61,9 @@ class CpuInt4Weight:
 
 
 def _int4_group_size(packed: PackedWNA16) -> int | None:
-    k = packed.in_features
-    if packed.group_size in INT4_CPU_GROUPS:
-        return packed.group_size
-    if packed.group_size == -1:
-        return next((g for g in INT4_CPU_GROUPS if k % g == 0), None)
-    return None
+    """The kernel's group size: the stored one, or the largest kernel size dividing it (its scales repeated)."""
+    stored = packed.in_features if packed.group_size == -1 else packed.group_size
+    return next((g for g in INT4_CPU_GROUPS if stored % g == 0), None)
 
 
 def int4_cpu_refusal(packed: PackedWNA16, x: Tensor) -> str | None:
@@ -82,7 +79,7 @@ def int4_cpu_refusal(packed: PackedWNA16, x: Tensor) -> str | None:
     if packed.out_features % 16:
         return f"out_features {packed.out_features} is not a multiple of 16"
     if _int4_group_size(packed) is None:
-        return f"group_size {packed.group_size} (the kernel takes 32, 64, 128, 256, or per-channel with K % 32 == 0)"
+        return f"group_size {packed.group_size} (the kernel takes multiples of 32, or per-channel with K % 32 == 0)"
     return None
 
 
@@ -133,9 +130,15 @@ def prepare_int4_cpu(packed: PackedWNA16, dtype: torch.dtype) -> CpuInt4Weight:
     if packed.bits == 4:
         nibbles = [codes]
         scales_and_zeros = [(scale, (8.0 - zero) * scale)]
-    else:  # q = 16 h + l: (h - 8) 16 s + (128 - z) s  +  (l - 8) s + 8 s  =  (q - z) s
+    else:  # q = 16 h + l: (h - 8) 16 s + zf_h  +  (l - 8) s + zf_l  =  (q - z) s  when  zf_h + zf_l = (136 - z) s
         nibbles = [codes >> 4, codes & 15]
-        scales_and_zeros = [(16.0 * scale, (128.0 - zero) * scale), (scale, 8.0 * scale)]
+        # The whole float zero goes to the high plane, rounded to the activation dtype, and plane l takes the small
+        # rounding remainder. Each plane is then centred like the weight: splitting it as (128 - z) s and 8 s made
+        # two large opposite outputs (about 8 s * sum(x) each), rounded apart, 5-15x over bf16 tolerance for
+        # activations that do not average to zero (ReLU / GELU outputs).
+        float_zero = (136.0 - zero) * scale
+        high = float_zero.to(dtype).float()
+        scales_and_zeros = [(16.0 * scale, high), (scale, float_zero - high)]
     repeat = stored_group // group_size
     return CpuInt4Weight(
         tuple(torch._convert_weight_to_int4pack_for_cpu(c.contiguous(), 1) for c in nibbles),

@@ -31,7 +31,7 @@ from lowbit.kernels.layout import PackedWNA16, pack_wna16
 logger = logging.getLogger(__name__)
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-_WARNED: set[str] = set()  # CPU fallback reasons already logged
+_WARNED: set[tuple[int, str]] = set()  # (bits, CPU fallback reason) already logged
 
 
 def kernels_available(device: torch.device) -> bool:
@@ -192,18 +192,34 @@ class WNA16Linear(nn.Module):
 
     def _int4_cpu(self, x: Tensor) -> cpu.CpuInt4Weight | None:
         """The weight in the layout of torch's CPU int4 kernel for ``x``'s dtype, converted on first use and kept (a
-        second copy of the codes and scales, about as large as the packed weight; rebuilt if a buffer changes), or
-        ``None`` where that kernel cannot run (said once per reason: the dequantizing path is far slower)."""
+        second copy of the codes and scales, about as large as the packed weight), or ``None`` where that kernel
+        cannot run (said once per reason: the dequantizing path is far slower). Rebuilt after ``load_state_dict``,
+        ``.to()`` and in-place changes of the buffers; not after writes through ``.data`` (which torch does not
+        count): call ``drop_cpu_conversion()`` after those."""
         refusal = cpu.int4_cpu_refusal(self.packed, x)
         if refusal is not None:
-            if x.device.type == "cpu" and refusal not in _WARNED:
-                _WARNED.add(refusal)
+            if x.device.type == "cpu" and (self.bits, refusal) not in _WARNED:
+                _WARNED.add((self.bits, refusal))
                 logger.warning("W%dA16 on the CPU dequantizes its weights on every call (slow): %s", self.bits, refusal)
             return None
-        key = (x.dtype, *((t.data_ptr(), t._version) for t in (self.qweight, self.scale, self.zero) if t is not None))
+        # inference tensors have no version counter: their in-place changes (made in inference mode) go unseen
+        buffers = (t for t in (self.qweight, self.scale, self.zero) if t is not None)
+        key = (x.dtype, *((t.data_ptr(), None if t.is_inference() else t._version) for t in buffers))
         if self._cpu_int4 is None or self._cpu_int4[0] != key:
             self._cpu_int4 = (key, cpu.prepare_int4_cpu(self.packed, x.dtype))
         return self._cpu_int4[1]
+
+    def drop_cpu_conversion(self) -> None:
+        """Forget the CPU kernel's copy of the weight (made again on the next CPU call)."""
+        self._cpu_int4 = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): the copy no longer matches the buffers
+        self.drop_cpu_conversion()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a compiled graph uses the copy without checking it
+        self.drop_cpu_conversion()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def fused(
         self,
