@@ -8,8 +8,8 @@ before ``lowbit.kernels.cpu``), in the same run.
 
     python bench/cpu_decode.py --new-tokens 64 --threads 2 --out bench/notes/cpu_decode_session28.json
 
-Each row is the median of ``--repeats`` generations (one for the slow dequantizing rows): a shared 2-core machine moves
-single runs by 30%.
+Each row is the median of ``--repeats`` generations (one for the slow dequantizing rows), run round-robin over the
+schemes: a shared 2-core machine moves single runs by 30%.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def _checkpoints(folder: Path, tokens: int) -> dict[str, Path]:
     return paths
 
 
-def _run(path: Path, tokens: int, force_dequantize: bool, repeats: int, compile_step: bool) -> dict:
+def _run(path: Path, tokens: int, force_dequantize: bool, compile_step: bool) -> dict:
+    """One generation; ``force_dequantize`` makes the modules take the dequantizing fallback."""
     saved_refusal, saved_int8 = cpu.int4_cpu_refusal, cpu.w8a8_int8_mm_cpu
     if force_dequantize:
         from lowbit.kernels import reference
@@ -71,20 +72,15 @@ def _run(path: Path, tokens: int, force_dequantize: bool, repeats: int, compile_
             return y.reshape(*x.shape[:-1], weight.shape[0])
 
         cpu.w8a8_int8_mm_cpu = reference_int8
-    runs = []
     try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            text, result = generate(str(path), PROMPT, tokens, device="cpu", use_cuda_graph=False,
-                                    compile_step=compile_step)
-            runs.append((result.tokens_per_second, time.perf_counter() - start, result))
+        start = time.perf_counter()
+        text, result = generate(str(path), PROMPT, tokens, device="cpu", use_cuda_graph=False, compile_step=compile_step)
+        total = time.perf_counter() - start
     finally:
         cpu.int4_cpu_refusal, cpu.w8a8_int8_mm_cpu = saved_refusal, saved_int8
-    speeds = sorted(r[0] for r in runs)
-    result = runs[0][2]
-    return {"tokens_per_s": statistics.median(speeds), "tokens_per_s_runs": [r[0] for r in runs],
-            "prefill_s": result.prefill_seconds, "decode_s": result.decode_seconds, "total_s": runs[0][1],
-            "text": text, "token_ids": result.tokens[0].tolist()}  # fmt: skip
+    return {"tokens_per_s": result.tokens_per_second, "prefill_s": result.prefill_seconds,
+            "decode_s": result.decode_seconds, "total_s": total, "text": text,
+            "token_ids": result.tokens[0].tolist()}  # fmt: skip
 
 
 def main() -> None:
@@ -100,13 +96,23 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = _checkpoints(Path(tmp), args.new_tokens)
-        for name, path in paths.items():
-            modes = [False] if name == "bf16" or args.skip_dequantizing else [False, True]
-            for force in modes:
+        plan = [(name, path, False) for name, path in paths.items()]
+        if not args.skip_dequantizing:
+            plan += [(name, path, True) for name, path in paths.items() if name != "bf16"]
+        runs: dict[str, list[dict]] = {}
+        # round-robin: the machine's drift (a shared host moves single runs by 30%) falls on every scheme alike
+        for repeat in range(args.repeats):
+            for name, path, force in plan:
+                if force and repeat:  # the dequantizing rows are slow and far apart: one run each
+                    continue
                 label = f"{name} (dequantizing)" if force else name
-                row = {"scheme": label, **_run(path, args.new_tokens, force, 1 if force else args.repeats, args.compile)}
-                rows.append(row)
-                print(f"{label}: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+                run = _run(path, args.new_tokens, force, args.compile)
+                runs.setdefault(label, []).append(run)
+                print(f"{label}: {run['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        for label, label_runs in runs.items():
+            speeds = [r["tokens_per_s"] for r in label_runs]
+            rows.append({"scheme": label, **label_runs[0], "tokens_per_s": statistics.median(speeds),
+                         "tokens_per_s_runs": speeds})  # fmt: skip
     base = rows[0]["tokens_per_s"]
     mode = "compiled decode step" if args.compile else "eager"
     print(f"SmolLM2-135M, CPU, {args.threads} threads, {mode}, {args.new_tokens} new tokens, prompt {PROMPT!r}\n")
