@@ -111,14 +111,19 @@ def pack_wna16(
     )
 
 
+def unpack_codes(packed: PackedWNA16) -> torch.Tensor:
+    """The unsigned codes ``[N, K]`` (int32) of a packed weight."""
+    bits, n, k = packed.bits, packed.out_features, packed.in_features
+    shifts = torch.arange(0, 32, bits, device=packed.qweight.device, dtype=torch.int32)
+    # code j of word w is feature j * words + w of the K-block; arithmetic shifts then the mask are exact in int32
+    codes = (packed.qweight[:, :, None, :] >> shifts[:, None]) & (2**bits - 1)  # [blocks, N, per_word, words]
+    return codes.reshape(packed.qweight.shape[0], n, BLOCK_K).permute(1, 0, 2).reshape(n, -1)[:, :k]
+
+
 def unpack_wna16(packed: PackedWNA16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Inverse of :func:`pack_wna16`: ``(q [N, K] int16, scale [N, G], zero or None)``."""
-    bits, n, k = packed.bits, packed.out_features, packed.in_features
-    per_word = 32 // bits
-    words = packed.qweight.permute(1, 0, 2).to(torch.int64) & 0xFFFFFFFF  # [N, blocks, words]
-    shifts = torch.arange(per_word, device=words.device, dtype=torch.int64) * bits
-    codes = (words[..., None] >> shifts) & (2**bits - 1)  # [N, blocks, words, per_word]
-    codes = codes.transpose(2, 3).reshape(n, -1)[:, :k]
+    k = packed.in_features
+    codes = unpack_codes(packed)
     groups = 1 if packed.group_size == -1 else k // packed.group_size
     scale = packed.scale[:groups].t().contiguous()
     zero = None if packed.zero is None else packed.zero[:groups].t().to(torch.int16).contiguous()
