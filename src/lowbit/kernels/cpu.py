@@ -66,21 +66,26 @@ def _int4_group_size(packed: PackedWNA16) -> int | None:
     return next((g for g in INT4_CPU_GROUPS if stored % g == 0), None)
 
 
+def _weight_refusal(packed: PackedWNA16) -> str | None:
+    """Why the weight itself does not fit torch's CPU int4 kernel, or ``None``."""
+    if packed.bits not in (4, 8):
+        return f"{packed.bits}-bit codes (4- and 8-bit ones run on the kernel)"
+    if packed.out_features % 16:
+        return f"out_features {packed.out_features} is not a multiple of 16"
+    if _int4_group_size(packed) is None:
+        return f"group_size {packed.group_size} (the kernel takes multiples of 32, or per-channel with K % 32 == 0)"
+    return None
+
+
 def int4_cpu_refusal(packed: PackedWNA16, x: Tensor) -> str | None:
     """Why torch's CPU int4 kernel cannot take this product, or ``None`` when it can."""
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
     if x.device.type != "cpu":
         return f"the activations are on {x.device.type}, not the CPU"
-    if packed.bits not in (4, 8):
-        return f"{packed.bits}-bit codes (4- and 8-bit ones run on the kernel)"
     if x.dtype not in INT4_CPU_DTYPES:
         return f"{x.dtype} activations (the kernel is fast for bfloat16 and float16 only: load the model in bfloat16)"
-    if packed.out_features % 16:
-        return f"out_features {packed.out_features} is not a multiple of 16"
-    if _int4_group_size(packed) is None:
-        return f"group_size {packed.group_size} (the kernel takes multiples of 32, or per-channel with K % 32 == 0)"
-    return None
+    return _weight_refusal(packed)
 
 
 def dequantize_packed(packed: PackedWNA16, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -105,12 +110,11 @@ def dequantize_packed(packed: PackedWNA16, dtype: torch.dtype = torch.float32) -
 def prepare_int4_cpu(packed: PackedWNA16, dtype: torch.dtype) -> CpuInt4Weight:
     """Convert a 4- or 8-bit weight from lowbit's layout into torch's CPU int4 kernel's (see
     :func:`int4_cpu_refusal`)."""
+    refusal = _weight_refusal(packed)
+    if refusal is not None:
+        raise ValueError(f"torch's CPU int4 kernel cannot take this weight: {refusal}; use the dequantizing path "
+                         "(dequantize_packed)")  # fmt: skip
     group_size = _int4_group_size(packed)
-    if packed.bits not in (4, 8) or group_size is None or packed.out_features % 16:
-        raise ValueError(
-            f"torch's CPU int4 kernel cannot take a {packed.bits}-bit weight of group_size {packed.group_size} "
-            f"with out_features {packed.out_features}; use the dequantizing path (dequantize_packed)"
-        )
     k = packed.in_features
     stored_group = k if packed.group_size == -1 else packed.group_size
     scale = packed.scale[: k // stored_group].float()  # [G, N]
